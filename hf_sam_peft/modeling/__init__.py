@@ -1,0 +1,1 @@
+"""SAM model construction, checkpoint conversion and the UNETR head."""

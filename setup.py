@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hf-sam-peft",
+    version="0.1.0",
+    description="Parameter-efficient fine-tuning of Segment Anything (SAM) with transformers + peft",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hf_sam_peft", "hf_sam_peft.*"]),
+    include_package_data=True,
+    package_data={"hf_sam_peft": ["**/*.py", "**/*.md", "**/*.yaml", "**/*.jinja"]},
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "transformers>=4.56",
+        "peft>=0.21",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "safetensors>=0.4",
+        "scikit-image>=0.22",
+        "scipy>=1.10",
+        "tifffile>=2023.1",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "huggingface_hub>=0.30",
+    ],
+    extras_require={
+        "quant": ["bitsandbytes>=0.45"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "bitsandbytes>=0.45"],
+    },
+    entry_points={"console_scripts": ["hf-sam-peft=hf_sam_peft.cli:main"]},
+)
