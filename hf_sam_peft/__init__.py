@@ -1,3 +1,26 @@
-"""hf-sam-peft: parameter-efficient fine-tuning of Segment Anything with transformers + peft."""
+"""hf-sam-peft: parameter-efficient fine-tuning of Segment Anything with transformers + peft.
+
+Importing this package registers its tuner types with peft, so `get_peft_model(sam, FactConfig())` and
+`PeftModel.from_pretrained(sam, path)` work for them.
+"""
 
 __version__ = "0.1.0"
+
+from .methods import METHOD_NAMES, METHODS, apply_method, count_parameters, method_config
+from .tuners import (
+    AdaptFormerConfig,
+    AttnTuneConfig,
+    BiasTuneConfig,
+    FactConfig,
+    FreezeEncoderConfig,
+    LNTuneConfig,
+    SSFConfig,
+    qv_lora_config,
+    quantize_image_encoder,
+)
+
+__all__ = [
+    "AdaptFormerConfig", "AttnTuneConfig", "BiasTuneConfig", "FactConfig", "FreezeEncoderConfig", "LNTuneConfig",
+    "METHODS", "METHOD_NAMES", "SSFConfig", "apply_method", "count_parameters", "method_config", "qv_lora_config",
+    "quantize_image_encoder",
+]

@@ -1,0 +1,133 @@
+"""The paper's ten ways to fine-tune SAM's image encoder, by name, with the paper's defaults in one table."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .tuners import (
+    AdaptFormerConfig,
+    AttnTuneConfig,
+    BiasTuneConfig,
+    FactConfig,
+    FreezeEncoderConfig,
+    LNTuneConfig,
+    SSFConfig,
+    qv_lora_config,
+    quantize_image_encoder,
+)
+from .tuners.base import find_image_encoder
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method: how to build its peft config and the paper's defaults for it."""
+
+    name: str
+    title: str
+    kind: str  # "full", "selective" or "additive"
+    build: Optional[Callable[..., PeftConfig]]  # None: no peft config (full fine-tuning)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # options that act on the base model rather than the adapter config
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+
+# The paper's defaults (DESIGN §2). Everything not listed uses the config class's own default.
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("full_ft", "Full FT", "full", None),
+        Method("freeze_encoder", "Freeze Encoder", "selective", FreezeEncoderConfig),
+        Method("ln_tune", "LN Tune", "selective", LNTuneConfig),
+        Method("bias_tune", "Bias Tune", "selective", BiasTuneConfig),
+        Method("attn_tune", "Attn Tune", "selective", AttnTuneConfig),
+        Method("lora", "LoRA", "additive", qv_lora_config, dict(r=32, lora_alpha=32, lora_dropout=0.0)),
+        Method(
+            "qlora", "QLoRA", "additive", qv_lora_config, dict(r=32, lora_alpha=32, lora_dropout=0.0),
+            model_options=dict(quant_type="nf4"),
+        ),
+        Method("adaptformer", "AdaptFormer", "additive", AdaptFormerConfig, dict(projection_size=64, alpha=None, dropout=0.0)),
+        Method("ssf", "SSF", "additive", SSFConfig, dict(init="identity")),
+        Method("fact", "FacT", "additive", FactConfig, dict(r=16, dropout=0.1, shared_factors=False, init="identity")),
+    ]
+}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}; got {name!r}")
+    return METHODS[name]
+
+
+def _config_fields(method: Method) -> set[str]:
+    cls = LoraConfig if method.build is qv_lora_config else method.build
+    return {f.name for f in dataclasses.fields(cls) if f.init} - {"peft_type"}
+
+
+def _split_overrides(method: Method, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split user overrides into config kwargs and model options; unknown names get a clear error."""
+    model_opts = {k: overrides[k] for k in overrides if k in method.model_options}
+    config_kw = {k: v for k, v in overrides.items() if k not in model_opts}
+    if method.build is None:
+        if config_kw:
+            raise ValueError(f"method 'full_ft' takes no options, got {sorted(config_kw)}")
+        return {}, model_opts
+    valid = _config_fields(method)
+    unknown = sorted(set(config_kw) - valid)
+    if unknown:
+        choices = sorted(valid | set(method.model_options))
+        raise ValueError(f"unknown option(s) {unknown} for method {method.name!r}; valid options: {', '.join(choices)}")
+    return {**method.defaults, **config_kw}, {**method.model_options, **model_opts}
+
+
+def method_config(name: str, **overrides: Any) -> Optional[PeftConfig]:
+    """The peft config of a paper method with its defaults (None for `full_ft`), e.g. `method_config("fact", r=8)`."""
+    method = get_method(name)
+    config_kw, _ = _split_overrides(method, overrides)
+    return None if method.build is None else method.build(**config_kw)
+
+
+def freeze_positional_basis(model: nn.Module) -> None:
+    """Keep SAM's fixed random Fourier basis (`shared_image_embedding`) frozen, as in the reference."""
+    for module in model.modules():
+        if type(module).__name__ == "SamPositionalEmbedding":
+            module.requires_grad_(False)
+
+
+def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **overrides: Any) -> nn.Module:
+    """Return `model` ready to train with a paper method: a `PeftModel`, or the model itself for `full_ft`.
+
+    The prompt encoder and mask decoder always train. `qlora` first quantizes every image-encoder Linear to
+    4 bit (`quant_type="nf4"` or `"fp4"`).
+    """
+    method = get_method(name)
+    find_image_encoder(model)
+    if isinstance(model, PeftModel):
+        raise TypeError("model is already a PeftModel; pass the base SamModel (or use model.add_adapter)")
+    config_kw, model_opts = _split_overrides(method, overrides)
+    if method.build is None:
+        model.requires_grad_(True)
+        freeze_positional_basis(model)
+        return model
+    if "quant_type" in model_opts:
+        quantize_image_encoder(model, quant_type=model_opts["quant_type"])
+    return get_peft_model(model, method.build(**config_kw), adapter_name=adapter_name)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, counting shared tensors once and peft's frozen originals not at all."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or ".original_module." in name:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

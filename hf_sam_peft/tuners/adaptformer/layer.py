@@ -1,0 +1,55 @@
+"""AdaptFormer layer: wraps SAM's `SamMLPBlock` with a parallel bottleneck branch."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base import SamTunerLayer
+from .config import AdaptFormerConfig
+
+
+class AdaptFormerLayer(SamTunerLayer):
+    adapter_layer_names = ("adaptformer_down", "adaptformer_up", "adaptformer_alpha")
+    other_param_names = ("adaptformer_dropout", "adaptformer_fixed_alpha")
+
+    def update_layer(self, adapter_name: str, config: AdaptFormerConfig, **kwargs: Any) -> None:
+        if not hasattr(self, "adaptformer_down"):
+            self.adaptformer_down = nn.ModuleDict()
+            self.adaptformer_up = nn.ModuleDict()
+            self.adaptformer_alpha = nn.ParameterDict()
+            self.adaptformer_dropout = nn.ModuleDict()
+            self.adaptformer_fixed_alpha: dict[str, float] = {}
+        base = self.get_base_layer()
+        lin1 = getattr(base, "lin1", None)
+        if not isinstance(lin1, nn.Linear):
+            raise TypeError(f"AdaptFormer targets SAM MLP blocks (with .lin1), got {type(base).__name__}")
+        d, p = lin1.in_features, config.projection_size
+        ref = lin1.weight
+        down = nn.Linear(d, p, device=ref.device, dtype=ref.dtype)
+        up = nn.Linear(p, d, device=ref.device, dtype=ref.dtype)
+        nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+        nn.init.zeros_(down.bias)
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+        self.adaptformer_down[adapter_name] = down
+        self.adaptformer_up[adapter_name] = up
+        self.adaptformer_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if config.alpha is None:
+            self.adaptformer_alpha[adapter_name] = nn.Parameter(torch.ones(1, device=ref.device, dtype=ref.dtype))
+        else:
+            self.adaptformer_fixed_alpha[adapter_name] = float(config.alpha)
+
+    def adapted_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        branch = self.adaptformer_up[adapter_name](
+            self.adaptformer_dropout[adapter_name](torch.relu(self.adaptformer_down[adapter_name](x)))
+        )
+        if adapter_name in self.adaptformer_alpha:
+            alpha = self.adaptformer_alpha[adapter_name]
+        else:
+            alpha = self.adaptformer_fixed_alpha[adapter_name]
+        return out + alpha * branch

@@ -1,0 +1,5 @@
+from .config import AttnTuneConfig
+from .layer import AttnTuneLayer
+from .model import AttnTuneModel
+
+__all__ = ["AttnTuneConfig", "AttnTuneLayer", "AttnTuneModel"]

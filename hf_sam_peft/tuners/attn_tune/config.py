@@ -1,0 +1,23 @@
+"""Attn Tune config (paper: 28,441,088 trainable encoder parameters on ViT-B)."""
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.utils import PeftType
+
+from ..base import encoder_regex
+from ..selective import SelectiveConfig
+
+
+@dataclass
+class AttnTuneConfig(SelectiveConfig):
+    """Train qkv and proj (weights and biases) and the relative position tables of every encoder attention."""
+
+    target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("attn"))
+    trainable_parameters: list[str] = field(
+        default_factory=lambda: ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "rel_pos_h", "rel_pos_w"]
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.ATTN_TUNE

@@ -1,0 +1,197 @@
+"""What every SAM tuner shares: the config defaults, SAM checks, and exact merge bookkeeping.
+
+Each method still lives in its own folder (`config.py`, `layer.py`, `model.py`) like peft's tuners; this
+module holds only the pieces that would otherwise be written ten times.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+# The prompt encoder and mask decoder always train and are saved with the adapter (DESIGN §1). The prompt
+# encoder is listed by its trainable children: its `shared_embedding` is the same module as SAM's
+# `shared_image_embedding`, a fixed random Fourier basis (a buffer in the original SAM) that must stay frozen.
+# (peft matches `modules_to_save` by name suffix and cannot wrap a ModuleList, hence the four point embeddings
+# of SAM's prompt encoder: positive, negative and the two box corners.)
+SAM_MODULES_TO_SAVE: tuple[str, ...] = (
+    *(f"prompt_encoder.point_embed.{i}" for i in range(4)),
+    "prompt_encoder.not_a_point_embed",
+    "prompt_encoder.mask_embed",
+    "prompt_encoder.no_mask_embed",
+    "mask_decoder",
+)
+UNETR_MODULE_NAME = "unetr_decoder"
+
+# Block-level module paths of SAM's ViT image encoder in transformers' SamModel.
+ENCODER_BLOCKS = r"vision_encoder\.layers\.\d+"
+
+
+def encoder_regex(*suffixes: str) -> str:
+    """A peft `target_modules` regex matching `<block>.<suffix>` inside SAM's image encoder blocks."""
+    alternatives = "|".join(re.escape(s) for s in suffixes)
+    return rf"^(.*\.)?{ENCODER_BLOCKS}\.({alternatives})$"
+
+
+def default_modules_to_save() -> list[str]:
+    return list(SAM_MODULES_TO_SAVE)
+
+
+@dataclass
+class SamTunerConfig(PeftConfig):
+    """Fields shared by all SAM tuner configs (a subclass sets `peft_type` and its own defaults)."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules of the image encoder to adapt (regex or list of names)."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules to leave untouched (regex or list of names)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default_factory=default_modules_to_save,
+        metadata={"help": "Modules trained fully and saved with the adapter: SAM's prompt encoder and mask decoder."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple)):
+            raise TypeError(f"modules_to_save must be a list of module names, got {type(self.modules_to_save).__name__}")
+
+
+def find_image_encoder(model: nn.Module) -> nn.Module:
+    """The image encoder of a SAM model; a one-line error for anything else."""
+    encoder = getattr(model, "vision_encoder", None)
+    if encoder is None or not hasattr(encoder, "layers"):
+        raise ValueError(
+            f"model must be a SAM model with an image encoder at `.vision_encoder` (e.g. transformers.SamModel), "
+            f"got {type(model).__name__}"
+        )
+    return encoder
+
+
+class SamTunerModel(BaseTuner):
+    """Base of our tuners: checks the model is a SAM and creates/updates `tuner_layer_cls` layers."""
+
+    target_module_mapping: dict[str, Any] = {}
+    # Whether the adapter's math can be folded into the base weights (AdaptFormer's branch cannot).
+    mergeable: bool = True
+
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        find_image_encoder(model)
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        if peft_config.target_modules is None:
+            raise ValueError(f"{type(peft_config).__name__}.target_modules must name modules of the image encoder")
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: PeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, peft_config, **self._layer_kwargs(adapter_name, peft_config))
+            return
+        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, **self._layer_kwargs(adapter_name, peft_config))
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _layer_kwargs(self, adapter_name: str, config: PeftConfig) -> dict:
+        """Extra arguments for new layers (e.g. parameters shared across layers)."""
+        return {}
+
+    def _check_merge_allowed(self) -> None:
+        if not self.mergeable:
+            peft_type = next(iter(self.peft_config.values())).peft_type
+            raise ValueError(f"{peft_type.value} adapters add a non-linear branch and cannot be merged into the base weights")
+        super()._check_merge_allowed()
+
+
+class SamTunerLayer(nn.Module, BaseTunerLayer):
+    """A wrapped base layer with per-adapter state and exact merge/unmerge.
+
+    Subclasses implement `update_layer`, `adapted_forward` and (if mergeable) `merged_values`, which returns
+    new values for some of the base layer's parameters. Merging copies them in and keeps the originals, so
+    unmerging restores the base exactly.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: PeftConfig, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter = adapter_name
+        self._merge_backup: list[dict[str, torch.Tensor]] = []
+        self.update_layer(adapter_name, config, **kwargs)
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+
+    # --- to implement -------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: PeftConfig, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def adapted_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def merged_values(self, adapter_name: str, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """New values for base-layer parameters (by name) that fold `adapter_name` in."""
+        raise ValueError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    # --- shared behaviour ---------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        if self.merged:
+            return self.base_layer(*args, **kwargs)
+        active = [a for a in self.active_adapters if a in self._get_available_adapters()]
+        if not active:
+            return self.base_layer(*args, **kwargs)
+        if len(active) > 1:
+            raise ValueError(f"{type(self).__name__} runs one adapter at a time, got active adapters {active}")
+        return self.adapted_forward(active[0], *args, **kwargs)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        params = dict(base.named_parameters())
+        for name in adapter_names:
+            if name not in self._get_available_adapters():
+                continue
+            current = {k: p.data for k, p in params.items()}
+            new = self.merged_values(name, current)
+            if safe_merge and not all(torch.isfinite(v).all() for v in new.values()):
+                raise ValueError(f"merging adapter {name!r} produced non-finite weights")
+            self._merge_backup.append({k: params[k].data.clone() for k in new})
+            with torch.no_grad():
+                for k, v in new.items():
+                    params[k].data.copy_(v.to(params[k].dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        params = dict(self.get_base_layer().named_parameters())
+        while self.merged_adapters:
+            self.merged_adapters.pop()
+            backup = self._merge_backup.pop()
+            with torch.no_grad():
+                for k, v in backup.items():
+                    params[k].data.copy_(v)

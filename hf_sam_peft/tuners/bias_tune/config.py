@@ -1,0 +1,26 @@
+"""Bias Tune config (paper: L·(7d+m) trainable encoder parameters, 101,376 on ViT-B).
+
+peft's `beft` trains Linear biases only; the paper's Bias Tune also trains the LayerNorm biases, hence this type.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.utils import PeftType
+
+from ..base import encoder_regex
+from ..selective import SelectiveConfig
+
+
+@dataclass
+class BiasTuneConfig(SelectiveConfig):
+    """Train the biases of qkv, proj, lin1, lin2, layer_norm1 and layer_norm2 in each image-encoder block."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=encoder_regex("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "layer_norm1", "layer_norm2")
+    )
+    trainable_parameters: list[str] = field(default_factory=lambda: ["bias"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.BIAS_TUNE

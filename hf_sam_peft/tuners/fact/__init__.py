@@ -1,0 +1,5 @@
+from .config import FactConfig
+from .layer import FactLayer
+from .model import FactModel
+
+__all__ = ["FactConfig", "FactLayer", "FactModel"]

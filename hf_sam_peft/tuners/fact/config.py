@@ -1,0 +1,36 @@
+"""FacT config: factor-tuning of the q and v projections (FacT-TT; Jie & Deng 2023), as in micro-sam."""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.utils import PeftType
+
+from ..base import SamTunerConfig, encoder_regex
+
+
+@dataclass
+class FactConfig(SamTunerConfig):
+    """Δq = V·drop(S_q·U x), Δv = V·drop(S_v·U x) on the q and v slices of each block's fused `attn.qkv`.
+
+    `shared_factors=False` (default) keeps U (d→r) and V (r→d) per block, as the reference implementation does
+    (this gives the paper's Table 5 count, L·(2dr+2r²) = 301,056 on ViT-B). `shared_factors=True` shares U and V
+    across all blocks of equal width, as the paper's text describes (2dr + L·2r²).
+    `init="identity"` (default) zero-initialises V so training starts from the pretrained model;
+    `init="reference"` uses PyTorch's default Linear init for every factor as micro-sam does.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("attn.qkv"))
+    r: int = 16
+    dropout: float = 0.1
+    shared_factors: bool = False
+    init: Literal["identity", "reference"] = "identity"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.FACT
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in ("identity", "reference"):
+            raise ValueError(f"init must be 'identity' or 'reference', got {self.init!r}")

@@ -1,0 +1,78 @@
+"""FacT layer on a fused qkv Linear (output = [q | k | v], each of width d)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import SamTunerLayer
+from .config import FactConfig
+
+# Shared factors: {(adapter_name, width): (U, V)}; owned (registered) by the first layer that creates them.
+SharedFactors = dict[tuple[str, int], tuple[nn.Parameter, nn.Parameter]]
+
+
+def _linear_init(weight: torch.Tensor) -> torch.Tensor:
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # PyTorch's default nn.Linear weight init
+    return weight
+
+
+class FactLayer(SamTunerLayer):
+    adapter_layer_names = ("fact_u", "fact_v", "fact_s_q", "fact_s_v")
+    other_param_names = ("fact_dropout",)
+
+    def update_layer(
+        self, adapter_name: str, config: FactConfig, shared: Optional[SharedFactors] = None, **kwargs: Any
+    ) -> None:
+        if not hasattr(self, "fact_u"):
+            self.fact_u, self.fact_v = nn.ParameterDict(), nn.ParameterDict()
+            self.fact_s_q, self.fact_s_v = nn.ParameterDict(), nn.ParameterDict()
+            self.fact_dropout = nn.ModuleDict()
+            self._factors: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear) or base.out_features != 3 * base.in_features:
+            raise TypeError(f"FacT targets fused qkv Linear layers (out = 3·in), got {base}")
+        d, r = base.in_features, config.r
+        ref = base.weight
+
+        def new(rows: int, cols: int, zero: bool = False) -> nn.Parameter:
+            w = torch.empty(rows, cols, device=ref.device, dtype=ref.dtype)
+            return nn.Parameter(w.zero_() if zero else _linear_init(w))
+
+        key = (adapter_name, d)
+        if shared is not None and key in shared:
+            self._factors[adapter_name] = shared[key]  # referenced, owned by another layer
+        else:
+            u, v = new(r, d), new(d, r, zero=config.init == "identity")
+            self.fact_u[adapter_name], self.fact_v[adapter_name] = u, v
+            self._factors[adapter_name] = (u, v)
+            if shared is not None:
+                shared[key] = (u, v)
+        self.fact_s_q[adapter_name] = new(r, r)
+        self.fact_s_v[adapter_name] = new(r, r)
+        self.fact_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def _deltas(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, v = self._factors[adapter_name]
+        drop = self.fact_dropout[adapter_name]
+        hidden = F.linear(x, u)
+        dq = F.linear(drop(F.linear(hidden, self.fact_s_q[adapter_name])), v)
+        dv = F.linear(drop(F.linear(hidden, self.fact_s_v[adapter_name])), v)
+        return dq, dv
+
+    def adapted_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        qkv = self.base_layer(x, *args, **kwargs)
+        dq, dv = self._deltas(adapter_name, x.to(qkv.dtype))
+        q, k, v = qkv.chunk(3, dim=-1)
+        return torch.cat([q + dq, k, v + dv], dim=-1)
+
+    def merged_values(self, adapter_name: str, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        u, v = (p.detach() for p in self._factors[adapter_name])
+        delta_q = v @ self.fact_s_q[adapter_name].detach() @ u
+        delta_v = v @ self.fact_s_v[adapter_name].detach() @ u
+        zero = torch.zeros_like(delta_q)
+        return {"weight": current["weight"] + torch.cat([delta_q, zero, delta_v], dim=0)}

@@ -1,0 +1,21 @@
+"""LN Tune config (paper: L·4d trainable encoder parameters, 36,864 on ViT-B)."""
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.utils import PeftType
+
+from ..base import encoder_regex
+from ..selective import SelectiveConfig
+
+
+@dataclass
+class LNTuneConfig(SelectiveConfig):
+    """Train the two LayerNorms of each image-encoder block; prompt encoder and mask decoder train fully."""
+
+    target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("layer_norm1", "layer_norm2"))
+    trainable_parameters: list[str] = field(default_factory=lambda: ["weight", "bias"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.LN_TUNE

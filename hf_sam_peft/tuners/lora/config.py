@@ -1,0 +1,48 @@
+"""peft `LoraConfig`s for SAM: q/v-only LoRA on the image encoder's fused qkv (paper: r 32, scale 1, no dropout).
+
+peft does not serialise custom LoRA layer registrations, so an adapter saved from q/v LoRA is recognised on
+load from its tensor shapes (`lora_A` has 2r rows) and re-registered by `hf_sam_peft.load_adapter`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from ..base import default_modules_to_save, encoder_regex
+from .layer import QVLoraLinear, qv_lora_4bit_class
+
+
+def register_qv_lora(config: LoraConfig) -> LoraConfig:
+    """Make `config` create q/v-only LoRA layers on fused qkv Linears (also on bitsandbytes 4-bit ones)."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a peft LoraConfig, got {type(config).__name__}")
+    mapping: dict[type[nn.Module], type[nn.Module]] = {}
+    try:
+        import bitsandbytes as bnb
+
+        mapping[bnb.nn.Linear4bit] = qv_lora_4bit_class()  # before nn.Linear: Linear4bit subclasses it
+    except ImportError:
+        pass
+    mapping[nn.Linear] = QVLoraLinear
+    config._register_custom_module(mapping)
+    return config
+
+
+def qv_lora_config(r: int = 32, lora_alpha: float | None = None, lora_dropout: float = 0.0, **kwargs: Any) -> LoraConfig:
+    """LoRA on the q and v slices of every encoder block's `attn.qkv`; `lora_alpha` defaults to `r` (scale 1)."""
+    kwargs.setdefault("target_modules", encoder_regex("attn.qkv"))
+    kwargs.setdefault("modules_to_save", default_modules_to_save())
+    config = LoraConfig(r=r, lora_alpha=r if lora_alpha is None else lora_alpha, lora_dropout=lora_dropout, **kwargs)
+    return register_qv_lora(config)
+
+
+def is_qv_lora_state(config: LoraConfig, shapes: Mapping[str, tuple[int, ...] | torch.Size]) -> bool:
+    """Whether saved LoRA tensors (name → shape) come from q/v LoRA: `lora_A` of a qkv layer has 2r rows."""
+    for name, shape in shapes.items():
+        if ".qkv.lora_A" in name and name.endswith("weight"):
+            return int(shape[0]) == 2 * config.r
+    return False

@@ -1,0 +1,5 @@
+from .config import SSFConfig
+from .layer import SSFLayer
+from .model import SSFModel
+
+__all__ = ["SSFConfig", "SSFLayer", "SSFModel"]

@@ -1,0 +1,28 @@
+"""SSF config: scale and shift the output of every op of each encoder block (L·2·(7d+m) = 202,752 on ViT-B)."""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.utils import PeftType
+
+from ..base import SamTunerConfig, encoder_regex
+
+
+@dataclass
+class SSFConfig(SamTunerConfig):
+    """Scale-and-shift features (Lian et al. 2022) after qkv, proj, lin1, lin2, layer_norm1 and layer_norm2.
+
+    `init="identity"` (default) starts at γ=1, β=0, i.e. exactly the pretrained model. `init="reference"`
+    reproduces micro-sam's random start γ~N(1, 0.2²), β~N(0, 0.2²), which does not start from the pretrained model.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=encoder_regex("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "layer_norm1", "layer_norm2")
+    )
+    init: Literal["identity", "reference"] = "identity"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.SSF
+        if self.init not in ("identity", "reference"):
+            raise ValueError(f"init must be 'identity' or 'reference', got {self.init!r}")
