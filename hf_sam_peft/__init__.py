@@ -6,6 +6,7 @@ Importing this package registers its tuner types with peft, so `get_peft_model(s
 
 __version__ = "0.1.0"
 
+from .loading import load_adapter
 from .methods import METHOD_NAMES, METHODS, apply_method, count_parameters, method_config
 from .tuners import (
     AdaptFormerConfig,
@@ -21,6 +22,6 @@ from .tuners import (
 
 __all__ = [
     "AdaptFormerConfig", "AttnTuneConfig", "BiasTuneConfig", "FactConfig", "FreezeEncoderConfig", "LNTuneConfig",
-    "METHODS", "METHOD_NAMES", "SSFConfig", "apply_method", "count_parameters", "method_config", "qv_lora_config",
+    "METHODS", "METHOD_NAMES", "SSFConfig", "apply_method", "count_parameters", "load_adapter", "method_config", "qv_lora_config",
     "quantize_image_encoder",
 ]

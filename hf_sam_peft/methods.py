@@ -131,3 +131,31 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def parameter_table(model_type: str = "vit_b", methods: tuple[str, ...] = METHOD_NAMES) -> list[dict[str, Any]]:
+    """Trainable parameters per method for a SAM size, from configs only (built on the meta device, no weights).
+
+    QLoRA is counted as LoRA: its 4-bit weights are frozen, so its trainable parameters are LoRA's.
+    """
+    import copy
+
+    import torch
+    from transformers import SamModel
+
+    from .modeling.sam import sam_config
+
+    with torch.device("meta"):
+        base = SamModel(sam_config(model_type))
+        base_total = count_parameters(base)[1]
+        # the prompt encoder + mask decoder part, trained by every method
+        decoder = count_parameters(apply_method(copy.deepcopy(base), "freeze_encoder"))[0]
+        rows = []
+        for name in methods:
+            model = apply_method(copy.deepcopy(base), "lora" if name == "qlora" else name)
+            rows.append({"method": name, "title": METHODS[name].title, "trainable": count_parameters(model)[0]})
+    for row in rows:
+        row["encoder_trainable"] = row["trainable"] - decoder
+        row["percent"] = 100.0 * row["trainable"] / base_total
+        row["base_total"] = base_total
+    return rows

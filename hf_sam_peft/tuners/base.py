@@ -13,7 +13,8 @@ from typing import Any, Optional, Union
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
 # The prompt encoder and mask decoder always train and are saved with the adapter (DESIGN §1). The prompt
@@ -87,6 +88,14 @@ class SamTunerModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         find_image_encoder(model)
+        if config.target_modules == DUMMY_TARGET_MODULES:
+            return
+        if not any(check_target_module_exists(config, name) for name, _ in model.named_modules()):
+            example = next((n for n, _ in model.named_modules() if re.search(r"layers\.0\.attn\.qkv$", n)), "")
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}"
+                + (f" (image-encoder modules are named like {example!r})" if example else "")
+            )
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         if peft_config.target_modules is None:
@@ -109,6 +118,11 @@ class SamTunerModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # Our layers create their tensors on the base layer's device and dtype, so a plain swap is enough. (peft's
+        # default also copies `.weight`, which SAM's prompt-encoder and mask-decoder modules do not have.)
+        setattr(parent, child_name, new_module)
 
     def _layer_kwargs(self, adapter_name: str, config: PeftConfig) -> dict:
         """Extra arguments for new layers (e.g. parameters shared across layers)."""

@@ -1,0 +1,40 @@
+"""The `hf-sam-peft` command: one subcommand per job, each defined in `hf_sam_peft/commands/`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# subcommand modules, in the order `--help` lists them; each has register(subparsers)
+COMMANDS: tuple[str, ...] = ("methods",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-sam-peft",
+        description="Parameter-efficient fine-tuning of Segment Anything (SAM) with transformers + peft.",
+        epilog="Run 'hf-sam-peft <command> --help' for the options of a command.",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="<command>")
+    for name in COMMANDS:
+        importlib.import_module(f"hf_sam_peft.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"hf-sam-peft: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
