@@ -13,8 +13,8 @@ setup(
     package_data={"hf_sam_peft": ["**/*.py", "**/*.md", "**/*.yaml", "**/*.jinja"]},
     install_requires=[
         "torch>=2.4,<2.15",
-        "transformers>=4.56",
-        "peft>=0.21",
+        "transformers>=5.0,<6",
+        "peft>=0.21,<0.22",  # our tuners use peft internals checked against 0.21
         "accelerate>=1.0",
         "datasets>=3.0",
         "evaluate>=0.4",
@@ -27,10 +27,12 @@ setup(
         "matplotlib>=3.7",
         "tqdm>=4.60",
         "huggingface_hub>=0.30",
+        "pillow>=9.0",
     ],
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
-        "test": ["pytest>=7", "pytest-timeout>=2", "bitsandbytes>=0.45"],
+        # segment-anything (the original SAM code) is the converter's reference in tests
+        "test": ["pytest>=7", "pytest-timeout>=2", "bitsandbytes>=0.45", "segment-anything>=1.0"],
     },
     entry_points={"console_scripts": ["hf-sam-peft=hf_sam_peft.cli:main"]},
 )

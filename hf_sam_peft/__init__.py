@@ -6,6 +6,14 @@ Importing this package registers its tuner types with peft, so `get_peft_model(s
 
 __version__ = "0.1.0"
 
+import logging as _logging
+
+# bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that it cannot fetch an optional kernel from
+# the Hub; we never want that download, so the warning is noise for our users (unless they set the level).
+_bnb_cpu_logger = _logging.getLogger("bitsandbytes.backends.cpu.ops")
+if _bnb_cpu_logger.level == _logging.NOTSET:
+    _bnb_cpu_logger.setLevel(_logging.ERROR)
+
 from .loading import load_adapter
 from .methods import METHOD_NAMES, METHODS, apply_method, count_parameters, method_config
 from .tuners import (

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Optional, Sequence
 
 # subcommand modules, in the order `--help` lists them; each has register(subparsers)
-COMMANDS: tuple[str, ...] = ("methods",)
+COMMANDS: tuple[str, ...] = ("methods", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # deprecation chatter between peft and transformers is not actionable for CLI users
+    warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

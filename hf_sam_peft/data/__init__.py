@@ -1,1 +1,32 @@
-"""data"""
+"""Data: image/label folders -> HF ``datasets`` of normalised 2D patches, SAM input normalisation, and
+dataset recipes (``recipes/datasets/*.yaml``). See :mod:`hf_sam_peft.data.builder` for the row format."""
+
+from .builder import LABEL_MODES, build_dataset, holdout_split, iter_rows, train_val_datasets
+from .folders import FilePair, find_pairs, iter_slices, load_pair
+from .io import DataError, load_image, load_labels
+from .labels import count_objects, to_instances
+from .normalize import normalize_image
+from .patches import grid_positions, grid_starts
+from .recipes import dataset_kwargs, load_dataset_recipe
+
+__all__ = [
+    "LABEL_MODES",
+    "DataError",
+    "FilePair",
+    "build_dataset",
+    "count_objects",
+    "dataset_kwargs",
+    "find_pairs",
+    "grid_positions",
+    "grid_starts",
+    "holdout_split",
+    "iter_rows",
+    "iter_slices",
+    "load_dataset_recipe",
+    "load_image",
+    "load_labels",
+    "load_pair",
+    "normalize_image",
+    "to_instances",
+    "train_val_datasets",
+]

@@ -1,0 +1,365 @@
+"""Image/label folders -> Hugging Face ``datasets`` of normalised 2D patches with instance label maps.
+
+Row columns (the contract with training and evaluation):
+
+- ``image``: ``uint8 H x W x 3``, already passed through :func:`normalize_image` (so the trainer may call it
+  again at no change). Normalised per row (patch / slice), as micro-sam's raw transform runs per patch.
+- ``labels``: ``int32 H x W`` instance map, 0 = background, objects numbered 1..N by :func:`to_instances`
+  (connected components, objects below ``min_size`` removed).
+- ``id``: ``<file id>[_z<slice>][_y<row>_x<col>]``; ``source``: the image file path.
+- ``semantic`` (only with ``label_mode="semantic"``): ``int32 H x W`` class map, zero where ``labels`` is.
+
+Format: when every row has the same shape (always with ``patch_shape``) the columns are fixed-shape
+``Array3D``/``Array2D`` and the dataset is returned ``with_format("numpy", dtype=None)`` (native dtypes,
+no int64 upcast). Full images of different shapes are stored flat with a ``shape`` column and returned
+``with_transform`` that restores ``H x W`` arrays (re-formatting such a dataset yields the flat arrays).
+
+The table is written to the ``datasets`` cache (``cache_dir``); the cache key includes every argument and
+each file's size and modification time, so edited files are re-read.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import datasets
+import numpy as np
+
+from .folders import FilePair, find_pairs, iter_slices, load_pair
+from .io import DataError, spatial_shape_of
+from .labels import count_objects, to_instances
+from .normalize import normalize_image
+from .patches import crop, grid_positions, random_position
+
+LABEL_MODES = ("instances", "semantic")
+_FORMAT_VERSION = 1  # bump when row contents change, to invalidate cached tables
+_MAX_ATTEMPTS_PER_PATCH = 50
+
+
+def _check_options(
+    patch_shape: Sequence[int] | None,
+    min_size: int,
+    min_objects: int,
+    n_patches_per_image: int | None,
+    seed: int,
+    max_images: int | None,
+    label_mode: str,
+    label_transform: Callable | None,
+) -> tuple[int, int] | None:
+    """Validate the public options once; returns the patch shape as a tuple."""
+    if patch_shape is not None:
+        if len(patch_shape) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in patch_shape):
+            raise ValueError(f"patch_shape: expected None or two positive ints (h, w), got {patch_shape!r}")
+        patch_shape = (int(patch_shape[0]), int(patch_shape[1]))
+    for name, value, low in (("min_size", min_size, 0), ("min_objects", min_objects, 1), ("seed", seed, 0)):
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    for name, value in (("n_patches_per_image", n_patches_per_image), ("max_images", max_images)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name}: expected None or an int >= 1, got {value!r}")
+    if n_patches_per_image is not None and patch_shape is None:
+        raise ValueError("n_patches_per_image: needs a patch_shape (whole images are one row each)")
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode: expected one of {LABEL_MODES}, got {label_mode!r}")
+    if label_transform is not None and not callable(label_transform):
+        raise TypeError(f"label_transform: expected a callable or None, got {type(label_transform).__name__}")
+    return patch_shape
+
+
+def _make_row(
+    image: np.ndarray,
+    labels: np.ndarray,
+    position: tuple[int, int] | None,
+    patch_shape: tuple[int, int] | None,
+    min_size: int,
+    label_mode: str,
+    label_transform: Callable | None,
+    source: Path,
+) -> dict[str, Any]:
+    """Cut, relabel and normalise one patch (or the whole slice when ``position`` is None)."""
+    if position is not None:
+        window = tuple(slice(p, p + s) for p, s in zip(position, patch_shape))
+        image = crop(normalize_image(image[window]), (0, 0), patch_shape)
+        labels = crop(labels[window], (0, 0), patch_shape)
+    else:
+        image = normalize_image(image)
+    if label_transform is not None:
+        transformed = np.asarray(label_transform(labels))
+        if transformed.shape != labels.shape or not np.issubdtype(transformed.dtype, np.integer):
+            raise DataError(
+                f"label_transform returned {transformed.dtype} {transformed.shape} for {source}; "
+                f"expected integers of shape {labels.shape}"
+            )
+        labels = transformed
+    instances = to_instances(labels, min_size)
+    row = {"image": image, "labels": instances}
+    if label_mode == "semantic":
+        row["semantic"] = np.where(instances > 0, labels, 0).astype(np.int32)
+    return row
+
+
+def _positions(
+    shape: tuple[int, int], patch_shape: tuple[int, int], n_patches: int | None, rng: np.random.Generator
+) -> Iterator[tuple[int, int]]:
+    """Grid positions (all of them) or up to ``_MAX_ATTEMPTS_PER_PATCH * n`` distinct random draws."""
+    if n_patches is None:
+        yield from grid_positions(shape, patch_shape)
+        return
+    seen: set[tuple[int, int]] = set()
+    n_possible = int(np.prod([max(s - p, 0) + 1 for s, p in zip(shape, patch_shape)]))
+    for _ in range(_MAX_ATTEMPTS_PER_PATCH * n_patches):
+        if len(seen) >= n_possible:
+            return
+        position = random_position(shape, patch_shape, rng)
+        if position not in seen:
+            seen.add(position)
+            yield position
+
+
+def _iter_rows(
+    pairs: Sequence[FilePair],
+    patch_shape: tuple[int, int] | None,
+    min_size: int,
+    with_objects_only: bool,
+    min_objects: int,
+    n_patches_per_image: int | None,
+    seed: int,
+    label_mode: str,
+    label_transform: Callable | None,
+    flat: bool = False,
+    **_cache_key: Any,
+) -> Iterator[dict[str, Any]]:
+    """Rows of all pairs in order: slices of volumes, then patches per slice (grid or seeded random)."""
+    for pair in pairs:
+        image, labels = load_pair(pair)
+        for z, image_2d, labels_2d in iter_slices(image, labels):
+            base_id = pair.id if z is None else f"{pair.id}_z{z:03d}"
+            # One generator per slice, seeded by (seed, id): rows do not depend on which other files are read.
+            rng = np.random.default_rng([seed, zlib.crc32(base_id.encode())])
+            positions = (
+                [None] if patch_shape is None else _positions(labels_2d.shape, patch_shape, n_patches_per_image, rng)
+            )
+            n_accepted = 0
+            for position in positions:
+                row = _make_row(
+                    image_2d, labels_2d, position, patch_shape, min_size, label_mode, label_transform, pair.image_path
+                )
+                if with_objects_only and count_objects(row["labels"]) < min_objects:
+                    continue
+                row["id"] = base_id if position is None else f"{base_id}_y{position[0]}_x{position[1]}"
+                row["source"] = str(pair.image_path)
+                if flat:
+                    row["shape"] = list(row["labels"].shape)
+                    for key in ("image", "labels", "semantic"):
+                        if key in row:
+                            row[key] = row[key].ravel()
+                yield row
+                n_accepted += 1
+                if n_patches_per_image is not None and n_accepted >= n_patches_per_image:
+                    break
+
+
+def iter_rows(
+    root: str | Path,
+    split: str = "train",
+    patch_shape: Sequence[int] | None = None,
+    min_size: int = 25,
+    with_objects_only: bool = True,
+    n_patches_per_image: int | None = None,
+    seed: int = 0,
+    max_images: int | None = None,
+    label_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    label_mode: str = "instances",
+    min_objects: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """The rows :func:`build_dataset` would hold, as plain dicts of numpy arrays, without a cache
+    (e.g. to evaluate on whole images of different sizes)."""
+    patch_shape = _check_options(
+        patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform
+    )
+    pairs = find_pairs(root, split)[:max_images]
+    yield from _iter_rows(
+        pairs, patch_shape, min_size, with_objects_only, min_objects, n_patches_per_image, seed, label_mode,
+        label_transform,
+    )
+
+
+def _features(shape: tuple[int, int] | None, label_mode: str) -> datasets.Features:
+    if shape is None:
+        features = {
+            "image": datasets.List(datasets.Value("uint8")),
+            "labels": datasets.List(datasets.Value("int32")),
+        }
+        if label_mode == "semantic":
+            features["semantic"] = datasets.List(datasets.Value("int32"))
+        features["shape"] = datasets.List(datasets.Value("int32"), length=2)
+    else:
+        features = {"image": datasets.Array3D((*shape, 3), "uint8"), "labels": datasets.Array2D(shape, "int32")}
+        if label_mode == "semantic":
+            features["semantic"] = datasets.Array2D(shape, "int32")
+    features.update(id=datasets.Value("string"), source=datasets.Value("string"))
+    return datasets.Features(features)
+
+
+def _unflatten(batch: dict[str, list]) -> dict[str, list]:
+    """Transform for variable-shape datasets: flat columns + ``shape`` -> ``H x W[x3]`` arrays."""
+    out = {k: v for k, v in batch.items() if k != "shape"}
+    shapes = [tuple(int(s) for s in shape) for shape in batch["shape"]]
+    if "image" in batch:
+        out["image"] = [np.asarray(v, dtype=np.uint8).reshape(*s, 3) for v, s in zip(batch["image"], shapes)]
+    for key in ("labels", "semantic"):
+        if key in batch:
+            out[key] = [np.asarray(v, dtype=np.int32).reshape(s) for v, s in zip(batch[key], shapes)]
+    return out
+
+
+def _file_signature(pairs: Sequence[FilePair]) -> tuple:
+    """Path, size and mtime of every file: part of the cache key so that changed files are re-read."""
+    signature = []
+    for pair in pairs:
+        for path in (pair.image_path, pair.label_path):
+            stat = path.stat()
+            signature.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+    return tuple(signature)
+
+
+def _build(
+    pairs: Sequence[FilePair],
+    *,
+    patch_shape: tuple[int, int] | None,
+    min_size: int,
+    with_objects_only: bool,
+    min_objects: int,
+    n_patches_per_image: int | None,
+    seed: int,
+    label_mode: str,
+    label_transform: Callable | None,
+    cache_dir: str | Path | None,
+    description: str,
+) -> datasets.Dataset:
+    """Generate and cache the table for a list of pairs (shared by build_dataset and train_val_datasets)."""
+    row_shape = patch_shape
+    if row_shape is None:
+        shapes = {spatial_shape_of(pair.label_path)[-2:] for pair in pairs}
+        row_shape = shapes.pop() if len(shapes) == 1 else None
+    flat = row_shape is None
+    gen_kwargs = dict(
+        pairs=tuple(pairs), patch_shape=patch_shape, min_size=int(min_size), with_objects_only=bool(with_objects_only),
+        min_objects=int(min_objects), n_patches_per_image=n_patches_per_image, seed=int(seed), label_mode=label_mode,
+        label_transform=label_transform, flat=flat, files=_file_signature(pairs), version=_FORMAT_VERSION,
+    )
+    try:
+        dataset = datasets.Dataset.from_generator(
+            _iter_rows, features=_features(row_shape, label_mode), gen_kwargs=gen_kwargs,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__
+        if isinstance(cause, DataError):
+            raise DataError(str(cause)) from cause
+        raise
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):
+            raise
+        raise DataError(
+            f"no rows from {description}: no patch holds {min_objects} object(s) of >= {min_size} px "
+            f"(patch_shape={patch_shape}, with_objects_only={with_objects_only})"
+        ) from err
+    if flat:
+        return dataset.with_transform(_unflatten)
+    return dataset.with_format("numpy", dtype=None)
+
+
+def build_dataset(
+    root: str | Path,
+    split: str = "train",
+    patch_shape: Sequence[int] | None = None,
+    min_size: int = 25,
+    with_objects_only: bool = True,
+    n_patches_per_image: int | None = None,
+    seed: int = 0,
+    max_images: int | None = None,
+    label_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    label_mode: str = "instances",
+    min_objects: int = 1,
+    cache_dir: str | Path | None = None,
+) -> datasets.Dataset:
+    """Build a dataset of 2D rows from ``<root>/<split>/images`` + ``<root>/<split>/labels``.
+
+    - 3D volumes (labels ``Z x H x W``) become one 2D slice per z; each slice is relabelled on its own
+      (connected components per slice), so a 3D object with two blobs in a slice gives two objects.
+    - ``patch_shape=None``: one row per image / slice. With ``patch_shape=(h, w)`` and
+      ``n_patches_per_image=None``: the covering grid of :func:`grid_starts` (deterministic, overlapping
+      at the far border). With ``n_patches_per_image=k``: up to ``k`` distinct positions drawn uniformly
+      (as torch_em does), seeded by ``(seed, slice id)``; patches failing the object filter are redrawn, up
+      to ``50 k`` draws. Images smaller than the patch are zero-padded bottom/right.
+    - Labels per row: ``label_transform`` (optional, on the cropped 2D labels), then :func:`to_instances`
+      with ``min_size``. ``label_mode="semantic"`` treats values as classes (each connected region an
+      object, e.g. HC18's ``1 = head``) and keeps the class map in a ``semantic`` column.
+    - ``with_objects_only``: drop rows with fewer than ``min_objects`` objects left (micro-sam's default
+      sampler asks for 2; we default to 1 because medical images often hold a single object).
+    - ``max_images``: only the first files by sorted id (volumes count as one).
+    """
+    patch_shape = _check_options(
+        patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform
+    )
+    pairs = find_pairs(root, split)[:max_images]
+    return _build(
+        pairs, patch_shape=patch_shape, min_size=min_size, with_objects_only=with_objects_only,
+        min_objects=min_objects, n_patches_per_image=n_patches_per_image, seed=seed, label_mode=label_mode,
+        label_transform=label_transform, cache_dir=cache_dir, description=f"{Path(root) / split}",
+    )
+
+
+def holdout_split(pairs: Sequence[FilePair], val_fraction: float, seed: int) -> tuple[list[FilePair], list[FilePair]]:
+    """Deterministic split by source file (never by patch, so no image is in both): ``round(n * fraction)``
+    files, at least one, chosen by a seeded permutation; both parts keep sorted id order."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction: expected a float in (0, 1), got {val_fraction!r}")
+    if len(pairs) < 2:
+        raise DataError(f"cannot hold out validation data from {len(pairs)} file(s); add a val/ split folder")
+    n_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
+    chosen = set(np.random.default_rng(seed).permutation(len(pairs))[:n_val].tolist())
+    train = [p for i, p in enumerate(pairs) if i not in chosen]
+    val = [p for i, p in enumerate(pairs) if i in chosen]
+    return train, val
+
+
+def train_val_datasets(
+    root: str | Path,
+    val_fraction: float = 0.1,
+    val_split: str = "val",
+    **kwargs: Any,
+) -> datasets.DatasetDict:
+    """``DatasetDict`` with "train" and "val": val from ``<root>/<val_split>`` when that folder exists,
+    otherwise a :func:`holdout_split` of the train files (seeded by ``kwargs['seed']``). ``kwargs`` are
+    :func:`build_dataset`'s options and apply to both splits (``max_images`` to each after splitting)."""
+    if "split" in kwargs:
+        raise ValueError("split: not accepted here; train_val_datasets builds 'train' and 'val' itself")
+    options = dict(
+        patch_shape=None, min_size=25, with_objects_only=True, n_patches_per_image=None, seed=0, max_images=None,
+        label_transform=None, label_mode="instances", min_objects=1, cache_dir=None,
+    )
+    unknown = set(kwargs) - set(options)
+    if unknown:
+        raise TypeError(f"train_val_datasets: unexpected options {sorted(unknown)}")
+    options.update(kwargs)
+    max_images, cache_dir = options.pop("max_images"), options.pop("cache_dir")
+    options["patch_shape"] = _check_options(
+        options["patch_shape"], options["min_size"], options["min_objects"], options["n_patches_per_image"],
+        options["seed"], max_images, options["label_mode"], options["label_transform"],
+    )
+    root = Path(root)
+    train_pairs = find_pairs(root, "train")
+    if (root / val_split).is_dir():
+        val_pairs = find_pairs(root, val_split)
+    else:
+        train_pairs, val_pairs = holdout_split(train_pairs, val_fraction, options["seed"])
+    return datasets.DatasetDict(
+        {
+            name: _build(pairs[:max_images], cache_dir=cache_dir, description=f"{root} ({name})", **options)
+            for name, pairs in (("train", train_pairs), ("val", val_pairs))
+        }
+    )

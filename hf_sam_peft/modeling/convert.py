@@ -1,0 +1,516 @@
+"""Conversion between original SAM checkpoints (segment_anything / micro-sam) and transformers' `SamModel`.
+
+Checkpoints are read with `torch.load(weights_only=True)` only, so a file can never run code on load. Key names
+are translated by one two-way table (`_RULES`), so conversion and export are exact inverses of each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+
+from hf_sam_peft.modeling.sam import VIT_SIZES
+
+__all__ = [
+    "convert_checkpoint",
+    "convert_sam_state_dict",
+    "detect_model_type",
+    "export_to_segment_anything",
+    "load_sam_checkpoint",
+    "sam_config_from_state_dict",
+    "sam_model_from_state_dict",
+    "to_segment_anything_state_dict",
+]
+
+# segment_anything keeps the image normalisation in the model (non-persistent buffers, though some forks save
+# them); transformers keeps it in the image processor.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+_PIXEL_KEYS = ("pixel_mean", "pixel_std")
+
+# The positional Fourier basis lives once in segment_anything and twice (tied) in transformers.
+_PE_KEY = "shared_image_embedding.positional_embedding"
+_PE_ALIAS = "prompt_encoder.shared_embedding.positional_embedding"
+
+# Prefixes that training wrappers put before SAM's keys: torch_em/micro-sam ("sam."), DDP ("module.").
+_WRAPPER_PREFIXES = ("module.sam.", "module.", "sam.")
+# Keys that every original SAM has; their absence means another architecture.
+_SIGNATURE_KEYS = (
+    "image_encoder.patch_embed.proj.weight",
+    "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+    "mask_decoder.iou_token.weight",
+)
+
+_PLACEHOLDERS = {
+    "i": r"\d+",
+    "j": r"\d+",
+    "p": r"weight|bias",
+    "attn": r"self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image",
+    "proj": r"q_proj|k_proj|v_proj|out_proj",
+}
+
+# (segment_anything key, transformers key); {name} is a placeholder from _PLACEHOLDERS, kept as is.
+_RULE_TEMPLATES: tuple[tuple[str, str], ...] = (
+    # image encoder
+    ("image_encoder.pos_embed", "vision_encoder.pos_embed"),
+    ("image_encoder.patch_embed.proj.{p}", "vision_encoder.patch_embed.projection.{p}"),
+    ("image_encoder.blocks.{i}.norm{j}.{p}", "vision_encoder.layers.{i}.layer_norm{j}.{p}"),
+    ("image_encoder.blocks.{i}.attn.qkv.{p}", "vision_encoder.layers.{i}.attn.qkv.{p}"),
+    ("image_encoder.blocks.{i}.attn.proj.{p}", "vision_encoder.layers.{i}.attn.proj.{p}"),
+    ("image_encoder.blocks.{i}.attn.rel_pos_h", "vision_encoder.layers.{i}.attn.rel_pos_h"),
+    ("image_encoder.blocks.{i}.attn.rel_pos_w", "vision_encoder.layers.{i}.attn.rel_pos_w"),
+    ("image_encoder.blocks.{i}.mlp.lin{j}.{p}", "vision_encoder.layers.{i}.mlp.lin{j}.{p}"),
+    ("image_encoder.neck.0.{p}", "vision_encoder.neck.conv1.{p}"),
+    ("image_encoder.neck.1.{p}", "vision_encoder.neck.layer_norm1.{p}"),
+    ("image_encoder.neck.2.{p}", "vision_encoder.neck.conv2.{p}"),
+    ("image_encoder.neck.3.{p}", "vision_encoder.neck.layer_norm2.{p}"),
+    # prompt encoder
+    ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", _PE_KEY),
+    ("prompt_encoder.point_embeddings.{i}.weight", "prompt_encoder.point_embed.{i}.weight"),
+    ("prompt_encoder.not_a_point_embed.weight", "prompt_encoder.not_a_point_embed.weight"),
+    ("prompt_encoder.no_mask_embed.weight", "prompt_encoder.no_mask_embed.weight"),
+    ("prompt_encoder.mask_downscaling.0.{p}", "prompt_encoder.mask_embed.conv1.{p}"),
+    ("prompt_encoder.mask_downscaling.1.{p}", "prompt_encoder.mask_embed.layer_norm1.{p}"),
+    ("prompt_encoder.mask_downscaling.3.{p}", "prompt_encoder.mask_embed.conv2.{p}"),
+    ("prompt_encoder.mask_downscaling.4.{p}", "prompt_encoder.mask_embed.layer_norm2.{p}"),
+    ("prompt_encoder.mask_downscaling.6.{p}", "prompt_encoder.mask_embed.conv3.{p}"),
+    # mask decoder: two-way transformer
+    ("mask_decoder.transformer.layers.{i}.{attn}.{proj}.{p}", "mask_decoder.transformer.layers.{i}.{attn}.{proj}.{p}"),
+    ("mask_decoder.transformer.layers.{i}.mlp.lin{j}.{p}", "mask_decoder.transformer.layers.{i}.mlp.lin{j}.{p}"),
+    ("mask_decoder.transformer.layers.{i}.norm{j}.{p}", "mask_decoder.transformer.layers.{i}.layer_norm{j}.{p}"),
+    ("mask_decoder.transformer.{attn}.{proj}.{p}", "mask_decoder.transformer.{attn}.{proj}.{p}"),
+    ("mask_decoder.transformer.norm_final_attn.{p}", "mask_decoder.transformer.layer_norm_final_attn.{p}"),
+    # mask decoder: tokens, upscaling and heads (3-layer MLPs: first/middle/last)
+    ("mask_decoder.iou_token.weight", "mask_decoder.iou_token.weight"),
+    ("mask_decoder.mask_tokens.weight", "mask_decoder.mask_tokens.weight"),
+    ("mask_decoder.output_upscaling.0.{p}", "mask_decoder.upscale_conv1.{p}"),
+    ("mask_decoder.output_upscaling.1.{p}", "mask_decoder.upscale_layer_norm.{p}"),
+    ("mask_decoder.output_upscaling.3.{p}", "mask_decoder.upscale_conv2.{p}"),
+    *(
+        (f"mask_decoder.{head}.layers.{sa_layer}.{{p}}", f"mask_decoder.{head}.{hf_layer}.{{p}}")
+        for head in ("output_hypernetworks_mlps.{i}", "iou_prediction_head")
+        for sa_layer, hf_layer in (("0", "proj_in"), ("1", "layers.0"), ("2", "proj_out"))
+    ),
+)
+
+
+def _template_regex(template: str) -> re.Pattern:
+    """Compile a key template into a full-match regex with one named group per placeholder."""
+    parts = re.split(r"\{(\w+)\}", template)
+    pattern = "".join(
+        f"(?P<{part}>{_PLACEHOLDERS[part]})" if k % 2 else re.escape(part) for k, part in enumerate(parts)
+    )
+    return re.compile(pattern)
+
+
+_RULES = tuple((_template_regex(sa), sa, _template_regex(hf), hf) for sa, hf in _RULE_TEMPLATES)
+
+
+def _translate(key: str, to_hf: bool) -> str | None:
+    """The key on the other side of the table, or None when no rule knows it."""
+    for sa_regex, sa_template, hf_regex, hf_template in _RULES:
+        match = (sa_regex if to_hf else hf_regex).fullmatch(key)
+        if match:
+            return (hf_template if to_hf else sa_template).format(**match.groupdict())
+    return None
+
+
+def _examples(keys, n: int = 3) -> str:
+    keys = sorted(map(str, keys))
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(repr(k) for k in keys[:n]) + more
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_sam_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read an original SAM checkpoint (segment_anything, micro-sam or MedicoSAM) as a segment_anything state dict.
+
+    Only tensors are unpickled (`weights_only=True`): a file that needs Python objects is refused, never run.
+    micro-sam's wrapped form `{"model_state": ..., "decoder_state": ...}` (and the common `state_dict` / `model`
+    wrappers) and the `sam.` / `module.` key prefixes of training wrappers are removed; a UNETR `decoder_state`
+    is ignored with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds Python objects besides tensors; refusing to execute code from "
+                "the file (a full training checkpoint? export its weights first: micro_sam.util.export_custom_sam_model)"
+            ) from None
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({_first_line(error)})") from None
+    except Exception as error:  # the unpickler and zip reader raise many types on a damaged file
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({_first_line(error)})") from None
+    return _unwrap(raw, str(path))
+
+
+def _first_line(error: BaseException, limit: int = 120) -> str:
+    """The error's first sentence, short enough for a one-line message."""
+    text = str(error).strip().splitlines()
+    text = text[0].split(". ")[0] if text else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _unwrap(raw: object, name: str) -> dict[str, Tensor]:
+    """Strip micro-sam/torch_em wrappers and check that what remains is an original SAM state dict."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"checkpoint {name!r} holds a {type(raw).__name__}, expected a state dict (a mapping)")
+    state = raw
+    for wrapper_key in ("model_state", "state_dict", "model"):
+        if isinstance(state.get(wrapper_key), Mapping):
+            if "decoder_state" in state:
+                warnings.warn(
+                    f"checkpoint {name!r} also holds a micro-sam UNETR decoder ('decoder_state'); it is not converted",
+                    stacklevel=3,
+                )
+            state = state[wrapper_key]
+            break
+    state = dict(state)
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise ValueError(f"checkpoint {name!r} is not a state dict: non-tensor entries {_examples(not_tensors)}")
+    missing = [k for k in _SIGNATURE_KEYS if k not in state]
+    if missing:
+        raise ValueError(
+            f"checkpoint {name!r} is not an original SAM (ViT) checkpoint: it lacks {missing[0]!r}; "
+            f"its keys look like {_examples(state) if state else 'nothing (it is empty)'}"
+        )
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes -> configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _count(state_dict: Mapping[str, Tensor], pattern: str) -> int:
+    """Number of numbered submodules matching `pattern` (which has one `(\\d+)` group), checked to be 0..n-1."""
+    regex = re.compile(pattern)
+    indexes = {int(m.group(1)) for k in state_dict if (m := regex.match(k))}
+    if indexes != set(range(len(indexes))):
+        raise ValueError(f"state_dict has gaps in the numbering of {pattern!r}: {sorted(indexes)}")
+    return len(indexes)
+
+
+def _shape(state_dict: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in state_dict:
+        raise ValueError(f"state_dict lacks {key!r}: not a complete original SAM checkpoint")
+    return tuple(state_dict[key].shape)
+
+
+def _vision_config(state_dict: Mapping[str, Tensor]) -> SamVisionConfig:
+    """The image encoder's configuration: heads from the relative position tables (their width is the head
+    dimension), global blocks from the table lengths (2 * grid - 1), image size from the position embedding."""
+    hidden, channels, patch, _ = _shape(state_dict, "image_encoder.patch_embed.proj.weight")
+    depth = _count(state_dict, r"image_encoder\.blocks\.(\d+)\.")
+    if depth == 0:
+        raise ValueError("state_dict has no image_encoder.blocks: not an original SAM (ViT) checkpoint")
+    grid = _shape(state_dict, "image_encoder.pos_embed")[1]
+    rel_pos = [_shape(state_dict, f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
+    head_dim = rel_pos[0][1]
+    if hidden % head_dim:
+        raise ValueError(f"state_dict: relative position width {head_dim} does not divide the hidden size {hidden}")
+    global_blocks = [i for i, (length, _) in enumerate(rel_pos) if length == 2 * grid - 1]
+    windows = {(length + 1) // 2 for i, (length, _) in enumerate(rel_pos) if i not in global_blocks}
+    if len(windows) > 1:
+        raise ValueError(f"state_dict: windowed blocks disagree on the window size ({sorted(windows)})")
+    output_channels = _shape(state_dict, "image_encoder.neck.0.weight")[0]
+    num_pos_feats = _shape(state_dict, "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix")[1]
+    if 2 * num_pos_feats != output_channels:
+        raise ValueError(
+            f"state_dict: positional basis width {num_pos_feats} is not half the embedding width {output_channels}"
+        )
+    return SamVisionConfig(
+        hidden_size=hidden,
+        output_channels=output_channels,
+        num_hidden_layers=depth,
+        num_attention_heads=hidden // head_dim,
+        num_channels=channels,
+        image_size=grid * patch,
+        patch_size=patch,
+        qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state_dict,
+        mlp_dim=_shape(state_dict, "image_encoder.blocks.0.mlp.lin1.weight")[0],
+        window_size=windows.pop() if windows else 0,
+        global_attn_indexes=global_blocks,
+        num_pos_feats=num_pos_feats,
+    )
+
+
+def sam_config_from_state_dict(state_dict: Mapping[str, Tensor], decoder_num_heads: int = 8) -> SamConfig:
+    """The `SamConfig` that fits a segment_anything state dict, read from its tensor shapes.
+
+    Everything but the mask decoder's head count follows from the shapes. The decoder's attention splits one
+    projection into heads, which leaves no trace in shapes: SAM uses 8 (`decoder_num_heads`).
+    """
+    if not isinstance(decoder_num_heads, int) or decoder_num_heads < 1:
+        raise ValueError(f"decoder_num_heads must be a positive int, got {decoder_num_heads!r}")
+    vision = _vision_config(state_dict)
+    output_channels, image_size, patch = vision.output_channels, vision.image_size, vision.patch_size
+    prompt = SamPromptEncoderConfig(
+        hidden_size=output_channels,
+        image_size=image_size,
+        patch_size=patch,
+        mask_input_channels=_shape(state_dict, "prompt_encoder.mask_downscaling.3.weight")[0],
+        num_point_embeddings=_count(state_dict, r"prompt_encoder\.point_embeddings\.(\d+)\."),
+    )
+    attention_dim = _shape(state_dict, "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0]
+    if output_channels % attention_dim or attention_dim % decoder_num_heads:
+        raise ValueError(
+            f"decoder_num_heads must divide the decoder attention width {attention_dim}, got {decoder_num_heads}"
+        )
+    decoder = SamMaskDecoderConfig(
+        hidden_size=output_channels,
+        mlp_dim=_shape(state_dict, "mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
+        num_hidden_layers=_count(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\."),
+        num_attention_heads=decoder_num_heads,
+        attention_downsample_rate=output_channels // attention_dim,
+        num_multimask_outputs=_shape(state_dict, "mask_decoder.mask_tokens.weight")[0] - 1,
+        iou_head_depth=_count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."),
+        iou_head_hidden_dim=_shape(state_dict, "mask_decoder.iou_prediction_head.layers.0.weight")[0],
+    )
+    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def detect_model_type(state_dict: Mapping[str, Tensor]) -> str:
+    """`"vit_b"`, `"vit_l"` or `"vit_h"` when the checkpoint has one of SAM's sizes, else `"custom"`."""
+    vision = _vision_config(state_dict)
+    found = dict(
+        hidden_size=vision.hidden_size,
+        num_hidden_layers=vision.num_hidden_layers,
+        num_attention_heads=vision.num_attention_heads,
+        global_attn_indexes=list(vision.global_attn_indexes),
+    )
+    standard = vision.image_size == 1024 and vision.output_channels == 256
+    for name, size in VIT_SIZES.items():
+        if standard and found == {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in size.items()}:
+            return name
+    return "custom"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State dicts both ways
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def convert_sam_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """segment_anything keys -> transformers `SamModel` keys (tensors are shared, not copied)."""
+    state = dict(state_dict)
+    for key, default in zip(_PIXEL_KEYS, (PIXEL_MEAN, PIXEL_STD)):
+        value = state.pop(key, None)
+        if value is not None and not torch.allclose(value.flatten().float(), torch.tensor(default)):
+            warnings.warn(
+                f"checkpoint's {key} {value.flatten().tolist()} differs from SAM's {list(default)}; transformers "
+                "normalises in the image processor, so set image_mean/image_std there",
+                stacklevel=2,
+            )
+    converted, unknown = {}, []
+    for key, value in state.items():
+        new_key = _translate(key, to_hf=True)
+        if new_key is None:
+            unknown.append(key)
+        else:
+            converted[new_key] = value
+    if unknown:
+        raise ValueError(
+            f"state_dict has keys that an original SAM does not have: {_examples(unknown)} "
+            "(adapter or extra-head weights? merge or drop them first)"
+        )
+    if _PE_KEY in converted:
+        converted[_PE_ALIAS] = converted[_PE_KEY]
+    return converted
+
+
+def to_segment_anything_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """transformers `SamModel` keys -> segment_anything keys.
+
+    pixel_mean/pixel_std are left out: segment_anything registers them as non-persistent buffers, and its
+    strict `load_state_dict` rejects a checkpoint that carries them.
+    """
+    state = dict(state_dict)
+    alias = state.pop(_PE_ALIAS, None)
+    if alias is not None and _PE_KEY in state and not torch.equal(alias, state[_PE_KEY]):
+        raise ValueError(f"state_dict: {_PE_ALIAS!r} and {_PE_KEY!r} differ; SAM has one positional basis")
+    converted, unknown = {}, []
+    for key, value in state.items():
+        new_key = _translate(key, to_hf=False)
+        if new_key is None:
+            unknown.append(key)
+        else:
+            converted[new_key] = value
+    if unknown:
+        raise ValueError(
+            f"state_dict has keys that transformers' SamModel does not have: {_examples(unknown)} "
+            "(unmerged adapter, quantised or extra-head weights?)"
+        )
+    return converted
+
+
+def sam_model_from_state_dict(state_dict: Mapping[str, Tensor], decoder_num_heads: int = 8) -> SamModel:
+    """A `SamModel` (eval mode) holding the weights of a segment_anything state dict.
+
+    The model is built on the meta device and the checkpoint's tensors are assigned, so even ViT-H costs no
+    random initialisation.
+    """
+    config = sam_config_from_state_dict(state_dict, decoder_num_heads=decoder_num_heads)
+    converted = convert_sam_state_dict(state_dict)
+    with torch.device("meta"):
+        model = SamModel(config)
+    try:
+        model.load_state_dict(converted, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ValueError(f"state_dict does not fit SamModel: {' '.join(str(error).split())[:500]}") from None
+    model.tie_weights()
+    leftover = [name for name, t in model.state_dict().items() if t.is_meta]
+    if leftover:
+        raise ValueError(f"state_dict left SamModel tensors uninitialised: {_examples(leftover)}")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def convert_checkpoint(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model_type: str | None = None,
+    *,
+    decoder_num_heads: int = 8,
+    overwrite: bool = False,
+) -> SamModel:
+    """Convert an original SAM checkpoint into a `SamModel` folder (safetensors + config + processor config).
+
+    `model_type` (`vit_b`, `vit_l`, `vit_h`), when given, must match what the shapes say. The folder is
+    written beside `out_dir` first and renamed into place, so a failed run never leaves a half-written model.
+    """
+    if model_type is not None and model_type not in VIT_SIZES:
+        raise ValueError(f"model_type must be one of {sorted(VIT_SIZES)} or None, got {model_type!r}")
+    out_dir = Path(out_dir)
+    _check_folder_target(out_dir, overwrite)
+    state_dict = load_sam_checkpoint(path)
+    detected = detect_model_type(state_dict)
+    if model_type is not None and detected != model_type:
+        raise ValueError(f"model_type is {model_type!r} but checkpoint {str(path)!r} has the shapes of {detected!r}")
+    model = sam_model_from_state_dict(state_dict, decoder_num_heads=decoder_num_heads)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        _processor(model.config).save_pretrained(tmp)
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model
+
+
+def _processor(config: SamConfig):
+    """SAM's processor for this image size (PIL backend: needs no torchvision)."""
+    from transformers import SamProcessor
+
+    try:  # transformers >= 5 (the default class there wants torchvision and warns without it)
+        from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import SamImageProcessor as ImageProcessor
+
+    size = config.vision_config.image_size
+    image_processor = ImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    return SamProcessor(image_processor=image_processor)
+
+
+def _check_folder_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"out_dir {str(out_dir)!r} exists and is not empty; pass overwrite=True to replace it")
+
+
+def _check_file_target(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; expected a file name such as model.pth")
+    if path.exists() and not overwrite:
+        raise ValueError(f"path {str(path)!r} exists; pass overwrite=True to replace it")
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Move the finished folder `tmp` to `target`, replacing what was there only once `tmp` is complete."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sam_model_of(model: nn.Module) -> SamModel:
+    """The plain `SamModel` inside `model`, with peft adapters merged into a copy (the caller's model is untouched)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a SamModel or a peft model wrapping one, got {type(model).__name__}")
+    if hasattr(model, "merge_and_unload"):
+        try:
+            model = copy.deepcopy(model).merge_and_unload()
+        except (ValueError, NotImplementedError, AttributeError, TypeError, RuntimeError) as error:
+            raise ValueError(
+                f"model's adapters cannot be merged into the base weights ({_first_line(error)}); segment_anything "
+                "has no place for unmerged adapter weights"
+            ) from None
+    if isinstance(model, SamModel):
+        return model
+    found = [m for m in model.modules() if isinstance(m, SamModel)]
+    if len(found) != 1:
+        raise ValueError(
+            f"model must be or contain exactly one SamModel, found {len(found)} in {type(model).__name__}"
+        )
+    return found[0]
+
+
+def export_to_segment_anything(
+    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Write `model` as a segment_anything checkpoint (what `sam_model_registry[type](checkpoint=...)` and micro-sam's
+    annotator load).
+
+    Accepts a `SamModel` or a peft model around one: adapters are merged into a copy first. Only plain tensors are
+    saved, through a temporary file renamed into place.
+    """
+    path = Path(path)
+    _check_file_target(path, overwrite)
+    sam = _sam_model_of(model)
+    state = to_segment_anything_state_dict(
+        {k: v.detach().to("cpu").contiguous() for k, v in sam.state_dict().items()}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
