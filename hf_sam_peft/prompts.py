@@ -1,0 +1,224 @@
+"""Prompt and correction sampling from instance masks, shared by training and evaluation.
+
+Everything here works on boolean object masks of shape ``(..., H, W)`` (any leading dimensions, typically
+``(n_objects, H, W)``), is vectorised over objects, draws its randomness from an explicit ``torch.Generator``
+(same generator state -> same prompts) and returns coordinates in SAM's ``(x, y)`` order, in the pixel frame
+of the masks (map them into the model frame with :func:`hf_sam_peft.training.collate.transform_coords`).
+
+Behaviour follows µSAM's prompt generators (``micro_sam/prompt_generators.py``, ``training/util.py``):
+
+- positive points: uniform inside the object, without replacement (with replacement once the object has
+  fewer pixels than requested points);
+- negative points: uniform in the object's box widened by ``negative_margin`` pixels minus the object
+  dilated by the same margin (µSAM's ``dilation_strength`` = 10), then anywhere in the background (with
+  replacement once the background runs out; anywhere at all only for an object that fills the image);
+- boxes: ``(x0, y0, x1, y1)`` with exclusive maxima (``regionprops`` convention, as µSAM), each side pushed
+  out by ``U(0, jitter) * side length``, clipped to the image and rounded to whole pixels;
+- corrections: one positive point uniform in the false negatives (fallback: the true positives) and one
+  negative point uniform in the false positives (fallback: µSAM's box of the object widened by 3 px minus
+  the object, then any background).
+
+Deliberate deviations from the reference (same distributions, different mechanics): points are drawn by
+ranking i.i.d. uniform keys per pixel (a uniform random subset, one vectorised ``topk`` for all objects)
+instead of ``np.random.choice`` per object; :func:`sample_objects` keeps a uniformly random subset of the
+sampled ids when cutting to the smallest count, where µSAM sorts the ids first and keeps the lowest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# µSAM: negatives for the initial point prompts avoid a band of this width around the object.
+NEGATIVE_MARGIN = 10
+# µSAM: fallback region for correction negatives is the object's box widened by this many pixels.
+CORRECTION_BOX_MARGIN = 3
+
+
+def _check_masks(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (..., H, W), got {type(masks).__name__}")
+    if masks.ndim < 2:
+        raise ValueError(f"{name} must have shape (..., H, W), got {tuple(masks.shape)}")
+    return masks.bool()
+
+
+def _check_nonempty(masks: torch.Tensor, name: str = "masks") -> None:
+    if masks.numel() and not masks.flatten(-2).any(-1).all():
+        raise ValueError(f"{name}: every object mask must contain at least one pixel")
+
+
+def _pick_pixels(regions: Sequence[torch.Tensor], n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Flat pixel indices, ``(M, n)``: uniform without replacement from ``regions[0]``, then ``regions[1]`` ...
+
+    ``regions`` are ``(M, H*W)`` boolean masks in order of priority. Each pixel gets a key ``U(0, 1) + level``
+    (higher level for higher priority, ``-inf`` outside every region); the top-``n`` keys are then a uniform
+    random subset of the best region, topped up from the next. Rows with fewer valid pixels than ``n`` reuse
+    their picks cyclically (sampling with replacement, as µSAM does for tiny objects).
+    """
+    first = regions[0]
+    keys = torch.rand(first.shape, generator=generator, device=first.device)
+    level = torch.full(first.shape, float("-inf"), device=first.device)
+    for rank, region in enumerate(reversed(regions)):
+        level = torch.where(region, float(rank), level)
+    keys = keys + level
+    count = torch.stack(list(regions)).any(0).sum(-1, keepdim=True)
+    if (count == 0).any():
+        raise ValueError("no pixel available to sample a point from (empty region and fallbacks)")
+    if n == 1:
+        return keys.argmax(-1, keepdim=True)
+    idx = keys.topk(min(n, keys.shape[-1]), dim=-1).indices
+    if idx.shape[-1] < n or (count < n).any():
+        j = torch.arange(n, device=first.device).expand(first.shape[0], n)
+        source = torch.where(j < count, j, j % count)
+        idx = idx.gather(-1, source.clamp(max=idx.shape[-1] - 1))
+    return idx
+
+
+def _or_everywhere(region: torch.Tensor) -> torch.Tensor:
+    """``region`` ``(M, H*W)``, with rows that are empty (an object filling the image) replaced by all pixels."""
+    return region | ~region.any(-1, keepdim=True)
+
+
+def _flat_to_xy(idx: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.stack([idx % width, idx // width], dim=-1).float()
+
+
+def _dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """Square (Chebyshev) dilation by ``radius`` pixels, i.e. ``radius`` iterations of a 3x3 dilation."""
+    if radius <= 0:
+        return masks
+    flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
+    dilated = F.max_pool2d(flat, kernel_size=2 * radius + 1, stride=1, padding=radius)
+    return dilated.reshape(masks.shape).bool()
+
+
+def _box_region(boxes: torch.Tensor, shape: tuple[int, int], margin: int) -> torch.Tensor:
+    """Boolean ``(..., H, W)`` region inside ``(x0, y0, x1, y1)`` boxes (exclusive maxima) widened by ``margin``."""
+    height, width = shape
+    ys = torch.arange(height, device=boxes.device)
+    xs = torch.arange(width, device=boxes.device)
+    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))
+    inside_y = (ys >= y0 - margin) & (ys < y1 + margin)
+    inside_x = (xs >= x0 - margin) & (xs < x1 + margin)
+    return inside_y[..., :, None] & inside_x[..., None, :]
+
+
+def sample_objects(
+    labels: torch.Tensor | Sequence[torch.Tensor],
+    n_objects: int | None,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Boolean masks ``(N, H_b, W_b)`` of up to ``n_objects`` random instances per image, N equal across images.
+
+    ``labels`` is a ``(B, H, W)`` tensor or a sequence of ``(H_b, W_b)`` instance maps (0 = background).
+    Instances are drawn without replacement; N is the smallest count over the batch (µSAM's rule, so the
+    objects stack into one batch). ``n_objects=None`` keeps every instance (still cut to the smallest count).
+    """
+    if isinstance(labels, torch.Tensor):
+        if labels.ndim != 3:
+            raise ValueError(f"labels must be a (B, H, W) tensor or a sequence of (H, W) tensors, got {tuple(labels.shape)}")
+        labels = list(labels)
+    if not labels or any(not isinstance(lab, torch.Tensor) or lab.ndim != 2 for lab in labels):
+        raise ValueError("labels must be a non-empty (B, H, W) tensor or sequence of (H, W) tensors")
+    if n_objects is not None and n_objects < 1:
+        raise ValueError(f"n_objects must be a positive int or None, got {n_objects}")
+    chosen = []
+    for lab in labels:
+        ids = torch.unique(lab)
+        ids = ids[ids != 0]
+        device = generator.device if generator is not None else ids.device
+        order = torch.randperm(len(ids), generator=generator, device=device).to(ids.device)
+        chosen.append(ids[order][: n_objects if n_objects is not None else len(ids)])
+    n = min(len(ids) for ids in chosen)
+    return [lab[None] == ids[:n, None, None] for lab, ids in zip(labels, chosen)]
+
+
+def sample_point_prompts(
+    masks: torch.Tensor,
+    n_pos: int,
+    n_neg: int,
+    generator: torch.Generator | None = None,
+    negative_margin: int = NEGATIVE_MARGIN,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random point prompts per object: coordinates ``(..., n_pos + n_neg, 2)`` (x, y) and labels (1 / 0).
+
+    Positives are uniform inside the object; negatives uniform in the object's box widened by
+    ``negative_margin`` minus the object dilated by ``negative_margin`` (fallback: any background pixel).
+    """
+    masks = _check_masks(masks)
+    if n_pos < 0 or n_neg < 0 or n_pos + n_neg == 0:
+        raise ValueError(f"n_pos and n_neg must be >= 0 with at least one point, got {n_pos} and {n_neg}")
+    _check_nonempty(masks)
+    lead, (height, width) = masks.shape[:-2], masks.shape[-2:]
+    flat = masks.reshape(-1, height * width)
+    coords, labels = [], []
+    if n_pos:
+        coords.append(_flat_to_xy(_pick_pixels([flat], n_pos, generator), width))
+        labels.append(torch.ones(flat.shape[0], n_pos, dtype=torch.long, device=masks.device))
+    if n_neg:
+        background = ~masks
+        ring = _box_region(boxes_from_masks(masks, jitter=0.0), (height, width), negative_margin)
+        ring = ring & ~_dilate(masks, negative_margin)
+        regions = [ring.reshape(flat.shape), _or_everywhere(background.reshape(flat.shape))]
+        coords.append(_flat_to_xy(_pick_pixels(regions, n_neg, generator), width))
+        labels.append(torch.zeros(flat.shape[0], n_neg, dtype=torch.long, device=masks.device))
+    points = torch.cat(coords, dim=1).reshape(*lead, n_pos + n_neg, 2)
+    return points, torch.cat(labels, dim=1).reshape(*lead, n_pos + n_neg)
+
+
+def boxes_from_masks(
+    masks: torch.Tensor,
+    jitter: float = 0.025,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Boxes ``(..., 4)`` as ``(x0, y0, x1, y1)``, exclusive maxima, each side pushed out by ``U(0, jitter)·side``.
+
+    With ``jitter=0`` the exact box of the mask (no randomness drawn). Jittered boxes are clipped to the
+    image and rounded to whole pixels, as µSAM does.
+    """
+    masks = _check_masks(masks)
+    if jitter < 0:
+        raise ValueError(f"jitter must be >= 0, got {jitter}")
+    _check_nonempty(masks)
+    height, width = masks.shape[-2:]
+    rows, cols = masks.any(-1), masks.any(-2)
+    y0 = rows.float().argmax(-1)
+    y1 = height - rows.flip(-1).float().argmax(-1)
+    x0 = cols.float().argmax(-1)
+    x1 = width - cols.flip(-1).float().argmax(-1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=-1).float()
+    if jitter == 0:
+        return boxes
+    side = torch.stack([x1 - x0, y1 - y0, x1 - x0, y1 - y0], dim=-1).float()
+    push = torch.rand(boxes.shape, generator=generator, device=masks.device) * jitter * side
+    boxes = boxes + push * torch.tensor([-1.0, -1.0, 1.0, 1.0], device=masks.device)
+    upper = torch.tensor([width, height, width, height], device=masks.device, dtype=boxes.dtype)
+    return torch.minimum(boxes.clamp(min=0), upper).round()
+
+
+def correction_points(
+    pred_masks: torch.Tensor,
+    gt_masks: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One positive and one negative correction point per object: ``(..., 2, 2)`` (x, y) and labels ``[1, 0]``.
+
+    Positive: uniform in the false negatives (fallback: true positives). Negative: uniform in the false
+    positives (fallback: the object's box widened by 3 px minus the object, then any background).
+    """
+    pred, gt = _check_masks(pred_masks, "pred_masks"), _check_masks(gt_masks, "gt_masks")
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred_masks and gt_masks must have the same shape, got {tuple(pred.shape)} and {tuple(gt.shape)}")
+    _check_nonempty(gt, "gt_masks")
+    lead, (height, width) = gt.shape[:-2], gt.shape[-2:]
+    n_flat = gt.reshape(-1, height * width).shape
+    pos = _pick_pixels([(gt & ~pred).reshape(n_flat), (gt & pred).reshape(n_flat)], 1, generator)
+    box = _box_region(boxes_from_masks(gt, jitter=0.0), (height, width), CORRECTION_BOX_MARGIN) & ~gt
+    negative_regions = [(pred & ~gt).reshape(n_flat), box.reshape(n_flat), _or_everywhere((~gt).reshape(n_flat))]
+    neg = _pick_pixels(negative_regions, 1, generator)
+    points = _flat_to_xy(torch.cat([pos, neg], dim=1), width).reshape(*lead, 2, 2)
+    labels = torch.tensor([1, 0], dtype=torch.long, device=gt.device).expand(*lead, 2).clone()
+    return points, labels

@@ -1,0 +1,150 @@
+"""SAM's input frame: image preprocessing, prompt coordinate mapping and mask postprocessing, plus the collator.
+
+One implementation of SAM's preprocessing in torch (it matches ``transformers.SamImageProcessor`` up to
+that processor's uint8 rounding of the resized image): intensities to uint8 [0, 255] by the package's one
+normalisation (:func:`hf_sam_peft.data.normalize_image`: uint8 kept, other dtypes min-max per image, grey
+copied to three channels), longest side resized to ``image_size`` (bilinear, antialiased as µSAM's
+``apply_image_torch``), ImageNet mean/std, zero padding at the bottom/right to a square.
+
+Design decisions:
+
+- Rows should come numpy-formatted (``hf_sam_peft.data.build_dataset`` does): plain nested lists lose the
+  uint8 dtype and would be min-max stretched.
+- Labels stay at the input (patch) resolution, zero-padded to the largest image of the batch, with
+  ``original_sizes`` to crop them back. µSAM computes the loss there too: its predicted masks are upsampled
+  to the padded frame, cropped and resized back to the input size (:func:`postprocess_masks`).
+- The collator samples no prompts: which prompts a batch gets depends on the training step and, from the
+  second round on, on the predictions. Prompts are sampled at input resolution and mapped into the model
+  frame with :func:`transform_coords` / :func:`transform_boxes` (see ``hf_sam_peft.training.interactive``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hf_sam_peft.data.normalize import normalize_image
+
+# ImageNet statistics on the [0, 255] scale (SAM's pixel_mean / pixel_std).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+def preprocess_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """Size ``(h, w)`` after resizing the longest side to ``image_size`` (SAM's rounding)."""
+    scale = image_size * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def preprocess_image(image: Any, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> SAM ``pixel_values`` ``(3, S, S)`` and its resized size ``(h, w)`` inside the padded frame.
+
+    ``image``: ``H x W``, ``H x W x 1`` or ``H x W x 3`` array or tensor; intensities go through
+    :func:`hf_sam_peft.data.normalize_image` (uint8 kept, other dtypes min-max scaled to [0, 255]).
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    tensor = torch.from_numpy(normalize_image(np.asarray(image))).to(torch.float32).permute(2, 0, 1)
+    height, width = tensor.shape[-2:]
+    new_h, new_w = preprocess_shape(height, width, image_size)
+    if (new_h, new_w) != (height, width):
+        tensor = F.interpolate(tensor[None], (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    tensor = (tensor - mean) / std
+    return F.pad(tensor, (0, image_size - new_w, 0, image_size - new_h)), (new_h, new_w)
+
+
+def transform_coords(coords: torch.Tensor, original_size: Sequence[int], reshaped_size: Sequence[int]) -> torch.Tensor:
+    """Map ``(..., 2)`` (x, y) pixel coordinates of the input image into the resized model frame."""
+    scale = torch.tensor(
+        [reshaped_size[1] / original_size[1], reshaped_size[0] / original_size[0]], device=coords.device
+    )
+    return coords.float() * scale
+
+
+def transform_boxes(boxes: torch.Tensor, original_size: Sequence[int], reshaped_size: Sequence[int]) -> torch.Tensor:
+    """Map ``(..., 4)`` (x0, y0, x1, y1) boxes of the input image into the resized model frame."""
+    corners = transform_coords(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, reshaped_size)
+    return corners.reshape(boxes.shape)
+
+
+def postprocess_masks(
+    low_res_masks: torch.Tensor,
+    image_size: int,
+    reshaped_size: Sequence[int],
+    original_size: Sequence[int],
+) -> torch.Tensor:
+    """Low-res mask logits ``(..., h', w')`` -> logits at the input resolution ``(..., H, W)`` (SAM's postprocessing).
+
+    Upsample to the padded ``image_size`` frame, crop the padding, resize to the input size (bilinear).
+    """
+    lead = low_res_masks.shape[:-2]
+    masks = low_res_masks.reshape(-1, 1, *low_res_masks.shape[-2:])
+    masks = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : int(reshaped_size[0]), : int(reshaped_size[1])]
+    masks = F.interpolate(masks, (int(original_size[0]), int(original_size[1])), mode="bilinear", align_corners=False)
+    return masks.reshape(*lead, *masks.shape[-2:])
+
+
+@dataclass
+class SamInteractiveCollator:
+    """``data_collator`` for rows ``{"image": HxWxC, "labels": HxW}``: SAM pixel values + labels at input size.
+
+    Returns ``pixel_values`` ``(B, 3, S, S)``, ``labels`` ``(B, H_max, W_max)`` (int64, zero padded),
+    ``original_sizes`` and ``reshaped_input_sizes`` ``(B, 2)`` (names as ``SamProcessor`` uses them).
+    """
+
+    image_size: int = 1024
+    image_key: str = "image"
+    label_key: str = "labels"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, **kwargs: Any) -> "SamInteractiveCollator":
+        """A collator for the input size of ``model`` (a ``SamModel`` or a peft model wrapping one)."""
+        config = getattr(model, "config", None)
+        vision = getattr(config, "vision_config", None)
+        if vision is None:
+            raise TypeError(f"model must be a SamModel (or wrap one) with config.vision_config, got {type(model).__name__}")
+        return cls(image_size=int(vision.image_size), **kwargs)
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("rows must be a non-empty sequence of dataset rows")
+        pixel_values, reshaped, originals = [], [], []
+        for row in rows:
+            if self.image_key not in row:
+                raise ValueError(f"each row needs an {self.image_key!r} column, got keys {sorted(row)}")
+            image = row[self.image_key]
+            values, size = preprocess_image(image, self.image_size)
+            pixel_values.append(values)
+            reshaped.append(size)
+            originals.append(tuple(np.shape(image)[:2]))
+        batch = {
+            "pixel_values": torch.stack(pixel_values),
+            "original_sizes": torch.tensor(originals, dtype=torch.long),
+            "reshaped_input_sizes": torch.tensor(reshaped, dtype=torch.long),
+        }
+        if all(self.label_key in row for row in rows):
+            batch["labels"] = self._stack_labels([row[self.label_key] for row in rows], originals)
+        return batch
+
+    @staticmethod
+    def _stack_labels(labels: list[Any], sizes: list[tuple[int, int]]) -> torch.Tensor:
+        height = max(size[0] for size in sizes)
+        width = max(size[1] for size in sizes)
+        out = torch.zeros(len(labels), height, width, dtype=torch.long)
+        for i, (lab, size) in enumerate(zip(labels, sizes)):
+            lab = lab if isinstance(lab, torch.Tensor) else torch.from_numpy(np.asarray(lab).astype(np.int64))
+            if tuple(lab.shape) != tuple(size):
+                raise ValueError(f"labels must have the image's (H, W) = {tuple(size)}, got {tuple(lab.shape)}")
+            out[i, : size[0], : size[1]] = lab.long()
+        return out

@@ -1,0 +1,365 @@
+"""The interactive forward of one batch (µSAM's iterative prompting), shared by training and evaluation.
+
+Per batch (DESIGN §3, ``micro_sam/training/sam_trainer.py``): the image encoder runs once and its graph is
+kept, so every round's loss reaches the encoder. Objects are sampled per image (cut to the smallest count
+of the batch); the first round gets the initial prompt (training alternates one positive point with
+multimask output and a jittered box with a single mask), then each further round adds one positive and one
+negative correction point from the errors of the best mask (highest predicted IoU), keeps the box, and with
+probability ``mask_prob`` per image and round feeds the previous best low-res logits as mask input.
+
+Any ``SamModel`` or ``PeftModel`` wrapping one works: prompts and masks go through the model's normal
+``forward(image_embeddings=...)``; only the image encoder is reached directly (``get_image_embeddings``
+runs under ``no_grad`` and cannot be trained).
+
+Deliberate deviations (mechanics, not science):
+
+- Objects are flattened into the batch axis of the mask decoder (one "image" per object) instead of
+  passing them as SAM's point batch: transformers' ``SamMaskDecoder`` adds the dense (mask) embedding per
+  image, so only this layout gives each object its own mask input. Images with and without mask input in
+  a round go through separate decoder calls. The arithmetic per object is unchanged.
+- Images without any object are left out of the loss (µSAM's loader never yields them); a batch with no
+  object at all gives a zero loss.
+- Under DDP the whole batch (encoder + all rounds) runs inside one forward call of the DDP wrapper
+  (:func:`in_single_forward`), since DDP allows one forward per backward.
+- Randomness comes from one explicit ``torch.Generator`` (see :func:`prompt_generator`) instead of the
+  global NumPy / Python RNGs, so a resumed run replays the same prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from hf_sam_peft.prompts import boxes_from_masks, correction_points, sample_objects, sample_point_prompts
+from hf_sam_peft.training.collate import postprocess_masks, transform_boxes, transform_coords
+from hf_sam_peft.training.losses import batch_round_loss
+
+T = TypeVar("T")
+
+# Streams of the per-step prompt generator (training and validation never share prompts).
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+def prompt_generator(seed: int, stream: int, index: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from ``(seed, stream, index, rank)`` only: the same step always gets the same prompts."""
+    state = np.random.SeedSequence([int(seed) % 2**32, int(stream), int(index), int(rank)]).generate_state(2)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+    return generator
+
+
+@dataclass(frozen=True)
+class PromptMode:
+    """The initial prompt of a batch: ``n_pos``/``n_neg`` random points and/or the (jittered) box."""
+
+    n_pos: int = 0
+    n_neg: int = 0
+    box: bool = False
+    multimask: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_pos < 0 or self.n_neg < 0 or (self.n_pos + self.n_neg == 0 and not self.box):
+            raise ValueError(f"a prompt mode needs points and/or a box, got {self}")
+
+
+POINT_MODE = PromptMode(n_pos=1, multimask=True)
+BOX_MODE = PromptMode(box=True)
+
+
+def training_prompt_mode(step: int) -> PromptMode:
+    """µSAM's alternation: even steps one positive point (multimask), odd steps the box (single mask)."""
+    return POINT_MODE if step % 2 == 0 else BOX_MODE
+
+
+def validation_prompt_mode(index: int, generator: torch.Generator | None = None) -> PromptMode:
+    """µSAM's four validation modes by batch index: point; box; 1-4 pos + 0-4 neg points; box + such points.
+
+    Random point counts exclude the plain single positive point (mode 0 covers it), as µSAM does.
+    """
+    mode = index % 4
+    if mode < 2:
+        return (POINT_MODE, BOX_MODE)[mode]
+    n_pos = int(torch.randint(1, 5, (1,), generator=generator, device=_device_of(generator)))
+    low = 1 if (mode == 2 and n_pos == 1) else 0
+    n_neg = int(torch.randint(low, 5, (1,), generator=generator, device=_device_of(generator)))
+    return PromptMode(n_pos=n_pos, n_neg=n_neg, box=mode == 3)
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device | str:
+    return generator.device if generator is not None else "cpu"
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Where each image of a batch sits in SAM's frame: input sizes, resized sizes, padded square size."""
+
+    original_sizes: torch.Tensor  # (B, 2)
+    reshaped_sizes: torch.Tensor  # (B, 2)
+    image_size: int
+
+    def select(self, index: torch.Tensor) -> "Frames":
+        return replace(self, original_sizes=self.original_sizes[index], reshaped_sizes=self.reshaped_sizes[index])
+
+    def coords(self, b: int, points: torch.Tensor) -> torch.Tensor:
+        return transform_coords(points, self.original_sizes[b].tolist(), self.reshaped_sizes[b].tolist())
+
+    def boxes(self, b: int, boxes: torch.Tensor) -> torch.Tensor:
+        return transform_boxes(boxes, self.original_sizes[b].tolist(), self.reshaped_sizes[b].tolist())
+
+    def upscale(self, b: int, low_res: torch.Tensor) -> torch.Tensor:
+        return postprocess_masks(low_res, self.image_size, self.reshaped_sizes[b].tolist(), self.original_sizes[b].tolist())
+
+
+@dataclass
+class Prompts:
+    """Prompts in the model frame: points ``(B, N, P, 2)`` (x, y), labels ``(B, N, P)``, boxes ``(B, N, 4)``."""
+
+    points: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+
+    def add_points(self, points: torch.Tensor, labels: torch.Tensor) -> "Prompts":
+        if self.points is None:
+            return replace(self, points=points, labels=labels)
+        return replace(self, points=torch.cat([self.points, points], 2), labels=torch.cat([self.labels, labels], 2))
+
+
+@dataclass
+class RoundOutput:
+    """One round: mask logits per image at input resolution ``(N, K, H_b, W_b)``, IoU predictions ``(B, N, K)``."""
+
+    index: int
+    masks: list[torch.Tensor]
+    iou_predictions: torch.Tensor
+    low_res_masks: torch.Tensor
+    prompts: Prompts
+
+    def best_masks(self) -> list[torch.Tensor]:
+        """Per image, the logits ``(N, H, W)`` of the mask with the highest predicted IoU."""
+        best = self.iou_predictions.argmax(-1)
+        return [m[torch.arange(m.shape[0], device=m.device), best[b]] for b, m in enumerate(self.masks)]
+
+
+def unwrap_sam(model: nn.Module) -> nn.Module:
+    """The ``SamModel`` inside ``model`` (through DDP / DataParallel ``.module`` and peft's ``get_base_model``)."""
+    inner = model
+    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    if not hasattr(inner, "vision_encoder") or not hasattr(inner, "mask_decoder"):
+        raise TypeError(f"model must be a SamModel or a peft model wrapping one, got {type(model).__name__}")
+    return inner
+
+
+def in_single_forward(model: nn.Module, fn: Callable[[nn.Module], T]) -> T:
+    """``fn(model)``; under DDP, ``fn(model.module)`` run *inside one* forward call of the DDP wrapper.
+
+    The interactive loss calls the model once per round (and the encoder directly); DDP allows only one
+    forward per backward and must see the loss to find this step's unused parameters (box embeddings in
+    point mode, the mask embedding without mask input). So the wrapped module's ``forward`` is replaced,
+    for one DDP call, by ``fn``; inside, the module's own ``forward`` is back in place.
+    """
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return fn(model)
+    inner = model.module
+
+    def forward(*args, **kwargs):
+        del inner.forward  # nested calls of the module use its real forward again
+        return fn(inner)
+
+    inner.forward = forward
+    try:
+        return model()
+    finally:
+        inner.__dict__.pop("forward", None)
+
+
+def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Image embeddings ``(B, C, h, w)`` with the autograd graph (unlike ``SamModel.get_image_embeddings``)."""
+    return unwrap_sam(model).vision_encoder(pixel_values).last_hidden_state
+
+
+def decode(
+    model: nn.Module,
+    embeddings: torch.Tensor,
+    prompts: Prompts,
+    multimask: bool,
+    mask_inputs: torch.Tensor | None = None,
+    use_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-res mask logits ``(B, N, K, h', w')`` and IoU predictions ``(B, N, K)`` from the model's forward.
+
+    ``mask_inputs`` ``(B, N, 1, h', w')`` are used for the images where ``use_mask`` ``(B,)`` is true.
+    """
+    source = prompts.boxes if prompts.boxes is not None else prompts.points
+    if source is None:
+        raise ValueError("prompts must hold points and/or boxes")
+    batch, n_obj = source.shape[:2]
+    flat_emb = embeddings.repeat_interleave(n_obj, dim=0)
+    flat = {
+        "input_points": None if prompts.points is None else prompts.points.flatten(0, 1)[:, None],
+        "input_labels": None if prompts.labels is None else prompts.labels.flatten(0, 1)[:, None],
+        "input_boxes": None if prompts.boxes is None else prompts.boxes.flatten(0, 1)[:, None],
+    }
+    if mask_inputs is None or use_mask is None or not bool(use_mask.any()):
+        groups = [(torch.arange(batch * n_obj, device=embeddings.device), None)]
+    else:
+        flat_use = use_mask.to(embeddings.device).repeat_interleave(n_obj)
+        flat_masks = mask_inputs.flatten(0, 1)
+        groups = [(torch.nonzero(~flat_use).flatten(), None), (torch.nonzero(flat_use).flatten(), flat_masks)]
+    lows, ious, order = [], [], []
+    for index, masks in groups:
+        if index.numel() == 0:
+            continue
+        kwargs = {k: (None if v is None else v[index]) for k, v in flat.items()}
+        out = model(
+            image_embeddings=flat_emb[index],
+            input_masks=None if masks is None else masks[index],
+            multimask_output=multimask,
+            **kwargs,
+        )
+        lows.append(out.pred_masks[:, 0])
+        ious.append(out.iou_scores[:, 0])
+        order.append(index)
+    inverse = torch.argsort(torch.cat(order))
+    low = torch.cat(lows)[inverse]
+    iou = torch.cat(ious)[inverse]
+    return low.reshape(batch, n_obj, *low.shape[1:]), iou.reshape(batch, n_obj, -1)
+
+
+def initial_prompts(
+    targets: Sequence[torch.Tensor],
+    frames: Frames,
+    mode: PromptMode,
+    box_jitter: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Prompts:
+    """Sample ``mode``'s prompts for the objects ``targets[b]`` ``(N, H_b, W_b)`` and map them into the model frame."""
+    prompts = Prompts()
+    if mode.n_pos + mode.n_neg:
+        pairs = [sample_point_prompts(t, mode.n_pos, mode.n_neg, generator) for t in targets]
+        points = torch.stack([frames.coords(b, p) for b, (p, _) in enumerate(pairs)])
+        prompts = prompts.add_points(points, torch.stack([lab for _, lab in pairs]))
+    if mode.box:
+        boxes = [boxes_from_masks(t, box_jitter, generator) for t in targets]
+        prompts = replace(prompts, boxes=torch.stack([frames.boxes(b, x) for b, x in enumerate(boxes)]))
+    return prompts
+
+
+def interactive_rounds(
+    model: nn.Module,
+    embeddings: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    frames: Frames,
+    prompts: Prompts,
+    *,
+    n_rounds: int,
+    multimask_first: bool,
+    mask_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Iterator[RoundOutput]:
+    """Yield each round's predictions; between rounds add one positive + one negative correction point per object.
+
+    Corrections come from the binarised best mask (logits > 0) at input resolution; with probability
+    ``mask_prob`` per image and round the best low-res logits (detached) are the next round's mask input.
+    Multimask output only in round 0 (and only if ``multimask_first``).
+    """
+    if n_rounds < 1:
+        raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    mask_inputs = use_mask = None
+    for index in range(n_rounds):
+        low, iou = decode(model, embeddings, prompts, multimask_first and index == 0, mask_inputs, use_mask)
+        masks = [frames.upscale(b, low[b]) for b in range(low.shape[0])]
+        output = RoundOutput(index, masks, iou, low, prompts)
+        yield output
+        if index == n_rounds - 1:
+            return
+        with torch.no_grad():
+            best = iou.argmax(-1)
+            points, labels = [], []
+            for b, best_logits in enumerate(output.best_masks()):
+                p, lab = correction_points(best_logits > 0, targets[b], generator)
+                points.append(frames.coords(b, p))
+                labels.append(lab)
+            prompts = prompts.add_points(torch.stack(points), torch.stack(labels))
+            gather = best[..., None, None, None].expand(-1, -1, 1, *low.shape[-2:])
+            mask_inputs = low.gather(2, gather).detach()
+            if mask_prob in (0.0, 1.0):
+                use_mask = torch.full((low.shape[0],), mask_prob == 1.0, device=low.device)
+            else:
+                use_mask = torch.rand(low.shape[0], generator=generator, device=_device_of(generator)) < mask_prob
+
+
+def batch_objects(
+    batch: dict[str, torch.Tensor], n_objects: int | None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor], Frames]:
+    """Images of the batch that hold objects, their sampled object masks ``(N, H_b, W_b)`` and their frames."""
+    for key in ("pixel_values", "labels", "original_sizes", "reshaped_input_sizes"):
+        if key not in batch:
+            raise ValueError(f"batch must hold {key!r} (use SamInteractiveCollator), got keys {sorted(batch)}")
+    sizes = batch["original_sizes"]
+    labels = [batch["labels"][b, : int(h), : int(w)] for b, (h, w) in enumerate(sizes.tolist())]
+    keep = torch.tensor([bool((lab != 0).any()) for lab in labels], dtype=torch.bool)
+    frames = Frames(sizes, batch["reshaped_input_sizes"], int(batch["pixel_values"].shape[-1]))
+    kept = torch.nonzero(keep).flatten()
+    if kept.numel() == 0:
+        return kept, [], frames.select(kept)
+    targets = sample_objects([labels[i] for i in kept.tolist()], n_objects, generator)
+    return kept, targets, frames.select(kept)
+
+
+def interactive_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    mode: PromptMode,
+    *,
+    n_objects: int | None = 25,
+    n_rounds: int = 8,
+    mask_prob: float = 0.5,
+    box_jitter: float = 0.025,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """µSAM's interactive loss of one batch, averaged over rounds, and its parts (detached).
+
+    Parts: ``dice_loss`` and ``iou_mse`` (mean over rounds), ``round_dice_loss`` ``(n_rounds,)``,
+    ``n_objects`` (objects per image used). DDP-wrapped models are handled by :func:`in_single_forward`.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return in_single_forward(model, lambda inner: interactive_loss(
+            inner, batch, mode, n_objects=n_objects, n_rounds=n_rounds, mask_prob=mask_prob,
+            box_jitter=box_jitter, generator=generator,
+        ))
+    kept, targets, frames = batch_objects(batch, n_objects, generator)
+    embeddings = encode_images(model, batch["pixel_values"][kept.to(batch["pixel_values"].device)])
+    if not targets or targets[0].shape[0] == 0:
+        zero = embeddings.sum() * 0.0
+        empty = torch.zeros((), device=zero.device)
+        return zero, {"dice_loss": empty, "iou_mse": empty, "round_dice_loss": empty.repeat(n_rounds), "n_objects": empty}
+    prompts = initial_prompts(targets, frames, mode, box_jitter, generator)
+    dice_per_round, mse_per_round = [], []
+    rounds = interactive_rounds(
+        model, embeddings, targets, frames, prompts,
+        n_rounds=n_rounds, multimask_first=mode.multimask, mask_prob=mask_prob, generator=generator,
+    )
+    for output in rounds:
+        dice, mse = batch_round_loss(output.masks, output.iou_predictions, targets)
+        dice_per_round.append(dice)
+        mse_per_round.append(mse)
+    dice = torch.stack(dice_per_round)
+    mse = torch.stack(mse_per_round)
+    loss = (dice + mse).mean()
+    parts = {
+        "dice_loss": dice.mean().detach(),
+        "iou_mse": mse.mean().detach(),
+        "round_dice_loss": dice.detach(),
+        "n_objects": torch.tensor(float(targets[0].shape[0]), device=loss.device),
+    }
+    return loss, parts

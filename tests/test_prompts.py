@@ -1,0 +1,174 @@
+"""Prompt and correction samplers: where points land, what boxes contain, fallbacks, reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_sam_peft.prompts import (
+    NEGATIVE_MARGIN,
+    boxes_from_masks,
+    correction_points,
+    sample_objects,
+    sample_point_prompts,
+)
+from tests.conftest import shared_dataset
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def at(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Values of ``masks`` (N, H, W) at the (x, y) points (N, P, 2) -> (N, P)."""
+    n = torch.arange(masks.shape[0])[:, None]
+    return masks[n, points[..., 1].long(), points[..., 0].long()]
+
+
+def disk_masks() -> torch.Tensor:
+    """Three objects in a 64x80 image: two disks and a rectangle."""
+    ys, xs = torch.meshgrid(torch.arange(64), torch.arange(80), indexing="ij")
+    disk1 = (ys - 20) ** 2 + (xs - 20) ** 2 <= 36
+    disk2 = (ys - 40) ** 2 + (xs - 55) ** 2 <= 100
+    rect = (ys >= 50) & (ys < 58) & (xs >= 5) & (xs < 30)
+    return torch.stack([disk1, disk2, rect])
+
+
+@pytest.fixture
+def dsb_labels() -> list[torch.Tensor]:
+    import tifffile
+
+    folder = shared_dataset("dsb2018_stage1test_fluo_nuclei") / "train" / "labels"
+    files = sorted(folder.glob("*.tif"))[:3]
+    return [torch.from_numpy(tifffile.imread(f).astype(np.int64)) for f in files]
+
+
+def test_sample_objects_real_labels(dsb_labels):
+    masks = sample_objects(dsb_labels, 7, gen())
+    assert [m.shape for m in masks] == [(7, *lab.shape) for lab in dsb_labels]
+    for lab, objs in zip(dsb_labels, masks):
+        ids = [int(torch.unique(lab[m])[0]) for m in objs]
+        assert all(len(torch.unique(lab[m])) == 1 for m in objs)  # each mask is exactly one instance
+        assert len(set(ids)) == 7 and 0 not in ids  # without replacement, never background
+        assert all(torch.equal(m, lab == i) for m, i in zip(objs, ids))
+    again = sample_objects(dsb_labels, 7, gen())
+    assert all(torch.equal(a, b) for a, b in zip(masks, again))
+    other = sample_objects(dsb_labels, 7, gen(1))
+    assert not all(torch.equal(a, b) for a, b in zip(masks, other))
+
+
+def test_sample_objects_cuts_to_smallest_count():
+    a = torch.zeros(8, 8, dtype=torch.long)
+    a[0, 0], a[2, 2], a[4, 4] = 1, 2, 3
+    b = torch.zeros(8, 8, dtype=torch.long)
+    b[1, 1], b[5, 5] = 4, 9
+    masks = sample_objects(torch.stack([a, b]), 25, gen())
+    assert [m.shape[0] for m in masks] == [2, 2]
+    assert [m.shape[0] for m in sample_objects([a, b], None, gen())] == [2, 2]
+    assert sorted(int(b[m].item()) for m in sample_objects([b], None, gen())[0]) == [4, 9]
+    with pytest.raises(ValueError, match="n_objects"):
+        sample_objects([a], 0)
+    with pytest.raises(ValueError, match="labels"):
+        sample_objects(torch.zeros(8, 8), 2)
+
+
+def test_point_prompts_positives_inside_negatives_outside():
+    masks = disk_masks()
+    points, labels = sample_point_prompts(masks, 3, 4, gen())
+    assert points.shape == (3, 7, 2) and labels.shape == (3, 7)
+    assert labels[:, :3].eq(1).all() and labels[:, 3:].eq(0).all()
+    assert at(masks, points[:, :3]).all()
+    assert not at(masks, points[:, 3:]).any()
+    # disks: negatives outside the object dilated by the margin, inside its box widened by the margin
+    # (the rectangle dilated by the margin fills its widened box: its negatives fall back to the background)
+    masks, points = masks[:2], points[:2]
+    dilated = F.max_pool2d(masks[:, None].float(), 2 * NEGATIVE_MARGIN + 1, 1, NEGATIVE_MARGIN)[:, 0].bool()
+    assert not at(dilated, points[:, 3:]).any()
+    boxes = boxes_from_masks(masks, jitter=0.0)
+    x, y = points[:, 3:, 0], points[:, 3:, 1]
+    assert (x >= boxes[:, None, 0] - NEGATIVE_MARGIN).all() and (x < boxes[:, None, 2] + NEGATIVE_MARGIN).all()
+    assert (y >= boxes[:, None, 1] - NEGATIVE_MARGIN).all() and (y < boxes[:, None, 3] + NEGATIVE_MARGIN).all()
+    # positives are drawn without replacement
+    assert all(len({tuple(p) for p in obj.tolist()}) == 3 for obj in points[:, :3])
+    assert all(len({tuple(p) for p in obj.tolist()}) == 4 for obj in points[:, 3:])
+
+
+def test_point_prompts_reproducible_and_batched():
+    masks = disk_masks()
+    first = sample_point_prompts(masks, 2, 2, gen(3))
+    assert all(torch.equal(a, b) for a, b in zip(first, sample_point_prompts(masks, 2, 2, gen(3))))
+    assert not torch.equal(first[0], sample_point_prompts(masks, 2, 2, gen(4))[0])
+    batched, labels = sample_point_prompts(torch.stack([masks, masks]), 1, 1, gen())
+    assert batched.shape == (2, 3, 2, 2) and labels.shape == (2, 3, 2)
+
+
+def test_point_prompts_fallbacks():
+    tiny = torch.zeros(1, 20, 20, dtype=torch.bool)
+    tiny[0, 5, 7] = True  # one pixel: all positives repeat it
+    points, _ = sample_point_prompts(tiny, 3, 0, gen())
+    assert points[0].tolist() == [[7.0, 5.0]] * 3
+    big = torch.ones(1, 20, 20, dtype=torch.bool)
+    big[0, 19, 19] = False  # no ring left around the object: negatives fall back to the background
+    points, labels = sample_point_prompts(big, 0, 2, gen())
+    assert points[0].tolist() == [[19.0, 19.0]] * 2 and labels.eq(0).all()
+    with pytest.raises(ValueError, match="at least one pixel"):
+        sample_point_prompts(torch.zeros(1, 4, 4, dtype=torch.bool), 1, 0)
+    with pytest.raises(ValueError, match="n_pos"):
+        sample_point_prompts(big, 0, 0)
+
+
+def test_positive_points_cover_the_object():
+    """Over many draws every pixel of a small object is hit (no centre bias, no unreachable pixels)."""
+    mask = torch.zeros(1, 10, 10, dtype=torch.bool)
+    mask[0, 3:6, 4:7] = True
+    g = gen()
+    hits = {tuple(sample_point_prompts(mask, 1, 0, g)[0][0, 0].tolist()) for _ in range(200)}
+    assert hits == {(float(x), float(y)) for y in range(3, 6) for x in range(4, 7)}
+
+
+def test_boxes_exact_and_jittered():
+    masks = disk_masks()
+    exact = boxes_from_masks(masks, jitter=0.0)
+    assert exact.tolist() == [[14, 14, 27, 27], [45, 30, 66, 51], [5, 50, 30, 58]]  # exclusive maxima
+    jittered = boxes_from_masks(masks, 0.025, gen())
+    side = torch.stack([exact[:, 2] - exact[:, 0], exact[:, 3] - exact[:, 1]] * 2, dim=1)
+    grow = (jittered - exact) * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    assert (grow >= 0).all() and (grow <= (0.025 * side).round() + 1).all()  # pushed out, never in
+    assert torch.equal(jittered, boxes_from_masks(masks, 0.025, gen()))
+    big = boxes_from_masks(masks, 0.5, gen(2))
+    assert (big[:, :2] >= 0).all() and (big[:, 2] <= 80).all() and (big[:, 3] <= 64).all()  # clipped
+    assert not torch.equal(big, exact)
+
+
+def test_correction_points_in_error_regions():
+    gt = disk_masks()
+    pred = gt.clone()
+    pred[0, 14:18, :] = False  # false negatives in object 0
+    pred[1, 0:3, 0:5] = True  # false positives for object 1
+    points, labels = correction_points(pred, gt, gen())
+    assert points.shape == (3, 2, 2) and labels.tolist() == [[1, 0]] * 3
+    fn, fp = gt & ~pred, pred & ~gt
+    assert at(fn[:1], points[:1, :1]).all()
+    assert at(fp[1:2], points[1:2, 1:]).all()
+    # fallbacks: no false negatives -> a true positive; no false positives -> the box widened by 3 px minus gt
+    assert at(gt[1:], points[1:, :1]).all()
+    ring_x, ring_y = points[[0, 2], 1, 0], points[[0, 2], 1, 1]
+    boxes = boxes_from_masks(gt[[0, 2]], jitter=0.0)
+    assert not at(gt[[0, 2]], points[[0, 2], 1:]).any()
+    assert ((ring_x >= boxes[:, 0] - 3) & (ring_x < boxes[:, 2] + 3)).all()
+    assert ((ring_y >= boxes[:, 1] - 3) & (ring_y < boxes[:, 3] + 3)).all()
+    again = correction_points(pred, gt, gen())
+    assert torch.equal(points, again[0])
+
+
+def test_correction_points_background_fallback_and_validation():
+    gt = torch.ones(1, 6, 6, dtype=torch.bool)
+    gt[0, 5, 5] = False  # the widened box holds nothing but the object: negative goes to the background
+    points, _ = correction_points(gt.clone(), gt, gen())
+    assert points[0, 1].tolist() == [5.0, 5.0]
+    with pytest.raises(ValueError, match="same shape"):
+        correction_points(gt[0], gt)
+    with pytest.raises(ValueError, match="at least one pixel"):
+        correction_points(gt, torch.zeros_like(gt))

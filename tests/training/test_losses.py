@@ -1,0 +1,66 @@
+"""µSAM's per-round loss on hand-made cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_sam_peft.training.losses import batch_round_loss, dice_loss, mask_and_iou_loss, mask_iou
+
+BIG = 30.0  # a logit whose sigmoid is 1 to float precision
+
+
+def test_dice_loss_hand_values():
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0]])[None]
+    assert dice_loss(target.clone(), target).item() == pytest.approx(0.0, abs=1e-7)
+    assert dice_loss(1 - target, target).item() == pytest.approx(1.0)
+    probs = torch.tensor([[1.0, 0.5, 0.0, 0.0]])[None]
+    # 1 - 2 * 1.5 / (1.25 + 2): squares in the denominator (torch_em's form), not plain sums
+    assert dice_loss(probs, target).item() == pytest.approx(1 - 3 / 3.25)
+    empty = torch.zeros(1, 1, 4)
+    assert dice_loss(empty, empty).item() == pytest.approx(1.0)  # eps-clamped denominator, no NaN
+    with pytest.raises(ValueError, match="share"):
+        dice_loss(torch.zeros(1, 2, 2), torch.zeros(1, 3, 3))
+
+
+def test_mask_iou_thresholds_at_half():
+    target = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)[None]
+    probs = torch.tensor([[0.9, 0.6, 0.4, 0.7]])[None]  # > 0.5: pixels 0, 1, 3
+    assert mask_iou(probs, target).item() == pytest.approx(2 / 4)
+
+
+def test_mask_and_iou_loss_takes_best_mask_and_regresses_iou():
+    target = torch.zeros(2, 4, 4, dtype=torch.bool)
+    target[0, :2], target[1, :, :2] = True, True
+    logits = torch.full((2, 3, 4, 4), -BIG)
+    logits[0, 1][target[0]] = BIG  # object 0: mask 1 is perfect, masks 0 and 2 are empty
+    logits[1, 2] = BIG  # object 1: mask 2 covers everything (Dice 2*8/(16+8)), the rest are empty
+    true_iou = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.5]])
+    dice, mse = mask_and_iou_loss(logits, true_iou.clone(), target)
+    assert dice.item() == pytest.approx((0.0 + (1 - 16 / 24)) / 2, abs=1e-6)  # min over masks, mean over objects
+    assert mse.item() == pytest.approx(0.0, abs=1e-10)
+    _, mse = mask_and_iou_loss(logits, torch.full((2, 3), 0.5), target)
+    assert mse.item() == pytest.approx(((true_iou - 0.5) ** 2).mean().item())
+
+
+def test_iou_target_carries_no_gradient():
+    target = torch.zeros(1, 4, 4, dtype=torch.bool)
+    target[0, 1:3, 1:3] = True
+    logits = torch.randn(1, 1, 4, 4, requires_grad=True)
+    iou_pred = torch.tensor([[0.3]], requires_grad=True)
+    _, mse = mask_and_iou_loss(logits, iou_pred, target)
+    mse.backward()
+    assert logits.grad is None and iou_pred.grad is not None and iou_pred.grad.abs().item() > 0
+
+
+def test_batch_round_loss_is_mean_over_images_of_any_size():
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 1, 5, 6, generator=gen), torch.randn(2, 1, 8, 3, generator=gen)]
+    targets = [torch.rand(2, 5, 6, generator=gen) > 0.5, torch.rand(2, 8, 3, generator=gen) > 0.5]
+    ious = torch.rand(2, 2, 1, generator=gen)
+    dice, mse = batch_round_loss(logits, ious, targets)
+    parts = [mask_and_iou_loss(m, i, t) for m, i, t in zip(logits, ious, targets)]
+    assert dice.item() == pytest.approx((parts[0][0] + parts[1][0]).item() / 2)
+    assert mse.item() == pytest.approx((parts[0][1] + parts[1][1]).item() / 2)
+    with pytest.raises(ValueError, match="one entry per image"):
+        batch_round_loss(logits[:1], ious, targets)

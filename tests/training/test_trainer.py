@@ -1,0 +1,340 @@
+"""Collation, the interactive forward and ``SamInteractiveTrainer`` on tiny SAMs and real dsb2018 nuclei."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import SamModel
+
+from hf_sam_peft.modeling.sam import tiny_sam_config
+from hf_sam_peft.training.collate import SamInteractiveCollator, postprocess_masks
+from hf_sam_peft.training.interactive import (
+    BOX_MODE,
+    POINT_MODE,
+    Prompts,
+    decode,
+    interactive_loss,
+    prompt_generator,
+    training_prompt_mode,
+    validation_prompt_mode,
+)
+from hf_sam_peft.training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
+from tests.conftest import shared_dataset
+
+DSB = "dsb2018_stage1test_fluo_nuclei"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, two threads make these small ops ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dsb(tmp_path_factory):
+    """Real nuclei as 128x128 patches with at least 4 objects: 14 training rows, 3 validation rows."""
+    from hf_sam_peft.data import build_dataset
+
+    root = shared_dataset(DSB)
+    cache = tmp_path_factory.mktemp("hf_cache")
+    options = dict(patch_shape=(128, 128), min_objects=4, cache_dir=cache)
+    return {
+        "train": build_dataset(root, "train", n_patches_per_image=2, **options),
+        "val": build_dataset(root, "val", n_patches_per_image=1, **options),
+    }
+
+
+def tiny_lora_sam():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(target_modules=["qkv"], r=4, modules_to_save=["prompt_encoder", "mask_decoder"])
+    return get_peft_model(SamModel(tiny_sam_config()), config)
+
+
+def training_args(output_dir, **overrides) -> InteractiveTrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir), n_objects=4, learning_rate=1e-3, seed=0, logging_steps=1, use_cpu=True,
+        disable_tqdm=True, report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+        lr_scheduler_type="constant", lr_scheduler_kwargs={},
+    )
+    settings.update(overrides)
+    return InteractiveTrainingArguments(**settings)
+
+
+class RecordingTrainer(SamInteractiveTrainer):
+    """Records each micro-batch's prompt step and loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps, self.losses = [], []
+
+    def _prompt_step(self):
+        step = super()._prompt_step()
+        self.steps.append(step)
+        return step
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.losses.append(float(loss))
+        return loss
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float noise, relative to the (tiny, for random tiny SAMs) scale of ``b``."""
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+# ---- collation ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, image_size", [("0a849e0e", 1024), ("8b59819f", 256)])
+def test_preprocessing_matches_sam_image_processor(name, image_size):
+    """Upscaling (256² -> 1024) and downscaling (520x696 -> 256): equal up to the processor's uint8 rounding."""
+    from PIL import Image
+    from transformers import SamImageProcessorPil
+
+    path = next((shared_dataset(DSB) / "train" / "images").glob(f"{name}*.png"))
+    image = np.array(Image.open(path))
+    size = {"longest_edge": image_size}
+    reference = SamImageProcessorPil(size=size, pad_size={"height": image_size, "width": image_size})
+    expected = reference(images=np.repeat(image[..., None], 3, -1), return_tensors="pt")
+    ours = SamInteractiveCollator(image_size)([{"image": image}])
+    difference = (ours["pixel_values"] - expected["pixel_values"]).abs()
+    assert difference.max().item() < 1.5 / 57.12 and difference.mean().item() < 0.005  # ~1 grey level
+    assert torch.equal(ours["reshaped_input_sizes"], expected["reshaped_input_sizes"])
+    assert torch.equal(ours["original_sizes"], expected["original_sizes"])
+    low_res = torch.randn(1, 1, 3, 256, 256)
+    post = reference.post_process_masks(
+        low_res, expected["original_sizes"], expected["reshaped_input_sizes"], binarize=False,
+        pad_size={"height": image_size, "width": image_size},
+    )[0]
+    mine = postprocess_masks(low_res[0], image_size, ours["reshaped_input_sizes"][0], ours["original_sizes"][0])
+    assert torch.allclose(mine, post, atol=1e-5)
+
+
+def test_collator_pads_labels_and_keeps_sizes():
+    rows = [
+        {"image": np.full((30, 40, 3), 7, np.uint8), "labels": np.ones((30, 40), np.int32)},
+        {"image": np.linspace(0, 5, 50 * 20, dtype=np.float32).reshape(50, 20), "labels": np.full((50, 20), 2, np.int32)},
+    ]
+    batch = SamInteractiveCollator(64)(rows)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["original_sizes"].tolist() == [[30, 40], [50, 20]]
+    assert batch["reshaped_input_sizes"].tolist() == [[48, 64], [64, 26]]
+    assert batch["labels"].shape == (2, 50, 40) and batch["labels"].dtype == torch.long
+    assert batch["labels"][0, :30, :40].eq(1).all() and batch["labels"][0, 30:].eq(0).all()
+    assert batch["pixel_values"][1, :, :, 26:].eq(0).all()  # padding after normalisation is zero
+    grey = batch["pixel_values"][1, :, :64, :26]
+    assert grey.amax().item() > 2.0 and grey.amin().item() < -1.5  # float image min-max scaled to [0, 255]
+    with pytest.raises(ValueError, match="labels must have"):
+        SamInteractiveCollator(64)([{"image": rows[0]["image"], "labels": np.ones((3, 3), np.int32)}])
+    with pytest.raises(TypeError, match="SamModel"):
+        SamInteractiveCollator.from_model(torch.nn.Linear(2, 2))
+
+
+# ---- interactive forward ---------------------------------------------------------------------------------
+
+
+def test_decode_matches_sam_point_batch_and_routes_mask_inputs(tiny_sam):
+    gen = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(2, 32, 16, 16, generator=gen)
+    points = torch.randint(0, 256, (2, 3, 2, 2), generator=gen).float()
+    labels = torch.tensor([1, 0]).expand(2, 3, 2)
+    boxes = torch.tensor([[10.0, 20.0, 90.0, 120.0]]).expand(2, 3, 4)
+    prompts = Prompts(points, labels, boxes)
+    with torch.no_grad():
+        low, iou = decode(tiny_sam, embeddings, prompts, multimask=True)
+        out = tiny_sam(image_embeddings=embeddings, input_points=points, input_labels=labels, input_boxes=boxes)
+        assert low.shape == (2, 3, 3, 64, 64) and iou.shape == (2, 3, 3)
+        assert close(low, out.pred_masks) and close(iou, out.iou_scores)
+        masks = torch.randn(2, 3, 1, 64, 64, generator=gen)
+        with_masks, _ = decode(tiny_sam, embeddings, prompts, False, masks, torch.tensor([True, True]))
+        without, _ = decode(tiny_sam, embeddings, prompts, False)
+        mixed, _ = decode(tiny_sam, embeddings, prompts, False, masks, torch.tensor([False, True]))
+        single = tiny_sam(image_embeddings=embeddings[1:2].expand(3, -1, -1, -1), input_points=points[1][:, None],
+                          input_labels=labels[1][:, None], input_boxes=boxes[1][:, None], input_masks=masks[1],
+                          multimask_output=False)
+    assert (with_masks - without).abs().max() > 0.01 * without.abs().max()  # each object's mask input is used
+    assert close(mixed[0], without[0]) and close(mixed[1], with_masks[1])
+    assert close(with_masks[1], single.pred_masks[:, 0])
+
+
+def test_interactive_loss_rounds_and_gradients(dsb):
+    collate = SamInteractiveCollator(256)
+    batch = collate([dsb["train"][i] for i in range(2)])
+    model = SamModel(tiny_sam_config())
+    seen = []
+    original_forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["input_points"], kwargs["input_boxes"], kwargs["input_masks"] is not None))
+        return original_forward(*args, **kwargs)
+
+    model.forward = spy
+    loss, parts = interactive_loss(model, batch, POINT_MODE, n_objects=3, n_rounds=4, mask_prob=1.0,
+                                   generator=prompt_generator(0, 0, 0))
+    loss.backward()
+    assert [p.shape[-2] for p, _, _ in seen] == [1, 3, 5, 7]  # 1 point, then +1 positive +1 negative per round
+    assert [b is None for _, b, _ in seen] == [True] * 4 and [m for *_, m in seen] == [False, True, True, True]
+    assert parts["round_dice_loss"].shape == (4,) and parts["n_objects"].item() == 3
+    assert loss.item() == pytest.approx((parts["dice_loss"] + parts["iou_mse"]).item(), rel=1e-5)
+    assert model.vision_encoder.layers[0].attn.qkv.weight.grad.abs().sum() > 0  # the encoder graph is kept
+    seen.clear()
+    interactive_loss(model, batch, BOX_MODE, n_objects=3, n_rounds=2, mask_prob=0.0, generator=prompt_generator(0, 0, 1))
+    assert seen[0][0] is None and seen[0][1].shape[-1] == 4 and seen[1][0].shape[-2] == 2 and seen[1][1] is not None
+    again = interactive_loss(model, batch, POINT_MODE, n_objects=3, n_rounds=4, mask_prob=1.0,
+                             generator=prompt_generator(0, 0, 0))[0]
+    assert torch.equal(again, loss)
+
+
+def test_prompt_modes():
+    assert [training_prompt_mode(s) for s in range(4)] == [POINT_MODE, BOX_MODE, POINT_MODE, BOX_MODE]
+    assert POINT_MODE.multimask and not BOX_MODE.multimask
+    gen = torch.Generator().manual_seed(0)
+    modes = [validation_prompt_mode(i, gen) for i in range(400)]
+    assert all(m == POINT_MODE for m in modes[0::4]) and all(m == BOX_MODE for m in modes[1::4])
+    points_only, box_points = modes[2::4], modes[3::4]
+    assert all(not m.box and not m.multimask and (m.n_pos > 1 or m.n_neg >= 1) for m in points_only)
+    assert all(m.box and not m.multimask for m in box_points)
+    assert {m.n_pos for m in modes[2:]} == {0, 1, 2, 3, 4} and {m.n_neg for m in box_points} == {0, 1, 2, 3, 4}
+
+
+# ---- the Trainer -----------------------------------------------------------------------------------------
+
+
+def test_training_loss_goes_down(dsb, tmp_path):
+    args = training_args(tmp_path, learning_rate=1e-2, max_steps=30)
+    trainer = SamInteractiveTrainer(tiny_lora_sam(), args, train_dataset=dsb["train"])
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 30 and all("dice_loss" in e for e in trainer.state.log_history if "loss" in e)
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.1, losses
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_reproduces_uninterrupted_run_bit_for_bit(dsb, tmp_path):
+    def run(folder, max_steps, resume=None):
+        args = training_args(
+            tmp_path / folder, max_steps=max_steps, n_objects=3, n_sub_iterations=3, eval_strategy="steps",
+            eval_steps=2, save_strategy="steps", save_steps=2, lr_scheduler_type="reduce_lr_on_plateau",
+            lr_scheduler_kwargs={"factor": 0.5, "patience": 0},
+        )
+        trainer = RecordingTrainer(tiny_lora_sam(), args, train_dataset=dsb["train"], eval_dataset=dsb["val"])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run("full", 6)
+    run("part", 4)
+    resumed = run("part", 6, resume=str(tmp_path / "part" / "checkpoint-4"))
+    assert resumed.steps == [4, 5] and full.steps == list(range(6))  # only the last two steps were re-run
+    assert resumed.losses == full.losses[4:]
+    a, b = trained_state(full.model), trained_state(resumed.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"]
+
+
+def test_gradient_accumulation(dsb, tmp_path):
+    args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                         n_sub_iterations=2)
+    model = tiny_lora_sam()
+    before = trained_state(model)
+    trainer = RecordingTrainer(model, args, train_dataset=dsb["train"])
+    trainer.train()
+    assert trainer.steps == [0, 1, 2, 3]  # every micro-batch has its own prompts: point, box, point, box
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    expected = [np.mean(trainer.losses[:2]), np.mean(trainer.losses[2:])]  # mean over micro-batches, not sum
+    assert logged == pytest.approx(expected, rel=1e-5)
+    after = trained_state(trainer.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_evaluation_checkpoints_and_scheduler(dsb, tmp_path):
+    args = training_args(
+        tmp_path, n_sub_iterations=2, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch",
+        save_total_limit=1, load_best_model_at_end=True, lr_scheduler_type="reduce_lr_on_plateau",
+        lr_scheduler_kwargs={"factor": 0.9, "patience": 10}, early_stopping_patience=5,
+    )
+    trainer = SamInteractiveTrainer(tiny_lora_sam(), args, train_dataset=dsb["train"].select(range(4)),
+                                    eval_dataset=dsb["val"])
+    trainer.train()
+    scheduler = trainer.lr_scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert (scheduler.factor, scheduler.patience, scheduler.mode) == (0.9, 10, "min")
+    evals = [e for e in trainer.state.log_history if "eval_metric" in e]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    for e in evals:
+        assert e["eval_metric"] == e["eval_dice_loss"] and e["eval_dice"] == pytest.approx(1 - e["eval_dice_loss"])
+    best = min(evals, key=lambda e: e["eval_metric"])
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert kept == sorted({f"checkpoint-{best['step']}", "checkpoint-6"})  # best and latest
+    assert (tmp_path / "loss_curve.png").is_file()
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first["eval_metric"] == second["eval_metric"]  # validation prompts are seeded, not drawn anew
+    assert any(type(cb).__name__ == "EarlyStoppingCallback" for cb in trainer.callback_handler.callbacks)
+
+
+def test_joint_training_with_unetr_decoder(dsb, tmp_path):
+    from hf_sam_peft.modeling.unetr import attach_unetr
+
+    torch.manual_seed(0)
+    model = SamModel(tiny_sam_config())
+    attach_unetr(model, features=(64, 32, 16, 8))
+    before = trained_state(model)
+    args = training_args(tmp_path, max_steps=2, n_sub_iterations=2, train_decoder=True)
+    trainer = SamInteractiveTrainer(model, args, train_dataset=dsb["train"], eval_dataset=dsb["val"])
+    trainer.train()
+    after = trained_state(trainer.model)
+    for prefix in ("unetr_decoder.", "mask_decoder.", "vision_encoder."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    assert all("ais_loss" in e for e in trainer.state.log_history if "loss" in e)
+    metrics = trainer.evaluate()
+    assert metrics["eval_metric"] == pytest.approx(metrics["eval_dice_loss"] + metrics["eval_ais_loss"] / 3)
+
+
+def test_argument_validation(tmp_path, tiny_sam):
+    with pytest.raises(ValueError, match="n_sub_iterations"):
+        training_args(tmp_path, n_sub_iterations=0)
+    with pytest.raises(ValueError, match="mask_prob"):
+        training_args(tmp_path, mask_prob=1.5)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        training_args(tmp_path, train_decoder=True, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="unetr_decoder"):
+        SamInteractiveTrainer(tiny_sam, training_args(tmp_path, train_decoder=True))
+    with pytest.raises(TypeError, match="InteractiveTrainingArguments"):
+        from transformers import TrainingArguments
+
+        SamInteractiveTrainer(tiny_sam, TrainingArguments(output_dir=str(tmp_path)))
+    defaults = InteractiveTrainingArguments(output_dir=str(tmp_path))
+    assert (defaults.learning_rate, defaults.weight_decay, defaults.n_objects, defaults.n_sub_iterations) == (1e-5, 0.01, 25, 8)
+    assert defaults.lr_scheduler_kwargs == {"factor": 0.9, "patience": 10, "mode": "min"}
+    assert not defaults.remove_unused_columns and defaults.label_names == ["labels"]
+
+
+def test_interactive_loss_under_ddp(dsb, tmp_path):
+    """One DDP forward per backward, with this step's unused parameters found (single-process gloo group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(tiny_lora_sam(), find_unused_parameters=True)
+        batch = SamInteractiveCollator(256)([dsb["train"][i] for i in range(2)])
+        for step in range(3):  # point, box, point: different parameters unused each step
+            loss, _ = interactive_loss(ddp, batch, training_prompt_mode(step), n_objects=2, n_rounds=2,
+                                       mask_prob=0.5, generator=prompt_generator(0, 0, step))
+            loss.backward()
+            ddp.zero_grad()
+        assert "forward" not in ddp.module.__dict__  # the module's own forward is back
+    finally:
+        dist.destroy_process_group()
