@@ -8,9 +8,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["hf_sam_peft", "hf_sam_peft.*"]),
+    # model_cards/ (top level in the repo) ships inside the package as hf_sam_peft/model_cards
+    packages=find_packages(include=["hf_sam_peft", "hf_sam_peft.*"]) + ["hf_sam_peft.model_cards"],
+    package_dir={"hf_sam_peft.model_cards": "model_cards"},
     include_package_data=True,
-    package_data={"hf_sam_peft": ["**/*.py", "**/*.md", "**/*.yaml", "**/*.jinja"]},
+    package_data={"hf_sam_peft": ["**/*.py", "**/*.md", "**/*.yaml"], "hf_sam_peft.model_cards": ["*.md"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "transformers>=5.0,<6",

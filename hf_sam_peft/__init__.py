@@ -28,8 +28,20 @@ from .tuners import (
     quantize_image_encoder,
 )
 
+# Hub helpers import the training stack; load them on first use so `import hf_sam_peft` stays light.
+_LAZY = {"from_pretrained": "hub", "save_adapter": "hub", "push_adapter_to_hub": "hub"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_sam_peft' has no attribute {name!r}")
+
+
 __all__ = [
     "AdaptFormerConfig", "AttnTuneConfig", "BiasTuneConfig", "FactConfig", "FreezeEncoderConfig", "LNTuneConfig",
     "METHODS", "METHOD_NAMES", "SSFConfig", "apply_method", "count_parameters", "load_adapter", "method_config", "qv_lora_config",
-    "quantize_image_encoder",
+    "quantize_image_encoder", "from_pretrained", "save_adapter", "push_adapter_to_hub",
 ]

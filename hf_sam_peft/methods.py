@@ -45,9 +45,10 @@ METHODS: dict[str, Method] = {
         Method("ln_tune", "LN Tune", "selective", LNTuneConfig),
         Method("bias_tune", "Bias Tune", "selective", BiasTuneConfig),
         Method("attn_tune", "Attn Tune", "selective", AttnTuneConfig),
-        Method("lora", "LoRA", "additive", qv_lora_config, dict(r=32, lora_alpha=32, lora_dropout=0.0)),
+        # LoRA's scale is 1 (lora_alpha = r; qv_lora_config keeps it so when only r is overridden)
+        Method("lora", "LoRA", "additive", qv_lora_config, dict(r=32, lora_dropout=0.0)),
         Method(
-            "qlora", "QLoRA", "additive", qv_lora_config, dict(r=32, lora_alpha=32, lora_dropout=0.0),
+            "qlora", "QLoRA", "additive", qv_lora_config, dict(r=32, lora_dropout=0.0),
             model_options=dict(quant_type="nf4"),
         ),
         Method("adaptformer", "AdaptFormer", "additive", AdaptFormerConfig, dict(projection_size=64, alpha=None, dropout=0.0)),

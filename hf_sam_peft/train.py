@@ -186,11 +186,16 @@ def train(recipe: Recipe, resume_from_checkpoint: Optional[str | bool] = None) -
 
 
 def save_trained(model, adapter_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
-    """The adapter (or full model for full_ft) plus a JSON summary of the run."""
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(str(adapter_dir))
-    else:
-        model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    """The adapter with its provenance and model card (hub.save_adapter), plus a JSON summary of the run."""
+    from .hub import save_adapter
+
+    dataset = recipe.dataset if isinstance(recipe.dataset, str) else recipe.dataset.get("name", "custom")
+    save_adapter(
+        model, adapter_dir, base_model_id=recipe.base_model, method=recipe.method,
+        training_data=f"{dataset} (recipe {recipe.name})",
+        extra={**recipe.training, "steps": summary["steps"], "best_metric": summary["best_metric"]},
+        overwrite=True,
+    )
     tmp = adapter_dir / "training_summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(adapter_dir / "training_summary.json")

@@ -48,12 +48,18 @@ def dsb(tmp_path_factory):
     }
 
 
-def tiny_lora_sam():
-    from peft import LoraConfig, get_peft_model
+def tiny_sam_with(method: str = "lora", **overrides):
+    """A seeded tiny SAM prepared with one of the paper's methods."""
+    from hf_sam_peft import apply_method
 
     torch.manual_seed(0)
-    config = LoraConfig(target_modules=["qkv"], r=4, modules_to_save=["prompt_encoder", "mask_decoder"])
-    return get_peft_model(SamModel(tiny_sam_config()), config)
+    if method == "lora":
+        overrides.setdefault("r", 4)
+    return apply_method(SamModel(tiny_sam_config()), method, **overrides)
+
+
+def tiny_lora_sam():
+    return tiny_sam_with("lora")
 
 
 def training_args(output_dir, **overrides) -> InteractiveTrainingArguments:
@@ -80,7 +86,7 @@ class RecordingTrainer(SamInteractiveTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         return loss
 
 
@@ -211,14 +217,29 @@ def test_prompt_modes():
 # ---- the Trainer -----------------------------------------------------------------------------------------
 
 
-def test_training_loss_goes_down(dsb, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "ssf"])
+def test_training_loss_goes_down_and_the_adapter_reloads(dsb, tmp_path, method):
+    from hf_sam_peft import load_adapter
+
     args = training_args(tmp_path, learning_rate=1e-2, max_steps=30)
-    trainer = SamInteractiveTrainer(tiny_lora_sam(), args, train_dataset=dsb["train"])
+    model = tiny_sam_with(method)
+    trainer = SamInteractiveTrainer(model, args, train_dataset=dsb["train"])
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 30 and all("dice_loss" in e for e in trainer.state.log_history if "loss" in e)
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.1, losses
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    reloaded = load_adapter(SamModel(tiny_sam_config()), str(tmp_path / "adapter")).eval()
+    model.eval()
+    batch = SamInteractiveCollator.from_model(model)([dsb["val"][0]])
+    prompt = {"input_boxes": torch.tensor([[[20.0, 20.0, 90.0, 90.0]]]), "multimask_output": False}
+    with torch.no_grad():
+        expected = model(pixel_values=batch["pixel_values"], **prompt).pred_masks
+        got = reloaded(pixel_values=batch["pixel_values"], **prompt).pred_masks
+    assert torch.equal(expected, got)
 
 
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(dsb, tmp_path):

@@ -43,6 +43,13 @@ def test_counts_and_paper_defaults(tiny_sam):
     assert encoder == n_layers * 4 * d * r
 
 
+def test_overriding_r_keeps_scale_one(tiny_sam):
+    config = hf_sam_peft.method_config("lora", r=4)
+    assert config.lora_alpha == 4
+    layer = base_of(lora(tiny_sam, r=4)).vision_encoder.layers[0].attn.qkv
+    assert layer.scaling["default"] == 1.0
+
+
 def test_starts_as_the_pretrained_model(tiny_sam):
     assert_outputs_close(outputs(lora(tiny_sam)), outputs(tiny_sam))
 

@@ -1,0 +1,59 @@
+"""`hf-sam-peft push`: upload a saved adapter folder to the Hugging Face Hub with its model card."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+PUSH_HELP = """\
+Upload ADAPTER_DIR (written by hf_sam_peft.hub.save_adapter, a peft adapter folder, or a Trainer
+checkpoint) to the Hub repo REPO_ID, created if needed. Only the adapter's own files are uploaded
+(adapter_config.json, adapter_model.safetensors, hf_sam_peft.json, unetr/, README.md; never optimizer
+states), and the model card is re-rendered so its loading snippet names REPO_ID. A folder without
+hf_sam_peft.json is first loaded onto its base model (--base, default the one its config names) to count
+its parameters. Log in with `huggingface-cli login` or pass --token. Load it back with
+hf_sam_peft.from_pretrained("REPO_ID")."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `push` subcommand."""
+    parser = subparsers.add_parser(
+        "push",
+        help="upload an adapter folder to the Hugging Face Hub with its model card",
+        description=PUSH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=Path, help="saved adapter folder")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repo id, e.g. your-name/sam-lora-livecell")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--token", default=None, help="Hub token (default: the stored login / HF_TOKEN)")
+    parser.add_argument(
+        "--base", default=None, help="base model for a folder without hf_sam_peft.json (default: its config's)"
+    )
+    parser.add_argument("--message", default=None, help="commit message")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the model card and the files that would be uploaded; upload nothing"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare the upload folder; print it (dry run) or push it."""
+    from hf_sam_peft.hub import DEFAULT_COMMIT_MESSAGE, CARD_NAME, prepare_upload, push_folder_to_hub
+
+    if args.dry_run:
+        with tempfile.TemporaryDirectory(prefix="hf_sam_peft_push_") as tmp:
+            files = prepare_upload(args.adapter_dir, args.repo_id, tmp, base_model=args.base)
+            print((Path(tmp) / CARD_NAME).read_text(encoding="utf-8"))
+            print(f"dry run: would upload {len(files)} files to {args.repo_id}:")
+            for name in files:
+                size = (Path(tmp) / name).stat().st_size
+                print(f"  {name}  ({size:,} bytes)")
+        return 0
+    url = push_folder_to_hub(
+        args.adapter_dir, args.repo_id, private=args.private, token=args.token,
+        commit_message=args.message or DEFAULT_COMMIT_MESSAGE, base_model=args.base,
+    )
+    print(f"pushed {args.adapter_dir} -> {url}")
+    return 0
