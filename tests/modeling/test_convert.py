@@ -251,7 +251,7 @@ def test_detects_sam_sizes(sa, model_type):
     assert list(found.vision_config.global_attn_indexes) == VIT_SIZES[model_type]["global_attn_indexes"]
 
 
-def test_vit_b_round_trip_through_segment_anything(sa, tmp_path):
+def test_vit_b_matches_and_round_trips_through_segment_anything(sa, tmp_path):
     torch.manual_seed(0)
     reference = sa.sam_model_registry["vit_b"]()
     _perturb(reference)
@@ -260,6 +260,25 @@ def test_vit_b_round_trip_through_segment_anything(sa, tmp_path):
     assert sum(p.numel() for p in model.parameters()) == 93_735_728  # DESIGN §8, the tied basis counted once
     basis = model.shared_image_embedding.positional_embedding
     assert model.prompt_encoder.shared_embedding.positional_embedding is basis
+
+    # the converted ViT-B computes what the original computes (one 1024² image, a box and a point prompt)
+    model.eval()
+    reference.eval()
+    torch.manual_seed(2)
+    image = torch.randn(1, 3, 1024, 1024)
+    box = torch.tensor([[200.0, 300.0, 600.0, 700.0]])
+    points, labels = torch.tensor([[[400.0, 500.0]]]), torch.tensor([[1]])
+    with torch.no_grad():
+        expected = reference.image_encoder(image)
+        embeddings = model.get_image_embeddings(image)
+        expected_masks, expected_iou = _reference_masks(reference, expected, points=(points, labels), boxes=box)
+        out = model(image_embeddings=embeddings, input_points=points[:, None], input_labels=labels[:, None],
+                    input_boxes=box[None], multimask_output=False)
+    assert expected.std() > 0.1
+    torch.testing.assert_close(embeddings, expected, atol=TOL, rtol=0)
+    torch.testing.assert_close(out.pred_masks[:, 0], expected_masks, atol=TOL, rtol=0)
+    torch.testing.assert_close(out.iou_scores[:, 0], expected_iou, atol=TOL, rtol=0)
+
     path = export_to_segment_anything(model, tmp_path / "sam_vit_b.pth")
     assert [p.name for p in tmp_path.iterdir()] == ["sam_vit_b.pth"]
     loaded = sa.sam_model_registry["vit_b"](checkpoint=str(path))  # strict load by the reference itself
