@@ -29,7 +29,10 @@ from .tuners import (
 )
 
 # Hub helpers import the training stack; load them on first use so `import hf_sam_peft` stays light.
-_LAZY = {"from_pretrained": "hub", "save_adapter": "hub", "push_adapter_to_hub": "hub"}
+_LAZY = {
+    "from_pretrained": "hub", "save_adapter": "hub", "push_adapter_to_hub": "hub",
+    "load_base_model": "modeling", "LiteSamModel": "modeling",
+}
 
 
 def __getattr__(name: str):
@@ -44,4 +47,5 @@ __all__ = [
     "AdaptFormerConfig", "AttnTuneConfig", "BiasTuneConfig", "FactConfig", "FreezeEncoderConfig", "LNTuneConfig",
     "METHODS", "METHOD_NAMES", "SSFConfig", "apply_method", "count_parameters", "load_adapter", "method_config", "qv_lora_config",
     "quantize_image_encoder", "from_pretrained", "save_adapter", "push_adapter_to_hub",
+    "load_base_model", "LiteSamModel",
 ]

@@ -654,19 +654,13 @@ def _resolve_folder(adapter_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -
 
 
 def _load_base(base_id: str, hub_kwargs: dict[str, Any]) -> nn.Module:
-    """A base model by Hub id / folder (transformers' SamModel), or by name through
-    `hf_sam_peft.modeling.load_base_model` (e.g. "lite_medsam") when that loader exists."""
-    from transformers import SamModel
+    """The adapter's base model by name, folder or Hub id (`hf_sam_peft.modeling.load_base_model`)."""
+    from .modeling.base_models import load_base_model
 
-    from . import modeling
-
-    named_loader = getattr(modeling, "load_base_model", None)  # absent in installs without named bases
-    if named_loader is not None and "/" not in base_id and not os.path.isdir(base_id):
-        return named_loader(base_id)
     kwargs = {k: v for k, v in hub_kwargs.items() if k != "revision"}  # the revision is the adapter's
     try:
-        return SamModel.from_pretrained(base_id, **kwargs)
-    except OSError as exc:
+        return load_base_model(base_id, **kwargs)[0]
+    except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"base model {base_id!r} could not be loaded: {str(exc).splitlines()[0]}") from None
 
 

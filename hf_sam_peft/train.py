@@ -107,23 +107,6 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
     return recipe
 
 
-def load_base(name: str, seed: int = 0):
-    """A base SamModel: `tiny` (random tiny SAM, for smoke tests), a named base, a folder or a Hub id."""
-    import torch
-    from transformers import SamModel
-
-    if name == "tiny":
-        from .modeling.sam import tiny_sam_config
-
-        torch.manual_seed(seed)
-        return SamModel(tiny_sam_config())
-    try:
-        from .modeling.base_models import load_base_model
-    except ImportError:
-        return SamModel.from_pretrained(name)
-    return load_base_model(name)[0]
-
-
 def build_datasets(recipe: Recipe):
     """(train, val) datasets and the dataset recipe."""
     from .data import dataset_kwargs, load_dataset_recipe, train_val_datasets
@@ -141,7 +124,9 @@ def build_model(recipe: Recipe, ais: bool):
     from .methods import apply_method, get_method
     from .tuners.base import UNETR_MODULE_NAME, default_modules_to_save
 
-    model = load_base(recipe.base_model, seed=recipe.seed)
+    from .modeling.base_models import load_base_model
+
+    model = load_base_model(recipe.base_model)[0]
     options = dict(recipe.method_options)
     if ais:
         from .modeling.unetr import attach_unetr

@@ -289,6 +289,7 @@ def sam_config_from_state_dict(state_dict: Mapping[str, Tensor], decoder_num_hea
         num_multimask_outputs=_shape(state_dict, "mask_decoder.mask_tokens.weight")[0] - 1,
         iou_head_depth=_count(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."),
         iou_head_hidden_dim=_shape(state_dict, "mask_decoder.iou_prediction_head.layers.0.weight")[0],
+        layer_norm_eps=1e-5,  # segment_anything's two-way transformer uses nn.LayerNorm's default eps
     )
     return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 
@@ -420,7 +421,7 @@ def convert_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
-        _processor(model.config).save_pretrained(tmp)
+        sam_processor(model.config).save_pretrained(tmp)
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -428,7 +429,7 @@ def convert_checkpoint(
     return model
 
 
-def _processor(config: SamConfig):
+def sam_processor(config: SamConfig):
     """SAM's processor for this image size (PIL backend: needs no torchvision)."""
     from transformers import SamProcessor
 

@@ -16,7 +16,11 @@ def sam_config(model_type: str = "vit_b") -> SamConfig:
     """The `SamConfig` of one of the original SAM sizes (`vit_b`, `vit_l`, `vit_h`)."""
     if model_type not in VIT_SIZES:
         raise ValueError(f"model_type must be one of {sorted(VIT_SIZES)}, got {model_type!r}")
-    return SamConfig(vision_config=SamVisionConfig(**VIT_SIZES[model_type]))
+    # segment_anything's mask decoder uses nn.LayerNorm's default eps (transformers' default is 1e-6)
+    return SamConfig(
+        vision_config=SamVisionConfig(**VIT_SIZES[model_type]),
+        mask_decoder_config=SamMaskDecoderConfig(layer_norm_eps=1e-5),
+    )
 
 
 def tiny_sam_config(

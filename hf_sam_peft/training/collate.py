@@ -20,7 +20,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,19 @@ def preprocess_image(image: Any, image_size: int) -> tuple[torch.Tensor, tuple[i
     std = torch.tensor(PIXEL_STD).view(3, 1, 1)
     tensor = (tensor - mean) / std
     return F.pad(tensor, (0, image_size - new_w, 0, image_size - new_h)), (new_h, new_w)
+
+
+Preprocess = Callable[[Any, int], "tuple[torch.Tensor, tuple[int, int]]"]
+
+
+def image_preprocessor(model: Any) -> Preprocess:
+    """The preprocessing a model was trained with: SAM's, or LiteMedSAM's for `LiteSamModel`s (same contract)."""
+    config = getattr(model, "config", model)
+    if getattr(config, "model_type", None) == "lite_sam":
+        from hf_sam_peft.modeling.lite_medsam import lite_medsam_preprocess
+
+        return lite_medsam_preprocess
+    return preprocess_image
 
 
 def transform_coords(coords: torch.Tensor, original_size: Sequence[int], reshaped_size: Sequence[int]) -> torch.Tensor:
@@ -102,6 +115,7 @@ class SamInteractiveCollator:
     image_size: int = 1024
     image_key: str = "image"
     label_key: str = "labels"
+    preprocess: Preprocess = preprocess_image
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 1:
@@ -114,6 +128,7 @@ class SamInteractiveCollator:
         vision = getattr(config, "vision_config", None)
         if vision is None:
             raise TypeError(f"model must be a SamModel (or wrap one) with config.vision_config, got {type(model).__name__}")
+        kwargs.setdefault("preprocess", image_preprocessor(model))
         return cls(image_size=int(vision.image_size), **kwargs)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -124,7 +139,7 @@ class SamInteractiveCollator:
             if self.image_key not in row:
                 raise ValueError(f"each row needs an {self.image_key!r} column, got keys {sorted(row)}")
             image = row[self.image_key]
-            values, size = preprocess_image(image, self.image_size)
+            values, size = self.preprocess(image, self.image_size)
             pixel_values.append(values)
             reshaped.append(size)
             originals.append(tuple(np.shape(image)[:2]))

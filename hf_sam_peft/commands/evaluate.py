@@ -1,0 +1,119 @@
+"""`hf-sam-peft evaluate`: interactive (Point, Box, I_P, I_B) and AIS scores of a SAM + adapter on a split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..evaluation.results import METRIC_NAMES, ResultsTable
+
+MODES = ("interactive", "ais", "all")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score a SAM (+ adapter) on a dataset split: Point, Box, I_P, I_B and AIS",
+        description=(
+            "Evaluate a base SAM with an optional adapter on <data>/<split> (layout <split>/images + "
+            "<split>/labels): interactive segmentation from a point and from a box with 7 corrections "
+            "(Point, Box, I_P, I_B), and automatic instance segmentation when the adapter has a UNETR decoder "
+            "(<adapter>/unetr or 'unetr_decoder' in its modules_to_save). Prints a results table and writes "
+            "it to --out (CSV or JSON; an existing file is updated, rows with the same key replaced)."
+        ),
+    )
+    parser.add_argument("--base", required=True, help="base SAM: a SamModel folder, a registered name, or 'tiny'")
+    parser.add_argument("--adapter", help="adapter folder or Hub repo id (omit to evaluate the base model)")
+    parser.add_argument("--data", required=True, help="dataset root with <split>/images and <split>/labels")
+    parser.add_argument("--split", default="val", help="split to score (default: val)")
+    parser.add_argument(
+        "--grid-search-split",
+        help="split to grid-search the AIS watershed parameters on first (e.g. val when scoring test)",
+    )
+    parser.add_argument("--mode", choices=MODES, default="all", help="what to evaluate (default: all)")
+    parser.add_argument(
+        "--metric", choices=METRIC_NAMES, action="append",
+        help="table metric(s): msa (microscopy), dice (medical), iou; repeatable (default: msa)",
+    )
+    parser.add_argument("--out", help="results file to write or update (.csv or .json)")
+    parser.add_argument("--dataset", help="dataset name in the table (default: the data folder's name)")
+    parser.add_argument("--method", help="method name in the table (default: the adapter's peft type, or 'base')")
+    parser.add_argument("--n-corrections", type=int, default=7, help="correction rounds after the first prompt (default: 7)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt sampling seed (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="objects per mask-decoder call (default: 16)")
+    parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
+    parser.add_argument(
+        "--label-mode", choices=("instances", "semantic"), default="instances",
+        help="semantic: labels are class maps, Dice is averaged over classes (medical data)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=run)
+
+
+def _rows(args: argparse.Namespace, split: str) -> list[dict[str, Any]]:
+    from ..data import iter_rows
+
+    # Whole images, ground truth as stored (connected components, no size filter), images with objects only.
+    return list(
+        iter_rows(args.data, split, min_size=0, max_images=args.max_images, label_mode=args.label_mode)
+    )
+
+
+def method_name(adapter: str | None) -> str:
+    """The adapter's peft type (lower case) as a method name, or ``base`` without an adapter."""
+    if adapter is None:
+        return "base"
+    config = Path(adapter, "adapter_config.json")
+    if config.is_file():
+        return str(json.loads(config.read_text()).get("peft_type", "adapter")).lower()
+    return "adapter"
+
+
+def _details(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if k != "segmentations"}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation.ais import NO_DECODER_MESSAGE, evaluate_ais
+    from ..evaluation.interactive import evaluate_interactive
+    from ..evaluation.predictor import has_unetr, load_model
+
+    if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out must end in .csv or .json, got {args.out!r}")
+    model = load_model(args.base, args.adapter, device=args.device)
+    rows = _rows(args, args.split)
+    progress = not args.no_progress
+
+    interactive = ais = None
+    if args.mode in ("interactive", "all"):
+        interactive = evaluate_interactive(
+            model, rows, n_corrections=args.n_corrections, seed=args.seed, batch_size=args.batch_size, progress=progress
+        )
+    if args.mode in ("ais", "all"):
+        if has_unetr(model):
+            val_rows = _rows(args, args.grid_search_split) if args.grid_search_split else None
+            ais = evaluate_ais(model, rows, val_rows=val_rows, progress=progress)
+        elif args.mode == "ais":
+            raise ValueError(NO_DECODER_MESSAGE)
+        else:
+            print("note: the model has no UNETR decoder, AIS skipped", file=sys.stderr)
+
+    dataset = args.dataset or Path(args.data).resolve().name
+    table = ResultsTable()
+    table.add_evaluation(
+        dataset, args.method or method_name(args.adapter), args.adapter or "", interactive, ais,
+        metrics=tuple(dict.fromkeys(args.metric or ["msa"])),
+    )
+    if args.out is not None:
+        out = Path(args.out)
+        merged = ResultsTable.read(out).merge(table) if out.is_file() else table
+        details = {"dataset": dataset, "split": args.split, "interactive": _details(interactive), "ais": _details(ais)}
+        merged.write(out, details=details)
+    print(table.format())
+    return 0

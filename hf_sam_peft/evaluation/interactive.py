@@ -1,0 +1,364 @@
+"""Interactive segmentation evaluation (DESIGN §5): point / box start and 7 corrections, scored per round.
+
+Per image the embedding is computed once (no gradients). For every ground-truth object, 8 rounds =
+initial prompt + ``n_corrections`` corrections:
+
+- point start: one positive point uniform inside the object, multimask output, the mask with the highest
+  predicted IoU is kept; box start: the exact ground-truth box (no jitter), single mask;
+- each correction adds one positive point uniform in the false negatives and one negative point uniform in
+  the false positives of the **predicted segmentation** (best mask binarised at logits > 0 at the image's
+  resolution), with :func:`hf_sam_peft.prompts.correction_points`' fallbacks; points accumulate, the box
+  stays; no mask input. So at round k an object has 1 + 2k points (point start) or the box + 2k points.
+
+Objects run in chunks of ``batch_size`` through the mask decoder. Randomness comes from one generator
+per (image, start) seeded by ``seed`` (:func:`hf_sam_peft.training.interactive.prompt_generator`), so a
+run is reproducible; results depend on ``batch_size`` only through the order of draws.
+
+Scores per round, each averaged per image and then over images:
+
+- ``msa``: mean segmentation accuracy of the instance image assembled from the objects' masks. Overlap
+  rule (µSAM's ``mask_data_to_segmentation(..., with_background=True)``): masks are pasted largest first,
+  so a smaller object overwrites a larger one where they overlap; if afterwards some object covers more
+  pixels than the background, it is taken for background and removed (as in the reference);
+- ``dice``: Dice of the union of the predicted masks vs the union of the ground-truth objects; for rows
+  with a ``semantic`` column, per class (each object's masks count for its class) and averaged over the
+  classes present in the image (medical tasks);
+- ``iou``: mean IoU of each object's mask with its own ground-truth object (no assembly, no matching).
+
+Reported: Point = round 0 of the point run, Box = round 0 of the box run, I_P / I_B = the last round
+(round ``n_corrections``) of each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_sam_peft.evaluation.metrics import dice_score, mean_segmentation_accuracy
+from hf_sam_peft.evaluation.predictor import PromptPredictor, SamPredictor
+from hf_sam_peft.prompts import boxes_from_masks, correction_points, sample_point_prompts
+from hf_sam_peft.training.interactive import prompt_generator
+
+__all__ = [
+    "START_MODES",
+    "ObjectRound",
+    "assemble_instances",
+    "evaluate_interactive",
+    "iter_object_rounds",
+    "segment_from_labels",
+    "validate_row",
+]
+
+START_MODES = ("point", "box")
+SUMMARY_KEYS = {"point": ("point", "ip"), "box": ("box", "ib")}  # start -> (round 0 name, last round name)
+METRICS = ("msa", "dice", "iou")
+# Generator streams of evaluation (training uses 0 and 1): each start has its own prompts.
+_STREAMS = {"point": 2, "box": 3}
+
+
+@dataclass
+class ObjectRound:
+    """One round for a chunk of objects: the best masks ``(N, H, W)`` (bool) and the prompts that made them
+    (``points`` ``(N, P, 2)`` (x, y) with ``labels`` ``(N, P)``, and/or ``boxes`` ``(N, 4)``, image frame)."""
+
+    index: int
+    masks: torch.Tensor
+    points: torch.Tensor | None
+    labels: torch.Tensor | None
+    boxes: torch.Tensor | None
+
+    @property
+    def n_points(self) -> int:
+        return 0 if self.points is None else int(self.points.shape[1])
+
+
+# --------------------------------------------------------------------------------------------- input checks
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def validate_row(row: Any, index: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """``(image, labels, semantic or None, id)`` of a dataset row, or a one-line error naming the problem."""
+    if not isinstance(row, dict) or "image" not in row or "labels" not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"row {index} must be a dict with 'image' and 'labels', got {keys}")
+    image, labels = _as_numpy(row["image"]), _as_numpy(row["labels"])
+    if labels.ndim != 2:
+        raise ValueError(f"row {index}: labels must be a 2D (H, W) label image, got shape {labels.shape} (evaluate 3D data per slice)")
+    if labels.dtype != bool and not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"row {index}: labels must hold integer object ids, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"row {index}: labels must be non-negative, got minimum {labels.min()}")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3))):
+        raise ValueError(f"row {index}: image must be (H, W) or (H, W, 1|3), got shape {image.shape}")
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"row {index}: image shape {image.shape[:2]} does not match labels shape {labels.shape}")
+    semantic = None
+    if row.get("semantic") is not None:
+        semantic = _as_numpy(row["semantic"])
+        if semantic.shape != labels.shape or not np.issubdtype(semantic.dtype, np.integer):
+            raise ValueError(f"row {index}: semantic must be an integer map of shape {labels.shape}, got {semantic.dtype} {semantic.shape}")
+    return image, labels.astype(np.int64, copy=False), semantic, str(row.get("id", index))
+
+
+def _as_predictor(model: Any) -> PromptPredictor:
+    if isinstance(model, nn.Module):
+        return SamPredictor(model)
+    if isinstance(model, PromptPredictor):
+        return model
+    raise TypeError(
+        f"model must be a SamModel / PeftModel or a prompt predictor (set_image + predict), got {type(model).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- rounds
+
+
+def _best_masks(predictor: PromptPredictor, prompts: dict, multimask: bool, shape: tuple[int, ...]) -> torch.Tensor:
+    logits, iou = predictor.predict(multimask=multimask, **prompts)
+    if logits.ndim != 4 or tuple(logits.shape[-2:]) != shape[-2:] or logits.shape[0] != shape[0]:
+        raise ValueError(f"predictor returned masks of shape {tuple(logits.shape)}, expected (N, K, {shape[1]}, {shape[2]})")
+    if iou.shape != logits.shape[:2]:
+        raise ValueError(f"predictor returned IoU predictions of shape {tuple(iou.shape)}, expected {tuple(logits.shape[:2])}")
+    best = iou.argmax(-1).to(logits.device)
+    return logits[torch.arange(logits.shape[0], device=logits.device), best] > 0
+
+
+def iter_object_rounds(
+    predictor: PromptPredictor,
+    gt_masks: torch.Tensor,
+    start: str,
+    n_corrections: int = 7,
+    generator: torch.Generator | None = None,
+) -> Iterator[ObjectRound]:
+    """Rounds 0..n_corrections for a chunk of objects ``gt_masks`` ``(N, H, W)`` of the predictor's current image."""
+    if start not in START_MODES:
+        raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
+    if not isinstance(n_corrections, int) or n_corrections < 0:
+        raise ValueError(f"n_corrections must be a non-negative int, got {n_corrections!r}")
+    gt = gt_masks.bool()
+    points = labels = boxes = None
+    if start == "point":
+        points, labels = sample_point_prompts(gt, 1, 0, generator)
+    else:
+        boxes = boxes_from_masks(gt, jitter=0.0)
+    for index in range(n_corrections + 1):
+        prompts = {"points": points, "labels": labels, "boxes": boxes}
+        masks = _best_masks(predictor, prompts, start == "point" and index == 0, tuple(gt.shape)).to(gt.device)
+        yield ObjectRound(index, masks, points, labels, boxes)
+        if index == n_corrections:
+            return
+        new_points, new_labels = correction_points(masks, gt, generator)
+        if points is None:
+            points, labels = new_points, new_labels
+        else:
+            points, labels = torch.cat([points, new_points], 1), torch.cat([labels, new_labels], 1)
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def assemble_instances(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Instance image (uint32) from per-object masks (flat pixel indices or 2D bool masks), µSAM's rule:
+    pasted largest first, so smaller objects stay on top; an object bigger than the background is dropped."""
+    flat = [np.flatnonzero(m) if np.asarray(m).dtype == bool else np.asarray(m) for m in masks]
+    order = sorted(range(len(flat)), key=lambda i: flat[i].size, reverse=True)  # stable: ties keep input order
+    segmentation = np.zeros(int(np.prod(shape)), dtype=np.uint32)
+    for new_id, i in enumerate(order, start=1):
+        segmentation[flat[i]] = new_id
+    if len(order):
+        counts = np.bincount(segmentation, minlength=len(order) + 1)
+        dominant = int(np.argmax(counts))
+        if dominant != 0:
+            segmentation[segmentation == dominant] = 0
+        present = np.bincount(segmentation, minlength=len(order) + 1) > 0
+        present[0] = False
+        lookup = (np.cumsum(present) * present).astype(np.uint32)
+        segmentation = lookup[segmentation]
+    return segmentation.reshape(shape)
+
+
+def _dice(masks: list[np.ndarray], object_classes: np.ndarray, ground_truth: np.ndarray) -> float:
+    """Foreground Dice of the union of masks, or the mean per-class Dice when objects carry classes."""
+    shape = ground_truth.shape
+    scores = []
+    for cls in np.unique(object_classes):
+        predicted = np.zeros(ground_truth.size, dtype=bool)
+        for mask, c in zip(masks, object_classes):
+            if c == cls:
+                predicted[mask] = True
+        scores.append(dice_score(predicted.reshape(shape), ground_truth == cls))
+    return float(np.mean(scores))
+
+
+@dataclass
+class _ImageRounds:
+    """Per round (list index) the flat pixel indices of every object's mask, in object order."""
+
+    masks: list[list[np.ndarray]]
+    ious: list[list[float]]
+
+
+def _run_image(
+    predictor: PromptPredictor,
+    labels: np.ndarray,
+    object_ids: np.ndarray,
+    start: str,
+    n_corrections: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> _ImageRounds:
+    n_rounds = n_corrections + 1
+    rounds = _ImageRounds([[] for _ in range(n_rounds)], [[] for _ in range(n_rounds)])
+    label_tensor = torch.from_numpy(labels)
+    for first in range(0, len(object_ids), batch_size):
+        ids = torch.from_numpy(object_ids[first : first + batch_size])
+        gt = label_tensor[None] == ids[:, None, None]
+        for output in iter_object_rounds(predictor, gt, start, n_corrections, generator):
+            masks = output.masks.cpu()
+            inter = (masks & gt).flatten(1).sum(-1).double()
+            union = (masks | gt).flatten(1).sum(-1).double()
+            rounds.ious[output.index].extend((inter / union).tolist())
+            rounds.masks[output.index].extend(np.flatnonzero(m) for m in masks.numpy().reshape(len(ids), -1))
+    return rounds
+
+
+def _object_classes(labels: np.ndarray, semantic: np.ndarray | None, object_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class per object and the class map to score Dice against (foreground = class 1 without semantics)."""
+    if semantic is None:
+        return np.ones(len(object_ids), dtype=np.int64), (labels > 0).astype(np.int64)
+    classes = np.zeros(int(labels.max()) + 1, dtype=np.int64)
+    classes[labels.ravel()] = semantic.ravel()  # an object has one class (the dataset builder makes it so)
+    return classes[object_ids], np.where(labels > 0, semantic, 0)
+
+
+def segment_from_labels(
+    model: nn.Module | PromptPredictor,
+    image: np.ndarray,
+    labels: np.ndarray,
+    start: str = "box",
+    n_corrections: int = 0,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> np.ndarray:
+    """Prompt-based instance segmentation of one image from its label image (box or point per object,
+    optionally with corrections), assembled with :func:`assemble_instances`' overlap rule."""
+    if start not in START_MODES:
+        raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    predictor = _as_predictor(model)
+    image, labels, _, _ = validate_row({"image": image, "labels": labels})
+    object_ids = np.unique(labels)
+    object_ids = object_ids[object_ids != 0]
+    if object_ids.size == 0:
+        return np.zeros(labels.shape, dtype=np.uint32)
+    predictor.set_image(image)
+    generator = prompt_generator(seed, _STREAMS[start], 0)
+    rounds = _run_image(predictor, labels, object_ids, start, n_corrections, batch_size, generator)
+    return assemble_instances(rounds.masks[-1], labels.shape)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def _iter_rows(dataset_or_rows: Any) -> tuple[Iterable[Any], int | None]:
+    if isinstance(dataset_or_rows, dict):
+        dataset_or_rows = [dataset_or_rows]
+    if not isinstance(dataset_or_rows, Iterable):
+        raise TypeError(f"dataset_or_rows must be a dataset or an iterable of rows, got {type(dataset_or_rows).__name__}")
+    try:
+        total = len(dataset_or_rows)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    return dataset_or_rows, total
+
+
+def evaluate_interactive(
+    model: nn.Module | PromptPredictor,
+    dataset_or_rows: Any,
+    n_corrections: int = 7,
+    starts: Sequence[str] = START_MODES,
+    seed: int = 0,
+    batch_size: int = 16,
+    keep_segmentations: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Interactive evaluation of a SAM (or any prompt predictor) on rows ``{"image", "labels"[, "semantic", "id"]}``.
+
+    Returns ``{"msa"|"dice"|"iou": {"point", "box", "ip", "ib"}, "rounds": {start: {metric: [per round]}},
+    "images": [per-image results], "n_images", "n_objects", "n_corrections", "seed", "batch_size"}``, plus
+    ``"segmentations": {start: [(round 0, last round) instance images per image]}`` with ``keep_segmentations``.
+    Images without objects are skipped (counted in ``"n_skipped"``).
+    """
+    starts = tuple(dict.fromkeys(starts))
+    if not starts or any(s not in START_MODES for s in starts):
+        raise ValueError(f"starts must be a non-empty subset of {START_MODES}, got {starts!r}")
+    if not isinstance(n_corrections, int) or n_corrections < 0:
+        raise ValueError(f"n_corrections must be a non-negative int, got {n_corrections!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    predictor = _as_predictor(model)
+    rows, total = _iter_rows(dataset_or_rows)
+
+    per_image: list[dict[str, Any]] = []
+    segmentations: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in starts}
+    n_skipped = 0
+    for index, row in enumerate(tqdm(rows, total=total, desc="interactive evaluation", unit="image", disable=not progress)):
+        image, labels, semantic, image_id = validate_row(row, index)
+        object_ids = np.unique(labels)
+        object_ids = object_ids[object_ids != 0]
+        if object_ids.size == 0:
+            n_skipped += 1
+            continue
+        classes, class_map = _object_classes(labels, semantic, object_ids)
+        predictor.set_image(image)  # one embedding per image, shared by both starts
+        result: dict[str, Any] = {"id": image_id, "n_objects": int(object_ids.size)}
+        for start in starts:
+            generator = prompt_generator(seed, _STREAMS[start], index)
+            rounds = _run_image(predictor, labels, object_ids, start, n_corrections, batch_size, generator)
+            scores = {metric: [] for metric in METRICS}
+            assembled = []
+            for masks, ious in zip(rounds.masks, rounds.ious):
+                instances = assemble_instances(masks, labels.shape)
+                assembled.append(instances)
+                scores["msa"].append(float(mean_segmentation_accuracy(instances, labels)))
+                scores["dice"].append(_dice(masks, classes, class_map))
+                scores["iou"].append(float(np.mean(ious)))
+            result[start] = scores
+            if keep_segmentations:
+                segmentations[start].append((assembled[0], assembled[-1]))
+        per_image.append(result)
+    if not per_image:
+        raise ValueError("dataset_or_rows holds no image with objects to evaluate")
+
+    out: dict[str, Any] = {metric: {} for metric in METRICS}
+    out["rounds"] = {}
+    for start in starts:
+        out["rounds"][start] = {
+            metric: np.mean([image[start][metric] for image in per_image], axis=0).tolist() for metric in METRICS
+        }
+        first, last = SUMMARY_KEYS[start]
+        for metric in METRICS:
+            out[metric][first] = out["rounds"][start][metric][0]
+            out[metric][last] = out["rounds"][start][metric][-1]
+    out.update(
+        images=per_image,
+        n_images=len(per_image),
+        n_objects=int(sum(image["n_objects"] for image in per_image)),
+        n_skipped=n_skipped,
+        n_corrections=n_corrections,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    if keep_segmentations:
+        out["segmentations"] = segmentations
+    return out

@@ -1,0 +1,258 @@
+"""Inference helpers: load a base SAM (+ adapter, + UNETR decoder) and prompt it on one image at a time.
+
+:class:`SamPredictor` embeds an image once and then answers any number of prompt queries, with prompts
+and masks in the **original image frame** (pixel ``(x, y)`` coordinates, boxes ``(x0, y0, x1, y1)`` with
+exclusive maxima as :func:`hf_sam_peft.prompts.boxes_from_masks` gives them). It reuses the training code's
+preprocessing (:func:`~hf_sam_peft.training.collate.image_preprocessor`) and decoder call
+(:func:`~hf_sam_peft.training.interactive.decode`), so evaluation sees exactly what training saw.
+
+Anything with ``set_image(image)`` and ``predict(points, labels, boxes, multimask) -> (logits, iou)`` is a
+*prompt predictor* for :func:`hf_sam_peft.evaluation.interactive.evaluate_interactive` (e.g. a test oracle).
+
+Adapter folder layout read by :func:`load_model`::
+
+    <adapter>/adapter_config.json, adapter_model.safetensors   peft adapter (load_adapter)
+    <adapter>/unetr/unetr_config.json, unetr.safetensors       optional UNETR decoder (save_unetr)
+
+A decoder saved inside the adapter (``"unetr_decoder"`` in the adapter's ``modules_to_save``) is found too:
+its shape is read from the adapter weights and an empty decoder is attached before the adapter loads
+(peft silently skips ``modules_to_save`` entries the base model lacks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from hf_sam_peft.training.collate import image_preprocessor
+from hf_sam_peft.training.interactive import Frames, Prompts, decode, encode_images, unwrap_sam
+
+__all__ = [
+    "PromptPredictor",
+    "SamPredictor",
+    "UNETR_SUBFOLDER",
+    "eval_mode",
+    "has_unetr",
+    "image_size_of",
+    "load_base",
+    "load_model",
+    "model_device_dtype",
+]
+
+UNETR_SUBFOLDER = "unetr"
+_UNETR_KEY = ".unetr_decoder."
+
+
+@runtime_checkable
+class PromptPredictor(Protocol):
+    """What interactive evaluation needs from a model: embed an image once, then answer prompts."""
+
+    def set_image(self, image: np.ndarray) -> None: ...
+
+    def predict(
+        self,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode (BatchNorm, dropout) and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and float dtype of the image encoder (4-bit encoders hold uint8 weights: skip those)."""
+    encoder = unwrap_sam(model).vision_encoder
+    reference = next((p for p in encoder.parameters() if p.is_floating_point()), None)
+    if reference is None:
+        return torch.device("cpu"), torch.float32
+    return reference.device, reference.dtype
+
+
+def image_size_of(model: nn.Module) -> int:
+    """Side of the model's square input (``vision_config.image_size``)."""
+    return int(unwrap_sam(model).config.vision_config.image_size)
+
+
+def _as_image(image: Any) -> np.ndarray:
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3))):
+        raise ValueError(f"image must be a 2D image of shape (H, W) or (H, W, 1|3), got shape {array.shape}")
+    return array
+
+
+class SamPredictor:
+    """Embed an image once (no gradients), then predict masks for prompts in the original image frame.
+
+    ``predict`` returns mask logits ``(N, K, H, W)`` at the image's resolution and predicted IoUs ``(N, K)``
+    for ``N`` objects (``K`` = 3 with ``multimask`` else 1). The model is put in eval mode for each call
+    and restored afterwards.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        unwrap_sam(model)  # one-line TypeError for anything that is not SAM
+        self.model = model
+        self.image_size = image_size_of(model)
+        self.preprocess = image_preprocessor(model)
+        self.device, self.dtype = model_device_dtype(model)
+        self.embeddings: torch.Tensor | None = None
+        self.frames: Frames | None = None
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        self._check_image()
+        return tuple(int(v) for v in self.frames.original_sizes[0].tolist())  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def set_image(self, image: Any) -> None:
+        """Preprocess (SAM's resize + pad) and embed ``image`` (H x W grey or H x W x 3)."""
+        array = _as_image(image)
+        pixel_values, reshaped = self.preprocess(array, self.image_size)
+        with eval_mode(self.model):
+            self.embeddings = encode_images(self.model, pixel_values[None].to(self.device, self.dtype))
+        self.frames = Frames(
+            torch.tensor([array.shape[:2]], dtype=torch.long),
+            torch.tensor([reshaped], dtype=torch.long),
+            self.image_size,
+        )
+
+    def _check_image(self) -> None:
+        if self.embeddings is None or self.frames is None:
+            raise RuntimeError("call set_image(image) before predicting")
+
+    @torch.no_grad()
+    def predict(
+        self,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits ``(N, K, H, W)`` and IoU predictions ``(N, K)`` for ``N`` objects' prompts.
+
+        ``points`` ``(N, P, 2)`` (x, y) with ``labels`` ``(N, P)`` (1 positive, 0 negative) and/or ``boxes``
+        ``(N, 4)``, all in the original image's pixel frame.
+        """
+        self._check_image()
+        frames = self.frames
+        if points is None and boxes is None:
+            raise ValueError("predict needs points (with labels) and/or boxes")
+        if (points is None) != (labels is None):
+            raise ValueError("points and labels must be given together")
+        prompts = Prompts()
+        n_objects = None
+        if points is not None:
+            points, labels = torch.as_tensor(points), torch.as_tensor(labels)
+            if points.ndim != 3 or points.shape[-1] != 2 or labels.shape != points.shape[:2]:
+                raise ValueError(
+                    f"points must be (N, P, 2) and labels (N, P), got {tuple(points.shape)} and {tuple(labels.shape)}"
+                )
+            n_objects = points.shape[0]
+            coords = frames.coords(0, points.to(self.device)).to(self.dtype)
+            prompts = prompts.add_points(coords[None], labels.to(self.device).long()[None])
+        if boxes is not None:
+            boxes = torch.as_tensor(boxes)
+            if boxes.ndim != 2 or boxes.shape[-1] != 4 or (n_objects is not None and boxes.shape[0] != n_objects):
+                raise ValueError(f"boxes must be (N, 4) with N matching the points, got {tuple(boxes.shape)}")
+            prompts = Prompts(prompts.points, prompts.labels, frames.boxes(0, boxes.to(self.device)).to(self.dtype)[None])
+        with eval_mode(self.model):
+            low, iou = decode(self.model, self.embeddings, prompts, multimask)
+        logits = frames.upscale(0, low[0].float())
+        return logits, iou[0].float()
+
+    def predict_masks(
+        self,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> np.ndarray:
+        """Boolean masks ``(N, H, W)``: per object the mask with the highest predicted IoU, logits > 0."""
+        logits, iou = self.predict(points, labels, boxes, multimask)
+        best = logits[torch.arange(logits.shape[0]), iou.argmax(-1)]
+        return (best > 0).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_base(base: str, device: str | torch.device = "cpu") -> nn.Module:
+    """A base model in eval mode: a name (``"tiny"``, ``"lite_medsam"``), a model folder or a Hub id."""
+    from hf_sam_peft.modeling.base_models import load_base_model
+
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"base must be a model folder or name, got {base!r}")
+    return load_base_model(base, device=device)[0]
+
+
+def _unetr_config_from_weights(path: str) -> dict[str, Any] | None:
+    """UNETR settings (features, upsampling, out_channels) read from an adapter's saved decoder weights."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        shapes = {
+            k.split(_UNETR_KEY, 1)[1]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if _UNETR_KEY in k
+        }
+    if not shapes:
+        return None
+    transposed = "deconv1.block.0.block.weight" in shapes
+    features = [shapes["base.block.1.weight"][0]]
+    features += [shapes[f"decoder.blocks.{i}.block.1.weight"][0] for i in range(3)]
+    return {"features": tuple(features), "upsampling": "transposed" if transposed else "interpolate"}
+
+
+def load_model(
+    base: str | nn.Module,
+    adapter: str | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Base SAM (folder, name, ``"tiny"`` or a model) + optional adapter + optional UNETR decoder, in eval mode.
+
+    The decoder comes from ``<adapter>/unetr`` (:func:`~hf_sam_peft.modeling.unetr.load_unetr`) or from the
+    adapter's own ``modules_to_save`` copy; see the module docstring for the layout.
+    """
+    from hf_sam_peft.loading import adapter_weights_file, load_adapter
+    from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME, CONFIG_NAME, attach_unetr, load_unetr
+
+    model = load_base(base, device) if isinstance(base, str) else base
+    unwrap_sam(model)
+    if adapter is None:
+        return model.eval()
+    if not isinstance(adapter, str) or not adapter:
+        raise ValueError(f"adapter must be an adapter folder or Hub repo id, got {adapter!r}")
+    if os.path.isdir(adapter) and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise FileNotFoundError(f"adapter folder {adapter!r} has no adapter_config.json (expected a peft adapter)")
+    config = json.loads(Path(adapter, "adapter_config.json").read_text()) if os.path.isdir(adapter) else {}
+    if ATTRIBUTE_NAME in (config.get("modules_to_save") or []):
+        settings = _unetr_config_from_weights(adapter_weights_file(adapter))
+        if settings is not None and not hasattr(model, ATTRIBUTE_NAME):
+            attach_unetr(model, **settings)
+    model = load_adapter(model, adapter)
+    unetr_dir = Path(adapter, UNETR_SUBFOLDER)
+    if (unetr_dir / CONFIG_NAME).is_file():
+        decoder = load_unetr(unetr_dir, device=model_device_dtype(model)[0])
+        setattr(unwrap_sam(model), ATTRIBUTE_NAME, decoder)
+    return model.eval()
+
+
+def has_unetr(model: nn.Module) -> bool:
+    """Whether the model (or the SamModel inside a peft model) carries a UNETR decoder for AIS."""
+    from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME
+
+    return hasattr(unwrap_sam(model), ATTRIBUTE_NAME)

@@ -1,0 +1,208 @@
+"""Results tables like the paper's: one row per (dataset, method, adapter, metric), one column per setting.
+
+Columns: ``point`` / ``box`` (first prompt), ``ip`` / ``ib`` (after the corrections, I_P and I_B) and
+``ais`` (automatic instance segmentation, mSA only). ``metric`` says how a row is scored: ``msa``
+(microscopy), ``dice`` (medical) or ``iou`` (mean per-object IoU). Missing values are empty in CSV and
+``null`` in JSON. Rows are keyed by (dataset, method, adapter, metric): adding a row with an existing key
+replaces it, so repeated runs update a table file in place. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from hf_sam_peft.modeling.unetr import _atomic_write
+
+__all__ = ["KEY_COLUMNS", "METRIC_NAMES", "SCORE_COLUMNS", "ResultRow", "ResultsTable"]
+
+KEY_COLUMNS = ("dataset", "method", "adapter", "metric")
+SCORE_COLUMNS = ("point", "box", "ip", "ib", "ais")
+METRIC_NAMES = ("msa", "dice", "iou")
+_TITLES = {"point": "Point", "box": "Box", "ip": "I_P", "ib": "I_B", "ais": "AIS"}
+
+
+def _as_score(value: Any, column: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{column} must be a number or empty, got {value!r}") from None
+    if math.isnan(score):
+        return None
+    return score
+
+
+@dataclass
+class ResultRow:
+    """One line of a results table."""
+
+    dataset: str
+    method: str
+    adapter: str = ""
+    metric: str = "msa"
+    point: float | None = None
+    box: float | None = None
+    ip: float | None = None
+    ib: float | None = None
+    ais: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dataset", "method"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        self.adapter = "" if self.adapter is None else str(self.adapter)
+        if self.metric not in METRIC_NAMES:
+            raise ValueError(f"metric must be one of {METRIC_NAMES}, got {self.metric!r}")
+        for column in SCORE_COLUMNS:
+            setattr(self, column, _as_score(getattr(self, column), column))
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return tuple(getattr(self, name) for name in KEY_COLUMNS)
+
+
+class ResultsTable:
+    """An ordered, keyed collection of :class:`ResultRow` with CSV / JSON writers and a text rendering."""
+
+    def __init__(self, rows: Iterable[ResultRow | dict[str, Any]] = ()) -> None:
+        self._rows: dict[tuple[str, ...], ResultRow] = {}
+        for row in rows:
+            self.add_row(row if isinstance(row, ResultRow) else ResultRow(**row))
+
+    @property
+    def rows(self) -> list[ResultRow]:
+        return list(self._rows.values())
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add_row(self, row: ResultRow) -> ResultRow:
+        """Insert ``row``, replacing a row with the same key (its position is kept)."""
+        if not isinstance(row, ResultRow):
+            raise TypeError(f"row must be a ResultRow, got {type(row).__name__}")
+        self._rows[row.key] = row
+        return row
+
+    def add(self, dataset: str, method: str, adapter: str = "", metric: str = "msa", **scores: Any) -> ResultRow:
+        """Add (or replace) one row; ``scores`` are values for :data:`SCORE_COLUMNS`."""
+        unknown = set(scores) - set(SCORE_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown score columns {sorted(unknown)}; valid: {SCORE_COLUMNS}")
+        return self.add_row(ResultRow(dataset, method, adapter, metric, **scores))
+
+    def add_evaluation(
+        self,
+        dataset: str,
+        method: str,
+        adapter: str = "",
+        interactive: dict[str, Any] | None = None,
+        ais: dict[str, Any] | None = None,
+        metrics: Sequence[str] = ("msa",),
+    ) -> list[ResultRow]:
+        """Rows from :func:`~hf_sam_peft.evaluation.interactive.evaluate_interactive` and/or
+        :func:`~hf_sam_peft.evaluation.ais.evaluate_ais` results, one per metric (AIS fills ``msa`` only)."""
+        if interactive is None and ais is None:
+            raise ValueError("add_evaluation needs interactive and/or ais results")
+        added = []
+        for metric in metrics:
+            if metric not in METRIC_NAMES:
+                raise ValueError(f"metrics must be taken from {METRIC_NAMES}, got {metric!r}")
+            scores = dict((interactive or {}).get(metric, {}))
+            if ais is not None and metric == "msa":
+                scores["ais"] = ais["msa"]
+            added.append(self.add(dataset, method, adapter, metric, **scores))
+        return added
+
+    def merge(self, other: "ResultsTable") -> "ResultsTable":
+        """Add every row of ``other`` (its rows win on equal keys); returns self."""
+        for row in other.rows:
+            self.add_row(row)
+        return self
+
+    # ----------------------------------------------------------------------------------------- files
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [asdict(row) for row in self.rows]
+
+    def to_csv_text(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(ResultRow)], lineterminator="\n")
+        writer.writeheader()
+        for record in self.to_records():
+            writer.writerow({k: "" if v is None else v for k, v in record.items()})
+        return buffer.getvalue()
+
+    def to_json_text(self, details: dict[str, Any] | None = None) -> str:
+        payload: dict[str, Any] = {"columns": list(KEY_COLUMNS + SCORE_COLUMNS), "rows": self.to_records()}
+        if details is not None:
+            payload["details"] = details
+        return json.dumps(payload, indent=2, default=_json_default) + "\n"
+
+    def write(self, path: str | os.PathLike, details: dict[str, Any] | None = None) -> Path:
+        """Write atomically as CSV (``.csv``) or JSON (``.json``, with optional ``details`` kept beside the rows)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".csv", ".json"):
+            raise ValueError(f"path must end in .csv or .json, got {str(path)!r}")
+        text = self.to_csv_text() if suffix == ".csv" else self.to_json_text(details)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        return path
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "ResultsTable":
+        """Read a table written by :meth:`write` (CSV or JSON by suffix)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"results file {str(path)!r} does not exist")
+        if path.suffix.lower() == ".json":
+            payload = json.loads(path.read_text())
+            if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
+                raise ValueError(f"{path} is not a results JSON (expected an object with a 'rows' list)")
+            records = payload["rows"]
+        elif path.suffix.lower() == ".csv":
+            with path.open(newline="") as f:
+                records = list(csv.DictReader(f))
+        else:
+            raise ValueError(f"path must end in .csv or .json, got {str(path)!r}")
+        try:
+            return cls(records)
+        except TypeError as err:
+            raise ValueError(f"{path} has unexpected columns: {err}") from None
+
+    # ----------------------------------------------------------------------------------------- text
+
+    def format(self, digits: int = 3) -> str:
+        """The table as aligned text (scores with ``digits`` decimals, ``-`` where missing)."""
+        used = [c for c in SCORE_COLUMNS if any(getattr(r, c) is not None for r in self.rows)] or list(SCORE_COLUMNS)
+        header = ["dataset", "method", "adapter", "metric"] + [_TITLES[c] for c in used]
+        lines = [
+            [r.dataset, r.method, r.adapter or "-", r.metric]
+            + ["-" if getattr(r, c) is None else f"{getattr(r, c):.{digits}f}" for c in used]
+            for r in self.rows
+        ]
+        widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+        render = lambda line: "  ".join(  # noqa: E731
+            v.ljust(w) if i < len(KEY_COLUMNS) else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))
+        ).rstrip()
+        return "\n".join([render(header), "  ".join("-" * w for w in widths), *map(render, lines)])
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars / arrays in ``details`` become plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,192 @@
+"""`hf-sam-peft evaluate` and `hf-sam-peft segment` end to end on a tiny SAM, adapters saved to disk and a
+small dataset folder cut from real dsb2018 images."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from hf_sam_peft import cli
+from tests.evaluation.test_interactive_eval import one_thread, small_rows  # noqa: F401 (autouse fixture)
+
+FEATURES = (32, 16, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def commands(monkeypatch):
+    """Make sure `hf-sam-peft` knows both commands, whether or not cli.py lists them yet."""
+    missing = tuple(c for c in ("evaluate", "segment") if c not in cli.COMMANDS)
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + missing)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A dataset folder (val split of two crops) and three adapters: UNETR in <adapter>/unetr, UNETR in
+    modules_to_save, and none."""
+    from hf_sam_peft.evaluation.predictor import load_base
+    from hf_sam_peft.methods import apply_method
+    from hf_sam_peft.modeling.unetr import attach_unetr, save_unetr
+    from hf_sam_peft.tuners.base import default_modules_to_save
+
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "mini_nuclei"
+    for split in ("val", "test"):
+        (data / split / "images").mkdir(parents=True)
+        (data / split / "labels").mkdir(parents=True)
+        for i, row in enumerate(small_rows(2)):
+            Image.fromarray(row["image"]).save(data / split / "images" / f"img{i}.png")
+            tifffile.imwrite(data / split / "labels" / f"img{i}.tif", row["labels"].astype(np.uint16))
+
+    torch.manual_seed(1)
+    base = load_base("tiny")
+    decoder = attach_unetr(base, features=FEATURES)
+    apply_method(base, "lora", r=4).save_pretrained(root / "with_folder")
+    save_unetr(decoder, root / "with_folder" / "unetr")
+
+    base = load_base("tiny")
+    attach_unetr(base, features=FEATURES)
+    torch.nn.init.normal_(base.unetr_decoder.out_conv.weight)  # weights that differ from a fresh decoder
+    reference = {k: v.clone() for k, v in base.unetr_decoder.state_dict().items()}
+    saved = apply_method(base, "lora", r=4, modules_to_save=default_modules_to_save() + ["unetr_decoder"])
+    saved.save_pretrained(root / "in_adapter")
+
+    apply_method(load_base("tiny"), "freeze_encoder").save_pretrained(root / "no_decoder")
+    return {"root": root, "data": data, "reference_decoder": reference}
+
+
+def test_decoder_is_found_in_both_layouts(workspace):
+    from hf_sam_peft.evaluation.predictor import has_unetr, load_model
+    from hf_sam_peft.training.interactive import unwrap_sam
+
+    root = workspace["root"]
+    assert has_unetr(load_model("tiny", str(root / "with_folder")))
+    model = load_model("tiny", str(root / "in_adapter"))
+    assert has_unetr(model)
+    loaded = unwrap_sam(model).unetr_decoder.state_dict()
+    for key, value in workspace["reference_decoder"].items():
+        assert torch.equal(loaded[f"modules_to_save.default.{key}"], value), key  # peft's trained copy
+    assert not has_unetr(load_model("tiny", str(root / "no_decoder")))
+    assert not has_unetr(load_model("tiny"))
+
+
+def test_evaluate_writes_and_updates_a_table(workspace, capsys):
+    root, data = workspace["root"], workspace["data"]
+    out = root / "results.csv"
+    argv = ["evaluate", "--base", "tiny", "--adapter", str(root / "with_folder"), "--data", str(data),
+            "--split", "test", "--grid-search-split", "val", "--out", str(out), "--no-progress"]
+    assert cli.main(argv + ["--metric", "msa", "--metric", "dice"]) == 0
+    printed = capsys.readouterr().out
+    assert "I_P" in printed and "AIS" in printed and "mini_nuclei" in printed
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["dataset"], r["method"], r["metric"]) for r in rows] == [("mini_nuclei", "lora", "msa"), ("mini_nuclei", "lora", "dice")]
+    for column in ("point", "box", "ip", "ib", "ais"):
+        assert 0.0 <= float(rows[0][column]) <= 1.0
+    assert rows[1]["ais"] == "" and rows[1]["ib"] != ""
+
+    # A second method lands in the same file; the first rows stay.
+    assert cli.main(["evaluate", "--base", "tiny", "--adapter", str(root / "no_decoder"), "--data", str(data),
+                     "--split", "test", "--mode", "all", "--method", "freeze_encoder", "--out", str(out),
+                     "--n-corrections", "1", "--no-progress"]) == 0
+    assert "AIS skipped" in capsys.readouterr().err
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["method"], r["metric"]) for r in rows] == [("lora", "msa"), ("lora", "dice"), ("freeze_encoder", "msa")]
+    assert rows[2]["ais"] == "" and rows[2]["ip"] != ""
+
+
+def test_evaluate_ais_only_to_json(workspace):
+    root, data = workspace["root"], workspace["data"]
+    out = root / "ais.json"
+    assert cli.main(["evaluate", "--base", "tiny", "--adapter", str(root / "in_adapter"), "--data", str(data),
+                     "--mode", "ais", "--out", str(out), "--no-progress"]) == 0
+    payload = json.loads(out.read_text())
+    (row,) = payload["rows"]
+    assert row["ais"] is not None and row["point"] is None
+    assert payload["details"]["ais"]["n_images"] == 2 and payload["details"]["interactive"] is None
+
+
+def test_evaluate_errors(workspace, capsys):
+    root, data = workspace["root"], workspace["data"]
+    assert cli.main(["evaluate", "--base", "tiny", "--adapter", str(root / "no_decoder"), "--data", str(data),
+                     "--mode", "ais", "--no-progress"]) == 2
+    assert "UNETR decoder" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--base", "tiny", "--data", str(data), "--out", "r.txt"]) == 2
+    assert ".csv or .json" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--base", str(root / "nowhere"), "--data", str(data)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--base", "tiny", "--data", str(data), "--split", "train"]) == 2
+    assert "split folder" in capsys.readouterr().err
+
+
+def test_segment_writes_labels_and_overlays(workspace, capsys):
+    root, data = workspace["root"], workspace["data"]
+    images = sorted(str(p) for p in (data / "val" / "images").iterdir())
+    labels = sorted(str(p) for p in (data / "val" / "labels").iterdir())
+    out = root / "segmented"
+    assert cli.main(["segment", "--base", "tiny", "--adapter", str(root / "with_folder"), *images,
+                     "--boxes-from", *labels, "--out", str(out), "--param", "min_size=5"]) == 0
+    assert "img0.png" in capsys.readouterr().out
+    for stem, label_path in zip(("img0", "img1"), labels):
+        truth = tifffile.imread(label_path)
+        for kind in ("ais", "boxes"):
+            result = tifffile.imread(out / f"{stem}_{kind}.tif")
+            assert result.shape == truth.shape and np.issubdtype(result.dtype, np.integer)
+        assert tifffile.imread(out / f"{stem}_boxes.tif").max() > 0  # one mask per box prompt
+        overlay = np.asarray(Image.open(out / f"{stem}_overlay.png").convert("RGB"))
+        assert overlay.shape[1] > 3 * overlay.shape[0] * 0.9  # image | labels | AIS | from boxes
+        assert len(np.unique(overlay.reshape(-1, 3), axis=0)) > 50
+
+
+def test_segment_without_decoder(workspace, capsys):
+    root, data = workspace["root"], workspace["data"]
+    image = str(data / "val" / "images" / "img0.png")
+    out = root / "no_decoder_out"
+    assert cli.main(["segment", "--base", "tiny", "--adapter", str(root / "no_decoder"), image, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "UNETR decoder" in err and "--boxes-from" in err
+    label = str(data / "val" / "labels" / "img0.tif")
+    assert cli.main(["segment", "--base", "tiny", "--adapter", str(root / "no_decoder"), image, "--labels", label,
+                     "--out", str(out)]) == 0
+    assert (out / "img0_boxes.tif").is_file() and not (out / "img0_ais.tif").exists()
+
+
+def test_segment_bad_inputs(workspace, capsys, tmp_path):
+    root, data = workspace["root"], workspace["data"]
+    adapter = str(root / "with_folder")
+    volume = tmp_path / "volume.tif"
+    tifffile.imwrite(volume, np.zeros((4, 32, 32), np.uint8))
+    assert cli.main(["segment", "--base", "tiny", "--adapter", adapter, str(volume), "--out", str(tmp_path)]) == 2
+    assert "2D" in capsys.readouterr().err
+    image = str(data / "val" / "images" / "img0.png")
+    assert cli.main(["segment", "--base", "tiny", "--adapter", adapter, image, image, "--boxes-from",
+                     str(data / "val" / "labels" / "img0.tif"), "--out", str(tmp_path)]) == 2
+    assert "one label image per image" in capsys.readouterr().err
+    floats = tmp_path / "float_labels.tif"
+    tifffile.imwrite(floats, np.full((96, 96), 0.5, np.float32))
+    assert cli.main(["segment", "--base", "tiny", "--adapter", adapter, image, "--labels", str(floats),
+                     "--out", str(tmp_path)]) == 2
+    assert "integer" in capsys.readouterr().err
+    assert cli.main(["segment", "--base", "tiny", "--adapter", adapter, image, "--param", "sigma=2",
+                     "--out", str(tmp_path)]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_base_from_folder(workspace, tmp_path):
+    from hf_sam_peft.evaluation.predictor import load_base
+
+    tiny = load_base("tiny")
+    tiny.save_pretrained(tmp_path / "base")
+    from_folder = load_base(str(tmp_path / "base"))
+    assert all(torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), from_folder.state_dict().values()))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_base(str(tmp_path / "empty"))
+
+    data = workspace["data"]
+    assert cli.main(["evaluate", "--base", str(tmp_path / "base"), "--data", str(data), "--n-corrections", "0",
+                     "--no-progress", "--mode", "interactive"]) == 0
