@@ -31,8 +31,13 @@ SAM_MODULES_TO_SAVE: tuple[str, ...] = (
 )
 UNETR_MODULE_NAME = "unetr_decoder"
 
-# Block-level module paths of SAM's ViT image encoder in transformers' SamModel.
-ENCODER_BLOCKS = r"vision_encoder\.layers\.\d+"
+# Block-level module paths of SAM image encoders: `vision_encoder.layers.<i>` in transformers' ViT, and
+# `vision_encoder.layers.<stage>.blocks.<j>` in LiteMedSAM's TinyViT (hf_sam_peft.modeling.tiny_vit).
+ENCODER_BLOCKS = r"vision_encoder\.layers\.\d+(?:\.blocks\.\d+)?"
+
+# Module names inside one encoder block, for both encoders (a name absent in one encoder matches nothing there).
+BLOCK_NORMS: tuple[str, ...] = ("layer_norm1", "layer_norm2", "attn.norm", "mlp.norm")  # ViT | TinyViT
+BLOCK_LINEARS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "mlp.fc1", "mlp.fc2")
 
 
 def encoder_regex(*suffixes: str) -> str:

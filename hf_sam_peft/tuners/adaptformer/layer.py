@@ -24,9 +24,9 @@ class AdaptFormerLayer(SamTunerLayer):
             self.adaptformer_dropout = nn.ModuleDict()
             self.adaptformer_fixed_alpha: dict[str, float] = {}
         base = self.get_base_layer()
-        lin1 = getattr(base, "lin1", None)
+        lin1 = getattr(base, "lin1", None) or getattr(base, "fc1", None)  # SAM ViT | TinyViT MLP
         if not isinstance(lin1, nn.Linear):
-            raise TypeError(f"AdaptFormer targets SAM MLP blocks (with .lin1), got {type(base).__name__}")
+            raise TypeError(f"AdaptFormer targets SAM MLP blocks (with .lin1 or .fc1), got {type(base).__name__}")
         d, p = lin1.in_features, config.projection_size
         ref = lin1.weight
         down = nn.Linear(d, p, device=ref.device, dtype=ref.dtype)

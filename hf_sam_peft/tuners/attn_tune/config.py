@@ -15,7 +15,10 @@ class AttnTuneConfig(SelectiveConfig):
 
     target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("attn"))
     trainable_parameters: list[str] = field(
-        default_factory=lambda: ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "rel_pos_h", "rel_pos_w"]
+        # rel_pos_h/w: ViT's relative position tables; attention_biases: TinyViT's
+        default_factory=lambda: [
+            "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "rel_pos_h", "rel_pos_w", "attention_biases",
+        ]
     )
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 from peft.utils import PeftType
 
-from ..base import encoder_regex
+from ..base import BLOCK_LINEARS, BLOCK_NORMS, encoder_regex
 from ..selective import SelectiveConfig
 
 
@@ -17,7 +17,7 @@ class BiasTuneConfig(SelectiveConfig):
     """Train the biases of qkv, proj, lin1, lin2, layer_norm1 and layer_norm2 in each image-encoder block."""
 
     target_modules: Optional[Union[list[str], str]] = field(
-        default=encoder_regex("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "layer_norm1", "layer_norm2")
+        default=encoder_regex(*BLOCK_LINEARS, *BLOCK_NORMS)
     )
     trainable_parameters: list[str] = field(default_factory=lambda: ["bias"])
 

@@ -5,15 +5,15 @@ from typing import Optional, Union
 
 from peft.utils import PeftType
 
-from ..base import encoder_regex
+from ..base import BLOCK_NORMS, encoder_regex
 from ..selective import SelectiveConfig
 
 
 @dataclass
 class LNTuneConfig(SelectiveConfig):
-    """Train the two LayerNorms of each image-encoder block; prompt encoder and mask decoder train fully."""
+    """Train the two LayerNorms of each image-encoder block (ViT: layer_norm1/2; TinyViT: attn.norm, mlp.norm)."""
 
-    target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("layer_norm1", "layer_norm2"))
+    target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex(*BLOCK_NORMS))
     trainable_parameters: list[str] = field(default_factory=lambda: ["weight", "bias"])
 
     def __post_init__(self) -> None:

@@ -5,7 +5,7 @@ from typing import Literal, Optional, Union
 
 from peft.utils import PeftType
 
-from ..base import SamTunerConfig, encoder_regex
+from ..base import BLOCK_LINEARS, BLOCK_NORMS, SamTunerConfig, encoder_regex
 
 
 @dataclass
@@ -17,7 +17,7 @@ class SSFConfig(SamTunerConfig):
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
-        default=encoder_regex("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "layer_norm1", "layer_norm2")
+        default=encoder_regex(*BLOCK_LINEARS, *BLOCK_NORMS)
     )
     init: Literal["identity", "reference"] = "identity"
 
