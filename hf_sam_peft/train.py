@@ -121,8 +121,7 @@ def build_datasets(recipe: Recipe):
 
 def build_model(recipe: Recipe, ais: bool):
     """Base model (+ UNETR decoder when `ais`) wrapped with the recipe's method."""
-    from .methods import apply_method, get_method
-    from .tuners.base import UNETR_MODULE_NAME, default_modules_to_save
+    from .methods import apply_method
 
     from .modeling.base_models import load_base_model
 
@@ -131,9 +130,7 @@ def build_model(recipe: Recipe, ais: bool):
     if ais:
         from .modeling.unetr import attach_unetr
 
-        attach_unetr(model)
-        if get_method(recipe.method).build is not None:
-            options.setdefault("modules_to_save", default_modules_to_save() + [UNETR_MODULE_NAME])
+        attach_unetr(model)  # trains with every method: it is in the configs' default modules_to_save
     return apply_method(model, recipe.method, **options)
 
 

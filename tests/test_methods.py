@@ -108,3 +108,18 @@ def test_cli_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "methods" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["lora", "fact", "freeze_encoder", "full_ft"])
+def test_with_unetr_decoder_counts(vit_b_meta, name):
+    """DESIGN §2 "with decoder": the UNETR decoder (transposed-conv upsampling) trains with every method.
+
+    The reference's decoder has 11,028,931 parameters (DESIGN and Table 5 round it to 11,028,900)."""
+    from hf_sam_peft.modeling.unetr import attach_unetr
+
+    with torch.device("meta"):
+        base = copy.deepcopy(vit_b_meta)
+        decoder = attach_unetr(base)
+        model = hf_sam_peft.apply_method(base, name)
+    assert sum(p.numel() for p in decoder.parameters()) == 11_028_931
+    assert count_parameters(model)[0] == VIT_B_TRAINABLE[name] + 11_028_931

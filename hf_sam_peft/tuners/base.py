@@ -17,7 +17,10 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
-# The prompt encoder and mask decoder always train and are saved with the adapter (DESIGN §1). The prompt
+from ..modeling.unetr import ATTRIBUTE_NAME as UNETR_MODULE_NAME  # where attach_unetr puts the AIS decoder
+
+# The prompt encoder and mask decoder (and the UNETR decoder, when the model carries one: peft skips names a
+# model does not have) always train and are saved with the adapter (DESIGN §1). The prompt
 # encoder is listed by its trainable children: its `shared_embedding` is the same module as SAM's
 # `shared_image_embedding`, a fixed random Fourier basis (a buffer in the original SAM) that must stay frozen.
 # (peft matches `modules_to_save` by name suffix and cannot wrap a ModuleList, hence the four point embeddings
@@ -28,8 +31,8 @@ SAM_MODULES_TO_SAVE: tuple[str, ...] = (
     "prompt_encoder.mask_embed",
     "prompt_encoder.no_mask_embed",
     "mask_decoder",
+    UNETR_MODULE_NAME,
 )
-UNETR_MODULE_NAME = "unetr_decoder"
 
 # Block-level module paths of SAM image encoders: `vision_encoder.layers.<i>` in transformers' ViT, and
 # `vision_encoder.layers.<stage>.blocks.<j>` in LiteMedSAM's TinyViT (hf_sam_peft.modeling.tiny_vit).
