@@ -33,8 +33,13 @@ setup(
     ],
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
-        # segment-anything (the original SAM code) is the converter's reference in tests
-        "test": ["pytest>=7", "pytest-timeout>=2", "bitsandbytes>=0.45", "segment-anything>=1.0"],
+        "app": ["gradio>=5"],
+        # segment-anything (the original SAM code) is the converter's reference in tests; playwright drives
+        # Debian's chromium in the app's browser test (no browser download)
+        "test": [
+            "pytest>=7", "pytest-timeout>=2", "bitsandbytes>=0.45", "segment-anything>=1.0", "gradio>=5",
+            "playwright>=1.40",
+        ],
     },
     entry_points={"console_scripts": ["hf-sam-peft=hf_sam_peft.cli:main"]},
 )

@@ -15,6 +15,16 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny ops: OpenMP contention on a busy 2-core machine makes two
+    threads 10-20x slower there. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_config():
     from hf_sam_peft.modeling.sam import tiny_sam_config
 

@@ -126,6 +126,20 @@ def _translate(key: str, to_hf: bool) -> str | None:
     return None
 
 
+def _translate_all(state: Mapping[str, Tensor], to_hf: bool, unknown_hint: str, remedy: str) -> dict[str, Tensor]:
+    """Every key translated one way; keys the table does not know are a one-line error."""
+    converted, unknown = {}, []
+    for key, value in state.items():
+        new_key = _translate(key, to_hf=to_hf)
+        if new_key is None:
+            unknown.append(key)
+        else:
+            converted[new_key] = value
+    if unknown:
+        raise ValueError(f"state_dict has keys that {unknown_hint}: {_examples(unknown)} ({remedy})")
+    return converted
+
+
 def _examples(keys, n: int = 3) -> str:
     keys = sorted(map(str, keys))
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
@@ -326,18 +340,10 @@ def convert_sam_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
                 "normalises in the image processor, so set image_mean/image_std there",
                 stacklevel=2,
             )
-    converted, unknown = {}, []
-    for key, value in state.items():
-        new_key = _translate(key, to_hf=True)
-        if new_key is None:
-            unknown.append(key)
-        else:
-            converted[new_key] = value
-    if unknown:
-        raise ValueError(
-            f"state_dict has keys that an original SAM does not have: {_examples(unknown)} "
-            "(adapter or extra-head weights? merge or drop them first)"
-        )
+    converted = _translate_all(
+        state, to_hf=True, unknown_hint="an original SAM does not have",
+        remedy="adapter or extra-head weights? merge or drop them first",
+    )
     if _PE_KEY in converted:
         converted[_PE_ALIAS] = converted[_PE_KEY]
     return converted
@@ -353,18 +359,10 @@ def to_segment_anything_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str
     alias = state.pop(_PE_ALIAS, None)
     if alias is not None and _PE_KEY in state and not torch.equal(alias, state[_PE_KEY]):
         raise ValueError(f"state_dict: {_PE_ALIAS!r} and {_PE_KEY!r} differ; SAM has one positional basis")
-    converted, unknown = {}, []
-    for key, value in state.items():
-        new_key = _translate(key, to_hf=False)
-        if new_key is None:
-            unknown.append(key)
-        else:
-            converted[new_key] = value
-    if unknown:
-        raise ValueError(
-            f"state_dict has keys that transformers' SamModel does not have: {_examples(unknown)} "
-            "(unmerged adapter, quantised or extra-head weights?)"
-        )
+    converted = _translate_all(
+        state, to_hf=False, unknown_hint="transformers' SamModel does not have",
+        remedy="unmerged adapter, quantised or extra-head weights?",
+    )
     return converted
 
 

@@ -13,9 +13,12 @@ import torch
 from PIL import Image
 
 from hf_sam_peft import cli
-from tests.evaluation.test_interactive_eval import one_thread, small_rows  # noqa: F401 (autouse fixture)
+from tests.evaluation.test_interactive_eval import small_rows
 
 FEATURES = (32, 16, 8, 8)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,12 @@ from hf_sam_peft.evaluation.ais import DEFAULT_WATERSHED, evaluate_ais, predict_
 from hf_sam_peft.evaluation.interactive import evaluate_interactive
 from hf_sam_peft.evaluation.results import ResultsTable
 from tests.conftest import shared_dataset
-from tests.evaluation.test_interactive_eval import DSB, one_thread, small_rows  # noqa: F401 (autouse fixture)
+from tests.evaluation.test_interactive_eval import DSB, small_rows
 
 FEATURES = (32, 16, 8, 8)  # a small UNETR: the architecture of the paper, fewer channels
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_ais(model: torch.nn.Module, rows: list[dict], steps: int) -> list[float]:

@@ -21,13 +21,7 @@ from tests.conftest import shared_dataset
 DSB = "dsb2018_stage1test_fluo_nuclei"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are small: one thread avoids OpenMP contention on busy 2-core machines (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_rows(n: int = 2, size: int = 96) -> list[dict]:

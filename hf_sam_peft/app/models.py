@@ -1,0 +1,204 @@
+"""A base SAM and several adapters held at once, switched in place for side-by-side comparison.
+
+Adapters of one peft type share a single :class:`~peft.PeftModel` and are switched with peft's
+``set_adapter``; the base model is the same weights under ``disable_adapter()``. peft cannot mix adapter
+types in one ``PeftModel`` (``add_adapter`` refuses), so each further peft type (e.g. SSF beside LoRA) wraps
+its own copy of the base model, made once at start-up. Nothing is reloaded when switching.
+
+A UNETR decoder (for "segment all") comes with an adapter either as ``"unetr_decoder"`` in its
+``modules_to_save`` (switched by peft with the adapter) or as ``<adapter>/unetr`` (attached while that
+adapter is active). The base model never runs AIS: an empty decoder placeholder is not a trained one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft import LoraConfig, PeftConfig, PeftModel
+from torch import nn
+
+__all__ = ["BASE_NAME", "AdapterInfo", "ModelBank", "adapter_names", "recorded_base"]
+
+BASE_NAME = "base"
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def adapter_names(sources: Sequence[str]) -> list[str]:
+    """Short unique display names (folder or repo basename), usable as peft adapter names (no dots)."""
+    names: list[str] = []
+    for source in sources:
+        stem = _NAME_CHARS.sub("_", Path(os.fspath(source).rstrip("/\\")).name).strip("_") or "adapter"
+        name, index = stem, 2
+        while name in names or name == BASE_NAME:
+            name, index = f"{stem}_{index}", index + 1
+        names.append(name)
+    return names
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One loaded adapter: its display name, where it came from, its peft type and whether it can run AIS."""
+
+    name: str
+    source: str
+    peft_type: str
+    has_decoder: bool
+
+
+def _decoder_in_adapter(folder: Path, config: PeftConfig) -> dict | None:
+    """UNETR settings when the adapter saves ``unetr_decoder`` in ``modules_to_save``, else None."""
+    from hf_sam_peft.evaluation.predictor import _unetr_config_from_weights
+    from hf_sam_peft.loading import adapter_weights_file
+    from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME
+
+    if ATTRIBUTE_NAME not in (getattr(config, "modules_to_save", None) or []):
+        return None
+    return _unetr_config_from_weights(adapter_weights_file(str(folder)))
+
+
+def _add_adapter(model: PeftModel, folder: Path, name: str, config: PeftConfig) -> None:
+    """A further adapter of the same peft type into ``model`` (q/v LoRA registered like ``load_adapter``)."""
+    from hf_sam_peft.loading import _tensor_shapes, adapter_weights_file
+    from hf_sam_peft.tuners.lora import is_qv_lora_state, register_qv_lora
+
+    if isinstance(config, LoraConfig) and not config._custom_modules:
+        if is_qv_lora_state(config, _tensor_shapes(adapter_weights_file(str(folder)))):
+            register_qv_lora(config)
+    config.inference_mode = True
+    model.add_adapter(name, config)
+    try:
+        model.load_adapter(str(folder), adapter_name=name)
+    except RuntimeError as exc:  # size mismatch: an adapter for another SAM
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"adapter {str(folder)!r} does not fit this base model: {first}") from None
+
+
+class ModelBank:
+    """Base SAM + adapters; :meth:`use` activates one by name and yields the model to run.
+
+    ``use`` holds a lock, so concurrent requests (several browser tabs) never see each other's adapter.
+    """
+
+    def __init__(self, base_model: nn.Module, adapters: Sequence[str] = ()) -> None:
+        from hf_sam_peft.hub import _resolve_folder
+        from hf_sam_peft.loading import load_adapter
+        from hf_sam_peft.modeling.unetr import CONFIG_NAME, attach_unetr, load_unetr
+        from hf_sam_peft.training.interactive import unwrap_sam
+
+        unwrap_sam(base_model)  # one-line TypeError for anything but SAM
+        if isinstance(base_model, PeftModel):
+            raise TypeError("base_model must be the plain SamModel, not a PeftModel")
+        if isinstance(adapters, str) or not all(isinstance(a, str) and a for a in adapters):
+            raise ValueError(f"adapters must be a list of adapter folders or Hub repo ids, got {adapters!r}")
+        self._lock = threading.RLock()
+        self.adapters: dict[str, AdapterInfo] = {}
+        self._group_of: dict[str, str] = {}  # adapter name -> peft type
+        self._groups: dict[str, nn.Module] = {}  # peft type -> PeftModel
+        self._folder_decoders: dict[str, nn.Module] = {}
+
+        folders = [_resolve_folder(source, {}) for source in adapters]
+        for folder, source in zip(folders, adapters):
+            if not (folder / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"adapter {source!r} has no adapter_config.json (expected a peft adapter)")
+        configs = [PeftConfig.from_pretrained(str(folder)) for folder in folders]
+        types = list(dict.fromkeys(_type_name(c) for c in configs))
+        # copies for the 2nd, 3rd ... peft type, taken before the first adapter modifies the base in place
+        bases = [base_model] + [copy.deepcopy(base_model) for _ in types[1:]]
+        self.base_model = base_model
+
+        for name, source, folder, config in zip(adapter_names(adapters), adapters, folders, configs):
+            kind = _type_name(config)
+            settings = _decoder_in_adapter(folder, config)
+            target = self._groups.get(kind, bases[types.index(kind)])
+            sam = unwrap_sam(target)
+            if settings is not None and not hasattr(sam, "unetr_decoder"):
+                attach_unetr(sam, **settings)
+            if kind in self._groups:
+                _add_adapter(self._groups[kind], folder, name, config)
+            else:
+                self._groups[kind] = load_adapter(target, str(folder), adapter_name=name, config=config)
+            if (folder / "unetr" / CONFIG_NAME).is_file():
+                self._folder_decoders[name] = load_unetr(folder / "unetr", device=_device(sam))
+            self._group_of[name] = kind
+            self.adapters[name] = AdapterInfo(
+                name, source, kind, settings is not None or name in self._folder_decoders
+            )
+        for model in self._groups.values():
+            model.eval()
+        base_model.eval()
+
+    @property
+    def names(self) -> list[str]:
+        """``"base"`` followed by the adapters in the order given."""
+        return [BASE_NAME, *self.adapters]
+
+    def has_decoder(self, name: str) -> bool:
+        """Whether ``name`` can run automatic instance segmentation (it carries a trained UNETR decoder)."""
+        self._check(name)
+        return name != BASE_NAME and self.adapters[name].has_decoder
+
+    def _check(self, name: str) -> None:
+        if name not in self.names:
+            raise ValueError(f"model must be one of {self.names}, got {name!r}")
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[nn.Module]:
+        """Activate ``name`` (``"base"`` or an adapter) and yield the model that runs it."""
+        from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME
+
+        self._check(name)
+        with self._lock:
+            if name == BASE_NAME:
+                if not self._groups:
+                    yield self.base_model
+                    return
+                model = self._groups[next(iter(self._groups))]
+                with model.disable_adapter():
+                    yield model
+                return
+            model = self._groups[self._group_of[name]]
+            model.set_adapter(name, inference_mode=True)
+            decoder = self._folder_decoders.get(name)
+            if decoder is None:
+                yield model
+                return
+            sam = model.get_base_model()
+            previous = getattr(sam, ATTRIBUTE_NAME, None)
+            setattr(sam, ATTRIBUTE_NAME, decoder)
+            try:
+                yield model
+            finally:
+                if previous is None:
+                    delattr(sam, ATTRIBUTE_NAME)
+                else:
+                    setattr(sam, ATTRIBUTE_NAME, previous)
+
+
+def _type_name(config: PeftConfig) -> str:
+    """``"LORA"``, ``"SSF"``: the peft type as plain text (peft's own types are an enum, ours strings)."""
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
+def _device(model: nn.Module):
+    from hf_sam_peft.evaluation.predictor import model_device_dtype
+
+    return model_device_dtype(model)[0]
+
+
+def recorded_base(adapter: str) -> str | None:
+    """The base model an adapter names (``hf_sam_peft.json``, else ``adapter_config.json``), if any."""
+    from hf_sam_peft.hub import _resolve_folder, read_provenance
+
+    folder = _resolve_folder(adapter, {})
+    base = read_provenance(folder).get("base_model")
+    if not base and (folder / "adapter_config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return base or None
