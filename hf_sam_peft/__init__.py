@@ -15,7 +15,13 @@ if _bnb_cpu_logger.level == _logging.NOTSET:
     _bnb_cpu_logger.setLevel(_logging.ERROR)
 
 from .loading import load_adapter
-from .methods import METHOD_NAMES, METHODS, apply_method, count_parameters, method_config
+from .methods import (
+    METHOD_NAMES,
+    METHODS,
+    apply_method,
+    count_parameters,
+    method_config,
+)
 from .tuners import (
     AdaptFormerConfig,
     AttnTuneConfig,
@@ -24,8 +30,8 @@ from .tuners import (
     FreezeEncoderConfig,
     LNTuneConfig,
     SSFConfig,
-    qv_lora_config,
     quantize_image_encoder,
+    qv_lora_config,
 )
 
 # Hub helpers import the training stack; load them on first use so `import hf_sam_peft` stays light.

@@ -30,8 +30,7 @@ import os
 import shutil
 import string
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from torch import nn
 
+from .atomic import atomic_folder, atomic_write_text
 from .loading import load_adapter
 from .methods import METHODS, count_parameters, freeze_positional_basis
 from .modeling.unetr import ATTRIBUTE_NAME as UNETR_ATTRIBUTE
@@ -108,42 +108,6 @@ def _jsonable(value: Any, name: str) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v, name) for v in value]
     raise TypeError(f"{name} must hold JSON-like values (numbers, strings, lists, dicts), got {type(value).__name__}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-@contextmanager
-def _atomic_folder(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `out_dir`; on success it replaces `out_dir` by renames, so
-    readers see the old folder or the complete new one, never a half-written adapter."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out_dir must be a folder, but {out_dir} is a file")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"out_dir {out_dir} exists and is not empty; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.replace(out_dir, old / "folder")
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _repo_files(folder: Path) -> list[str]:
@@ -523,13 +487,13 @@ def save_adapter(
         license=license,
     )
     decoder = _unetr_of(model)
-    with _atomic_folder(out_dir, overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite) as tmp:
         _save_weights(model, tmp, provenance["base_model"])
         if decoder is not None:
             save_unetr(decoder, tmp / UNETR_SUBFOLDER)
         provenance["files"] = sorted({*_repo_files(tmp), PROVENANCE_NAME, CARD_NAME})
-        _atomic_write_text(tmp / PROVENANCE_NAME, json.dumps(provenance, indent=2) + "\n")
-        _atomic_write_text(tmp / CARD_NAME, render_card(provenance, repo_id or os.fspath(out_dir)))
+        atomic_write_text(tmp / PROVENANCE_NAME, json.dumps(provenance, indent=2) + "\n")
+        atomic_write_text(tmp / CARD_NAME, render_card(provenance, repo_id or os.fspath(out_dir)))
     return out_dir
 
 
@@ -609,7 +573,7 @@ def prepare_upload(
         if rel != CARD_NAME:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, dest / rel)
-    _atomic_write_text(dest / CARD_NAME, render_card(provenance, repo_id))
+    atomic_write_text(dest / CARD_NAME, render_card(provenance, repo_id))
     return _repo_files(dest)
 
 
@@ -632,12 +596,16 @@ def push_folder_to_hub(
 # ------------------------------------------------------------------------------------------------ load
 
 
-def _resolve_folder(adapter_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> Path:
+def resolve_adapter_folder(adapter_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> Path:
     """A local folder, or the Hub repo's snapshot (downloaded, or from the cache when offline)."""
     if os.path.isdir(adapter_id):
         return Path(adapter_id)
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(str(adapter_id), allow_patterns=list(REPO_FILES), **hub_kwargs))
@@ -704,7 +672,7 @@ def from_pretrained(
     if base_model is not None and not isinstance(base_model, (nn.Module, str, os.PathLike)):
         raise TypeError(f"base_model must be a SamModel or its id/folder, got {type(base_model).__name__}")
     name = os.fspath(adapter_id)
-    folder = _resolve_folder(adapter_id, hub_kwargs)
+    folder = resolve_adapter_folder(adapter_id, hub_kwargs)
     provenance = read_provenance(folder)
     is_adapter = (folder / ADAPTER_CONFIG_NAME).is_file()
     if not is_adapter and not (folder / "config.json").is_file():

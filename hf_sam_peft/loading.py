@@ -33,7 +33,8 @@ def adapter_weights_file(model_id: str, subfolder: str | None = None, **hub_kwar
     return hf_hub_download(model_id, ADAPTER_WEIGHTS, subfolder=subfolder, **hub_kwargs)
 
 
-def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+def adapter_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, read from its header only."""
     with safe_open(path, framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
@@ -55,7 +56,7 @@ def load_adapter(
     if config is None:
         config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
     if isinstance(config, LoraConfig) and not config._custom_modules:
-        shapes = _tensor_shapes(adapter_weights_file(model_id, **hub_kwargs))
+        shapes = adapter_tensor_shapes(adapter_weights_file(model_id, **hub_kwargs))
         if is_qv_lora_state(config, shapes):
             register_qv_lora(config)
     try:

@@ -17,8 +17,8 @@ from .tuners import (
     FreezeEncoderConfig,
     LNTuneConfig,
     SSFConfig,
-    qv_lora_config,
     quantize_image_encoder,
+    qv_lora_config,
 )
 from .tuners.base import find_image_encoder
 

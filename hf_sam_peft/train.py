@@ -122,7 +122,6 @@ def build_datasets(recipe: Recipe):
 def build_model(recipe: Recipe, ais: bool):
     """Base model (+ UNETR decoder when `ais`) wrapped with the recipe's method."""
     from .methods import apply_method
-
     from .modeling.base_models import load_base_model
 
     model = load_base_model(recipe.base_model)[0]
@@ -169,6 +168,7 @@ def train(recipe: Recipe, resume_from_checkpoint: Optional[str | bool] = None) -
 
 def save_trained(model, adapter_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
     """The adapter with its provenance and model card (hub.save_adapter), plus a JSON summary of the run."""
+    from .atomic import atomic_write_text
     from .hub import save_adapter
 
     dataset = recipe.dataset if isinstance(recipe.dataset, str) else recipe.dataset.get("name", "custom")
@@ -178,9 +178,7 @@ def save_trained(model, adapter_dir: Path, recipe: Recipe, summary: dict[str, An
         extra={**recipe.training, "steps": summary["steps"], "best_metric": summary["best_metric"]},
         overwrite=True,
     )
-    tmp = adapter_dir / "training_summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(adapter_dir / "training_summary.json")
+    atomic_write_text(adapter_dir / "training_summary.json", json.dumps(summary, indent=2, default=str))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

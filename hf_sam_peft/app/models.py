@@ -55,22 +55,22 @@ class AdapterInfo:
 
 def _decoder_in_adapter(folder: Path, config: PeftConfig) -> dict | None:
     """UNETR settings when the adapter saves ``unetr_decoder`` in ``modules_to_save``, else None."""
-    from hf_sam_peft.evaluation.predictor import _unetr_config_from_weights
+    from hf_sam_peft.evaluation.predictor import unetr_config_from_weights
     from hf_sam_peft.loading import adapter_weights_file
     from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME
 
     if ATTRIBUTE_NAME not in (getattr(config, "modules_to_save", None) or []):
         return None
-    return _unetr_config_from_weights(adapter_weights_file(str(folder)))
+    return unetr_config_from_weights(adapter_weights_file(str(folder)))
 
 
 def _add_adapter(model: PeftModel, folder: Path, name: str, config: PeftConfig) -> None:
     """A further adapter of the same peft type into ``model`` (q/v LoRA registered like ``load_adapter``)."""
-    from hf_sam_peft.loading import _tensor_shapes, adapter_weights_file
+    from hf_sam_peft.loading import adapter_tensor_shapes, adapter_weights_file
     from hf_sam_peft.tuners.lora import is_qv_lora_state, register_qv_lora
 
     if isinstance(config, LoraConfig) and not config._custom_modules:
-        if is_qv_lora_state(config, _tensor_shapes(adapter_weights_file(str(folder)))):
+        if is_qv_lora_state(config, adapter_tensor_shapes(adapter_weights_file(str(folder)))):
             register_qv_lora(config)
     config.inference_mode = True
     model.add_adapter(name, config)
@@ -88,7 +88,7 @@ class ModelBank:
     """
 
     def __init__(self, base_model: nn.Module, adapters: Sequence[str] = ()) -> None:
-        from hf_sam_peft.hub import _resolve_folder
+        from hf_sam_peft.hub import resolve_adapter_folder
         from hf_sam_peft.loading import load_adapter
         from hf_sam_peft.modeling.unetr import CONFIG_NAME, attach_unetr, load_unetr
         from hf_sam_peft.training.interactive import unwrap_sam
@@ -104,7 +104,7 @@ class ModelBank:
         self._groups: dict[str, nn.Module] = {}  # peft type -> PeftModel
         self._folder_decoders: dict[str, nn.Module] = {}
 
-        folders = [_resolve_folder(source, {}) for source in adapters]
+        folders = [resolve_adapter_folder(source, {}) for source in adapters]
         for folder, source in zip(folders, adapters):
             if not (folder / "adapter_config.json").is_file():
                 raise FileNotFoundError(f"adapter {source!r} has no adapter_config.json (expected a peft adapter)")
@@ -195,9 +195,9 @@ def _device(model: nn.Module):
 
 def recorded_base(adapter: str) -> str | None:
     """The base model an adapter names (``hf_sam_peft.json``, else ``adapter_config.json``), if any."""
-    from hf_sam_peft.hub import _resolve_folder, read_provenance
+    from hf_sam_peft.hub import resolve_adapter_folder, read_provenance
 
-    folder = _resolve_folder(adapter, {})
+    folder = resolve_adapter_folder(adapter, {})
     base = read_provenance(folder).get("base_model")
     if not base and (folder / "adapter_config.json").is_file():
         base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")

@@ -14,6 +14,7 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 

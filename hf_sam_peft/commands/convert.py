@@ -103,7 +103,9 @@ def _load_model(model: str, base: str | None):
             raise ValueError(f"--base is only for adapters, but {model!r} has no adapter_config.json")
         return SamModel.from_pretrained(model)
 
-    from ..loading import load_adapter  # registers our peft methods and handles q/v LoRA
+    from ..loading import (
+        load_adapter,  # registers our peft methods and handles q/v LoRA
+    )
 
     base = base or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
     if not base:

@@ -40,7 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare the upload folder; print it (dry run) or push it."""
-    from hf_sam_peft.hub import DEFAULT_COMMIT_MESSAGE, CARD_NAME, prepare_upload, push_folder_to_hub
+    from hf_sam_peft.hub import (
+        CARD_NAME,
+        DEFAULT_COMMIT_MESSAGE,
+        prepare_upload,
+        push_folder_to_hub,
+    )
 
     if args.dry_run:
         with tempfile.TemporaryDirectory(prefix="hf_sam_peft_push_") as tmp:

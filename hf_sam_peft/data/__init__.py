@@ -1,7 +1,13 @@
 """Data: image/label folders -> HF ``datasets`` of normalised 2D patches, SAM input normalisation, and
 dataset recipes (``recipes/datasets/*.yaml``). See :mod:`hf_sam_peft.data.builder` for the row format."""
 
-from .builder import LABEL_MODES, build_dataset, holdout_split, iter_rows, train_val_datasets
+from .builder import (
+    LABEL_MODES,
+    build_dataset,
+    holdout_split,
+    iter_rows,
+    train_val_datasets,
+)
 from .folders import FilePair, find_pairs, iter_slices, load_pair
 from .io import DataError, load_image, load_labels
 from .labels import count_objects, to_instances

@@ -1,5 +1,7 @@
 """Evaluation: mean segmentation accuracy and Dice (plain functions and `evaluate` metrics), and the protocols."""
 
+from .ais import evaluate_ais, segment_ais
+from .interactive import evaluate_interactive
 from .metrics import (
     DEFAULT_THRESHOLDS,
     ObjectOverlaps,
@@ -11,9 +13,6 @@ from .metrics import (
     segmentation_accuracy_at,
     segmentation_accuracy_per_threshold,
 )
-
-from .ais import evaluate_ais, segment_ais
-from .interactive import evaluate_interactive
 from .predictor import SamPredictor, load_model
 from .results import ResultsTable
 

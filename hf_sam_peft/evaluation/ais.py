@@ -24,8 +24,17 @@ from tqdm.auto import tqdm
 
 from hf_sam_peft.evaluation.interactive import validate_row
 from hf_sam_peft.evaluation.metrics import DEFAULT_THRESHOLDS, ObjectOverlaps
-from hf_sam_peft.evaluation.predictor import eval_mode, has_unetr, image_size_of, model_device_dtype
-from hf_sam_peft.instance_segmentation import distances_to_instances, grid_search_watershed, predict_tiled
+from hf_sam_peft.evaluation.predictor import (
+    eval_mode,
+    has_unetr,
+    image_size_of,
+    model_device_dtype,
+)
+from hf_sam_peft.instance_segmentation import (
+    distances_to_instances,
+    grid_search_watershed,
+    predict_tiled,
+)
 from hf_sam_peft.modeling.unetr import predict_distances
 from hf_sam_peft.training.collate import image_preprocessor
 

@@ -42,7 +42,11 @@ from tqdm.auto import tqdm
 
 from hf_sam_peft.evaluation.metrics import dice_score, mean_segmentation_accuracy
 from hf_sam_peft.evaluation.predictor import PromptPredictor, SamPredictor
-from hf_sam_peft.prompts import boxes_from_masks, correction_points, sample_point_prompts
+from hf_sam_peft.prompts import (
+    boxes_from_masks,
+    correction_points,
+    sample_point_prompts,
+)
 from hf_sam_peft.training.interactive import prompt_generator
 
 __all__ = [

@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from hf_sam_peft.training.collate import image_preprocessor
-from hf_sam_peft.training.interactive import Frames, Prompts, decode, encode_images, unwrap_sam
+from hf_sam_peft.training.interactive import (
+    Frames,
+    Prompts,
+    decode,
+    encode_images,
+    unwrap_sam,
+)
 
 __all__ = [
     "PromptPredictor",
@@ -201,7 +207,7 @@ def load_base(base: str, device: str | torch.device = "cpu") -> nn.Module:
     return load_base_model(base, device=device)[0]
 
 
-def _unetr_config_from_weights(path: str) -> dict[str, Any] | None:
+def unetr_config_from_weights(path: str) -> dict[str, Any] | None:
     """UNETR settings (features, upsampling, out_channels) read from an adapter's saved decoder weights."""
     from safetensors import safe_open
 
@@ -228,7 +234,12 @@ def load_model(
     adapter's own ``modules_to_save`` copy; see the module docstring for the layout.
     """
     from hf_sam_peft.loading import adapter_weights_file, load_adapter
-    from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME, CONFIG_NAME, attach_unetr, load_unetr
+    from hf_sam_peft.modeling.unetr import (
+        ATTRIBUTE_NAME,
+        CONFIG_NAME,
+        attach_unetr,
+        load_unetr,
+    )
 
     model = load_base(base, device) if isinstance(base, str) else base
     unwrap_sam(model)
@@ -240,7 +251,7 @@ def load_model(
         raise FileNotFoundError(f"adapter folder {adapter!r} has no adapter_config.json (expected a peft adapter)")
     config = json.loads(Path(adapter, "adapter_config.json").read_text()) if os.path.isdir(adapter) else {}
     if ATTRIBUTE_NAME in (config.get("modules_to_save") or []):
-        settings = _unetr_config_from_weights(adapter_weights_file(adapter))
+        settings = unetr_config_from_weights(adapter_weights_file(adapter))
         if settings is not None and not hasattr(model, ATTRIBUTE_NAME):
             attach_unetr(model, **settings)
     model = load_adapter(model, adapter)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from hf_sam_peft.modeling.unetr import _atomic_write
+from hf_sam_peft.atomic import atomic_write_text
 
 __all__ = ["KEY_COLUMNS", "METRIC_NAMES", "SCORE_COLUMNS", "ResultRow", "ResultsTable"]
 
@@ -154,7 +154,7 @@ class ResultsTable:
             raise ValueError(f"path must end in .csv or .json, got {str(path)!r}")
         text = self.to_csv_text() if suffix == ".csv" else self.to_json_text(details)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(path, text)
         return path
 
     @classmethod

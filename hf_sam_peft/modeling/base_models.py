@@ -17,7 +17,12 @@ import torch
 from transformers import AutoConfig, SamConfig, SamModel, SamProcessor
 
 from hf_sam_peft.modeling.convert import sam_processor
-from hf_sam_peft.modeling.lite_medsam import LiteSamConfig, LiteSamModel, lite_medsam_processor, load_lite_medsam
+from hf_sam_peft.modeling.lite_medsam import (
+    LiteSamConfig,
+    LiteSamModel,
+    lite_medsam_processor,
+    load_lite_medsam,
+)
 
 __all__ = ["BASE_MODELS", "load_base_model"]
 

@@ -10,16 +10,21 @@ import copy
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+from transformers import (
+    SamConfig,
+    SamMaskDecoderConfig,
+    SamModel,
+    SamPromptEncoderConfig,
+    SamVisionConfig,
+)
 
+from hf_sam_peft.atomic import atomic_folder, atomic_write
 from hf_sam_peft.modeling.sam import VIT_SIZES
 
 __all__ = [
@@ -415,15 +420,9 @@ def convert_checkpoint(
         raise ValueError(f"model_type is {model_type!r} but checkpoint {str(path)!r} has the shapes of {detected!r}")
     model = sam_model_from_state_dict(state_dict, decoder_num_heads=decoder_num_heads)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, overwrite=True) as tmp:  # emptiness was checked above
         model.save_pretrained(tmp)
         sam_processor(model.config).save_pretrained(tmp)
-        _replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model
 
 
@@ -432,7 +431,9 @@ def sam_processor(config: SamConfig):
     from transformers import SamProcessor
 
     try:  # transformers >= 5 (the default class there wants torchvision and warns without it)
-        from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil as ImageProcessor
+        from transformers.models.sam.image_processing_pil_sam import (
+            SamImageProcessorPil as ImageProcessor,
+        )
     except ImportError:
         from transformers import SamImageProcessor as ImageProcessor
 
@@ -453,17 +454,6 @@ def _check_file_target(path: Path, overwrite: bool) -> None:
         raise ValueError(f"path {str(path)!r} is a folder; expected a file name such as model.pth")
     if path.exists() and not overwrite:
         raise ValueError(f"path {str(path)!r} exists; pass overwrite=True to replace it")
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Move the finished folder `tmp` to `target`, replacing what was there only once `tmp` is complete."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _sam_model_of(model: nn.Module) -> SamModel:
@@ -503,13 +493,4 @@ def export_to_segment_anything(
     state = to_segment_anything_state_dict(
         {k: v.detach().to("cpu").contiguous() for k, v in sam.state_dict().items()}
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))

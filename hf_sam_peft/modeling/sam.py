@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+from transformers import (
+    SamConfig,
+    SamMaskDecoderConfig,
+    SamPromptEncoderConfig,
+    SamVisionConfig,
+)
 
 # ViT sizes of the original SAM (segment_anything's build_sam.py).
 VIT_SIZES: dict[str, dict] = {

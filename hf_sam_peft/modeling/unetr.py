@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +38,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hf_sam_peft.atomic import atomic_write
 
 UPSAMPLING_MODES = ("transposed", "interpolate")
 CONFIG_NAME = "unetr_config.json"
@@ -285,19 +286,6 @@ class UNETRDecoder(nn.Module):
 # --- save / load ---------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_unetr(decoder: UNETRDecoder, directory: str | os.PathLike) -> Path:
     """Save `decoder` as `unetr_config.json` + `unetr.safetensors` in `directory` (created if needed)."""
     from safetensors.torch import save_file
@@ -307,9 +295,9 @@ def save_unetr(decoder: UNETRDecoder, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     text = json.dumps(decoder.config.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return directory
 
 

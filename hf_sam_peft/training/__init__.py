@@ -1,9 +1,26 @@
 """Training: µSAM's interactive objective in a transformers Trainer, AIS targets and loss."""
 
-from .collate import SamInteractiveCollator, postprocess_masks, transform_boxes, transform_coords
-from .interactive import BOX_MODE, POINT_MODE, PromptMode, initial_prompts, interactive_loss, interactive_rounds, prompt_generator
+from .collate import (
+    SamInteractiveCollator,
+    postprocess_masks,
+    transform_boxes,
+    transform_coords,
+)
+from .interactive import (
+    BOX_MODE,
+    POINT_MODE,
+    PromptMode,
+    initial_prompts,
+    interactive_loss,
+    interactive_rounds,
+    prompt_generator,
+)
 from .losses import dice_loss, mask_and_iou_loss
-from .trainer import InteractiveTrainingArguments, LossCurveCallback, SamInteractiveTrainer
+from .trainer import (
+    InteractiveTrainingArguments,
+    LossCurveCallback,
+    SamInteractiveTrainer,
+)
 
 __all__ = [
     "BOX_MODE", "InteractiveTrainingArguments", "LossCurveCallback", "POINT_MODE", "PromptMode",

@@ -6,7 +6,7 @@ from .bias_tune import BiasTuneConfig, BiasTuneModel
 from .fact import FactConfig, FactModel
 from .freeze_encoder import FreezeEncoderConfig, FreezeEncoderModel
 from .ln_tune import LNTuneConfig, LNTuneModel
-from .lora import qv_lora_config, quantize_image_encoder, register_qv_lora
+from .lora import quantize_image_encoder, qv_lora_config, register_qv_lora
 from .registration import add_peft_type, register_tuner
 from .ssf import SSFConfig, SSFModel
 

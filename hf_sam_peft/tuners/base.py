@@ -13,11 +13,18 @@ from typing import Any, Optional, Union
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    check_adapters_to_merge,
+    check_target_module_exists,
+)
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
-from ..modeling.unetr import ATTRIBUTE_NAME as UNETR_MODULE_NAME  # where attach_unetr puts the AIS decoder
+from ..modeling.unetr import (
+    ATTRIBUTE_NAME as UNETR_MODULE_NAME,  # where attach_unetr puts the AIS decoder
+)
 
 # The prompt encoder and mask decoder (and the UNETR decoder, when the model carries one: peft skips names a
 # model does not have) always train and are saved with the adapter (DESIGN §1). The prompt

@@ -9,7 +9,11 @@ import datasets
 import evaluate
 import numpy as np
 
-from hf_sam_peft.evaluation.metrics import DEFAULT_THRESHOLDS, average_over_images, segmentation_accuracy_per_threshold
+from hf_sam_peft.evaluation.metrics import (
+    DEFAULT_THRESHOLDS,
+    average_over_images,
+    segmentation_accuracy_per_threshold,
+)
 
 _DESCRIPTION = """Mean segmentation accuracy (Caicedo et al. 2019) as elf / micro-sam compute it: the ground truth is
 relabelled to connected components, objects are matched one-to-one (Hungarian) at IoU thresholds 0.50:0.05:0.95,
