@@ -1,11 +1,20 @@
-"""Time per training iteration and peak memory of µSAM's interactive objective, per fine-tuning method.
+"""Time per training iteration and peak memory of µSAM's interactive objective: plain vs optimized, vs micro-sam.
 
-Each method runs in its own process (so peak memory is that method's alone) on one synthetic batch of disc
-objects: the image encoder once, `--rounds` prompt rounds, backward, AdamW step; time/it is the median after
-`--warmup` iterations. CPU peak memory is the process's peak RSS; on CUDA, peak allocated memory.
+Each (method, path) runs in its own process (so peak memory is that run's alone) on one synthetic batch of
+disc objects (``benchmarks/synthetic.py``): the image encoder once, ``--rounds`` prompt rounds, backward,
+AdamW step; time/it is the median after ``--warmup`` iterations. CPU peak memory is the process's peak RSS;
+on CUDA, peak allocated memory.
+
+Paths: ``plain`` (every efficiency option off: float32, no checkpointing, AdamW without fused kernel),
+``optimized`` (``EfficiencyOptions()`` defaults + fused AdamW), or ``optimized:key=value,...`` (defaults with
+some options changed, e.g. ``optimized:checkpoint_encoder=False``). Where the micro-sam venv exists
+(``benchmarks/setup_micro_sam.sh``), micro-sam's own ``SamTrainer`` step runs on the same batch
+(``benchmarks/micro_sam_step.py``) for full_ft, freeze_encoder and lora, and the table gives our time and
+memory relative to it.
 
     python benchmarks/train_step.py --model tiny --image-size 256            # CPU, seconds per method
-    python benchmarks/train_step.py --model vit_b --image-size 1024 --objects 25 --batch 2 --device cuda
+    python benchmarks/train_step.py --model vit_b --objects 4 --methods lora,freeze_encoder,full_ft
+    python benchmarks/train_step.py --model vit_b --objects 25 --batch 2 --device cuda
 """
 
 from __future__ import annotations
@@ -13,31 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic import synthetic_rows  # noqa: E402
+
 ALL_METHODS = ("full_ft", "freeze_encoder", "ln_tune", "bias_tune", "attn_tune", "lora", "qlora", "adaptformer", "ssf", "fact")
-
-
-def synthetic_rows(batch: int, size: int, n_objects: int, seed: int = 0) -> list[dict]:
-    """Grey images with `n_objects` bright discs each, and their instance labels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    rows = []
-    for _ in range(batch):
-        labels = np.zeros((size, size), np.int32)
-        radius = max(3, size // (4 * int(np.ceil(np.sqrt(n_objects)))))
-        for i in range(n_objects):
-            cy, cx = rng.integers(radius, size - radius, 2)
-            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i + 1
-        image = (labels > 0).astype(np.float32) * 0.7 + rng.normal(0.2, 0.05, (size, size)).astype(np.float32)
-        rows.append({"image": image[..., None], "labels": labels})
-    return rows
+PEER_METHODS = ("full_ft", "freeze_encoder", "lora")
+DEFAULT_PEER_PYTHON = "/work/microsam-venv/bin/python"
 
 
 def build_model(model: str, image_size: int):
@@ -47,32 +46,56 @@ def build_model(model: str, image_size: int):
 
     if model == "tiny":
         return SamModel(tiny_sam_config(image_size=image_size))
-    config = sam_config(model)
-    return SamModel(config)
+    return SamModel(sam_config(model))
 
 
-def measure(method: str, opts: dict, queue) -> None:
+def parse_path(path: str):
+    """``plain`` / ``optimized`` / ``optimized:key=value,...`` -> (EfficiencyOptions, fused optimizer)."""
+    from hf_sam_peft.training.efficiency import EfficiencyOptions
+
+    if path == "plain":
+        return EfficiencyOptions.plain(), False
+    name, _, spec = path.partition(":")
+    if name != "optimized":
+        raise ValueError(f"path must be 'plain', 'optimized' or 'optimized:key=value,...', got {path!r}")
+    changes, fused = {}, True
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        parsed = {"true": True, "false": False, "none": None}.get(value.lower(), value)
+        if key == "fused":
+            fused = bool(parsed)
+        else:
+            changes[key] = parsed
+    return EfficiencyOptions(**changes), fused
+
+
+def measure(method: str, path: str, opts: dict, queue) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(opts["threads"])
     import hf_sam_peft
     from hf_sam_peft.training.collate import SamInteractiveCollator
+    from hf_sam_peft.training.efficiency import EmbeddingCache, optimizer_kwargs, prepare_model
     from hf_sam_peft.training.interactive import interactive_loss, prompt_generator, training_prompt_mode
 
     device = torch.device(opts["device"])
+    options, fused = parse_path(path)
     try:
         model = hf_sam_peft.apply_method(build_model(opts["model"], opts["image_size"]), method)
     except Exception as exc:  # e.g. QLoRA without 4-bit support on this machine
-        queue.put({"method": method, "error": str(exc).splitlines()[0][:100]})
+        queue.put({"method": method, "path": path, "error": str(exc).splitlines()[0][:100]})
         return
     model.to(device).train()
+    prepare_model(model, options)
     trainable, _ = hf_sam_peft.count_parameters(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, **optimizer_kwargs(device, fused))
     collate = SamInteractiveCollator.from_model(model)
     batch = collate(synthetic_rows(opts["batch"], opts["data_size"], opts["objects"]))
     batch = {k: v.to(device) for k, v in batch.items()}
+    cache = EmbeddingCache() if options.cache_embeddings else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, losses = [], []
     for step in range(opts["warmup"] + opts["steps"]):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -80,7 +103,7 @@ def measure(method: str, opts: dict, queue) -> None:
         generator = prompt_generator(0, 0, step, device=device)
         loss, _ = interactive_loss(
             model, batch, training_prompt_mode(step), n_objects=opts["objects"], n_rounds=opts["rounds"],
-            generator=generator,
+            generator=generator, options=options, embedding_cache=cache,
         )
         loss.backward()
         optimizer.step()
@@ -89,11 +112,37 @@ def measure(method: str, opts: dict, queue) -> None:
             torch.cuda.synchronize()
         if step >= opts["warmup"]:
             times.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    queue.put({"method": method, "time_per_it": statistics.median(times), "peak_gib": peak, "trainable": trainable})
+    queue.put({"method": method, "path": path, "time_per_it": statistics.median(times), "peak_gib": peak,
+               "trainable": trainable, "losses": losses})
+
+
+def measure_peer(method: str, args, python: str) -> dict:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "micro_sam_step.py")
+    command = [python, script, "--method", method, "--model", args.model, "--batch", str(args.batch),
+               "--data-size", str(args.data_size or 1024), "--objects", str(args.objects), "--rounds", str(args.rounds),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--device", args.device]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"method": method, "path": "micro-sam", "error": (done.stderr.strip().splitlines() or ["failed"])[-1][:100]}
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**row, "path": "micro-sam"}
+
+
+def format_row(row: dict, peer: dict | None) -> str:
+    if "error" in row:
+        return f"| {row['method']} | {row['path']} | — | unavailable: {row['error']} | — | — | — |"
+    ratio_t = ratio_m = "—"
+    if peer is not None and "error" not in peer and row["path"] != "micro-sam":
+        ratio_t = f"{row['time_per_it'] / peer['time_per_it']:.2f}×"
+        ratio_m = f"{row['peak_gib'] / peer['peak_gib']:.2f}×"
+    return (f"| {row['method']} | {row['path']} | {row['trainable']:,} | {row['time_per_it']:.2f} | "
+            f"{row['peak_gib']:.2f} | {ratio_t} | {ratio_m} |")
 
 
 def main(argv=None) -> int:
@@ -109,33 +158,44 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--paths", default="plain,optimized", help="';'-separated: plain;optimized;optimized:k=v,...")
+    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the micro-sam venv ('' to skip)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     image_size = args.image_size if args.model == "tiny" else 1024
+    args.data_size = args.data_size or image_size
     opts = dict(
-        model=args.model, image_size=image_size, data_size=args.data_size or image_size, batch=args.batch,
+        model=args.model, image_size=image_size, data_size=args.data_size, batch=args.batch,
         objects=args.objects, rounds=args.rounds, steps=args.steps, warmup=args.warmup, threads=args.threads,
         device=args.device,
     )
+    paths = [p for p in args.paths.replace(";", "\n").replace(",plain", "\nplain").replace(",optimized", "\noptimized").split("\n") if p]
+    use_peer = bool(args.peer_python) and os.path.exists(args.peer_python) and args.model != "tiny"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({args.threads} threads)"
     print(f"# {args.model}, input {image_size}², batch {args.batch}, {args.objects} objects, {args.rounds} rounds, "
-          f"{device_name}; median of {args.steps} steps after {args.warmup} warm-up")
-    print("| method | trainable params | time/it (s) | peak memory (GiB) |")
-    print("|---|---:|---:|---:|")
+          f"{device_name}; median of {args.steps} steps after {args.warmup} warm-up; ratios are ours / micro-sam's; "
+          f"load average at start {os.getloadavg()[0]:.1f}")
+    print("| method | path | trainable params | time/it (s) | peak memory (GiB) | time vs micro-sam | memory vs micro-sam |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    sys.stdout.flush()
     ctx = mp.get_context("spawn")
     rows = []
     for method in args.methods.split(","):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=measure, args=(method, opts, queue))
-        proc.start()
-        row = queue.get()
-        proc.join()
-        rows.append(row)
-        if "error" in row:
-            print(f"| {method} | — | unavailable: {row['error']} | — |")
-        else:
-            print(f"| {method} | {row['trainable']:,} | {row['time_per_it']:.3f} | {row['peak_gib']:.2f} |")
-        sys.stdout.flush()
+        peer = measure_peer(method, args, args.peer_python) if use_peer and method in PEER_METHODS else None
+        if peer is not None:
+            rows.append(peer)
+            print(format_row(peer, None))
+            sys.stdout.flush()
+        for path in paths:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=measure, args=(method, path, opts, queue))
+            proc.start()
+            row = queue.get()
+            proc.join()
+            rows.append(row)
+            print(format_row(row, peer))
+            sys.stdout.flush()
+    print(f"# load average at end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"options": opts, "device": device_name, "rows": rows}, f, indent=2)

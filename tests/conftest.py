@@ -9,19 +9,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: the suite's models are tiny, and OpenMP threads contending on a 2-core machine made
+# such tests 10-20x slower (measured: tests/training/test_efficiency.py 264 s with 2 threads, 16 s with 1).
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for tests of many tiny ops: OpenMP contention on a busy 2-core machine makes two
-    threads 10-20x slower there. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

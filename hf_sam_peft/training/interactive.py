@@ -35,8 +35,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from hf_sam_peft.prompts import boxes_from_masks, correction_points, sample_objects, sample_point_prompts
-from hf_sam_peft.training.collate import postprocess_masks, transform_boxes, transform_coords
+from hf_sam_peft.prompts import (
+    boxes_from_masks,
+    correction_points,
+    sample_objects,
+    sample_point_prompts,
+)
+from hf_sam_peft.training.collate import (
+    postprocess_masks,
+    transform_boxes,
+    transform_coords,
+)
+from hf_sam_peft.training.efficiency import (
+    EfficiencyOptions,
+    EmbeddingCache,
+    autocast_context,
+    encoder_embeddings,
+    maybe_checkpoint,
+)
 from hf_sam_peft.training.losses import batch_round_loss
 
 T = TypeVar("T")
@@ -71,9 +87,15 @@ POINT_MODE = PromptMode(n_pos=1, multimask=True)
 BOX_MODE = PromptMode(box=True)
 
 
-def training_prompt_mode(step: int) -> PromptMode:
-    """µSAM's alternation: even steps one positive point (multimask), odd steps the box (single mask)."""
-    return POINT_MODE if step % 2 == 0 else BOX_MODE
+def training_prompt_mode(step: int, point_multimask: bool = True) -> PromptMode:
+    """µSAM's alternation: even steps one positive point (multimask), odd steps the box (single mask).
+
+    ``point_multimask=False`` sends the point steps through the single-mask output: for bases trained on
+    boxes only (LiteMedSAM), whose multimask outputs have no point skill to start from.
+    """
+    if step % 2:
+        return BOX_MODE
+    return POINT_MODE if point_multimask else replace(POINT_MODE, multimask=False)
 
 
 def validation_prompt_mode(index: int, generator: torch.Generator | None = None) -> PromptMode:
@@ -270,32 +292,88 @@ def interactive_rounds(
     ``mask_prob`` per image and round the best low-res logits (detached) are the next round's mask input.
     Multimask output only in round 0 (and only if ``multimask_first``).
     """
-    if n_rounds < 1:
-        raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
-    if not 0.0 <= mask_prob <= 1.0:
-        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    _check_rounds(n_rounds, mask_prob)
     mask_inputs = use_mask = None
     for index in range(n_rounds):
         low, iou = decode(model, embeddings, prompts, multimask_first and index == 0, mask_inputs, use_mask)
+        low, iou = low.float(), iou.float()  # no-op in float32; under autocast the masks are upscaled in float32
         masks = [frames.upscale(b, low[b]) for b in range(low.shape[0])]
         output = RoundOutput(index, masks, iou, low, prompts)
         yield output
         if index == n_rounds - 1:
             return
-        with torch.no_grad():
-            best = iou.argmax(-1)
-            points, labels = [], []
-            for b, best_logits in enumerate(output.best_masks()):
-                p, lab = correction_points(best_logits > 0, targets[b], generator)
-                points.append(frames.coords(b, p))
-                labels.append(lab)
-            prompts = prompts.add_points(torch.stack(points), torch.stack(labels))
-            gather = best[..., None, None, None].expand(-1, -1, 1, *low.shape[-2:])
-            mask_inputs = low.gather(2, gather).detach()
-            if mask_prob in (0.0, 1.0):
-                use_mask = torch.full((low.shape[0],), mask_prob == 1.0, device=low.device)
-            else:
-                use_mask = torch.rand(low.shape[0], generator=generator, device=_device_of(generator)) < mask_prob
+        prompts, mask_inputs, use_mask = next_round_inputs(low, iou, targets, frames, prompts, mask_prob, generator)
+
+
+def _check_rounds(n_rounds: int, mask_prob: float) -> None:
+    if n_rounds < 1:
+        raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+
+
+@torch.no_grad()
+def next_round_inputs(
+    low: torch.Tensor,
+    iou: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    frames: Frames,
+    prompts: Prompts,
+    mask_prob: float,
+    generator: torch.Generator | None,
+) -> tuple[Prompts, torch.Tensor, torch.Tensor]:
+    """The next round's prompts (+1 positive, +1 negative correction point per object) and mask inputs.
+
+    Corrections come from the best mask (highest predicted IoU) upscaled to input resolution, binarised at 0.
+    """
+    best = iou.argmax(-1)
+    gather = best[..., None, None, None].expand(-1, -1, 1, *low.shape[-2:])
+    best_low = low.gather(2, gather)
+    points, labels = [], []
+    for b in range(low.shape[0]):
+        p, lab = correction_points(frames.upscale(b, best_low[b, :, 0]) > 0, targets[b], generator)
+        points.append(frames.coords(b, p))
+        labels.append(lab)
+    prompts = prompts.add_points(torch.stack(points), torch.stack(labels))
+    mask_inputs = best_low.detach()
+    if mask_prob in (0.0, 1.0):
+        use_mask = torch.full((low.shape[0],), mask_prob == 1.0, device=low.device)
+    else:
+        use_mask = torch.rand(low.shape[0], generator=generator, device=_device_of(generator)) < mask_prob
+    return prompts, mask_inputs, use_mask
+
+
+def checkpointed_round_losses(
+    model: nn.Module,
+    embeddings: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    frames: Frames,
+    prompts: Prompts,
+    *,
+    n_rounds: int,
+    multimask_first: bool,
+    mask_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-round ``(dice, mse)`` as :func:`interactive_rounds` + :func:`batch_round_loss` give them, with each
+    round's decoder call, upscaling and loss recomputed in backward instead of kept (activation checkpointing).
+    """
+    _check_rounds(n_rounds, mask_prob)
+    mask_inputs = use_mask = None
+    dice_per_round, mse_per_round = [], []
+    for index in range(n_rounds):
+        def run(emb, prompts=prompts, mask_inputs=mask_inputs, use_mask=use_mask, multimask=multimask_first and index == 0):
+            low, iou = decode(model, emb, prompts, multimask, mask_inputs, use_mask)
+            low, iou = low.float(), iou.float()
+            dice, mse = batch_round_loss([frames.upscale(b, low[b]) for b in range(low.shape[0])], iou, targets)
+            return dice, mse, low, iou
+
+        dice, mse, low, iou = maybe_checkpoint(True, run, embeddings)
+        dice_per_round.append(dice)
+        mse_per_round.append(mse)
+        if index < n_rounds - 1:
+            prompts, mask_inputs, use_mask = next_round_inputs(low, iou, targets, frames, prompts, mask_prob, generator)
+    return dice_per_round, mse_per_round
 
 
 def batch_objects(
@@ -326,33 +404,44 @@ def interactive_loss(
     mask_prob: float = 0.5,
     box_jitter: float = 0.025,
     generator: torch.Generator | None = None,
+    options: EfficiencyOptions | None = None,
+    embedding_cache: EmbeddingCache | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """µSAM's interactive loss of one batch, averaged over rounds, and its parts (detached).
 
     Parts: ``dice_loss`` and ``iou_mse`` (mean over rounds), ``round_dice_loss`` ``(n_rounds,)``,
     ``n_objects`` (objects per image used). DDP-wrapped models are handled by :func:`in_single_forward`.
+    ``options`` (:class:`~hf_sam_peft.training.efficiency.EfficiencyOptions`; None: the plain path) choose how the
+    step runs (autocast, no-grad frozen encoder, checkpointed rounds), not what it computes. Model-side options
+    (attention kernel, encoder checkpointing) are applied once by ``efficiency.prepare_model``.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return in_single_forward(model, lambda inner: interactive_loss(
             inner, batch, mode, n_objects=n_objects, n_rounds=n_rounds, mask_prob=mask_prob,
-            box_jitter=box_jitter, generator=generator,
+            box_jitter=box_jitter, generator=generator, options=options, embedding_cache=embedding_cache,
         ))
+    with autocast_context(options, batch["pixel_values"].device):
+        return _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_jitter, generator, options, embedding_cache)
+
+
+def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_jitter, generator, options, embedding_cache):
     kept, targets, frames = batch_objects(batch, n_objects, generator)
-    embeddings = encode_images(model, batch["pixel_values"][kept.to(batch["pixel_values"].device)])
+    pixel_values = batch["pixel_values"][kept.to(batch["pixel_values"].device)]
+    embeddings = encoder_embeddings(model, pixel_values, options, embedding_cache)
     if not targets or targets[0].shape[0] == 0:
         zero = embeddings.sum() * 0.0
         empty = torch.zeros((), device=zero.device)
         return zero, {"dice_loss": empty, "iou_mse": empty, "round_dice_loss": empty.repeat(n_rounds), "n_objects": empty}
     prompts = initial_prompts(targets, frames, mode, box_jitter, generator)
-    dice_per_round, mse_per_round = [], []
-    rounds = interactive_rounds(
-        model, embeddings, targets, frames, prompts,
-        n_rounds=n_rounds, multimask_first=mode.multimask, mask_prob=mask_prob, generator=generator,
-    )
-    for output in rounds:
-        dice, mse = batch_round_loss(output.masks, output.iou_predictions, targets)
-        dice_per_round.append(dice)
-        mse_per_round.append(mse)
+    kwargs = dict(n_rounds=n_rounds, multimask_first=mode.multimask, mask_prob=mask_prob, generator=generator)
+    if options is not None and options.checkpoint_rounds:
+        dice_per_round, mse_per_round = checkpointed_round_losses(model, embeddings, targets, frames, prompts, **kwargs)
+    else:
+        dice_per_round, mse_per_round = [], []
+        for output in interactive_rounds(model, embeddings, targets, frames, prompts, **kwargs):
+            dice, mse = batch_round_loss(output.masks, output.iou_predictions, targets)
+            dice_per_round.append(dice)
+            mse_per_round.append(mse)
     dice = torch.stack(dice_per_round)
     mse = torch.stack(mse_per_round)
     loss = (dice + mse).mean()

@@ -24,7 +24,10 @@ What it does (DESIGN §3):
   optimizer steps, then the decoder's distance loss on the same images through the same (just updated)
   encoder is back-propagated and the Trainer's loop takes the second optimizer step (µSAM's
   ``JointSamTrainer``);
-- a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training.
+- a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
+- efficiency (``autocast_dtype``, ``encoder_attention``, ``checkpoint_encoder``, ``checkpoint_rounds``,
+  ``frozen_encoder_no_grad``, ``cache_embeddings``; see ``hf_sam_peft.training.efficiency``) changes how a
+  step runs, not what it computes; the model-side options are applied to ``model`` when the trainer is built.
 
 Deliberate deviations from µSAM:
 
@@ -45,9 +48,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import EarlyStoppingCallback, SchedulerType, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    SchedulerType,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from hf_sam_peft.training.collate import SamInteractiveCollator
+from hf_sam_peft.training.efficiency import (
+    EfficiencyOptions,
+    EmbeddingCache,
+    prepare_model,
+)
 from hf_sam_peft.training.interactive import (
     EVAL_STREAM,
     TRAIN_STREAM,
@@ -76,6 +90,18 @@ class InteractiveTrainingArguments(TrainingArguments):
     decoder_min_size: int = field(default=25, metadata={"help": "Objects below this size leave the AIS targets."})
     early_stopping_patience: int | None = field(default=None, metadata={"help": "Evaluations without improvement."})
     plot_loss_curve: bool = field(default=True, metadata={"help": "Write loss_curve.png to output_dir at the end."})
+    # how a step runs, never what it computes (hf_sam_peft.training.efficiency; benchmarks/RESULTS.md)
+    autocast_dtype: str | None = field(
+        default="auto", metadata={"help": "bf16/fp16 autocast of the forward; 'auto': bf16 where native; None: off."}
+    )
+    encoder_attention: str | None = field(default="sdpa", metadata={"help": "Encoder attention: sdpa or eager."})
+    checkpoint_encoder: bool = field(default=True, metadata={"help": "Recompute trainable encoder blocks in backward."})
+    checkpoint_rounds: bool = field(default=True, metadata={"help": "Recompute each round's decoder + loss in backward."})
+    frozen_encoder_no_grad: bool = field(default=True, metadata={"help": "Run a frozen encoder without a graph."})
+    cache_embeddings: bool = field(default=False, metadata={"help": "Frozen encoder: reuse embeddings of equal images."})
+    point_multimask: bool = field(
+        default=True, metadata={"help": "Point steps train the multimask outputs (False: the single mask)."}
+    )
     # the paper's defaults
     learning_rate: float = 1e-5
     weight_decay: float = 0.01
@@ -104,11 +130,21 @@ class InteractiveTrainingArguments(TrainingArguments):
             raise ValueError(f"box_jitter must be >= 0, got {self.box_jitter!r}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience must be a positive int or None, got {self.early_stopping_patience!r}")
+        self.efficiency_options()  # validates the efficiency fields
         if self.train_decoder and self.gradient_accumulation_steps != 1:
             raise ValueError("train_decoder needs gradient_accumulation_steps == 1 (two optimizer steps per batch)")
         if isinstance(self.lr_scheduler_kwargs, dict) and SchedulerType(self.lr_scheduler_type) == SchedulerType.REDUCE_ON_PLATEAU:
             self.lr_scheduler_kwargs.setdefault("mode", "max" if self.greater_is_better else "min")
         super().__post_init__()
+
+
+    def efficiency_options(self) -> EfficiencyOptions:
+        """The step's :class:`~hf_sam_peft.training.efficiency.EfficiencyOptions` from these arguments."""
+        return EfficiencyOptions(
+            autocast_dtype=self.autocast_dtype, encoder_attention=self.encoder_attention,
+            checkpoint_encoder=self.checkpoint_encoder, checkpoint_rounds=self.checkpoint_rounds,
+            frozen_encoder_no_grad=self.frozen_encoder_no_grad, cache_embeddings=self.cache_embeddings,
+        )
 
 
 class LossCurveCallback(TrainerCallback):
@@ -192,6 +228,9 @@ class SamInteractiveTrainer(Trainer):
         sam = unwrap_sam(model)
         if args.train_decoder and not hasattr(sam, DECODER_ATTRIBUTE):
             raise ValueError("train_decoder=True needs model.unetr_decoder (hf_sam_peft.modeling.unetr.attach_unetr)")
+        self.efficiency = args.efficiency_options()
+        prepare_model(model, self.efficiency)
+        self.embedding_cache = EmbeddingCache() if self.efficiency.cache_embeddings else None
         callbacks = list(callbacks or [])
         if args.plot_loss_curve:
             callbacks.append(LossCurveCallback())
@@ -223,9 +262,10 @@ class SamInteractiveTrainer(Trainer):
         step = self._prompt_step()
         generator = prompt_generator(self.args.seed, TRAIN_STREAM, step, self.args.process_index, self.args.device)
         return interactive_loss(
-            model, inputs, training_prompt_mode(step),
+            model, inputs, training_prompt_mode(step, self.args.point_multimask),
             n_objects=self.args.n_objects, n_rounds=self.args.n_sub_iterations, mask_prob=self.args.mask_prob,
-            box_jitter=self.args.box_jitter, generator=generator,
+            box_jitter=self.args.box_jitter, generator=generator, options=self.efficiency,
+            embedding_cache=self.embedding_cache,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -277,7 +317,8 @@ class SamInteractiveTrainer(Trainer):
         with torch.no_grad():
             loss, parts = interactive_loss(
                 model, inputs, mode, n_objects=self.args.n_objects, n_rounds=1, mask_prob=0.0,
-                box_jitter=self.args.box_jitter, generator=generator,
+                box_jitter=self.args.box_jitter, generator=generator, options=self.efficiency,
+                embedding_cache=self.embedding_cache,
             )
             if self.args.train_decoder:
                 parts["ais_loss"] = decoder_loss(model, inputs, self.args.decoder_min_size)

@@ -18,9 +18,6 @@ from tests.evaluation.test_interactive_eval import small_rows
 FEATURES = (32, 16, 8, 8)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(autouse=True)
 def commands(monkeypatch):
     """Make sure `hf-sam-peft` knows both commands, whether or not cli.py lists them yet."""

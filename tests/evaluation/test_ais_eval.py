@@ -18,9 +18,6 @@ from tests.evaluation.test_interactive_eval import DSB, small_rows
 FEATURES = (32, 16, 8, 8)  # a small UNETR: the architecture of the paper, fewer channels
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def train_ais(model: torch.nn.Module, rows: list[dict], steps: int) -> list[float]:
     """A plain torch loop on the distance loss (the joint Trainer is tested elsewhere)."""
     from hf_sam_peft.modeling.unetr import predict_distances
@@ -38,7 +35,7 @@ def train_ais(model: torch.nn.Module, rows: list[dict], steps: int) -> list[floa
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

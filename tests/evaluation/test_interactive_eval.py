@@ -21,9 +21,6 @@ from tests.conftest import shared_dataset
 DSB = "dsb2018_stage1test_fluo_nuclei"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def small_rows(n: int = 2, size: int = 96) -> list[dict]:
     """Crops of real dsb2018 validation images (a handful of nuclei each) to keep the tiny model fast."""
     from hf_sam_peft.data import iter_rows, to_instances

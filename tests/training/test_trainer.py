@@ -25,9 +25,6 @@ from tests.conftest import shared_dataset
 DSB = "dsb2018_stage1test_fluo_nuclei"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def dsb(tmp_path_factory):
     """Real nuclei as 128x128 patches with at least 4 objects: 14 training rows, 3 validation rows."""

@@ -1,0 +1,230 @@
+"""Options that make a training step cheaper without changing what it computes (issue 7).
+
+Each option is a switch with a documented default; :meth:`EfficiencyOptions.plain` turns them all off
+(the reference path). Measured on ViT-B, 1024², 2 CPU cores in ``benchmarks/RESULTS.md``; each has a CPU
+correctness test (loss and gradients within tolerance of the plain path) in
+``tests/training/test_efficiency.py``.
+
+- ``autocast_dtype``: bf16 autocast around the forward ("auto": where the device runs bf16 natively, i.e. a
+  CPU with AVX512-BF16/AMX or a CUDA GPU with bf16). Losses stay float32 (``losses.py`` casts).
+- ``encoder_attention``: the encoder's attention kernel, "sdpa" or "eager" (None: leave the model's).
+- ``checkpoint_encoder``: activation checkpointing of the encoder blocks (recomputed in backward; only when
+  the encoder has trainable parameters).
+- ``checkpoint_rounds``: each prompt round's decoder call, upsampling to input size and loss are
+  recomputed in backward instead of kept: the 8 rounds' decoder graphs and full-size masks otherwise stay
+  alive until backward.
+- ``frozen_encoder_no_grad``: an encoder without trainable parameters runs under ``no_grad`` (no graph).
+- ``cache_embeddings``: with a frozen encoder, embeddings are reused for identical pixel values (keyed by
+  a hash of the image tensor, so augmented images are never confused).
+
+Not options here because they are already what we do: the encoder runs once per batch and its embedding is
+shared by all rounds. Adapters in the last ``k`` blocks only are a *method* change (the paper's suggestion),
+offered as :func:`last_blocks_overrides` for ``apply_method``; backward then stops at block ``L - k``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+ATTENTION_KINDS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class EfficiencyOptions:
+    """How a training step is executed (never what it computes). Defaults: the fast, lean path."""
+
+    autocast_dtype: str | None = "auto"
+    encoder_attention: str | None = "sdpa"
+    checkpoint_encoder: bool = True
+    checkpoint_rounds: bool = True
+    frozen_encoder_no_grad: bool = True
+    cache_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.autocast_dtype not in (None, "auto", *AUTOCAST_DTYPES):
+            raise ValueError(f"autocast_dtype must be None, 'auto' or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast_dtype!r}")
+        if self.encoder_attention not in (None, *ATTENTION_KINDS):
+            raise ValueError(f"encoder_attention must be None, 'sdpa' or 'eager', got {self.encoder_attention!r}")
+        for f in fields(self):
+            if f.name not in ("autocast_dtype", "encoder_attention") and not isinstance(getattr(self, f.name), bool):
+                raise TypeError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
+
+    @classmethod
+    def plain(cls, **changes: Any) -> "EfficiencyOptions":
+        """Every option off (float32, no checkpointing, no caching): the reference path, plus ``changes``."""
+        base = cls(autocast_dtype=None, encoder_attention=None, checkpoint_encoder=False, checkpoint_rounds=False,
+                   frozen_encoder_no_grad=False, cache_embeddings=False)
+        return replace(base, **changes)
+
+
+def resolve_autocast_dtype(option: str | None, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for ``device`` (``"auto"``: bf16 where the hardware runs it natively, else None)."""
+    device = torch.device(device)
+    if option is None:
+        return None
+    if option != "auto":
+        return AUTOCAST_DTYPES[option]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native else None
+    return None
+
+
+def autocast_context(options: EfficiencyOptions | None, device: torch.device | str) -> ContextManager:
+    """``torch.autocast`` for the step's forward, or a no-op context."""
+    dtype = resolve_autocast_dtype(options.autocast_dtype, device) if options is not None else None
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def encoder_is_trainable(sam: nn.Module) -> bool:
+    return any(p.requires_grad for p in sam.vision_encoder.parameters())
+
+
+def set_encoder_attention(sam: nn.Module, kind: str) -> int:
+    """Switch every encoder attention module to ``kind`` ("sdpa" or "eager"); returns how many were switched.
+
+    transformers picks the class at construction; the SDPA class only overrides ``forward`` (same
+    parameters), so switching the class of the existing modules is exact.
+    """
+    from transformers.models.sam.modeling_sam import (
+        SAM_VISION_ATTENTION_CLASSES,
+        SamVisionAttention,
+    )
+
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"kind must be 'sdpa' or 'eager', got {kind!r}")
+    switched = 0
+    for module in sam.vision_encoder.modules():
+        if isinstance(module, SamVisionAttention) and type(module) is not SAM_VISION_ATTENTION_CLASSES[kind]:
+            module.__class__ = SAM_VISION_ATTENTION_CLASSES[kind]
+            switched += 1
+    return switched
+
+
+def prepare_model(model: nn.Module, options: EfficiencyOptions) -> nn.Module:
+    """Apply the model-side options (attention kernel, encoder checkpointing) in place; returns ``model``."""
+    from hf_sam_peft.training.interactive import unwrap_sam
+
+    sam = unwrap_sam(model)
+    if options.encoder_attention is not None:
+        set_encoder_attention(sam, options.encoder_attention)
+    encoder = sam.vision_encoder
+    if options.checkpoint_encoder and encoder_is_trainable(sam):
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(encoder, "gradient_checkpointing", False):
+        encoder.gradient_checkpointing_disable()
+    return model
+
+
+class EmbeddingCache:
+    """Image embeddings of a *frozen* encoder, keyed by a hash of each image's pixel values (LRU, bounded)."""
+
+    def __init__(self, max_items: int = 4096) -> None:
+        if not isinstance(max_items, int) or max_items < 1:
+            raise ValueError(f"max_items must be a positive int, got {max_items!r}")
+        self.max_items = max_items
+        self._store: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @staticmethod
+    def key(image: torch.Tensor) -> str:
+        data = image.detach().contiguous().cpu()
+        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
+        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+        return digest.hexdigest()
+
+    def get_or_compute(self, pixel_values: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Embeddings ``(B, C, h, w)``; images not seen before go through ``encode`` in one call."""
+        keys = [self.key(image) for image in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        if missing:
+            fresh = encode(pixel_values[missing])
+            for i, emb in zip(missing, fresh):
+                self._store[keys[i]] = emb.detach()
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        out = []
+        for k in keys:
+            self._store.move_to_end(k)
+            out.append(self._store[k])
+        while len(self._store) > self.max_items:
+            self._store.popitem(last=False)
+        return torch.stack(out)
+
+
+def encoder_embeddings(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    options: EfficiencyOptions | None = None,
+    cache: EmbeddingCache | None = None,
+) -> torch.Tensor:
+    """The image embeddings of a batch, with a graph only where the encoder trains."""
+    from hf_sam_peft.training.interactive import encode_images, unwrap_sam
+
+    if options is None or not options.frozen_encoder_no_grad or encoder_is_trainable(unwrap_sam(model)):
+        return encode_images(model, pixel_values)
+
+    def encode(values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return encode_images(model, values)
+
+    if options.cache_embeddings and cache is not None:
+        return cache.get_or_compute(pixel_values, encode)
+    return encode(pixel_values)
+
+
+def maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+    """``fn(*args)``, recomputed in backward instead of kept when ``enabled`` and a graph is being built."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def last_blocks_overrides(method: str, n_layers: int, k: int) -> dict[str, Any]:
+    """``apply_method`` overrides that put ``method``'s adapters in the last ``k`` of ``n_layers`` encoder blocks.
+
+    The earlier blocks then hold no trainable parameter, so autograd keeps no graph for them and backward
+    stops at block ``n_layers - k``. This changes the method (fewer adapted blocks): an opt-in, not a default.
+    Example: ``apply_method(model, "lora", **last_blocks_overrides("lora", 12, 4))``.
+    """
+    from hf_sam_peft.methods import method_config
+    from hf_sam_peft.tuners.base import ENCODER_BLOCKS
+
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+    if not isinstance(k, int) or not 1 <= k <= n_layers:
+        raise ValueError(f"k must be an int in [1, {n_layers}], got {k!r}")
+    config = method_config(method)
+    target = getattr(config, "target_modules", None)
+    if not isinstance(target, str) or ENCODER_BLOCKS not in target:
+        raise ValueError(f"method {method!r} has no per-block encoder adapters to restrict")
+    blocks = "|".join(str(i) for i in range(n_layers - k, n_layers))
+    return {"target_modules": target.replace(ENCODER_BLOCKS, ENCODER_BLOCKS.replace(r"\d+", f"({blocks})"))}
+
+
+def optimizer_kwargs(device: torch.device | str, fused: bool = True) -> dict[str, Any]:
+    """AdamW keyword arguments: the fused kernel where torch has it for ``device`` (CPU and CUDA)."""
+    device = torch.device(device)
+    return {"fused": True} if fused and device.type in ("cpu", "cuda") else {"foreach": False}
+
+
+__all__ = [
+    "EfficiencyOptions", "EmbeddingCache", "autocast_context", "encoder_embeddings", "last_blocks_overrides",
+    "maybe_checkpoint", "optimizer_kwargs", "prepare_model", "resolve_autocast_dtype", "set_encoder_attention",
+]

@@ -1,0 +1,215 @@
+"""Each efficiency option gives the plain path's loss and gradients (within tolerance), on tiny SAMs."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hf_sam_peft import apply_method
+from hf_sam_peft.training.collate import SamInteractiveCollator
+from hf_sam_peft.training.efficiency import (
+    EfficiencyOptions,
+    EmbeddingCache,
+    autocast_context,
+    encoder_embeddings,
+    last_blocks_overrides,
+    prepare_model,
+    resolve_autocast_dtype,
+    set_encoder_attention,
+)
+from hf_sam_peft.training.interactive import interactive_loss, prompt_generator, training_prompt_mode, unwrap_sam
+
+BF16_NATIVE = resolve_autocast_dtype("auto", "cpu") is not None
+
+def disc_batch(size: int = 256, n: int = 3, seed: int = 0, batch: int = 2) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    rows = []
+    for _ in range(batch):
+        labels = np.zeros((size, size), np.int64)
+        for i in range(n):
+            cy, cx = rng.integers(30, size - 30, 2)
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 20**2] = i + 1
+        image = ((labels > 0) * 180 + rng.integers(0, 40, (size, size))).astype(np.uint8)
+        rows.append({"image": image[..., None], "labels": labels})
+    return SamInteractiveCollator(image_size=size)(rows)
+
+
+def tiny_model(method: str = "lora"):
+    from transformers import SamModel
+
+    from hf_sam_peft.modeling.sam import tiny_sam_config
+
+    torch.manual_seed(0)
+    return apply_method(SamModel(tiny_sam_config()), method).train()
+
+
+def loss_and_grads(model, options, batch, step: int = 0, cache=None):
+    loss, parts = interactive_loss(
+        model, batch, training_prompt_mode(step), n_objects=3, n_rounds=4, mask_prob=0.5,
+        generator=prompt_generator(0, 0, step), options=options, embedding_cache=cache,
+    )
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), parts, grads
+
+
+def compare(method: str, options: EfficiencyOptions, rtol: float, steps=(0, 1)) -> None:
+    plain_model = tiny_model(method)
+    model = prepare_model(copy.deepcopy(plain_model), options)
+    batch = disc_batch()
+    for step in steps:  # point mode (multimask) and box mode
+        ref_loss, ref_parts, ref_grads = loss_and_grads(plain_model, EfficiencyOptions.plain(), batch, step)
+        loss, parts, grads = loss_and_grads(model, options, batch, step)
+        assert ref_grads and set(grads) == set(ref_grads)
+        assert torch.allclose(loss, ref_loss, rtol=rtol, atol=rtol), (step, loss, ref_loss)
+        assert torch.allclose(parts["round_dice_loss"], ref_parts["round_dice_loss"], rtol=rtol, atol=rtol)
+        for name, ref in ref_grads.items():
+            scale = ref.abs().max().clamp(min=1e-6)
+            assert (grads[name] - ref).abs().max() <= rtol * 10 * scale, name
+
+
+FLOAT32_OPTIONS = {
+    "checkpoint_encoder": ("lora", EfficiencyOptions.plain(checkpoint_encoder=True)),
+    "checkpoint_rounds": ("lora", EfficiencyOptions.plain(checkpoint_rounds=True)),
+    "eager_attention": ("lora", EfficiencyOptions.plain(encoder_attention="eager")),
+    "sdpa_attention": ("full_ft", EfficiencyOptions.plain(encoder_attention="sdpa")),
+    "frozen_encoder_no_grad": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True)),
+    "cache_embeddings": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True, cache_embeddings=True)),
+    "all_but_autocast": ("lora", EfficiencyOptions(autocast_dtype=None)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT32_OPTIONS))
+def test_float32_option_matches_plain_path(name):
+    method, options = FLOAT32_OPTIONS[name]
+    compare(method, options, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze_encoder"])
+def test_bf16_autocast_is_close_to_plain_path(method):
+    plain_model = tiny_model(method)
+    model = prepare_model(copy.deepcopy(plain_model), EfficiencyOptions(autocast_dtype="bfloat16"))
+    batch = disc_batch()
+    ref_loss, _, ref_grads = loss_and_grads(plain_model, EfficiencyOptions.plain(), batch, 1)
+    loss, _, grads = loss_and_grads(model, EfficiencyOptions(autocast_dtype="bfloat16"), batch, 1)
+    assert loss.dtype == torch.float32
+    assert abs(float(loss) - float(ref_loss)) < 0.02 * float(ref_loss)
+    flat = torch.cat([grads[n].flatten().float() for n in ref_grads])
+    ref = torch.cat([ref_grads[n].flatten() for n in ref_grads])
+    assert torch.nn.functional.cosine_similarity(flat, ref, dim=0) > 0.98
+
+
+def test_same_seed_same_loss_curve_for_50_steps():
+    """Plain path vs the default options: the same seed gives the same first 50 losses within bf16 noise."""
+    batch = disc_batch(size=128, n=2, batch=1)
+
+    def curve(options):
+        from transformers import SamModel
+
+        from hf_sam_peft.modeling.sam import tiny_sam_config
+
+        torch.manual_seed(0)
+        model = prepare_model(apply_method(SamModel(tiny_sam_config(image_size=128)), "lora").train(), options)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for step in range(50):
+            loss, _ = interactive_loss(model, batch, training_prompt_mode(step), n_objects=2, n_rounds=2,
+                                       generator=prompt_generator(0, 0, step), options=options)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        return np.array(losses)
+
+    plain, fast = curve(EfficiencyOptions.plain()), curve(EfficiencyOptions())
+    assert plain[-10:].mean() < plain[:10].mean()  # the curve moves: the comparison is not trivial
+    assert np.abs(plain - fast).mean() < 0.02 and np.abs(plain - fast).max() < 0.1, np.abs(plain - fast)
+
+
+def test_frozen_encoder_builds_no_graph_and_cache_reuses_embeddings():
+    model = tiny_model("freeze_encoder")
+    batch = disc_batch()
+    cache = EmbeddingCache(max_items=3)
+    options = EfficiencyOptions.plain(frozen_encoder_no_grad=True, cache_embeddings=True)
+    first = encoder_embeddings(model, batch["pixel_values"], options, cache)
+    assert first.grad_fn is None and len(cache) == 2 and cache.misses == 2
+    again = encoder_embeddings(model, batch["pixel_values"], options, cache)
+    assert cache.hits == 2 and torch.equal(first, again)
+    shifted = encoder_embeddings(model, batch["pixel_values"][:1] + 1.0, options, cache)
+    assert cache.misses == 3 and not torch.equal(shifted[0], first[0])
+    encoder_embeddings(model, batch["pixel_values"] - 1.0, options, cache)
+    assert len(cache) == 3  # LRU bound
+    lora = tiny_model("lora")  # a trainable encoder is never cached and keeps its graph
+    emb = encoder_embeddings(lora, batch["pixel_values"], options, cache)
+    assert emb.grad_fn is not None and len(cache) == 3
+
+
+def test_prepare_model_and_attention_switch():
+    model = tiny_model("lora")
+    sam = unwrap_sam(model)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        sdpa = sam.vision_encoder(x).last_hidden_state
+        assert set_encoder_attention(sam, "eager") == len(sam.vision_encoder.layers)
+        eager = sam.vision_encoder(x).last_hidden_state
+    assert torch.allclose(sdpa, eager, atol=1e-5)
+    prepare_model(model, EfficiencyOptions())
+    assert sam.vision_encoder.gradient_checkpointing
+    frozen = prepare_model(tiny_model("freeze_encoder"), EfficiencyOptions())
+    assert not unwrap_sam(frozen).vision_encoder.gradient_checkpointing  # nothing to recompute for
+    with autocast_context(EfficiencyOptions(autocast_dtype="bf16"), "cpu"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with autocast_context(EfficiencyOptions.plain(), "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_last_blocks_overrides_adapt_only_the_last_blocks_and_backward_stops_early():
+    from transformers import SamModel
+
+    from hf_sam_peft.modeling.sam import tiny_sam_config
+
+    config = tiny_sam_config()
+    n_layers = config.vision_config.num_hidden_layers
+    model = apply_method(SamModel(config), "lora", **last_blocks_overrides("lora", n_layers, 1)).train()
+    adapted = {n.split("layers.")[1].split(".")[0] for n, p in model.named_parameters() if "lora_" in n}
+    assert adapted == {str(n_layers - 1)}
+    loss, _, grads = loss_and_grads(model, EfficiencyOptions.plain(), disc_batch())
+    assert any("lora_" in n for n in grads) and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="k must be"):
+        last_blocks_overrides("lora", n_layers, n_layers + 1)
+    with pytest.raises(ValueError, match="no per-block"):
+        last_blocks_overrides("full_ft", n_layers, 1)
+
+
+def test_option_validation():
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        EfficiencyOptions(autocast_dtype="int8")
+    with pytest.raises(ValueError, match="encoder_attention"):
+        EfficiencyOptions(encoder_attention="flash")
+    with pytest.raises(TypeError, match="checkpoint_rounds"):
+        EfficiencyOptions(checkpoint_rounds="yes")
+    with pytest.raises(ValueError, match="max_items"):
+        EmbeddingCache(max_items=0)
+    assert resolve_autocast_dtype(None, "cpu") is None
+    assert resolve_autocast_dtype("fp16", "cpu") == torch.float16
+    assert resolve_autocast_dtype("auto", "cpu") == (torch.bfloat16 if BF16_NATIVE else None)
+
+
+def test_trainer_arguments_carry_the_options(tmp_path):
+    from hf_sam_peft.training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
+
+    args = InteractiveTrainingArguments(output_dir=str(tmp_path), checkpoint_rounds=False, cache_embeddings=True,
+                                        use_cpu=True, report_to=[], eval_strategy="no", save_strategy="no",
+                                        load_best_model_at_end=False, lr_scheduler_type="constant",
+                                        lr_scheduler_kwargs={})
+    assert args.efficiency_options() == EfficiencyOptions(checkpoint_rounds=False, cache_embeddings=True)
+    with pytest.raises(ValueError, match="encoder_attention"):
+        InteractiveTrainingArguments(output_dir=str(tmp_path), encoder_attention="flash", report_to=[])
+    trainer = SamInteractiveTrainer(tiny_model("lora"), args)
+    assert unwrap_sam(trainer.model).vision_encoder.gradient_checkpointing
+    assert trainer.embedding_cache is not None
