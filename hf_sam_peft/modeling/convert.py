@@ -379,16 +379,22 @@ def sam_model_from_state_dict(state_dict: Mapping[str, Tensor], decoder_num_head
     """
     config = sam_config_from_state_dict(state_dict, decoder_num_heads=decoder_num_heads)
     converted = convert_sam_state_dict(state_dict)
+    return build_with_weights(SamModel, config, converted)
+
+
+def build_with_weights(model_class: type[SamModel], config: SamConfig, state_dict: Mapping[str, Tensor]) -> SamModel:
+    """`model_class(config)` built on the meta device (no random init) with `state_dict` loaded strictly."""
     with torch.device("meta"):
-        model = SamModel(config)
+        model = model_class(config)
+    name = model_class.__name__
     try:
-        model.load_state_dict(converted, strict=True, assign=True)
+        model.load_state_dict(dict(state_dict), strict=True, assign=True)
     except RuntimeError as error:
-        raise ValueError(f"state_dict does not fit SamModel: {' '.join(str(error).split())[:500]}") from None
+        raise ValueError(f"state_dict does not fit {name}: {' '.join(str(error).split())[:500]}") from None
     model.tie_weights()
-    leftover = [name for name, t in model.state_dict().items() if t.is_meta]
+    leftover = [key for key, tensor in model.state_dict().items() if tensor.is_meta]
     if leftover:
-        raise ValueError(f"state_dict left SamModel tensors uninitialised: {_examples(leftover)}")
+        raise ValueError(f"state_dict left {name} tensors uninitialised: {_examples(leftover)}")
     return model.eval()
 
 

@@ -47,7 +47,7 @@ from transformers.models.sam.modeling_sam import (
     SamPromptEncoder,
 )
 
-from hf_sam_peft.modeling.convert import convert_sam_state_dict
+from hf_sam_peft.modeling.convert import build_with_weights, convert_sam_state_dict
 from hf_sam_peft.modeling.tiny_vit import LiteSamVisionConfig, TinyViTVisionEncoder
 
 __all__ = [
@@ -221,17 +221,7 @@ def convert_lite_medsam(state_dict: Mapping[str, Tensor], config: LiteSamConfig 
                 if key in encoder:
                     encoder[key] = _qkv_to_sam_order(encoder[key], vision.num_heads[stage])
     rest = convert_sam_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
-    with torch.device("meta"):
-        model = LiteSamModel(config)
-    try:
-        model.load_state_dict({**encoder, **rest}, strict=True, assign=True)
-    except RuntimeError as error:
-        raise ValueError(f"state_dict does not fit LiteSamModel: {' '.join(str(error).split())[:500]}") from None
-    model.tie_weights()
-    leftover = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
-    if leftover:
-        raise ValueError(f"state_dict left LiteSamModel tensors uninitialised: {leftover[:3]}")
-    return model.eval()
+    return build_with_weights(LiteSamModel, config, {**encoder, **rest})
 
 
 def load_lite_medsam(device: str | torch.device = "cpu") -> LiteSamModel:
