@@ -56,6 +56,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME as DECODER_ATTRIBUTE
 from hf_sam_peft.training.collate import SamInteractiveCollator
 from hf_sam_peft.training.efficiency import (
     EfficiencyOptions,
@@ -74,7 +75,6 @@ from hf_sam_peft.training.interactive import (
     validation_prompt_mode,
 )
 
-DECODER_ATTRIBUTE = "unetr_decoder"
 LOSS_CURVE_NAME = "loss_curve.png"
 
 
