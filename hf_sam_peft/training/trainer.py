@@ -94,7 +94,9 @@ class InteractiveTrainingArguments(TrainingArguments):
     autocast_dtype: str | None = field(
         default="auto", metadata={"help": "bf16/fp16 autocast of the forward; 'auto': bf16 where native; None: off."}
     )
-    encoder_attention: str | None = field(default="sdpa", metadata={"help": "Encoder attention: sdpa or eager."})
+    encoder_attention: str | None = field(
+        default="eager", metadata={"help": "Encoder attention: eager (faster to train: SAM's rel-pos bias) or sdpa."}
+    )
     checkpoint_encoder: bool = field(default=True, metadata={"help": "Recompute trainable encoder blocks in backward."})
     checkpoint_rounds: bool = field(default=True, metadata={"help": "Recompute each round's decoder + loss in backward."})
     frozen_encoder_no_grad: bool = field(default=True, metadata={"help": "Run a frozen encoder without a graph."})
