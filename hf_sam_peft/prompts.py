@@ -19,14 +19,15 @@ Behaviour follows µSAM's prompt generators (``micro_sam/prompt_generators.py``,
   the object, then any background).
 
 Deliberate deviations from the reference (same distributions, different mechanics): points are drawn by
-ranking i.i.d. uniform keys per pixel (a uniform random subset, one vectorised ``topk`` for all objects)
-instead of ``np.random.choice`` per object; :func:`sample_objects` keeps a uniformly random subset of the
+ranking i.i.d. uniform keys per pixel (a uniform random subset, one vectorised ``topk`` for all objects;
+single correction points: one uniform draw per object indexing the region's pixels) instead of
+``np.random.choice`` per object; :func:`sample_objects` keeps a uniformly random subset of the
 sampled ids when cutting to the smallest count, where µSAM sorts the ids first and keeps the lowest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,40 @@ def _pick_pixels(regions: Sequence[torch.Tensor], n: int, generator: torch.Gener
         source = torch.where(j < count, j, j % count)
         idx = idx.gather(-1, source.clamp(max=idx.shape[-1] - 1))
     return idx
+
+
+Region = torch.Tensor | Callable[[], torch.Tensor]
+
+
+def _pick_one(regions: Sequence[Region], generator: torch.Generator | None) -> torch.Tensor:
+    """One flat pixel index per row, ``(M, 1)``: uniform in ``regions[0]``, else in the first non-empty fallback.
+
+    The cheap form of ``_pick_pixels(regions, 1)`` (same distribution): one uniform draw per row picks the
+    ``k``-th pixel of the row's region, found with one ``nonzero`` over those rows, instead of a random key
+    per pixel. Fallback regions may be zero-argument callables, built only when some row needs them.
+    """
+    first = regions[0]
+    device = first.device
+    draws = torch.rand(first.shape[0], generator=generator, device=device)
+    picks = torch.zeros(first.shape[0], dtype=torch.long, device=device)
+    todo = torch.ones(first.shape[0], dtype=torch.bool, device=device)
+    for region in regions:
+        region = region() if callable(region) else region
+        rows = torch.nonzero(todo).flatten()
+        sub = region if rows.numel() == region.shape[0] else region[rows]
+        counts = torch.count_nonzero(sub, dim=-1)
+        found = counts > 0
+        if not bool(found.any()):
+            continue
+        if not bool(found.all()):
+            rows, sub, counts = rows[found], sub[found], counts[found]
+        k = (draws[rows] * counts).long().clamp(max=counts - 1)
+        starts = counts.cumsum(0) - counts  # nonzero() lists the pixels row by row
+        picks[rows] = torch.nonzero(sub)[starts + k, 1]
+        todo[rows] = False
+        if not bool(todo.any()):
+            return picks[:, None]
+    raise ValueError("no pixel available to sample a point from (empty region and fallbacks)")
 
 
 def _or_everywhere(region: torch.Tensor) -> torch.Tensor:
@@ -215,10 +250,14 @@ def correction_points(
     _check_nonempty(gt, "gt_masks")
     lead, (height, width) = gt.shape[:-2], gt.shape[-2:]
     n_flat = gt.reshape(-1, height * width).shape
-    pos = _pick_pixels([(gt & ~pred).reshape(n_flat), (gt & pred).reshape(n_flat)], 1, generator)
-    box = _box_region(boxes_from_masks(gt, jitter=0.0), (height, width), CORRECTION_BOX_MARGIN) & ~gt
-    negative_regions = [(pred & ~gt).reshape(n_flat), box.reshape(n_flat), _or_everywhere((~gt).reshape(n_flat))]
-    neg = _pick_pixels(negative_regions, 1, generator)
+    pos = _pick_one([(gt & ~pred).reshape(n_flat), lambda: (gt & pred).reshape(n_flat)], generator)
+
+    def box() -> torch.Tensor:
+        region = _box_region(boxes_from_masks(gt, jitter=0.0), (height, width), CORRECTION_BOX_MARGIN) & ~gt
+        return region.reshape(n_flat)
+
+    negative_regions = [(pred & ~gt).reshape(n_flat), box, lambda: _or_everywhere((~gt).reshape(n_flat))]
+    neg = _pick_one(negative_regions, generator)
     points = _flat_to_xy(torch.cat([pos, neg], dim=1), width).reshape(*lead, 2, 2)
     labels = torch.tensor([1, 0], dtype=torch.long, device=gt.device).expand(*lead, 2).clone()
     return points, labels

@@ -172,3 +172,31 @@ def test_correction_points_background_fallback_and_validation():
         correction_points(gt[0], gt)
     with pytest.raises(ValueError, match="at least one pixel"):
         correction_points(gt, torch.zeros_like(gt))
+
+
+def test_single_pick_is_uniform_over_the_first_nonempty_region_and_builds_fallbacks_lazily():
+    from hf_sam_peft.prompts import _pick_one
+
+    region = torch.zeros(3, 12, dtype=torch.bool)
+    region[0, [1, 4, 7, 10]] = True  # row 0: four candidate pixels
+    region[2, 5] = True  # row 2: one; row 1: empty -> fallback
+    fallback = torch.zeros(3, 12, dtype=torch.bool)
+    fallback[:, 11] = True
+    calls = []
+
+    def lazy() -> torch.Tensor:
+        calls.append(1)
+        return fallback
+
+    generator = gen(3)
+    picks = torch.cat([_pick_one([region, lazy], generator) for _ in range(4000)], dim=1)
+    counts = torch.bincount(picks[0], minlength=12)
+    assert set(torch.nonzero(counts).flatten().tolist()) == {1, 4, 7, 10}
+    assert counts[[1, 4, 7, 10]].min() > 850 and counts[[1, 4, 7, 10]].max() < 1150  # ~1000 each
+    assert (picks[1] == 11).all() and (picks[2] == 5).all()
+    assert len(calls) == 4000  # built only because row 1 needed it ...
+    calls.clear()
+    _pick_one([region[[0, 2]], lazy], gen())
+    assert not calls  # ... and not at all when every row has a pixel in the first region
+    with pytest.raises(ValueError, match="no pixel available"):
+        _pick_one([torch.zeros(2, 5, dtype=torch.bool)], gen())

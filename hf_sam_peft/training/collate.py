@@ -100,7 +100,9 @@ def postprocess_masks(
     masks = low_res_masks.reshape(-1, 1, *low_res_masks.shape[-2:])
     masks = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
     masks = masks[..., : int(reshaped_size[0]), : int(reshaped_size[1])]
-    masks = F.interpolate(masks, (int(original_size[0]), int(original_size[1])), mode="bilinear", align_corners=False)
+    target = (int(original_size[0]), int(original_size[1]))
+    if tuple(masks.shape[-2:]) != target:  # same size: bilinear resize is the identity, skip its time and memory
+        masks = F.interpolate(masks, target, mode="bilinear", align_corners=False)
     return masks.reshape(*lead, *masks.shape[-2:])
 
 

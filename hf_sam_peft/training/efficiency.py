@@ -7,13 +7,23 @@ correctness test (loss and gradients within tolerance of the plain path) in
 
 - ``autocast_dtype``: bf16 autocast around the forward ("auto": where the device runs bf16 natively, i.e. a
   CPU with AVX512-BF16/AMX or a CUDA GPU with bf16). Losses stay float32 (``losses.py`` casts).
-- ``encoder_attention``: the encoder's attention kernel, "eager" (default: 4x faster for training than "sdpa",
-  whose fused kernels do not take a bias that needs gradients) or "sdpa" (None: leave the model's).
+- ``encoder_attention``: the encoder's attention kernel: "fused" (default; SAM's relative-position bias
+  folded into queries and keys so that one maskless SDPA call, the flash kernel, does forward and backward:
+  :mod:`hf_sam_peft.modeling.attention`), "eager" (materialises the ``N x N`` bias and weights) or "sdpa"
+  (transformers': the bias as a mask, which sends training to the slow math kernel); None: the model's.
+- ``decoder_attention``: the mask decoder's attention kernel; "auto" (default): eager on CPU, where its
+  attentions (4096 image tokens x a few prompt tokens) run faster as two small matmuls than as the flash
+  kernel, and the model's own (sdpa) elsewhere.
 - ``checkpoint_encoder``: activation checkpointing of the encoder blocks (recomputed in backward; only when
   the encoder has trainable parameters).
-- ``checkpoint_rounds``: each prompt round's decoder call, upsampling to input size and loss are
-  recomputed in backward instead of kept: the 8 rounds' decoder graphs and full-size masks otherwise stay
-  alive until backward.
+- ``backward_per_round``: each prompt round's loss is differentiated as soon as the round is done (into
+  the decoder-side parameters and the image embeddings) and its graph freed; the encoder's backward runs
+  once, from the summed embedding gradient, when the training loop calls ``loss.backward()``. One round's
+  graph is alive at a time and nothing is recomputed. Needs no loss scaling, so fp16 autocast falls back
+  to ``checkpoint_rounds``.
+- ``checkpoint_rounds``: (when ``backward_per_round`` is off or cannot apply) each prompt round's decoder
+  call, upsampling to input size and loss are recomputed in backward instead of kept: the 8 rounds'
+  decoder graphs and full-size masks otherwise stay alive until backward.
 - ``frozen_encoder_no_grad``: an encoder without trainable parameters runs under ``no_grad`` (no graph).
 - ``cache_embeddings``: with a frozen encoder, embeddings are reused for identical pixel values (keyed by
   a hash of the image tensor, so augmented images are never confused).
@@ -36,7 +46,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-ATTENTION_KINDS = ("sdpa", "eager")
+ATTENTION_KINDS = ("fused", "sdpa", "eager")
+DECODER_ATTENTION_KINDS = ("auto", "sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,18 @@ class EfficiencyOptions:
     """How a training step is executed (never what it computes). Defaults: the fast, lean path."""
 
     autocast_dtype: str | None = "auto"
-    # eager, not sdpa: SAM's relative-position bias needs gradients, so SDPA falls back to its slow math kernel
-    # (ViT-B LoRA step on 2 CPU cores: 23.8 s eager vs 96.3 s sdpa, benchmarks/RESULTS.md)
-    encoder_attention: str | None = "eager"
-    checkpoint_encoder: bool = True
+    # fused: the rel-pos bias folded into q/k, one maskless SDPA call (modeling/attention.py); a ViT-B global
+    # block's forward + backward on 2 CPU cores: 0.72 s vs 2.13 s eager; "sdpa" takes the bias as a mask that
+    # needs gradients and falls back to the math kernel (LoRA step 96 s vs 24 s eager, benchmarks/RESULTS.md)
+    encoder_attention: str | None = "fused"
+    # off: with fused attention and per-round backward the trainable encoder's activations fit (ViT-B LoRA on
+    # 2 CPU cores: 11.1 s / 4.4 GiB without, 13.1 s / 2.8 GiB with); turn it on for ViT-L/H or large batches
+    checkpoint_encoder: bool = False
     checkpoint_rounds: bool = True
+    backward_per_round: bool = True
+    # eager on CPU: the decoder's attentions are 4096 image tokens x a handful of prompt tokens, where the
+    # flash kernel's backward is 2-4x slower than two small matmuls; on GPUs the model's (sdpa) stays
+    decoder_attention: str | None = "auto"
     frozen_encoder_no_grad: bool = True
     cache_embeddings: bool = False
 
@@ -56,16 +74,18 @@ class EfficiencyOptions:
         if self.autocast_dtype not in (None, "auto", *AUTOCAST_DTYPES):
             raise ValueError(f"autocast_dtype must be None, 'auto' or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast_dtype!r}")
         if self.encoder_attention not in (None, *ATTENTION_KINDS):
-            raise ValueError(f"encoder_attention must be None, 'sdpa' or 'eager', got {self.encoder_attention!r}")
+            raise ValueError(f"encoder_attention must be None or one of {ATTENTION_KINDS}, got {self.encoder_attention!r}")
+        if self.decoder_attention not in (None, *DECODER_ATTENTION_KINDS):
+            raise ValueError(f"decoder_attention must be None or one of {DECODER_ATTENTION_KINDS}, got {self.decoder_attention!r}")
         for f in fields(self):
-            if f.name not in ("autocast_dtype", "encoder_attention") and not isinstance(getattr(self, f.name), bool):
+            if f.name not in ("autocast_dtype", "encoder_attention", "decoder_attention") and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
 
     @classmethod
     def plain(cls, **changes: Any) -> "EfficiencyOptions":
         """Every option off (float32, no checkpointing, no caching): the reference path, plus ``changes``."""
         base = cls(autocast_dtype=None, encoder_attention=None, checkpoint_encoder=False, checkpoint_rounds=False,
-                   frozen_encoder_no_grad=False, cache_embeddings=False)
+                   backward_per_round=False, decoder_attention=None, frozen_encoder_no_grad=False, cache_embeddings=False)
         return replace(base, **changes)
 
 
@@ -102,28 +122,49 @@ def set_encoder_attention(sam: nn.Module, kind: str) -> int:
     transformers picks the class at construction; the SDPA class only overrides ``forward`` (same
     parameters), so switching the class of the existing modules is exact.
     """
-    from transformers.models.sam.modeling_sam import (
-        SAM_VISION_ATTENTION_CLASSES,
-        SamVisionAttention,
-    )
+    from transformers.models.sam.modeling_sam import SAM_VISION_ATTENTION_CLASSES, SamVisionAttention
+
+    from hf_sam_peft.modeling.attention import SamVisionFusedAttention
 
     if kind not in ATTENTION_KINDS:
-        raise ValueError(f"kind must be 'sdpa' or 'eager', got {kind!r}")
+        raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+    target = SamVisionFusedAttention if kind == "fused" else SAM_VISION_ATTENTION_CLASSES[kind]
     switched = 0
     for module in sam.vision_encoder.modules():
-        if isinstance(module, SamVisionAttention) and type(module) is not SAM_VISION_ATTENTION_CLASSES[kind]:
-            module.__class__ = SAM_VISION_ATTENTION_CLASSES[kind]
+        if isinstance(module, SamVisionAttention) and type(module) is not target:
+            module.__class__ = target
             switched += 1
     return switched
 
 
-def prepare_model(model: nn.Module, options: EfficiencyOptions) -> nn.Module:
-    """Apply the model-side options (attention kernel, encoder checkpointing) in place; returns ``model``."""
+def set_decoder_attention(sam: nn.Module, kind: str, device: torch.device | str | None = None) -> None:
+    """Switch the mask decoder's attention: "sdpa", "eager", or "auto" (eager on CPU, else unchanged).
+
+    ``device``: where the model will run (default: where the decoder's parameters are now). The decoder's
+    ``SamAttention`` modules look their kernel up in their (shared) config at every call.
+    """
+    if kind not in DECODER_ATTENTION_KINDS:
+        raise ValueError(f"kind must be one of {DECODER_ATTENTION_KINDS}, got {kind!r}")
+    if kind == "auto":
+        device = torch.device(device) if device is not None else next(sam.mask_decoder.parameters()).device
+        if device.type != "cpu":
+            return
+        kind = "eager"
+    sam.mask_decoder.config._attn_implementation = kind
+
+
+def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.device | str | None = None) -> nn.Module:
+    """Apply the model-side options (attention kernels, encoder checkpointing) in place; returns ``model``.
+
+    ``device``: where the model will run, for the "auto" choices (default: where its parameters are now).
+    """
     from hf_sam_peft.training.interactive import unwrap_sam
 
     sam = unwrap_sam(model)
     if options.encoder_attention is not None:
         set_encoder_attention(sam, options.encoder_attention)
+    if options.decoder_attention is not None:
+        set_decoder_attention(sam, options.decoder_attention, device)
     encoder = sam.vision_encoder
     if options.checkpoint_encoder and encoder_is_trainable(sam):
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -229,5 +270,6 @@ def optimizer_kwargs(device: torch.device | str, fused: bool = True) -> dict[str
 
 __all__ = [
     "EfficiencyOptions", "EmbeddingCache", "autocast_context", "encoder_embeddings", "last_blocks_overrides",
-    "maybe_checkpoint", "optimizer_kwargs", "prepare_model", "resolve_autocast_dtype", "set_encoder_attention",
+    "maybe_checkpoint", "optimizer_kwargs", "prepare_model", "resolve_autocast_dtype", "set_decoder_attention",
+    "set_encoder_attention",
 ]

@@ -376,6 +376,66 @@ def checkpointed_round_losses(
     return dice_per_round, mse_per_round
 
 
+def backward_round_losses(
+    model: nn.Module,
+    embeddings: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    frames: Frames,
+    prompts: Prompts,
+    *,
+    n_rounds: int,
+    multimask_first: bool,
+    mask_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Per-round ``(dice, mse)`` (detached) as :func:`checkpointed_round_losses` gives them, plus a *surrogate*.
+
+    Each round's share of the loss, ``(dice + mse) / n_rounds``, is differentiated as soon as the round is
+    done (``torch.autograd.grad`` into the trainable parameters outside the image encoder and into the
+    embeddings), and its graph is freed: one round's graph is alive at a time, and nothing is recomputed.
+    The returned surrogate ``Σ (p · g_p) + Σ (embeddings · g_emb)`` (constant ``g``: the summed round
+    gradients) has exactly those gradients, so ``surrogate.backward()`` (inside whatever scaling the training
+    loop applies) fills ``p.grad`` and runs the encoder's backward once. Gradients equal the single-backward
+    path's up to float summation order.
+    """
+    _check_rounds(n_rounds, mask_prob)
+    sam = unwrap_sam(model)
+    encoder_params = {id(p) for p in sam.vision_encoder.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_params]
+    leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
+    wrt = params + ([leaf] if leaf.requires_grad else [])
+    sums: list[torch.Tensor | None] = [None] * len(wrt)
+    mask_inputs = use_mask = None
+    dice_per_round, mse_per_round = [], []
+    for index in range(n_rounds):
+        low, iou = decode(model, leaf, prompts, multimask_first and index == 0, mask_inputs, use_mask)
+        low, iou = low.float(), iou.float()
+        dice, mse = batch_round_loss([frames.upscale(b, low[b]) for b in range(low.shape[0])], iou, targets)
+        round_loss = (dice + mse) / n_rounds
+        if round_loss.requires_grad:
+            with torch.autocast(leaf.device.type, enabled=False):  # backward outside autocast, as loss.backward()
+                grads = torch.autograd.grad(round_loss, wrt, allow_unused=True)
+            sums = [s if g is None else (g if s is None else s + g) for s, g in zip(sums, grads)]
+        dice_per_round.append(dice.detach())
+        mse_per_round.append(mse.detach())
+        if index < n_rounds - 1:
+            prompts, mask_inputs, use_mask = next_round_inputs(
+                low.detach(), iou.detach(), targets, frames, prompts, mask_prob, generator
+            )
+    sources = params + ([embeddings] if leaf.requires_grad else [])
+    terms = [(x * g.to(x.dtype)).sum() for x, g in zip(sources, sums) if g is not None]
+    surrogate = torch.stack(terms).sum() if terms else embeddings.sum() * 0.0
+    return dice_per_round, mse_per_round, surrogate
+
+
+def _fp16_autocast() -> bool:
+    """fp16 autocast needs the loop's loss scaling before any backward: round-wise backward would underflow."""
+    return any(
+        torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16
+        for kind in ("cpu", "cuda")
+    )
+
+
 def batch_objects(
     batch: dict[str, torch.Tensor], n_objects: int | None, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, list[torch.Tensor], Frames]:
@@ -434,7 +494,12 @@ def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_ji
         return zero, {"dice_loss": empty, "iou_mse": empty, "round_dice_loss": empty.repeat(n_rounds), "n_objects": empty}
     prompts = initial_prompts(targets, frames, mode, box_jitter, generator)
     kwargs = dict(n_rounds=n_rounds, multimask_first=mode.multimask, mask_prob=mask_prob, generator=generator)
-    if options is not None and options.checkpoint_rounds:
+    surrogate = None
+    if options is not None and options.backward_per_round and torch.is_grad_enabled() and not _fp16_autocast():
+        dice_per_round, mse_per_round, surrogate = backward_round_losses(
+            model, embeddings, targets, frames, prompts, **kwargs
+        )
+    elif options is not None and options.checkpoint_rounds:
         dice_per_round, mse_per_round = checkpointed_round_losses(model, embeddings, targets, frames, prompts, **kwargs)
     else:
         dice_per_round, mse_per_round = [], []
@@ -445,6 +510,8 @@ def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_ji
     dice = torch.stack(dice_per_round)
     mse = torch.stack(mse_per_round)
     loss = (dice + mse).mean()
+    if surrogate is not None:  # value: the loss; gradient: the rounds' (already differentiated) gradients
+        loss = loss + (surrogate - surrogate.detach())
     parts = {
         "dice_loss": dice.mean().detach(),
         "iou_mse": mse.mean().detach(),

@@ -211,8 +211,7 @@ def test_prompt_modes():
 @pytest.mark.parametrize("method", ["lora", "ssf"])
 def test_training_loss_goes_down_and_the_adapter_reloads(dsb, tmp_path, method):
     from hf_sam_peft import load_adapter
-    from hf_sam_peft.training.efficiency import set_encoder_attention
-    from hf_sam_peft.training.interactive import unwrap_sam
+    from hf_sam_peft.training.efficiency import prepare_model
 
     args = training_args(tmp_path, learning_rate=1e-2, max_steps=30)
     model = tiny_sam_with(method)
@@ -226,8 +225,8 @@ def test_training_loss_goes_down_and_the_adapter_reloads(dsb, tmp_path, method):
     model.save_pretrained(tmp_path / "adapter")
     torch.manual_seed(0)
     reloaded = load_adapter(SamModel(tiny_sam_config()), str(tmp_path / "adapter")).eval()
-    # the trainer switched the trained model's encoder to its attention kernel: compare like with like
-    set_encoder_attention(unwrap_sam(reloaded), args.encoder_attention)
+    # the trainer switched the trained model's attention kernels: compare like with like
+    prepare_model(reloaded, trainer.efficiency)
     model.eval()
     batch = SamInteractiveCollator.from_model(model)([dsb["val"][0]])
     prompt = {"input_boxes": torch.tensor([[[20.0, 20.0, 90.0, 90.0]]]), "multimask_output": False}

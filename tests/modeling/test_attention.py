@@ -1,0 +1,87 @@
+"""The fused rel-pos attention computes transformers' SamVisionAttention: outputs and gradients, all block kinds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import SamModel, SamVisionConfig
+from transformers.models.sam.modeling_sam import SamVisionAttention
+
+from hf_sam_peft.modeling.attention import SamVisionFusedAttention, _key_position_codes
+from hf_sam_peft.modeling.sam import tiny_sam_config
+
+
+def pair(window_size: int, use_rel_pos: bool = True, image_size: int = 128):
+    torch.manual_seed(0)
+    config = SamVisionConfig(hidden_size=48, num_attention_heads=3, image_size=image_size, patch_size=16,
+                             use_rel_pos=use_rel_pos)
+    eager = SamVisionAttention(config, window_size).double()
+    if use_rel_pos:  # transformers initialises them to zero: make the bias matter
+        torch.nn.init.normal_(eager.rel_pos_h, std=0.5)
+        torch.nn.init.normal_(eager.rel_pos_w, std=0.5)
+    fused = SamVisionFusedAttention(config, window_size).double()
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+def run(module, x):
+    x = x.clone().requires_grad_(True)
+    out = module(x)[0]
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum()
+    params = [p for p in module.parameters()]
+    grads = torch.autograd.grad(loss, [x, *params])
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("window_size,use_rel_pos", [(0, True), (4, True), (0, False)])
+def test_fused_attention_matches_eager_outputs_and_gradients(window_size, use_rel_pos):
+    eager, fused = pair(window_size, use_rel_pos)
+    side = window_size or 128 // 16
+    x = torch.randn(2, side, side, 48, dtype=torch.float64)
+    ref_out, ref_grads = run(eager, x)
+    out, grads = run(fused, x)
+    # eager's softmax runs in float32 even for float64 inputs: that bounds the agreement
+    assert torch.allclose(out, ref_out, atol=1e-6, rtol=1e-5)
+    for ref, got in zip(ref_grads, grads):
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+    if use_rel_pos:
+        assert ref_grads[-1].abs().max() > 0  # rel_pos_w gets a gradient, through the appended query terms
+
+
+def test_fused_attention_under_bf16_autocast_is_close_and_returns_no_weights():
+    eager, fused = pair(0)
+    eager, fused = eager.float(), fused.float()
+    x = torch.randn(1, 8, 8, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, weights = eager(x)
+        out, none = fused(x)
+    assert weights is not None and none is None
+    assert (out.float() - ref.float()).abs().max() < 0.05 * ref.float().abs().max()
+    # output_attentions needs the weights: the eager computation answers
+    out_w, weights_w = fused(x, output_attentions=True)
+    assert weights_w is not None and torch.allclose(out_w, eager(x)[0], atol=1e-6)
+
+
+def test_key_codes_are_row_then_column_one_hots():
+    codes = _key_position_codes(2, 3, torch.device("cpu"), torch.float32)
+    assert codes.shape == (6, 5)
+    # key token 4 sits at row 1, column 1
+    assert codes[4].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert torch.equal(codes.sum(1), torch.full((6,), 2.0))
+
+
+def test_switching_a_whole_encoder_keeps_its_output():
+    from hf_sam_peft.training.efficiency import set_encoder_attention
+
+    torch.manual_seed(0)
+    model = SamModel(tiny_sam_config()).eval()
+    for layer in model.vision_encoder.layers:
+        torch.nn.init.normal_(layer.attn.rel_pos_h, std=0.3)
+        torch.nn.init.normal_(layer.attn.rel_pos_w, std=0.3)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        ref = model.vision_encoder(x).last_hidden_state
+        assert set_encoder_attention(model, "fused") == len(model.vision_encoder.layers)
+        assert all(type(layer.attn) is SamVisionFusedAttention for layer in model.vision_encoder.layers)
+        out = model.vision_encoder(x).last_hidden_state
+    assert torch.allclose(out, ref, atol=1e-4)
