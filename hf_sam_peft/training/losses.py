@@ -40,6 +40,44 @@ def mask_iou(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, 
     return overlap / (union + eps)
 
 
+class _SigmoidDiceSums(torch.autograd.Function):
+    """``(Σ σ(x)·t, Σ σ(x)², Σ [σ(x) > 0.5]·t, Σ [σ(x) > 0.5])`` over the last two dims of ``x`` ``(N, K, H, W)``.
+
+    Mask by mask, so that each full-resolution map is read while it sits in cache (memory bandwidth, not
+    arithmetic, bounds these sums on a CPU), and without saving probability maps: backward recomputes
+    ``σ`` from the logits. The counts carry no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor):  # target: (N, H, W) float 0/1
+        n_obj, n_masks = logits.shape[:2]
+        sums = logits.new_empty(4, n_obj, n_masks)
+        for n in range(n_obj):
+            t = target[n].flatten()
+            for k in range(n_masks):
+                probs = torch.sigmoid(logits[n, k].flatten())
+                predicted = (probs > 0.5).to(probs.dtype)
+                sums[0, n, k] = torch.dot(probs, t)
+                sums[1, n, k] = torch.dot(probs, probs)
+                sums[2, n, k] = torch.dot(predicted, t)
+                sums[3, n, k] = predicted.sum()
+        ctx.save_for_backward(logits, target)
+        inter, squares, overlap, counts = sums.unbind(0)
+        ctx.mark_non_differentiable(overlap, counts)
+        return inter, squares, overlap, counts
+
+    @staticmethod
+    def backward(ctx, grad_inter, grad_squares, _grad_overlap, _grad_counts):
+        logits, target = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for n in range(logits.shape[0]):
+            for k in range(logits.shape[1]):
+                probs = torch.sigmoid(logits[n, k])
+                slope = probs * (1.0 - probs)
+                grad[n, k] = (grad_inter[n, k] * target[n] + 2.0 * grad_squares[n, k] * probs) * slope
+        return grad, None
+
+
 def mask_and_iou_loss(
     mask_logits: torch.Tensor, iou_predictions: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,11 +91,13 @@ def mask_and_iou_loss(
         )
     if iou_predictions.shape != mask_logits.shape[:2]:
         raise ValueError(f"iou_predictions must be (N, K) = {tuple(mask_logits.shape[:2])}, got {tuple(iou_predictions.shape)}")
-    probs = torch.sigmoid(mask_logits.float())  # float32 sums also under bf16/fp16 autocast
-    target = targets[:, None]
-    dice = dice_loss(probs, target).min(dim=1).values.mean()
-    true_iou = mask_iou(probs, target)
-    return dice, F.mse_loss(iou_predictions.float(), true_iou)
+    # the same numbers as dice_loss(σ(x), t) and mask_iou(σ(x), t), from one fused pass (_SigmoidDiceSums)
+    target = targets.float()  # float32 sums also under bf16/fp16 autocast
+    inter, squares, overlap, predicted = _SigmoidDiceSums.apply(mask_logits.float(), target)
+    target_sum = target.sum((-2, -1))[:, None]  # Σt² = Σt for a 0/1 target
+    dice = 1.0 - 2.0 * inter / (squares + target_sum).clamp(min=EPS)
+    true_iou = overlap / (predicted + target_sum - overlap + EPS)
+    return dice.min(dim=1).values.mean(), F.mse_loss(iou_predictions.float(), true_iou)
 
 
 def batch_round_loss(
