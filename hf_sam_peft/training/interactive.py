@@ -343,6 +343,23 @@ def next_round_inputs(
     return prompts, mask_inputs, use_mask
 
 
+def _round_loss(
+    model: nn.Module,
+    embeddings: torch.Tensor,
+    prompts: Prompts,
+    multimask: bool,
+    mask_inputs: torch.Tensor | None,
+    use_mask: torch.Tensor | None,
+    frames: Frames,
+    targets: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round's ``(dice, mse)`` with its float32 low-res logits and IoU predictions (for the next round)."""
+    low, iou = decode(model, embeddings, prompts, multimask, mask_inputs, use_mask)
+    low, iou = low.float(), iou.float()
+    dice, mse = batch_round_loss([frames.upscale(b, low[b]) for b in range(low.shape[0])], iou, targets)
+    return dice, mse, low, iou
+
+
 def checkpointed_round_losses(
     model: nn.Module,
     embeddings: torch.Tensor,
@@ -363,10 +380,7 @@ def checkpointed_round_losses(
     dice_per_round, mse_per_round = [], []
     for index in range(n_rounds):
         def run(emb, prompts=prompts, mask_inputs=mask_inputs, use_mask=use_mask, multimask=multimask_first and index == 0):
-            low, iou = decode(model, emb, prompts, multimask, mask_inputs, use_mask)
-            low, iou = low.float(), iou.float()
-            dice, mse = batch_round_loss([frames.upscale(b, low[b]) for b in range(low.shape[0])], iou, targets)
-            return dice, mse, low, iou
+            return _round_loss(model, emb, prompts, multimask, mask_inputs, use_mask, frames, targets)
 
         dice, mse, low, iou = maybe_checkpoint(True, run, embeddings)
         dice_per_round.append(dice)
@@ -408,9 +422,8 @@ def backward_round_losses(
     mask_inputs = use_mask = None
     dice_per_round, mse_per_round = [], []
     for index in range(n_rounds):
-        low, iou = decode(model, leaf, prompts, multimask_first and index == 0, mask_inputs, use_mask)
-        low, iou = low.float(), iou.float()
-        dice, mse = batch_round_loss([frames.upscale(b, low[b]) for b in range(low.shape[0])], iou, targets)
+        multimask = multimask_first and index == 0
+        dice, mse, low, iou = _round_loss(model, leaf, prompts, multimask, mask_inputs, use_mask, frames, targets)
         round_loss = (dice + mse) / n_rounds
         if round_loss.requires_grad:
             with torch.autocast(leaf.device.type, enabled=False):  # backward outside autocast, as loss.backward()

@@ -26,8 +26,9 @@ What it does (DESIGN §3):
   ``JointSamTrainer``);
 - a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
 - efficiency (``autocast_dtype``, ``encoder_attention``, ``decoder_attention``, ``checkpoint_encoder``,
-  ``backward_per_round``, ``checkpoint_rounds``, ``frozen_encoder_no_grad``, ``cache_embeddings``; see ``hf_sam_peft.training.efficiency``) changes how a
-  step runs, not what it computes; the model-side options are applied to ``model`` when the trainer is built.
+  ``backward_per_round``, ``checkpoint_rounds``, ``frozen_encoder_no_grad``, ``cache_embeddings``; see
+  ``hf_sam_peft.training.efficiency``) changes how a step runs, not what it computes; the model-side options
+  are applied to ``model`` when the trainer is built.
 
 Deliberate deviations from µSAM:
 
