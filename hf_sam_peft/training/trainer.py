@@ -25,8 +25,9 @@ What it does (DESIGN §3):
   encoder is back-propagated and the Trainer's loop takes the second optimizer step (µSAM's
   ``JointSamTrainer``);
 - a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
-- efficiency (``autocast_dtype``, ``encoder_attention``, ``decoder_attention``, ``checkpoint_encoder``,
-  ``backward_per_round``, ``checkpoint_rounds``, ``frozen_encoder_no_grad``, ``cache_embeddings``; see
+- efficiency (``autocast_dtype``, ``encoder_attention``, ``decoder_attention``, ``fuse_decoder_projections``,
+  ``contiguous_layout``, ``checkpoint_encoder``, ``backward_per_round``, ``checkpoint_rounds``,
+  ``frozen_encoder_no_grad``, ``cache_embeddings``, ``retain_freed_memory``; see
   ``hf_sam_peft.training.efficiency``) changes how a step runs, not what it computes; the model-side options
   are applied to ``model`` when the trainer is built.
 
@@ -101,6 +102,15 @@ class InteractiveTrainingArguments(TrainingArguments):
     decoder_attention: str | None = field(
         default="auto", metadata={"help": "Mask decoder attention: auto (eager on CPU, else the model's), eager or sdpa."}
     )
+    fuse_decoder_projections: bool = field(
+        default=True, metadata={"help": "Mask decoder: project the image tokens once per layer (exact, fewer passes)."}
+    )
+    contiguous_layout: bool = field(
+        default=True, metadata={"help": "Keep patch-embedding and decoder conv outputs contiguous (no slow mixed layouts)."}
+    )
+    retain_freed_memory: bool = field(
+        default=True, metadata={"help": "CPU: let glibc keep freed memory for the next step (no page faults; process-wide)."}
+    )
     checkpoint_encoder: bool = field(
         default=False, metadata={"help": "Recompute trainable encoder blocks in backward (less memory, ~20% slower)."}
     )
@@ -156,6 +166,8 @@ class InteractiveTrainingArguments(TrainingArguments):
             decoder_attention=self.decoder_attention, checkpoint_encoder=self.checkpoint_encoder,
             backward_per_round=self.backward_per_round, checkpoint_rounds=self.checkpoint_rounds,
             frozen_encoder_no_grad=self.frozen_encoder_no_grad, cache_embeddings=self.cache_embeddings,
+            fuse_decoder_projections=self.fuse_decoder_projections,
+            contiguous_layout=self.contiguous_layout, retain_freed_memory=self.retain_freed_memory,
         )
 
 

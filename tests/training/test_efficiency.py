@@ -85,6 +85,9 @@ FLOAT32_OPTIONS = {
     "sdpa_attention": ("full_ft", EfficiencyOptions.plain(encoder_attention="sdpa")),
     "frozen_encoder_no_grad": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True)),
     "cache_embeddings": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True, cache_embeddings=True)),
+    "fuse_decoder_projections": ("full_ft", EfficiencyOptions.plain(fuse_decoder_projections=True)),
+    "contiguous_layout": ("full_ft", EfficiencyOptions.plain(contiguous_layout=True)),
+    "retain_freed_memory": ("lora", EfficiencyOptions.plain(retain_freed_memory=True)),
     "all_but_autocast": ("lora", EfficiencyOptions(autocast_dtype=None)),
 }
 
@@ -234,6 +237,35 @@ def test_decoder_attention_auto_is_eager_on_cpu_only():
         set_decoder_attention(sam, "flash")
 
 
+def test_retain_freed_memory_sets_glibc_thresholds_and_validates():
+    import ctypes.util
+    import platform
+
+    from hf_sam_peft.training.efficiency import retain_freed_memory
+
+    if platform.system() == "Linux" and "glibc" in " ".join(platform.libc_ver()):
+        assert retain_freed_memory() is True
+        assert ctypes.util.find_library("c")
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        retain_freed_memory(mmap_threshold=0)
+    with pytest.raises(ValueError, match="trim_threshold"):
+        retain_freed_memory(trim_threshold=2**31)
+
+
+def test_prepare_model_applies_and_reverts_the_decoder_options():
+    from transformers.models.sam.modeling_sam import SamTwoWayTransformer
+
+    from hf_sam_peft.modeling.mask_decoder import SamFusedTwoWayTransformer
+
+    model = prepare_model(tiny_model("lora"), EfficiencyOptions())
+    sam = unwrap_sam(model)
+    assert type(sam.mask_decoder.transformer) is SamFusedTwoWayTransformer
+    assert len(sam.mask_decoder.upscale_conv2._forward_hooks) == 1 and sam.vision_encoder.patch_embed._forward_hooks
+    prepare_model(model, EfficiencyOptions.plain())
+    assert type(sam.mask_decoder.transformer) is SamTwoWayTransformer
+    assert not sam.mask_decoder.upscale_conv2._forward_hooks
+
+
 def test_option_validation():
     with pytest.raises(ValueError, match="autocast_dtype"):
         EfficiencyOptions(autocast_dtype="int8")
@@ -254,10 +286,11 @@ def test_trainer_arguments_carry_the_options(tmp_path):
     from hf_sam_peft.training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
 
     args = InteractiveTrainingArguments(output_dir=str(tmp_path), checkpoint_encoder=True, cache_embeddings=True,
-                                        use_cpu=True, report_to=[], eval_strategy="no", save_strategy="no",
+                                        fuse_decoder_projections=False, use_cpu=True, report_to=[], eval_strategy="no", save_strategy="no",
                                         load_best_model_at_end=False, lr_scheduler_type="constant",
                                         lr_scheduler_kwargs={})
-    assert args.efficiency_options() == EfficiencyOptions(checkpoint_encoder=True, cache_embeddings=True)
+    assert args.efficiency_options() == EfficiencyOptions(checkpoint_encoder=True, cache_embeddings=True,
+                                                          fuse_decoder_projections=False)
     with pytest.raises(ValueError, match="encoder_attention"):
         InteractiveTrainingArguments(output_dir=str(tmp_path), encoder_attention="flash", report_to=[])
     trainer = SamInteractiveTrainer(tiny_model("lora"), args)

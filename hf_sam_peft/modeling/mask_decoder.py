@@ -1,0 +1,124 @@
+"""SAM's two-way transformer with the image stream projected once per layer (same parameters, same result).
+
+In the mask decoder every image token (4096 per object at 1024²) flows through two cross attentions per layer.
+transformers' ``SamTwoWayTransformer`` forms ``keys + positional_embedding`` twice per layer (once per cross
+attention) and then runs three separate 256 → 128 projections over the image tokens (key and value of the
+token→image attention, query of the image→token attention). Under autocast each projection also casts its
+float32 input to bf16 on its own. On a CPU these full-width adds and casts, not the matmuls, are what the
+decoder spends its time on (memory bandwidth), and the prompt rounds repeat them 8 times per step.
+
+Projections are linear, so ``W(keys + pos) + b = (W keys + b) + W pos``. This module projects ``keys`` once per
+layer with the three weights stacked (one cast, one matmul) and adds the projected positional embedding
+(half as wide, and the same for every round's prompts) to the key and query parts. The token side, the
+attention kernels, the residuals and the LayerNorms are transformers' own modules, called as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.sam.modeling_sam import SamAttention, SamTwoWayTransformer, eager_attention_forward
+
+
+def _project(hidden: torch.Tensor, linears: Sequence[nn.Linear], bias: bool = True) -> tuple[torch.Tensor, ...]:
+    """``linear(hidden)`` for each of ``linears`` as one matmul over their stacked weights (views of one output)."""
+    weight = torch.cat([linear.weight for linear in linears])
+    stacked_bias = torch.cat([linear.bias for linear in linears]) if bias else None
+    out = F.linear(hidden, weight, stacked_bias)
+    return out.split([linear.out_features for linear in linears], dim=-1)
+
+
+def _attend(module: SamAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_similarity: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+    """``SamAttention.forward`` from already projected ``(B, P, tokens, internal_dim)`` query, key and value."""
+    point_batch_size = query.shape[1]
+    heads = module.num_attention_heads
+    query, key, value = (module._separate_heads(t, heads) for t in (query, key, value))
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+    out, _ = interface(module, query, key, value, attention_mask=attention_similarity, dropout=0.0,
+                       scaling=module.scaling, is_causal=module.is_causal, **kwargs)
+    return module.out_proj(module._recombine_heads(out, point_batch_size))
+
+
+def _plain_linears(*modules: SamAttention) -> bool:
+    """True when every projection is a plain ``nn.Linear`` (not an adapter wrapper whose ``weight`` is not all)."""
+    return all(type(getattr(m, name)) is nn.Linear for m in modules for name in ("q_proj", "k_proj", "v_proj"))
+
+
+class SamFusedTwoWayTransformer(SamTwoWayTransformer):
+    """``SamTwoWayTransformer`` that projects the image tokens once per layer; see the module docstring.
+
+    Switch an existing module with ``module.__class__ = SamFusedTwoWayTransformer`` (see
+    ``hf_sam_peft.training.efficiency.set_decoder_transformer``). Falls back to transformers' forward when
+    an attention projection is wrapped (e.g. a LoRA layer targeting the decoder).
+    """
+
+    def forward(self, point_embeddings: torch.Tensor, image_embeddings: torch.Tensor,
+                image_positional_embeddings: torch.Tensor, attention_similarity: torch.Tensor | None,
+                target_embedding: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        attentions = [self.final_attn_token_to_image]
+        for layer in self.layers:
+            attentions += [layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
+        if image_embeddings is None or not _plain_linears(*attentions):
+            return super().forward(point_embeddings, image_embeddings, image_positional_embeddings,
+                                   attention_similarity, target_embedding, **kwargs)
+        keys = image_embeddings.flatten(2).transpose(1, 2).unsqueeze(1)
+        positions = image_positional_embeddings.flatten(2).transpose(1, 2).unsqueeze(1)
+        queries = point_embeddings
+        for layer in self.layers:
+            if target_embedding is not None:
+                queries += target_embedding
+            queries, keys = self._layer(layer, queries, keys, point_embeddings, positions, attention_similarity, **kwargs)
+        final = self.final_attn_token_to_image
+        key, value = _project(keys, (final.k_proj, final.v_proj))
+        (key_pos,) = _project(positions, (final.k_proj,), bias=False)
+        query = final.q_proj(queries + point_embeddings)
+        queries = queries + _attend(final, query, key + key_pos, value, None, **kwargs)
+        return self.layer_norm_final_attn(queries), keys
+
+    @staticmethod
+    def _layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor,
+               key_pos: torch.Tensor, attention_similarity: torch.Tensor | None,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``SamTwoWayAttentionBlock.forward`` with one projection of ``keys`` for both cross attentions."""
+        if layer.skip_first_layer_pe:
+            queries, _ = layer.self_attn(query=queries, key=queries, value=queries)
+        else:
+            query = queries + query_pos
+            queries = queries + layer.self_attn(query=query, key=query, value=queries)[0]
+        queries = layer.layer_norm1(queries)
+
+        to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        image_key, image_value, image_query = _project(keys, (to_image.k_proj, to_image.v_proj, to_token.q_proj))
+        key_shift, query_shift = _project(key_pos, (to_image.k_proj, to_token.q_proj), bias=False)
+
+        query = to_image.q_proj(queries + query_pos)
+        attn_out = _attend(to_image, query, image_key + key_shift, image_value, attention_similarity, **kwargs)
+        queries = layer.layer_norm2(queries + attn_out)
+        queries = layer.layer_norm3(queries + layer.mlp(queries))
+
+        token_key = to_token.k_proj(queries + query_pos)
+        attn_out = _attend(to_token, image_query + query_shift, token_key, to_token.v_proj(queries), None, **kwargs)
+        keys = layer.layer_norm4(keys + attn_out)
+        return queries, keys
+
+
+def set_decoder_projections(sam: nn.Module, fused: bool) -> bool:
+    """Switch ``sam.mask_decoder.transformer`` to (``fused``) or back from :class:`SamFusedTwoWayTransformer`.
+
+    Returns whether the class changed. The switch is exact: same parameters and state dict, same result.
+    Other transformer classes (subclasses someone else made) are left alone.
+    """
+    transformer = sam.mask_decoder.transformer
+    source, target = (SamTwoWayTransformer, SamFusedTwoWayTransformer)[:: 1 if fused else -1]
+    if type(transformer) is not source:
+        return False
+    transformer.__class__ = target
+    return True
+
+
+__all__ = ["SamFusedTwoWayTransformer", "set_decoder_projections"]

@@ -1,0 +1,81 @@
+"""The fused two-way transformer computes transformers' SamTwoWayTransformer: outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import SamModel
+from transformers.models.sam.modeling_sam import SamTwoWayTransformer
+
+from hf_sam_peft.modeling.mask_decoder import SamFusedTwoWayTransformer, set_decoder_projections
+from hf_sam_peft.modeling.sam import tiny_sam_config
+
+
+def tiny_sam(dtype=torch.float64) -> SamModel:
+    torch.manual_seed(0)
+    model = SamModel(tiny_sam_config()).to(dtype).train()
+    for module in model.mask_decoder.transformer.modules():  # biases matter for the linearity argument
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.bias, std=0.1)
+    return model
+
+
+def prompts(model: SamModel, dtype=torch.float64, objects: int = 3) -> dict:
+    side = model.config.vision_config.image_size
+    gen = torch.Generator().manual_seed(1)
+    size = model.config.prompt_encoder_config.image_embedding_size * 4
+    return {
+        "image_embeddings": torch.randn(objects, model.config.vision_config.output_channels, size // 4, size // 4,
+                                        generator=gen, dtype=dtype),
+        "input_points": torch.rand(objects, 1, 2, 2, generator=gen, dtype=dtype) * side,
+        "input_labels": torch.tensor([[[1, 0]]] * objects),
+        "input_masks": torch.randn(objects, 1, size, size, generator=gen, dtype=dtype),
+        "multimask_output": True,
+    }
+
+
+def outputs_and_grads(model: SamModel, inputs: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    emb = inputs["image_embeddings"].clone().requires_grad_(True)
+    out = model(**{**inputs, "image_embeddings": emb})
+    weights = torch.linspace(-1, 1, out.pred_masks.numel(), dtype=out.pred_masks.dtype)
+    loss = (out.pred_masks.flatten() * weights).sum() + out.iou_scores.square().sum()
+    params = [p for p in model.mask_decoder.parameters() if p.requires_grad]
+    return [out.pred_masks.detach(), out.iou_scores.detach()], list(torch.autograd.grad(loss, [emb, *params]))
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_fused_transformer_matches_transformers_outputs_and_gradients(attention):
+    model = tiny_sam()
+    model.mask_decoder.config._attn_implementation = attention
+    inputs = prompts(model)
+    ref_out, ref_grads = outputs_and_grads(model, inputs)
+    assert set_decoder_projections(model, fused=True)
+    assert type(model.mask_decoder.transformer) is SamFusedTwoWayTransformer
+    out, grads = outputs_and_grads(model, inputs)
+    for ref, got in zip(ref_out + ref_grads, out + grads):
+        assert torch.allclose(got, ref, atol=1e-10, rtol=1e-8)
+    assert max(g.abs().max() for g in grads) > 0
+
+
+def test_switch_is_reversible_and_keeps_the_state_dict():
+    model = tiny_sam()
+    keys = list(model.state_dict())
+    assert set_decoder_projections(model, fused=True)
+    assert not set_decoder_projections(model, fused=True)  # already switched
+    assert list(model.state_dict()) == keys
+    assert set_decoder_projections(model, fused=False)
+    assert type(model.mask_decoder.transformer) is SamTwoWayTransformer
+
+
+def test_wrapped_projection_falls_back_to_transformers_forward():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_sam()
+    config = LoraConfig(r=2, target_modules=r".*transformer\.layers\.0\.cross_attn_token_to_image\.k_proj", init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    inputs = prompts(model)
+    ref_out, _ = outputs_and_grads(peft_model, inputs)
+    set_decoder_projections(model, fused=True)
+    out, _ = outputs_and_grads(peft_model, inputs)  # the adapter's contribution is kept
+    for ref, got in zip(ref_out, out):
+        assert torch.allclose(got, ref, atol=1e-10, rtol=1e-8)
