@@ -15,13 +15,18 @@ attention kernels, the residuals and the LayerNorms are transformers' own module
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.sam.modeling_sam import SamAttention, SamTwoWayTransformer, eager_attention_forward
+from transformers.models.sam.modeling_sam import (
+    SamAttention,
+    SamTwoWayTransformer,
+    eager_attention_forward,
+)
 
 
 def _project(hidden: torch.Tensor, linears: Sequence[nn.Linear], bias: bool = True) -> tuple[torch.Tensor, ...]:

@@ -140,7 +140,10 @@ def set_encoder_attention(sam: nn.Module, kind: str) -> int:
     transformers picks the class at construction; the SDPA class only overrides ``forward`` (same
     parameters), so switching the class of the existing modules is exact.
     """
-    from transformers.models.sam.modeling_sam import SAM_VISION_ATTENTION_CLASSES, SamVisionAttention
+    from transformers.models.sam.modeling_sam import (
+        SAM_VISION_ATTENTION_CLASSES,
+        SamVisionAttention,
+    )
 
     from hf_sam_peft.modeling.attention import SamVisionFusedAttention
 

@@ -7,7 +7,10 @@ import torch
 from transformers import SamModel
 from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 
-from hf_sam_peft.modeling.mask_decoder import SamFusedTwoWayTransformer, set_decoder_projections
+from hf_sam_peft.modeling.mask_decoder import (
+    SamFusedTwoWayTransformer,
+    set_decoder_projections,
+)
 from hf_sam_peft.modeling.sam import tiny_sam_config
 
 

@@ -20,7 +20,12 @@ from hf_sam_peft.training.efficiency import (
     resolve_autocast_dtype,
     set_encoder_attention,
 )
-from hf_sam_peft.training.interactive import interactive_loss, prompt_generator, training_prompt_mode, unwrap_sam
+from hf_sam_peft.training.interactive import (
+    interactive_loss,
+    prompt_generator,
+    training_prompt_mode,
+    unwrap_sam,
+)
 
 BF16_NATIVE = resolve_autocast_dtype("auto", "cpu") is not None
 
@@ -283,7 +288,10 @@ def test_option_validation():
 
 
 def test_trainer_arguments_carry_the_options(tmp_path):
-    from hf_sam_peft.training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
+    from hf_sam_peft.training.trainer import (
+        InteractiveTrainingArguments,
+        SamInteractiveTrainer,
+    )
 
     args = InteractiveTrainingArguments(output_dir=str(tmp_path), checkpoint_encoder=True, cache_embeddings=True,
                                         fuse_decoder_projections=False, use_cpu=True, report_to=[], eval_strategy="no", save_strategy="no",
