@@ -27,7 +27,7 @@ What it does (DESIGN §3):
 - a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
 - efficiency (``autocast_dtype``, ``encoder_attention``, ``decoder_attention``, ``fuse_decoder_projections``,
   ``contiguous_layout``, ``checkpoint_encoder``, ``backward_per_round``, ``checkpoint_rounds``,
-  ``frozen_encoder_no_grad``, ``cache_embeddings``, ``retain_freed_memory``; see
+  ``frozen_encoder_no_grad``, ``cache_embeddings``, ``retain_freed_memory``, ``flush_denormals``; see
   ``hf_sam_peft.training.efficiency``) changes how a step runs, not what it computes; the model-side options
   are applied to ``model`` when the trainer is built.
 
@@ -111,6 +111,9 @@ class InteractiveTrainingArguments(TrainingArguments):
     retain_freed_memory: bool = field(
         default=True, metadata={"help": "CPU: let glibc keep freed memory for the next step (no page faults; process-wide)."}
     )
+    flush_denormals: bool = field(
+        default=True, metadata={"help": "CPU: flush denormal floats (< 1.2e-38) to zero on torch's threads (process-wide)."}
+    )
     checkpoint_encoder: bool = field(
         default=False, metadata={"help": "Recompute trainable encoder blocks in backward (less memory, ~20% slower)."}
     )
@@ -168,6 +171,7 @@ class InteractiveTrainingArguments(TrainingArguments):
             frozen_encoder_no_grad=self.frozen_encoder_no_grad, cache_embeddings=self.cache_embeddings,
             fuse_decoder_projections=self.fuse_decoder_projections,
             contiguous_layout=self.contiguous_layout, retain_freed_memory=self.retain_freed_memory,
+            flush_denormals=self.flush_denormals,
         )
 
 

@@ -93,6 +93,7 @@ FLOAT32_OPTIONS = {
     "fuse_decoder_projections": ("full_ft", EfficiencyOptions.plain(fuse_decoder_projections=True)),
     "contiguous_layout": ("full_ft", EfficiencyOptions.plain(contiguous_layout=True)),
     "retain_freed_memory": ("lora", EfficiencyOptions.plain(retain_freed_memory=True)),
+    "flush_denormals": ("lora", EfficiencyOptions.plain(flush_denormals=True)),
     "all_but_autocast": ("lora", EfficiencyOptions(autocast_dtype=None)),
 }
 
@@ -240,21 +241,6 @@ def test_decoder_attention_auto_is_eager_on_cpu_only():
     assert sam.mask_decoder.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="kind"):
         set_decoder_attention(sam, "flash")
-
-
-def test_retain_freed_memory_sets_glibc_thresholds_and_validates():
-    import ctypes.util
-    import platform
-
-    from hf_sam_peft.training.efficiency import retain_freed_memory
-
-    if platform.system() == "Linux" and "glibc" in " ".join(platform.libc_ver()):
-        assert retain_freed_memory() is True
-        assert ctypes.util.find_library("c")
-    with pytest.raises(ValueError, match="mmap_threshold"):
-        retain_freed_memory(mmap_threshold=0)
-    with pytest.raises(ValueError, match="trim_threshold"):
-        retain_freed_memory(trim_threshold=2**31)
 
 
 def test_prepare_model_applies_and_reverts_the_decoder_options():
