@@ -81,6 +81,17 @@ def _pick_pixels(regions: Sequence[torch.Tensor], n: int, generator: torch.Gener
 Region = torch.Tensor | Callable[[], torch.Tensor]
 
 
+def _row_counts(masks: torch.Tensor) -> torch.Tensor:
+    """``count_nonzero(masks, dim=-1)`` for a 2-D bool tensor, one row at a time.
+
+    Why: the ``dim=`` reduction widens the whole boolean map to int64 first (4 × 1024² pixels: 15 ms on 2 CPU
+    cores), while a whole-row count runs on the bytes (0.5 ms for the same four rows).
+    """
+    if masks.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=masks.device)
+    return torch.stack([torch.count_nonzero(row) for row in masks])
+
+
 def _pick_one(regions: Sequence[Region], generator: torch.Generator | None) -> torch.Tensor:
     """One flat pixel index per row, ``(M, 1)``: uniform in ``regions[0]``, else in the first non-empty fallback.
 
@@ -97,7 +108,7 @@ def _pick_one(regions: Sequence[Region], generator: torch.Generator | None) -> t
         region = region() if callable(region) else region
         rows = torch.nonzero(todo).flatten()
         sub = region if rows.numel() == region.shape[0] else region[rows]
-        counts = torch.count_nonzero(sub, dim=-1)
+        counts = _row_counts(sub)
         found = counts > 0
         if not bool(found.any()):
             continue

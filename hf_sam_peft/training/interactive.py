@@ -235,23 +235,27 @@ def decode(
         flat_use = use_mask.to(embeddings.device).repeat_interleave(n_obj)
         flat_masks = mask_inputs.flatten(0, 1)
         groups = [(torch.nonzero(~flat_use).flatten(), None), (torch.nonzero(flat_use).flatten(), flat_masks)]
+    groups = [(index, masks) for index, masks in groups if index.numel() > 0]
     lows, ious, order = [], [], []
     for index, masks in groups:
-        if index.numel() == 0:
-            continue
-        kwargs = {k: (None if v is None else v[index]) for k, v in flat.items()}
+        # one group of all rows (no mask input, or all images with one): no gather, no scatter in backward
+        pick = (lambda t: t) if len(groups) == 1 else (lambda t: t[index])
+        kwargs = {k: (None if v is None else pick(v)) for k, v in flat.items()}
         out = model(
-            image_embeddings=flat_emb[index],
-            input_masks=None if masks is None else masks[index],
+            image_embeddings=pick(flat_emb),
+            input_masks=None if masks is None else pick(masks),
             multimask_output=multimask,
             **kwargs,
         )
         lows.append(out.pred_masks[:, 0])
         ious.append(out.iou_scores[:, 0])
         order.append(index)
-    inverse = torch.argsort(torch.cat(order))
-    low = torch.cat(lows)[inverse]
-    iou = torch.cat(ious)[inverse]
+    if len(groups) == 1:
+        low, iou = lows[0], ious[0]
+    else:
+        inverse = torch.argsort(torch.cat(order))
+        low = torch.cat(lows)[inverse]
+        iou = torch.cat(ious)[inverse]
     return low.reshape(batch, n_obj, *low.shape[1:]), iou.reshape(batch, n_obj, -1)
 
 
