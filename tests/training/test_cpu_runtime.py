@@ -14,6 +14,7 @@ from hf_sam_peft.training.cpu_runtime import flush_denormals, retain_freed_memor
 def two_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    flush_denormals(False)  # earlier tests' prepare_model calls may have turned it on for the process
     yield
     flush_denormals(False)
     torch.set_num_threads(before)
