@@ -193,13 +193,13 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
     from hf_sam_peft.training.interactive import unwrap_sam
 
     sam = unwrap_sam(model)
+    run_on = torch.device(device) if device is not None else next(sam.parameters()).device
     if options.encoder_attention is not None:
         set_encoder_attention(sam, options.encoder_attention)
     if options.decoder_attention is not None:
-        set_decoder_attention(sam, options.decoder_attention, device)
+        set_decoder_attention(sam, options.decoder_attention, run_on)
     set_decoder_projections(sam, fused=options.fuse_decoder_projections)
     set_contiguous_layout(sam, enabled=options.contiguous_layout)
-    run_on = torch.device(device) if device is not None else next(sam.parameters()).device
     if options.retain_freed_memory and run_on.type == "cpu":
         retain_freed_memory()
     if options.flush_denormals and run_on.type == "cpu":

@@ -306,7 +306,7 @@ def interactive_rounds(
         yield output
         if index == n_rounds - 1:
             return
-        prompts, mask_inputs, use_mask = next_round_inputs(low, iou, targets, frames, prompts, mask_prob, generator)
+        prompts, mask_inputs, use_mask = next_round_inputs(low, iou, masks, targets, frames, prompts, mask_prob, generator)
 
 
 def _check_rounds(n_rounds: int, mask_prob: float) -> None:
@@ -320,6 +320,7 @@ def _check_rounds(n_rounds: int, mask_prob: float) -> None:
 def next_round_inputs(
     low: torch.Tensor,
     iou: torch.Tensor,
+    masks: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
     frames: Frames,
     prompts: Prompts,
@@ -328,14 +329,17 @@ def next_round_inputs(
 ) -> tuple[Prompts, torch.Tensor, torch.Tensor]:
     """The next round's prompts (+1 positive, +1 negative correction point per object) and mask inputs.
 
-    Corrections come from the best mask (highest predicted IoU) upscaled to input resolution, binarised at 0.
+    Corrections come from the best mask (highest predicted IoU) at input resolution, binarised at 0: picked
+    from ``masks``, this round's logits already upscaled per image ``(N, K, H, W)`` (for the loss).
     """
     best = iou.argmax(-1)
     gather = best[..., None, None, None].expand(-1, -1, 1, *low.shape[-2:])
     best_low = low.gather(2, gather)
     points, labels = [], []
     for b in range(low.shape[0]):
-        p, lab = correction_points(frames.upscale(b, best_low[b, :, 0]) > 0, targets[b], generator)
+        full = masks[b]
+        best_full = full.gather(1, best[b][:, None, None, None].expand(-1, 1, *full.shape[-2:]))[:, 0]
+        p, lab = correction_points(best_full > 0, targets[b], generator)
         points.append(frames.coords(b, p))
         labels.append(lab)
     prompts = prompts.add_points(torch.stack(points), torch.stack(labels))
@@ -357,11 +361,15 @@ def _round_loss(
     frames: Frames,
     targets: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One round's ``(dice, mse)`` with its float32 low-res logits and IoU predictions (for the next round)."""
+    """One round's ``(dice, mse)`` with its float32 low-res logits, IoU predictions and upscaled logits.
+
+    The last three feed :func:`next_round_inputs`.
+    """
     low, iou = decode(model, embeddings, prompts, multimask, mask_inputs, use_mask)
     low, iou = low.float(), iou.float()
-    dice, mse = batch_round_loss([frames.upscale(b, low[b]) for b in range(low.shape[0])], iou, targets)
-    return dice, mse, low, iou
+    masks = [frames.upscale(b, low[b]) for b in range(low.shape[0])]
+    dice, mse = batch_round_loss(masks, iou, targets)
+    return dice, mse, low, iou, masks
 
 
 def checkpointed_round_losses(
@@ -386,11 +394,13 @@ def checkpointed_round_losses(
         def run(emb, prompts=prompts, mask_inputs=mask_inputs, use_mask=use_mask, multimask=multimask_first and index == 0):
             return _round_loss(model, emb, prompts, multimask, mask_inputs, use_mask, frames, targets)
 
-        dice, mse, low, iou = maybe_checkpoint(True, run, embeddings)
+        dice, mse, low, iou, masks = maybe_checkpoint(True, run, embeddings)
         dice_per_round.append(dice)
         mse_per_round.append(mse)
         if index < n_rounds - 1:
-            prompts, mask_inputs, use_mask = next_round_inputs(low, iou, targets, frames, prompts, mask_prob, generator)
+            prompts, mask_inputs, use_mask = next_round_inputs(
+                low, iou, masks, targets, frames, prompts, mask_prob, generator
+            )
     return dice_per_round, mse_per_round
 
 
@@ -427,7 +437,7 @@ def backward_round_losses(
     dice_per_round, mse_per_round = [], []
     for index in range(n_rounds):
         multimask = multimask_first and index == 0
-        dice, mse, low, iou = _round_loss(model, leaf, prompts, multimask, mask_inputs, use_mask, frames, targets)
+        dice, mse, low, iou, masks = _round_loss(model, leaf, prompts, multimask, mask_inputs, use_mask, frames, targets)
         round_loss = (dice + mse) / n_rounds
         if round_loss.requires_grad:
             with torch.autocast(leaf.device.type, enabled=False):  # backward outside autocast, as loss.backward()
@@ -437,7 +447,7 @@ def backward_round_losses(
         mse_per_round.append(mse.detach())
         if index < n_rounds - 1:
             prompts, mask_inputs, use_mask = next_round_inputs(
-                low.detach(), iou.detach(), targets, frames, prompts, mask_prob, generator
+                low.detach(), iou.detach(), [m.detach() for m in masks], targets, frames, prompts, mask_prob, generator
             )
     sources = params + ([embeddings] if leaf.requires_grad else [])
     terms = [(x * g.to(x.dtype)).sum() for x, g in zip(sources, sums) if g is not None]
