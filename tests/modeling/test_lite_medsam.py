@@ -162,7 +162,12 @@ def test_save_and_load_round_trip_is_exact(tmp_path):
     with torch.no_grad():
         a = model(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"].float())
         b = loaded(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"].float())
-    assert torch.equal(a.pred_masks, b.pred_masks) and a.pred_masks.std() > 0
+    # The weights are bit-identical (above); two forward passes need not be (kernel choice, thread split), so
+    # the outputs agree to float32 rounding relative to their scale.
+    assert a.pred_masks.std() > 0
+    for name in ("pred_masks", "iou_scores"):
+        expected, actual = getattr(a, name), getattr(b, name)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
     base, base_processor = load_base_model(tmp_path)
     assert type(base) is LiteSamModel and not base.training

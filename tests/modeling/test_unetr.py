@@ -156,7 +156,9 @@ def test_save_load_round_trip_is_exact(tmp_path, upsampling):
         assert torch.equal(original_state[key], loaded_state[key]), key
     x = torch.randn(1, 8, 4, 4)
     with torch.no_grad():
-        assert torch.equal(decoder(x, original_shape=(50, 60)), loaded(x, original_shape=(50, 60)))
+        expected, actual = decoder(x, original_shape=(50, 60)), loaded(x, original_shape=(50, 60))
+    # the weights are bit-identical (above); two forward passes need not be (kernel choice, memory alignment)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def test_load_errors(tmp_path):

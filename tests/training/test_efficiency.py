@@ -73,9 +73,22 @@ def compare(method: str, options: EfficiencyOptions, rtol: float, steps=(0, 1)) 
         assert ref_grads and set(grads) == set(ref_grads)
         assert torch.allclose(loss, ref_loss, rtol=rtol, atol=rtol), (step, loss, ref_loss)
         assert torch.allclose(parts["round_dice_loss"], ref_parts["round_dice_loss"], rtol=rtol, atol=rtol)
+        # Float32 rounding in a gradient scales with the terms summed into it, not with the result: a parameter
+        # whose gradient nearly cancels (k-projection biases: exactly 0 in exact arithmetic, ~1e-18 here; others
+        # ~1e-8) carries the rounding of its whole component. So the tolerance is relative to the tensor's own
+        # max |g| plus a 10x smaller part relative to the largest gradient of its component (encoder, prompt
+        # encoder, mask decoder), never to a fixed floor.
+        group_scale = {}
         for name, ref in ref_grads.items():
-            scale = ref.abs().max().clamp(min=1e-6)
-            assert (grads[name] - ref).abs().max() <= rtol * 10 * scale, name
+            group = _component(name)
+            group_scale[group] = max(group_scale.get(group, 0.0), ref.abs().max().item())
+        for name, ref in ref_grads.items():
+            tolerance = rtol * (10 * ref.abs().max().item() + group_scale[_component(name)])
+            assert (grads[name] - ref).abs().max().item() <= tolerance, (name, tolerance)
+
+
+def _component(name: str) -> str:
+    return next((part for part in ("vision_encoder", "prompt_encoder", "mask_decoder") if part in name), "other")
 
 
 FLOAT32_OPTIONS = {
