@@ -1,5 +1,8 @@
 """Data: image/label folders -> HF ``datasets`` of normalised 2D patches, SAM input normalisation, and
-dataset recipes (``recipes/datasets/*.yaml``). See :mod:`hf_sam_peft.data.builder` for the row format."""
+dataset recipes (``recipes/datasets/*.yaml``). See :mod:`hf_sam_peft.data.builder` for the row format and
+:mod:`hf_sam_peft.data.sampling` for training data served as torch_em serves it (random patches per fetch,
+MinInstanceSampler, flips). ``hf_sam_peft.data.epoch.SetEpochCallback`` (imports transformers) passes the
+Trainer's epoch to the training dataset."""
 
 from .builder import (
     LABEL_MODES,
@@ -7,6 +10,7 @@ from .builder import (
     holdout_split,
     iter_rows,
     train_val_datasets,
+    training_dataset,
 )
 from .folders import FilePair, find_pairs, iter_slices, load_pair
 from .io import DataError, load_image, load_labels
@@ -14,9 +18,16 @@ from .labels import count_objects, to_instances
 from .normalize import normalize_image
 from .patches import grid_positions, grid_starts
 from .recipes import dataset_kwargs, load_dataset_recipe
+from .sampling import AUGMENTATIONS, RandomPatchDataset, default_augment, min_instance_ok, random_flips
 
 __all__ = [
+    "AUGMENTATIONS",
     "LABEL_MODES",
+    "RandomPatchDataset",
+    "default_augment",
+    "min_instance_ok",
+    "random_flips",
+    "training_dataset",
     "DataError",
     "FilePair",
     "build_dataset",

@@ -16,6 +16,11 @@ no int64 upcast). Full images of different shapes are stored flat with a ``shape
 
 The table is written to the ``datasets`` cache (``cache_dir``); the cache key includes every argument and
 each file's size and modification time, so edited files are re-read.
+
+Training vs. fixed rows: :func:`train_val_datasets` serves its "train" split as a
+:class:`~hf_sam_peft.data.sampling.RandomPatchDataset` (a new random patch per fetch, torch_em's
+``MinInstanceSampler`` rule, flips for microscopy; see :mod:`hf_sam_peft.data.sampling` for the references)
+over a cached table of whole raw slices, and its "val" split as fixed rows (:func:`build_dataset`).
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ import datasets
 import numpy as np
 
 from .folders import FilePair, find_pairs, iter_slices, load_pair
-from .io import DataError, spatial_shape_of
+from .io import DataError, image_dtype_of, spatial_shape_of
 from .labels import count_objects, to_instances
 from .normalize import normalize_image
 from .patches import crop, grid_positions, random_position
+from .sampling import AUGMENTATIONS, MAX_SAMPLING_ATTEMPTS, RandomPatchDataset, min_instance_ok
 
 LABEL_MODES = ("instances", "semantic")
 _FORMAT_VERSION = 1  # bump when row contents change, to invalidate cached tables
+_SLICES_VERSION = 1  # the same for the tables of whole raw slices behind the training split
 _MAX_ATTEMPTS_PER_PATCH = 50
 
 
@@ -47,6 +54,9 @@ def _check_options(
     max_images: int | None,
     label_mode: str,
     label_transform: Callable | None,
+    min_num_instances: int | None = None,
+    sampler_min_size: int | None = None,
+    augment: str | None = None,
 ) -> tuple[int, int] | None:
     """Validate the public options once; returns the patch shape as a tuple."""
     if patch_shape is not None:
@@ -54,11 +64,14 @@ def _check_options(
             raise ValueError(f"patch_shape: expected None or two positive ints (h, w), got {patch_shape!r}")
         patch_shape = (int(patch_shape[0]), int(patch_shape[1]))
     for name, value, low in (("min_size", min_size, 0), ("min_objects", min_objects, 1), ("seed", seed, 0)):
-        if not isinstance(value, (int, np.integer)) or value < low:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    for name, value in (("n_patches_per_image", n_patches_per_image), ("max_images", max_images)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
-            raise ValueError(f"{name}: expected None or an int >= 1, got {value!r}")
+    for name, value, low in (("n_patches_per_image", n_patches_per_image, 1), ("max_images", max_images, 1),
+                             ("min_num_instances", min_num_instances, 1), ("sampler_min_size", sampler_min_size, 0)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low):
+            raise ValueError(f"{name}: expected None or an int >= {low}, got {value!r}")
+    if augment is not None and augment not in AUGMENTATIONS:
+        raise ValueError(f"augment: expected one of {AUGMENTATIONS} (or None), got {augment!r}")
     if n_patches_per_image is not None and patch_shape is None:
         raise ValueError("n_patches_per_image: needs a patch_shape (whole images are one row each)")
     if label_mode not in LABEL_MODES:
@@ -76,7 +89,7 @@ def _make_row(
     min_size: int,
     label_mode: str,
     label_transform: Callable | None,
-    source: Path,
+    source: Path | str,
 ) -> dict[str, Any]:
     """Cut, relabel and normalise one patch (or the whole slice when ``position`` is None)."""
     if position is not None:
@@ -98,6 +111,30 @@ def _make_row(
     if label_mode == "semantic":
         row["semantic"] = np.where(instances > 0, labels, 0).astype(np.int32)
     return row
+
+
+def _make_row_at(
+    image: np.ndarray,
+    labels: np.ndarray,
+    position: tuple[int, int] | None,
+    source: str,
+    *,
+    patch_shape: tuple[int, int] | None,
+    min_size: int,
+    label_mode: str,
+    label_transform: Callable | None,
+) -> dict[str, Any]:
+    """:func:`_make_row` with the dataset's options bound by keyword (a picklable ``functools.partial``
+    for DataLoader workers)."""
+    return _make_row(image, labels, position, patch_shape, min_size, label_mode, label_transform, source)
+
+
+def _keep(labels: np.ndarray, min_objects: int, min_num_instances: int | None, sampler_min_size: int | None) -> bool:
+    """The object filter of fixed rows: ``min_objects`` objects, and torch_em's MinInstanceSampler rule when
+    ``min_num_instances`` is set (background among the counted label values; see sampling.min_instance_ok)."""
+    if count_objects(labels) < min_objects:
+        return False
+    return min_num_instances is None or min_instance_ok(labels, min_num_instances, sampler_min_size)
 
 
 def _positions(
@@ -129,6 +166,8 @@ def _iter_rows(
     label_mode: str,
     label_transform: Callable | None,
     flat: bool = False,
+    min_num_instances: int | None = None,
+    sampler_min_size: int | None = None,
     **_cache_key: Any,
 ) -> Iterator[dict[str, Any]]:
     """Rows of all pairs in order: slices of volumes, then patches per slice (grid or seeded random)."""
@@ -146,7 +185,7 @@ def _iter_rows(
                 row = _make_row(
                     image_2d, labels_2d, position, patch_shape, min_size, label_mode, label_transform, pair.image_path
                 )
-                if with_objects_only and count_objects(row["labels"]) < min_objects:
+                if with_objects_only and not _keep(row["labels"], min_objects, min_num_instances, sampler_min_size):
                     continue
                 row["id"] = base_id if position is None else f"{base_id}_y{position[0]}_x{position[1]}"
                 row["source"] = str(pair.image_path)
@@ -173,16 +212,19 @@ def iter_rows(
     label_transform: Callable[[np.ndarray], np.ndarray] | None = None,
     label_mode: str = "instances",
     min_objects: int = 1,
+    min_num_instances: int | None = None,
+    sampler_min_size: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The rows :func:`build_dataset` would hold, as plain dicts of numpy arrays, without a cache
     (e.g. to evaluate on whole images of different sizes)."""
     patch_shape = _check_options(
-        patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform
+        patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform,
+        min_num_instances, sampler_min_size,
     )
     pairs = find_pairs(root, split)[:max_images]
     yield from _iter_rows(
         pairs, patch_shape, min_size, with_objects_only, min_objects, n_patches_per_image, seed, label_mode,
-        label_transform,
+        label_transform, min_num_instances=min_num_instances, sampler_min_size=sampler_min_size,
     )
 
 
@@ -225,6 +267,19 @@ def _file_signature(pairs: Sequence[FilePair]) -> tuple:
     return tuple(signature)
 
 
+def _generate(generator: Callable, features: datasets.Features, gen_kwargs: dict, cache_dir: Any) -> datasets.Dataset:
+    """``Dataset.from_generator`` with our DataError surfaced as itself."""
+    try:
+        return datasets.Dataset.from_generator(
+            generator, features=features, gen_kwargs=gen_kwargs, cache_dir=None if cache_dir is None else str(cache_dir)
+        )
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__
+        if isinstance(cause, DataError):
+            raise DataError(str(cause)) from cause
+        raise
+
+
 def _build(
     pairs: Sequence[FilePair],
     *,
@@ -238,6 +293,8 @@ def _build(
     label_transform: Callable | None,
     cache_dir: str | Path | None,
     description: str,
+    min_num_instances: int | None = None,
+    sampler_min_size: int | None = None,
 ) -> datasets.Dataset:
     """Generate and cache the table for a list of pairs (shared by build_dataset and train_val_datasets)."""
     row_shape = patch_shape
@@ -250,21 +307,16 @@ def _build(
         min_objects=int(min_objects), n_patches_per_image=n_patches_per_image, seed=int(seed), label_mode=label_mode,
         label_transform=label_transform, flat=flat, files=_file_signature(pairs), version=_FORMAT_VERSION,
     )
+    if min_num_instances is not None or sampler_min_size is not None:  # keeps older cache keys unchanged
+        gen_kwargs.update(min_num_instances=min_num_instances, sampler_min_size=sampler_min_size)
     try:
-        dataset = datasets.Dataset.from_generator(
-            _iter_rows, features=_features(row_shape, label_mode), gen_kwargs=gen_kwargs,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-        )
-    except datasets.exceptions.DatasetGenerationError as err:
-        cause = err.__cause__
-        if isinstance(cause, DataError):
-            raise DataError(str(cause)) from cause
-        raise
+        dataset = _generate(_iter_rows, _features(row_shape, label_mode), gen_kwargs, cache_dir)
     except ValueError as err:
         if "corresponds to no data" not in str(err):
             raise
+        rule = "" if min_num_instances is None else f" and >= {min_num_instances} label values incl. background"
         raise DataError(
-            f"no rows from {description}: no patch holds {min_objects} object(s) of >= {min_size} px "
+            f"no rows from {description}: no patch holds {min_objects} object(s) of >= {min_size} px{rule} "
             f"(patch_shape={patch_shape}, with_objects_only={with_objects_only})"
         ) from err
     if flat:
@@ -285,8 +337,12 @@ def build_dataset(
     label_mode: str = "instances",
     min_objects: int = 1,
     cache_dir: str | Path | None = None,
+    min_num_instances: int | None = None,
+    sampler_min_size: int | None = None,
+    augment: str | None = None,
 ) -> datasets.Dataset:
-    """Build a dataset of 2D rows from ``<root>/<split>/images`` + ``<root>/<split>/labels``.
+    """Build a dataset of fixed 2D rows from ``<root>/<split>/images`` + ``<root>/<split>/labels``
+    (validation and evaluation data; training data comes from :func:`train_val_datasets`, drawn anew).
 
     - 3D volumes (labels ``Z x H x W``) become one 2D slice per z; each slice is relabelled on its own
       (connected components per slice), so a 3D object with two blobs in a slice gives two objects.
@@ -296,20 +352,102 @@ def build_dataset(
       (as torch_em does), seeded by ``(seed, slice id)``; patches failing the object filter are redrawn, up
       to ``50 k`` draws. Images smaller than the patch are zero-padded bottom/right.
     - Labels per row: ``label_transform`` (optional, on the cropped 2D labels), then :func:`to_instances`
-      with ``min_size``. ``label_mode="semantic"`` treats values as classes (each connected region an
-      object, e.g. HC18's ``1 = head``) and keeps the class map in a ``semantic`` column.
+      with ``min_size`` (the dataset's own value, peft-sam's label-transform ``min_size``).
+      ``label_mode="semantic"`` treats values as classes (each connected region an object, e.g. HC18's
+      ``1 = head``) and keeps the class map in a ``semantic`` column.
     - ``with_objects_only``: drop rows with fewer than ``min_objects`` objects left (micro-sam's default
-      sampler asks for 2; we default to 1 because medical images often hold a single object).
+      sampler asks for 2 label values; we default to 1 object because medical images often hold a single
+      object) and, when ``min_num_instances`` is set, rows failing torch_em's ``MinInstanceSampler`` rule
+      (:func:`hf_sam_peft.data.sampling.min_instance_ok`: background counts among the label values;
+      ``sampler_min_size`` counts only values covering that many pixels).
+    - ``augment``: accepted (and checked) so that a recipe's :func:`dataset_kwargs` pass through unchanged;
+      fixed rows are never augmented.
     - ``max_images``: only the first files by sorted id (volumes count as one).
     """
     patch_shape = _check_options(
-        patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform
+        patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform,
+        min_num_instances, sampler_min_size, augment,
     )
     pairs = find_pairs(root, split)[:max_images]
     return _build(
         pairs, patch_shape=patch_shape, min_size=min_size, with_objects_only=with_objects_only,
         min_objects=min_objects, n_patches_per_image=n_patches_per_image, seed=seed, label_mode=label_mode,
         label_transform=label_transform, cache_dir=cache_dir, description=f"{Path(root) / split}",
+        min_num_instances=min_num_instances, sampler_min_size=sampler_min_size,
+    )
+
+
+def _storage_dtype(pairs: Sequence[FilePair]) -> str:
+    """uint8 when every image file is 8-bit (the table then holds the file's values), else float32 (raw
+    intensities kept, so that each served patch is normalised on its own, as peft-sam's RawTrafo does)."""
+    return "uint8" if all(image_dtype_of(p.image_path) == np.uint8 for p in pairs) else "float32"
+
+
+def _iter_slices(pairs: Sequence[FilePair], image_dtype: str, **_cache_key: Any) -> Iterator[dict[str, Any]]:
+    """Whole raw 2D slices (image in ``image_dtype``, labels as int32 values of the file) for training."""
+    from skimage.segmentation import relabel_sequential
+
+    for pair in pairs:
+        image, labels = load_pair(pair)
+        for z, image_2d, labels_2d in iter_slices(image, labels):
+            if labels_2d.size and (labels_2d.max() > np.iinfo(np.int32).max or labels_2d.min() < 0):
+                labels_2d = relabel_sequential(labels_2d - labels_2d.min() if labels_2d.min() < 0 else labels_2d)[0]
+            yield {
+                "image": np.asarray(image_2d, dtype=image_dtype).ravel(),
+                "image_shape": list(image_2d.shape),
+                "labels": labels_2d.astype(np.int32).ravel(),
+                "shape": list(labels_2d.shape),
+                "id": pair.id if z is None else f"{pair.id}_z{z:03d}",
+                "source": str(pair.image_path),
+            }
+
+
+def _build_slices(pairs: Sequence[FilePair], cache_dir: str | Path | None) -> datasets.Dataset:
+    """The cached table of whole raw slices a :class:`RandomPatchDataset` cuts its patches from."""
+    image_dtype = _storage_dtype(pairs)
+    features = datasets.Features(
+        {
+            "image": datasets.List(datasets.Value(image_dtype)),
+            "image_shape": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "shape": datasets.List(datasets.Value("int32"), length=2),
+            "id": datasets.Value("string"),
+            "source": datasets.Value("string"),
+        }
+    )
+    gen_kwargs = dict(pairs=tuple(pairs), image_dtype=image_dtype, files=_file_signature(pairs), version=_SLICES_VERSION)
+    return _generate(_iter_slices, features, gen_kwargs, cache_dir).with_format("numpy", dtype=None)
+
+
+def training_dataset(
+    pairs: Sequence[FilePair],
+    *,
+    patch_shape: tuple[int, int] | None,
+    min_size: int = 25,
+    min_num_instances: int = 2,
+    sampler_min_size: int | None = None,
+    min_objects: int = 1,
+    n_patches_per_image: int | None = None,
+    augment: str = "flips",
+    seed: int = 0,
+    label_mode: str = "instances",
+    label_transform: Callable | None = None,
+    max_attempts: int = MAX_SAMPLING_ATTEMPTS,
+    cache_dir: str | Path | None = None,
+    name: str = "dataset",
+) -> RandomPatchDataset:
+    """A :class:`RandomPatchDataset` over ``pairs`` (whole raw slices cached as an HF table)."""
+    from functools import partial
+
+    make_row = partial(
+        _make_row_at, patch_shape=patch_shape, min_size=int(min_size), label_mode=label_mode,
+        label_transform=label_transform,
+    )
+    return RandomPatchDataset(
+        _build_slices(pairs, cache_dir), patch_shape=patch_shape, make_row=make_row,
+        n_patches_per_image=n_patches_per_image, min_num_instances=min_num_instances,
+        sampler_min_size=sampler_min_size, min_objects=min_objects, augment=augment, seed=seed,
+        max_attempts=max_attempts, name=name,
     )
 
 
@@ -332,24 +470,37 @@ def train_val_datasets(
     val_fraction: float = 0.1,
     val_split: str = "val",
     **kwargs: Any,
-) -> datasets.DatasetDict:
-    """``DatasetDict`` with "train" and "val": val from ``<root>/<val_split>`` when that folder exists,
-    otherwise a :func:`holdout_split` of the train files (seeded by ``kwargs['seed']``). ``kwargs`` are
-    :func:`build_dataset`'s options and apply to both splits (``max_images`` to each after splitting)."""
+) -> dict[str, Any]:
+    """``{"train": RandomPatchDataset, "val": datasets.Dataset}``: val from ``<root>/<val_split>`` when that
+    folder exists, otherwise a :func:`holdout_split` of the train files (seeded by ``kwargs['seed']``).
+
+    ``kwargs`` are :func:`build_dataset`'s options (``max_images`` applies to each split after splitting),
+    plus ``max_attempts`` and ``random_train``. Training data is served as torch_em serves it (see
+    :mod:`hf_sam_peft.data.sampling`): a new random patch per fetch (``seed``, epoch, index), rejected until it
+    passes the MinInstanceSampler rule (``min_num_instances``, default 2 = one object + background;
+    ``sampler_min_size``), flipped when ``augment="flips"`` (default; ``"none"`` for medical sets). Validation
+    rows are fixed (:func:`build_dataset`: grid or seeded positions, the same object filter, no flips).
+    ``with_objects_only`` applies to validation rows only: every training patch passes the rule (and holds
+    ``min_objects``), since a patch without objects cannot be prompted. ``random_train=False`` gives fixed
+    training rows too (the previous behaviour).
+    """
     if "split" in kwargs:
         raise ValueError("split: not accepted here; train_val_datasets builds 'train' and 'val' itself")
     options = dict(
         patch_shape=None, min_size=25, with_objects_only=True, n_patches_per_image=None, seed=0, max_images=None,
-        label_transform=None, label_mode="instances", min_objects=1, cache_dir=None,
+        label_transform=None, label_mode="instances", min_objects=1, cache_dir=None, min_num_instances=None,
+        sampler_min_size=None, augment=None, max_attempts=MAX_SAMPLING_ATTEMPTS, random_train=True,
     )
     unknown = set(kwargs) - set(options)
     if unknown:
         raise TypeError(f"train_val_datasets: unexpected options {sorted(unknown)}")
     options.update(kwargs)
     max_images, cache_dir = options.pop("max_images"), options.pop("cache_dir")
+    augment, max_attempts, random_train = options.pop("augment"), options.pop("max_attempts"), options.pop("random_train")
     options["patch_shape"] = _check_options(
         options["patch_shape"], options["min_size"], options["min_objects"], options["n_patches_per_image"],
         options["seed"], max_images, options["label_mode"], options["label_transform"],
+        options["min_num_instances"], options["sampler_min_size"], augment,
     )
     root = Path(root)
     train_pairs = find_pairs(root, "train")
@@ -357,9 +508,18 @@ def train_val_datasets(
         val_pairs = find_pairs(root, val_split)
     else:
         train_pairs, val_pairs = holdout_split(train_pairs, val_fraction, options["seed"])
-    return datasets.DatasetDict(
-        {
-            name: _build(pairs[:max_images], cache_dir=cache_dir, description=f"{root} ({name})", **options)
-            for name, pairs in (("train", train_pairs), ("val", val_pairs))
-        }
-    )
+    train_pairs, val_pairs = train_pairs[:max_images], val_pairs[:max_images]
+    val = _build(val_pairs, cache_dir=cache_dir, description=f"{root} (val)", **options)
+    if not random_train:
+        train = _build(train_pairs, cache_dir=cache_dir, description=f"{root} (train)", **options)
+    else:
+        train = training_dataset(
+            train_pairs, patch_shape=options["patch_shape"], min_size=options["min_size"],
+            min_num_instances=2 if options["min_num_instances"] is None else options["min_num_instances"],
+            sampler_min_size=options["sampler_min_size"],
+            min_objects=options["min_objects"] if options["with_objects_only"] else 1,
+            n_patches_per_image=options["n_patches_per_image"], augment="flips" if augment is None else augment,
+            seed=options["seed"], label_mode=options["label_mode"], label_transform=options["label_transform"],
+            max_attempts=max_attempts, cache_dir=cache_dir, name=f"{root} (train)",
+        )
+    return {"train": train, "val": val}

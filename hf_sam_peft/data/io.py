@@ -148,3 +148,31 @@ def spatial_shape_of(path: str | Path) -> tuple[int, ...]:
     if len(shape) >= 3 and 1 in (shape[0], shape[-1]):
         shape = shape[1:] if shape[0] == 1 else shape[:-1]
     return shape
+
+
+_PIL_MODE_DTYPES = {"1": np.uint8, "L": np.uint8, "P": np.uint8, "RGB": np.uint8, "RGBA": np.uint8, "LA": np.uint8,
+                    "PA": np.uint8, "CMYK": np.uint8, "YCbCr": np.uint8, "I;16": np.uint16, "I;16B": np.uint16,
+                    "I": np.int32, "F": np.float32}
+
+
+def image_dtype_of(path: str | Path) -> np.dtype:
+    """The dtype :func:`load_image` returns for a file, from its header (no pixel decoding); bool counts as
+    uint8 as in :func:`load_image`."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                dtype = np.dtype(tif.series[0].dtype)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                mode = img.mode
+            if mode not in _PIL_MODE_DTYPES:
+                raise ValueError(f"unsupported PIL mode {mode!r}")
+            dtype = np.dtype(_PIL_MODE_DTYPES[mode])
+    except Exception as err:
+        raise DataError(f"could not read {path}: {type(err).__name__}: {err}") from err
+    return np.dtype(np.uint8) if dtype == bool else dtype

@@ -1,4 +1,16 @@
-"""Dataset recipes: one YAML per dataset naming its local layout and how to cut training data from it."""
+"""Dataset recipes: one YAML per dataset naming its local layout and how to cut training data from it.
+
+Training-data keys (peft-sam ``peft_sam/dataset/get_data_loaders.py``; see :mod:`hf_sam_peft.data.sampling`):
+
+- ``min_size``: objects smaller than this (pixels, after connected components) are removed from the labels
+  (peft-sam's ``PerObjectDistanceTransform`` / ``ResizeLabelTrafo`` ``min_size``; 0 where it passes none).
+- ``min_num_instances``: torch_em ``MinInstanceSampler(min_num_instances=...)``, counted as torch_em does:
+  distinct label values **including background**, so 2 (torch_em's default) = one object. Default 2.
+- ``sampler_min_size``: ``MinInstanceSampler(min_size=...)``: only label values covering that many pixels
+  count (MOTUM 50, AMD-SD 10, Mice TumSeg 25 in peft-sam). Default: none.
+- ``augment``: ``flips`` (torch_em's default 2D augmentation, peft-sam's microscopy loaders) or ``none``
+  (peft-sam's ``_transform_identity`` for medical sets). Default from ``modality``: flips for microscopy.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +20,7 @@ from typing import Any
 import yaml
 
 from .builder import LABEL_MODES
+from .sampling import AUGMENTATIONS, default_augment
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "datasets"
 """Where recipes live in a source checkout; pass a path for recipes elsewhere."""
@@ -31,9 +44,15 @@ _OPTIONAL = {
     "license": str,
     "val_fraction": float,
     "n_patches_per_image": int,
+    "min_num_instances": int,
+    "sampler_min_size": int,
+    "augment": str,
 }
 _METRICS = ("msa", "dice")
-_BUILD_KEYS = ("root", "patch_shape", "label_mode", "min_size", "n_patches_per_image")
+_BUILD_KEYS = (
+    "root", "patch_shape", "label_mode", "min_size", "n_patches_per_image", "min_num_instances", "sampler_min_size",
+    "augment",
+)
 
 
 def _recipe_path(name_or_path: str | Path) -> Path:
@@ -62,8 +81,9 @@ def _resolve_root(root: str, recipe_path: Path) -> str:
 def load_dataset_recipe(name_or_path: str | Path) -> dict[str, Any]:
     """Read and validate a recipe by name (``recipes/datasets/<name>.yaml``) or path.
 
-    Unknown or missing keys and wrong types raise ``ValueError`` naming the file and key. ``root`` is
-    returned absolute; ``patch_shape`` as a tuple; ``recipe_path`` is added.
+    Unknown or missing keys, wrong types and out-of-range values raise a one-line ``ValueError`` naming the
+    file and key. ``root`` is returned absolute; ``patch_shape`` as a tuple; ``recipe_path`` is added;
+    ``min_num_instances`` (2) and ``augment`` (from ``modality``) are filled in when absent.
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path: expected a recipe name or path, got {type(name_or_path).__name__}")
@@ -92,8 +112,13 @@ def load_dataset_recipe(name_or_path: str | Path) -> dict[str, Any]:
     if recipe["label_mode"] not in LABEL_MODES:
         mode = recipe["label_mode"]
         raise ValueError(f"dataset recipe {path}: label_mode must be one of {LABEL_MODES}, got {mode!r}")
-    if recipe["min_size"] < 0:
-        raise ValueError(f"dataset recipe {path}: min_size must be >= 0, got {recipe['min_size']}")
+    for key, low in (("min_size", 0), ("min_num_instances", 1), ("sampler_min_size", 0), ("n_patches_per_image", 1)):
+        if key in recipe and recipe[key] < low:
+            raise ValueError(f"dataset recipe {path}: {key} must be >= {low}, got {recipe[key]}")
+    recipe.setdefault("min_num_instances", 2)
+    recipe.setdefault("augment", default_augment(recipe["modality"]))
+    if recipe["augment"] not in AUGMENTATIONS:
+        raise ValueError(f"dataset recipe {path}: augment must be one of {AUGMENTATIONS}, got {recipe['augment']!r}")
     if recipe.get("metric", "msa") not in _METRICS:
         raise ValueError(f"dataset recipe {path}: metric must be one of {_METRICS}, got {recipe['metric']!r}")
     if recipe.get("dimensions", 2) not in (2, 3):

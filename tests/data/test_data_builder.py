@@ -161,8 +161,12 @@ def test_train_val_from_folders(tmp_path):
     splits = train_val_datasets(root, patch_shape=(512, 512), n_patches_per_image=1, max_images=2, cache_dir=tmp_path)
     assert set(splits) == {"train", "val"}
     assert {Path(str(s)).parent.parent.name for s in splits["val"]["source"]} == {"val"}
-    assert {Path(str(s)).parent.parent.name for s in splits["train"]["source"]} == {"train"}
+    assert {Path(str(s)).parent.parent.name for s in splits["train"].slices["source"]} == {"train"}
+    assert Path(splits["train"][0]["source"]).parent.parent.name == "train"
     assert len(splits["train"]) == 2 and len(splits["val"]) == 2
+    fixed = train_val_datasets(root, patch_shape=(512, 512), n_patches_per_image=1, max_images=2, random_train=False,
+                               cache_dir=tmp_path)
+    assert len(fixed["train"]) == 2 and "id" in fixed["train"].column_names
 
 
 def write_pair(root: Path, split: str, name: str, image: np.ndarray, labels: np.ndarray, image_ext: str = ".png"):
@@ -192,7 +196,7 @@ def test_holdout_split_is_deterministic_and_disjoint(tmp_path):
     b = train_val_datasets(tmp_path / "d", val_fraction=0.2, seed=1, cache_dir=tmp_path / "b")
     c = train_val_datasets(tmp_path / "d", val_fraction=0.2, seed=2, cache_dir=tmp_path / "c")
     assert len(a["train"]) == 8 and len(a["val"]) == 2
-    assert set(map(str, a["train"]["id"])).isdisjoint(map(str, a["val"]["id"]))
+    assert set(a["train"].slice_ids).isdisjoint(map(str, a["val"]["id"]))
     assert list(map(str, a["val"]["id"])) == list(map(str, b["val"]["id"]))
     assert list(map(str, a["val"]["id"])) != list(map(str, c["val"]["id"]))
     write_pair(tmp_path / "one", "train", "only", np.zeros((48, 64), np.uint8), tiny_labels())

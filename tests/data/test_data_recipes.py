@@ -38,6 +38,44 @@ def test_every_shipped_recipe_loads_with_the_paper_settings():
             assert recipe["metric"] == ("dice" if medical else "msa")
 
 
+# peft-sam peft_sam/dataset/get_data_loaders.py: label-transform min_size / MinInstanceSampler(min_num_instances)
+# (torch_em counts background among the label values: 2 = one object) / sampler min_size / augmentation.
+PAPER_TRAINING_DATA = {
+    "livecell": (25, 25, None, "flips"),
+    "orgasegment": (5, 25, None, "flips"),
+    "hpa": (5, 5, None, "flips"),
+    "gonuclear": (5, 5, None, "flips"),
+    "mitolab": (5, 5, None, "flips"),
+    "platynereis_cilia": (3, 3, None, "flips"),
+    "covid_if": (0, 2, None, "flips"),
+    "amd_sd": (0, 2, 10, "none"),
+    "jsrt": (0, 2, None, "none"),
+    "mice_tumseg": (0, 2, 25, "none"),
+    "papila": (0, 2, None, "none"),
+    "motum": (0, 2, 50, "none"),
+    "psfhs": (0, 2, None, "none"),
+}
+
+
+def test_recipes_carry_the_reference_training_data_settings():
+    for name in PAPER_MICROSCOPY + PAPER_MEDICAL + LOCAL:
+        text = (RECIPE_DIR / f"{name}.yaml").read_text()
+        assert "\nmin_num_instances:" in text and "\naugment:" in text  # written out, not defaulted
+        recipe = load_dataset_recipe(name)
+        got = (recipe["min_size"], recipe["min_num_instances"], recipe.get("sampler_min_size"), recipe["augment"])
+        if name in PAPER_TRAINING_DATA:
+            assert got == PAPER_TRAINING_DATA[name], name
+        assert recipe["augment"] == ("none" if recipe["metric"] == "dice" else "flips")
+        assert {"min_num_instances", "augment"} <= set(dataset_kwargs(recipe))
+
+
+def test_recipe_defaults_follow_the_modality(tmp_path):
+    medical = load_dataset_recipe(write(tmp_path / "m.yaml", VALID))
+    assert medical["augment"] == "none" and medical["min_num_instances"] == 2
+    micro = load_dataset_recipe(write(tmp_path / "f.yaml", VALID.replace("ultrasound", "fluorescence microscopy")))
+    assert micro["augment"] == "flips"
+
+
 def test_local_recipes_point_at_shared_data():
     for name in LOCAL:
         recipe = load_dataset_recipe(name)
@@ -84,13 +122,18 @@ def test_recipe_by_path_resolves_relative_root(tmp_path):
         (VALID.replace("semantic", "boxes"), "label_mode must be one of"),
         (VALID + "metric: f1\n", "metric must be one of"),
         ("- a\n- b\n", "expected a mapping"),
+        (VALID + "min_num_instances: 0\n", "min_num_instances must be >= 1"),
+        (VALID + "min_num_instances: 2.5\n", "min_num_instances must be int"),
+        (VALID + "sampler_min_size: -3\n", "sampler_min_size must be >= 0"),
+        (VALID + "augment: rotate90\n", "augment must be one of"),
+        (VALID.replace("min_size: 5", "min_size: -1"), "min_size must be >= 0"),
     ],
 )
 def test_bad_recipes_name_the_file_and_key(tmp_path, text, message):
     path = write(tmp_path / "bad.yaml", text)
     with pytest.raises(ValueError, match=message) as info:
         load_dataset_recipe(path)
-    assert str(path) in str(info.value)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_unknown_recipe_name_lists_the_known_ones():
