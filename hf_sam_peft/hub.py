@@ -11,14 +11,17 @@ An adapter folder (local, or a Hub repo) written by `save_adapter` holds:
   `modules_to_save` (the cleanest way to train it next to an adapter), the adapter file holds the same
   weights as well; `from_pretrained` attaches the `unetr/` copy before peft loads, so both routes agree.
 - `hf_sam_peft.json`: provenance (method, hyper-parameters, base model id and size, trainable parameter
-  count, library version, training data, metrics) — everything the model card is rendered from, so a
-  pushed card can be re-rendered for another repo id without the model.
+  count, library version, training data, metrics, and `point_multimask`: whether point prompts were trained
+  through SAM's multimask output (true), its single-mask output (false, e.g. LiteMedSAM, trained on boxes
+  only) or not recorded (null)) — everything the model card is rendered from, so a pushed card can be
+  re-rendered for another repo id without the model.
 - `README.md`: the model card, from `model_cards/adapter_card.md` (a `string.Template`).
 
 `from_pretrained(adapter_id)` is the one-line way back: it resolves a local folder or a Hub repo id through
 huggingface_hub (online, or offline from the Hub cache with `HF_HUB_OFFLINE=1`: the same call), loads the
 base model the adapter names, checks it has the size the adapter was trained on, and loads the adapter with
-`hf_sam_peft.load_adapter`.
+`hf_sam_peft.load_adapter`. It also sets the recorded `point_multimask` on the model, so
+`hf_sam_peft.evaluation.SamPredictor(model)` answers a click through the output the adapter was trained for.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from .modeling.unetr import UNETRDecoder, load_unetr, save_unetr
 from .training.interactive import unwrap_sam
 
 PROVENANCE_NAME = "hf_sam_peft.json"
+POINT_MULTIMASK_KEY = "point_multimask"  # provenance key: how point prompts were trained (bool, or null)
 CARD_NAME = "README.md"
 UNETR_SUBFOLDER = "unetr"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -245,6 +249,32 @@ def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def _check_point_multimask(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"point_multimask must be True, False or None, got {value!r}")
+    return value
+
+
+def recorded_point_multimask(adapter: str | os.PathLike | Mapping[str, Any]) -> bool | None:
+    """The `point_multimask` an adapter records (folder, Hub repo id or its provenance dict); None if none.
+
+    For a Hub id the provenance file is read from the Hub (or its cache offline); an adapter without one
+    (saved by peft alone, or not reachable) records nothing.
+    """
+    if isinstance(adapter, Mapping):
+        return _check_point_multimask(adapter.get(POINT_MULTIMASK_KEY))
+    if os.path.isdir(adapter):
+        return _check_point_multimask(read_provenance(adapter).get(POINT_MULTIMASK_KEY))
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(os.fspath(adapter), PROVENANCE_NAME)
+    except (OSError, ValueError):  # no such file / repo, offline without a cache, not a repo id
+        return None
+    provenance = json.loads(Path(path).read_text(encoding="utf-8"))
+    return _check_point_multimask(provenance.get(POINT_MULTIMASK_KEY))
+
+
 # ------------------------------------------------------------------------------------------ model card
 
 
@@ -374,6 +404,17 @@ def render_card(provenance: Mapping[str, Any], repo_id: str, template: str | os.
     paper = METHODS[method] if method in METHODS else None
     method_text = f"**{title}**" + (f" ({paper.kind} fine-tuning of the image encoder)" if paper else "")
     method_text += "; the prompt encoder and mask decoder are trained in full and saved with the adapter."
+    point_multimask = provenance.get(POINT_MULTIMASK_KEY)
+    if point_multimask is False:
+        method_text += (
+            " Point prompts were trained through SAM's **single-mask output** (`point_multimask: false` in "
+            "`hf_sam_peft.json`): answer a click with `multimask_output=False`, not with SAM's three masks "
+            "(hf-sam-peft's predictor, app and `evaluate` do this for you)."
+        )
+    elif point_multimask is True:
+        method_text += (
+            " Point prompts were trained through SAM's multimask output, as SAM's own (`point_multimask: true`)."
+        )
     if provenance.get("unetr"):
         method_text += (f" A UNETR decoder for automatic instance segmentation ({provenance['unetr'].get('upsampling')}"
                         " upsampling) was trained with it.")
@@ -459,6 +500,7 @@ def save_adapter(
     repo_id: str | None = None,
     license: str = DEFAULT_LICENSE,
     overwrite: bool = False,
+    point_multimask: bool | None = None,
 ) -> Path:
     """Write `model`'s adapter, UNETR decoder, `hf_sam_peft.json` and model card into `out_dir` (atomically).
 
@@ -466,7 +508,11 @@ def save_adapter(
     recorded; also written into `adapter_config.json`). `method`: default inferred from the peft config.
     `training_data`: text, list or dict for the card. `metrics`: a dict of scalars or a list of row dicts
     (evaluation table). `extra`: other settings (learning rate, steps, ...). `repo_id`: the id the card's
-    loading snippet uses (default: `out_dir`).
+    loading snippet uses (default: `out_dir`). `point_multimask`: whether point prompts were trained through
+    SAM's multimask output (`InteractiveTrainingArguments.point_multimask`); stored as `"point_multimask"`
+    in `hf_sam_peft.json` and read back by every loader, so predictors answer a click through the output
+    that was trained. Default: what the model carries from loading (`from_pretrained`), else not recorded
+    (null: SAM's multimask behaviour).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a SamModel or a PeftModel wrapping one, got {type(model).__name__}")
@@ -476,6 +522,11 @@ def save_adapter(
         raise TypeError(f"extra must be a dict of settings, got {type(extra).__name__}")
     if not isinstance(license, str) or not license:
         raise ValueError(f"license must be a licence id such as 'apache-2.0', got {license!r}")
+    _check_point_multimask(point_multimask)
+    if point_multimask is None:
+        from .evaluation.predictor import POINT_MULTIMASK_ATTRIBUTE
+
+        point_multimask = getattr(unwrap_sam(model), POINT_MULTIMASK_ATTRIBUTE, None)
     out_dir = Path(out_dir)
     provenance = describe_model(model, method=method, base_model_id=base_model_id)
     if metrics is not None:
@@ -486,6 +537,7 @@ def save_adapter(
         extra=_jsonable(dict(extra or {}), "extra"),
         license=license,
     )
+    provenance[POINT_MULTIMASK_KEY] = point_multimask
     decoder = _unetr_of(model)
     with atomic_folder(out_dir, overwrite) as tmp:
         _save_weights(model, tmp, provenance["base_model"])
@@ -538,7 +590,8 @@ def push_adapter_to_hub(
 ) -> str:
     """Save `model` with `save_adapter` (card written for `repo_id`) and upload it; returns the commit URL.
 
-    `card_kwargs` go to `save_adapter` (base_model_id, method, training_data, metrics, extra, license).
+    `card_kwargs` go to `save_adapter` (base_model_id, method, training_data, metrics, extra, license,
+    point_multimask).
     `api`: an `huggingface_hub.HfApi` (default: `HfApi(token=token)`).
     """
     _check_repo_id(repo_id)
@@ -658,8 +711,11 @@ def from_pretrained(
     (`hf_sam_peft.json`, else `adapter_config.json`'s `base_model_name_or_path`). The UNETR decoder in
     `unetr/` is attached as `unetr_decoder`. Offline (`HF_HUB_OFFLINE=1`) everything comes from the Hub
     cache; online, the same call downloads what is missing. `hub_kwargs`: revision (of the adapter),
-    cache_dir, token, local_files_only, force_download. Returns a PeftModel (a SamModel for `full_ft`).
+    cache_dir, token, local_files_only, force_download. Returns a PeftModel (a SamModel for `full_ft`), with
+    the adapter's recorded `point_multimask` set on it (`hf_sam_peft.evaluation.predictor.point_multimask_of`).
     """
+    from .evaluation.predictor import set_point_multimask
+
     from transformers import SamModel
 
     if not isinstance(adapter_id, (str, os.PathLike)) or not os.fspath(adapter_id):
@@ -696,6 +752,7 @@ def from_pretrained(
         _check_size(name, provenance, model)
     if (folder / UNETR_SUBFOLDER / UNETR_CONFIG_NAME).is_file():
         setattr(model, UNETR_ATTRIBUTE, load_unetr(folder / UNETR_SUBFOLDER, device=_device_of(model)))
+    set_point_multimask(model, recorded_point_multimask(provenance))
     if not is_adapter:
         model.requires_grad_(is_trainable)
         if is_trainable:
@@ -714,6 +771,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 __all__ = [
-    "PROVENANCE_NAME", "REPO_FILES", "describe_model", "from_pretrained", "markdown_table", "prepare_upload",
-    "push_adapter_to_hub", "push_folder_to_hub", "read_provenance", "render_card", "save_adapter",
+    "POINT_MULTIMASK_KEY", "PROVENANCE_NAME", "REPO_FILES", "describe_model", "from_pretrained", "markdown_table",
+    "prepare_upload", "push_adapter_to_hub", "push_folder_to_hub", "read_provenance", "recorded_point_multimask",
+    "render_card", "save_adapter",
 ]

@@ -493,3 +493,44 @@ def test_from_pretrained_validates_arguments(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a peft adapter"):
         hub.from_pretrained(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------- point_multimask record
+
+
+def test_point_multimask_is_recorded_carded_and_loaded(tiny_sam, tmp_path):
+    """save_adapter(point_multimask=False) -> hf_sam_peft.json + card; from_pretrained and load_model carry it to
+    the model and the predictor; an adapter saved without it keeps SAM's multimask behaviour."""
+    from hf_sam_peft.evaluation.predictor import SamPredictor, load_model, point_multimask_of
+
+    base_dir = tmp_path / "base"
+    tiny_sam.save_pretrained(base_dir)
+    model = apply_method(tiny_sam, "lora", r=4)
+    single = hub.save_adapter(model, tmp_path / "single", base_model_id=str(base_dir), point_multimask=False)
+    plain = hub.save_adapter(model, tmp_path / "plain", base_model_id=str(base_dir))
+    multi = hub.save_adapter(model, tmp_path / "multi", base_model_id=str(base_dir), point_multimask=True)
+    assert hub.read_provenance(single)["point_multimask"] is False
+    assert hub.read_provenance(plain)["point_multimask"] is None
+    assert hub.read_provenance(multi)["point_multimask"] is True
+    assert hub.recorded_point_multimask(single) is False and hub.recorded_point_multimask(str(plain)) is None
+    assert "single-mask output" in (single / "README.md").read_text()
+    assert "Point prompts were trained" not in (plain / "README.md").read_text()
+    assert "multimask output, as SAM's own" in (multi / "README.md").read_text()
+
+    loaded = hub.from_pretrained(single)
+    assert point_multimask_of(loaded) is False and SamPredictor(loaded).point_multimask is False
+    assert point_multimask_of(hub.from_pretrained(plain)) is True
+    assert point_multimask_of(load_model(str(base_dir), str(single))) is False
+    assert point_multimask_of(load_model(str(base_dir), str(plain))) is True
+    assert point_multimask_of(load_model(str(base_dir), str(multi))) is True
+    # saving a loaded adapter again keeps what it recorded (prepare_upload of a peft-only folder re-saves too)
+    again = hub.save_adapter(loaded, tmp_path / "again")
+    assert hub.read_provenance(again)["point_multimask"] is False
+
+
+def test_point_multimask_bad_values_and_unknown_repos(tiny_sam, tmp_path, offline):
+    with pytest.raises(TypeError, match="point_multimask"):
+        hub.save_adapter(tiny_sam, tmp_path / "a", point_multimask="no")
+    assert not (tmp_path / "a").exists()
+    assert hub.recorded_point_multimask("org/not-in-any-cache") is None  # nothing recorded, nothing reachable
+    assert hub.recorded_point_multimask({"point_multimask": False}) is False

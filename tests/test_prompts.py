@@ -200,3 +200,84 @@ def test_single_pick_is_uniform_over_the_first_nonempty_region_and_builds_fallba
     assert not calls  # ... and not at all when every row has a pixel in the first region
     with pytest.raises(ValueError, match="no pixel available"):
         _pick_one([torch.zeros(2, 5, dtype=torch.bool)], gen())
+
+
+# ------------------------------------------------------------------------------------------ centre points
+
+
+def test_center_of_a_disc_and_a_rectangle():
+    from hf_sam_peft.prompts import center_points
+
+    yy, xx = torch.meshgrid(torch.arange(40), torch.arange(50), indexing="ij")
+    disc = (xx - 21) ** 2 + (yy - 17) ** 2 <= 8**2
+    rect = torch.zeros(40, 50, dtype=torch.bool)
+    rect[5:16, 30:45] = True  # 11 x 15: 6 px from the boundary on row 10, cols 35..39; the first wins
+    points, labels = center_points(torch.stack([disc, rect]))
+    assert points.shape == (2, 1, 2) and points.dtype == torch.float32
+    assert labels.shape == (2, 1) and labels.eq(1).all() and labels.dtype == torch.long
+    assert points[:, 0].tolist() == [[21.0, 17.0], [35.0, 10.0]]
+    square = torch.zeros(40, 50, dtype=torch.bool)
+    square[5:16, 30:41] = True  # 11 x 11: one centre
+    assert center_points(square)[0].tolist() == [[35.0, 10.0]]
+
+
+def test_center_ties_go_to_the_first_pixel_in_raster_order():
+    from hf_sam_peft.prompts import center_points
+
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[4:8, 6:14] = True  # 4 rows x 8 cols: rows 5 and 6, cols 7..12 all lie 2 px from the boundary
+    points, _ = center_points(mask)
+    assert points.tolist() == [[7.0, 5.0]]
+    two = torch.zeros(20, 20, dtype=torch.bool)
+    two[12:15, 2:5] = True  # two equal squares: the upper-left one wins
+    two[2:5, 12:15] = True
+    assert center_points(two)[0].tolist() == [[13.0, 3.0]]
+
+
+def test_center_of_an_object_touching_the_border_stays_off_the_border():
+    from hf_sam_peft.prompts import center_points
+
+    mask = torch.zeros(30, 30, dtype=torch.bool)
+    mask[:, :9] = True  # a strip along the left border: the border counts as boundary, so x = 4
+    mask[0:5, 20:30] = True  # and a block in the top-right corner (a second blob: still one object)
+    full = torch.ones(7, 7, dtype=torch.bool)  # an object filling the image: its middle
+    points, _ = center_points(mask)
+    assert points.tolist() == [[4.0, 4.0]]  # 5 px from the border and the strip's edge; first row of the plateau
+    assert center_points(full)[0].tolist() == [[3.0, 3.0]]
+
+
+def test_center_is_always_inside_the_object_and_handles_leading_dims():
+    from hf_sam_peft.prompts import center_points
+
+    generator = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    ring = ((xx - 32) ** 2 + (yy - 32) ** 2 <= 20**2) & ((xx - 32) ** 2 + (yy - 32) ** 2 >= 12**2)
+    crescent = ((xx - 30) ** 2 + (yy - 30) ** 2 <= 15**2) & ((xx - 38) ** 2 + (yy - 30) ** 2 > 12**2)
+    noise = torch.rand(64, 64, generator=generator) > 0.6
+    noise[0, 0] = True
+    single = torch.zeros(64, 64, dtype=torch.bool)
+    single[63, 0] = True
+    masks = torch.stack([ring, crescent, noise, single]).reshape(2, 2, 64, 64)
+    points, labels = center_points(masks)
+    assert points.shape == (2, 2, 1, 2) and labels.shape == (2, 2, 1)
+    flat, xy = masks.reshape(4, 64, 64), points.reshape(4, 2).long()
+    assert all(bool(flat[i, xy[i, 1], xy[i, 0]]) for i in range(4))
+    assert xy[3].tolist() == [0, 63]
+    with pytest.raises(ValueError, match="at least one pixel"):
+        center_points(torch.zeros(1, 8, 8, dtype=torch.bool))
+
+
+def test_center_points_are_fast_for_many_objects():
+    import time
+
+    from hf_sam_peft.prompts import center_points
+
+    labels = torch.zeros(1024, 1024, dtype=torch.long)
+    for i in range(100):
+        y, x = divmod(i, 10)
+        labels[y * 100 + 10 : y * 100 + 60, x * 100 + 5 : x * 100 + 70] = i + 1
+    masks = labels[None] == torch.arange(1, 101)[:, None, None]
+    start = time.perf_counter()
+    points, _ = center_points(masks)
+    assert time.perf_counter() - start < 5.0  # ~0.1 s on 2 CPU cores
+    assert points[0, 0].tolist() == [29.0, 34.0]  # rows 10..59, cols 5..69: plateau on row 34, first col 29

@@ -8,6 +8,11 @@ its own copy of the base model, made once at start-up. Nothing is reloaded when 
 A UNETR decoder (for "segment all") comes with an adapter either as ``"unetr_decoder"`` in its
 ``modules_to_save`` (switched by peft with the adapter) or as ``<adapter>/unetr`` (attached while that
 adapter is active). The base model never runs AIS: an empty decoder placeholder is not a trained one.
+
+Each adapter's ``"point_multimask"`` (``hf_sam_peft.json``, :func:`hf_sam_peft.hub.save_adapter`) is kept
+in its :class:`AdapterInfo`; :meth:`ModelBank.point_multimask` tells the page whether a lone click is
+answered through SAM's multimask output or, for an adapter that trained points through the single mask
+(e.g. a LiteMedSAM adapter: that base was trained on boxes only), through the single-mask output.
 """
 
 from __future__ import annotations
@@ -45,12 +50,14 @@ def adapter_names(sources: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """One loaded adapter: its display name, where it came from, its peft type and whether it can run AIS."""
+    """One loaded adapter: its display name, where it came from, its peft type, whether it can run AIS, and
+    how it trained point prompts (``point_multimask``: True multimask, False single mask, None not recorded)."""
 
     name: str
     source: str
     peft_type: str
     has_decoder: bool
+    point_multimask: bool | None = None
 
 
 def _decoder_in_adapter(folder: Path, config: PeftConfig) -> dict | None:
@@ -88,7 +95,7 @@ class ModelBank:
     """
 
     def __init__(self, base_model: nn.Module, adapters: Sequence[str] = ()) -> None:
-        from hf_sam_peft.hub import resolve_adapter_folder
+        from hf_sam_peft.hub import recorded_point_multimask, resolve_adapter_folder
         from hf_sam_peft.loading import load_adapter
         from hf_sam_peft.modeling.unetr import CONFIG_NAME, attach_unetr, load_unetr
         from hf_sam_peft.training.interactive import unwrap_sam
@@ -129,7 +136,8 @@ class ModelBank:
                 self._folder_decoders[name] = load_unetr(folder / "unetr", device=_device(sam))
             self._group_of[name] = kind
             self.adapters[name] = AdapterInfo(
-                name, source, kind, settings is not None or name in self._folder_decoders
+                name, source, kind, settings is not None or name in self._folder_decoders,
+                recorded_point_multimask(folder),
             )
         for model in self._groups.values():
             model.eval()
@@ -144,6 +152,17 @@ class ModelBank:
         """Whether ``name`` can run automatic instance segmentation (it carries a trained UNETR decoder)."""
         self._check(name)
         return name != BASE_NAME and self.adapters[name].has_decoder
+
+    def point_multimask(self, name: str) -> bool:
+        """Whether ``name`` answers a lone click through SAM's multimask output (False: its adapter trained
+        points through the single-mask output). The base model: what it carries, by default True (SAM)."""
+        from hf_sam_peft.evaluation.predictor import point_multimask_of
+
+        self._check(name)
+        if name == BASE_NAME:
+            return point_multimask_of(self.base_model)
+        recorded = self.adapters[name].point_multimask
+        return True if recorded is None else recorded
 
     def _check(self, name: str) -> None:
         if name not in self.names:

@@ -248,7 +248,10 @@ class AppLogic:
         """Boolean mask ``(H, W)`` and its predicted IoU for one object's prompts, with model ``name``.
 
         One point alone is ambiguous, so SAM's three candidate masks are asked for and the one with the
-        highest predicted IoU is kept (as SAM recommends); more prompts ask for a single mask.
+        highest predicted IoU is kept (as SAM recommends); more prompts ask for a single mask. An adapter
+        that trained points through the single-mask output (``point_multimask: false`` in its
+        ``hf_sam_peft.json``) answers the lone point through that output instead
+        (:meth:`~hf_sam_peft.app.models.ModelBank.point_multimask`).
         """
         from hf_sam_peft.evaluation.predictor import SamPredictor
 
@@ -259,7 +262,7 @@ class AppLogic:
         label_t = torch.tensor([point_labels], dtype=torch.long) if points else None
         box_t = torch.tensor([box], dtype=torch.float32) if box is not None else None
         with self.bank.use(name) as model:
-            predictor = SamPredictor(model)
+            predictor = SamPredictor(model, point_multimask=self.bank.point_multimask(name))
             cached = self._cache.get((key, name))
             if cached is None:
                 predictor.set_image(image)

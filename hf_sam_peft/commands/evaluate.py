@@ -21,8 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Evaluate a base SAM with an optional adapter on <data>/<split> (layout <split>/images + "
             "<split>/labels): interactive segmentation from a point and from a box with 7 corrections "
             "(Point, Box, I_P, I_B), and automatic instance segmentation when the adapter has a UNETR decoder "
-            "(<adapter>/unetr or 'unetr_decoder' in its modules_to_save). Prints a results table and writes "
-            "it to --out (CSV or JSON; an existing file is updated, rows with the same key replaced)."
+            "(<adapter>/unetr or 'unetr_decoder' in its modules_to_save). The point start is one click at each "
+            "object's centre, answered through the output the adapter trained points with ('point_multimask' "
+            "in its hf_sam_peft.json: SAM's multimask output unless it records false). Prints a results table "
+            "and writes it to --out (CSV or JSON; an existing file is updated, rows with the same key replaced)."
         ),
     )
     parser.add_argument("--base", required=True, help="base SAM: a SamModel folder, a registered name, or 'tiny'")
@@ -82,7 +84,7 @@ def _details(result: dict[str, Any] | None) -> dict[str, Any] | None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.ais import NO_DECODER_MESSAGE, evaluate_ais
     from ..evaluation.interactive import evaluate_interactive
-    from ..evaluation.predictor import has_unetr, load_model
+    from ..evaluation.predictor import SamPredictor, has_unetr, load_model, point_multimask_of
 
     if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json, got {args.out!r}")
@@ -92,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
     interactive = ais = None
     if args.mode in ("interactive", "all"):
+        # the adapter's recorded point_multimask (set on the model by load_model) decides how a click is answered
         interactive = evaluate_interactive(
-            model, rows, n_corrections=args.n_corrections, seed=args.seed, batch_size=args.batch_size, progress=progress
+            SamPredictor(model), rows, n_corrections=args.n_corrections, seed=args.seed, batch_size=args.batch_size,
+            progress=progress,
         )
     if args.mode in ("ais", "all"):
         if has_unetr(model):
@@ -113,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         out = Path(args.out)
         merged = ResultsTable.read(out).merge(table) if out.is_file() else table
-        details = {"dataset": dataset, "split": args.split, "interactive": _details(interactive), "ais": _details(ais)}
+        details = {
+            "dataset": dataset, "split": args.split, "point_multimask": point_multimask_of(model),
+            "interactive": _details(interactive), "ais": _details(ais),
+        }
         merged.write(out, details=details)
     print(table.format())
     return 0

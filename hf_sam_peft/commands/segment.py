@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     with_ais = has_unetr(model)
     if not with_ais and args.labels is None:
         raise ValueError(f"{NO_DECODER_MESSAGE}; or pass --boxes-from LABELS to segment from ground-truth boxes")
+    # answers prompts through the outputs the adapter trained (its recorded point_multimask, set by load_model)
     predictor = SamPredictor(model) if args.labels is not None else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,12 @@ from .metrics import (
     segmentation_accuracy_at,
     segmentation_accuracy_per_threshold,
 )
-from .predictor import SamPredictor, load_model
+from .predictor import SamPredictor, load_model, point_multimask_of
 from .results import ResultsTable
 
 __all__ = [
-    "ResultsTable", "SamPredictor", "evaluate_ais", "evaluate_interactive", "load_model", "segment_ais",
+    "ResultsTable", "SamPredictor", "evaluate_ais", "evaluate_interactive", "load_model", "point_multimask_of",
+    "segment_ais",
     "DEFAULT_THRESHOLDS", "ObjectOverlaps", "average_over_images", "dice_score", "match_counts",
     "mean_segmentation_accuracy", "metric_path", "segmentation_accuracy_at", "segmentation_accuracy_per_threshold",
 ]

@@ -1,25 +1,36 @@
 """Interactive segmentation evaluation (DESIGN §5): point / box start and 7 corrections, scored per round.
 
 Per image the embedding is computed once (no gradients). For every ground-truth object, 8 rounds =
-initial prompt + ``n_corrections`` corrections:
+initial prompt + ``n_corrections`` corrections, as µSAM's ``run_inference_with_iterative_prompting``
+(``micro_sam/evaluation/inference.py``):
 
-- point start: one positive point uniform inside the object, multimask output, the mask with the highest
-  predicted IoU is kept; box start: the exact ground-truth box (no jitter), single mask;
+- point start: one positive point at the object's **centre** (:func:`hf_sam_peft.prompts.center_points`).
+  µSAM passes the centres of ``get_centers_and_bounding_boxes`` (``micro_sam/util.py``), vigra's
+  eccentricity centres at paper time; we use the pixel farthest from the object's boundary (maximum of the
+  Euclidean distance transform, image border as boundary, first in raster order on ties): it needs no
+  vigra, always lies inside the object, and is what later µSAM versions compute there themselves. Round 0
+  asks for SAM's multimask output and keeps the mask with the highest predicted IoU; the predictor may
+  answer through the single-mask output instead when the adapter trained points that way
+  (:class:`~hf_sam_peft.evaluation.predictor.SamPredictor`'s ``point_multimask``). Box start: the exact
+  ground-truth box (no jitter), single mask;
 - each correction adds one positive point uniform in the false negatives and one negative point uniform in
   the false positives of the **predicted segmentation** (best mask binarised at logits > 0 at the image's
   resolution), with :func:`hf_sam_peft.prompts.correction_points`' fallbacks; points accumulate, the box
   stays; no mask input. So at round k an object has 1 + 2k points (point start) or the box + 2k points.
 
-Objects run in chunks of ``batch_size`` through the mask decoder. Randomness comes from one generator
-per (image, start) seeded by ``seed`` (:func:`hf_sam_peft.training.interactive.prompt_generator`), so a
-run is reproducible; results depend on ``batch_size`` only through the order of draws.
+Objects run in chunks of ``batch_size`` through the mask decoder. The correction points are the only
+randomness (Point and Box are deterministic): one generator per (image, start) seeded by ``seed``
+(:func:`hf_sam_peft.training.interactive.prompt_generator`), so a run is reproducible; results depend on
+``batch_size`` only through the order of draws.
 
 Scores per round, each averaged per image and then over images:
 
-- ``msa``: mean segmentation accuracy of the instance image assembled from the objects' masks. Overlap
-  rule (µSAM's ``mask_data_to_segmentation(..., with_background=True)``): masks are pasted largest first,
-  so a smaller object overwrites a larger one where they overlap; if afterwards some object covers more
-  pixels than the background, it is taken for background and removed (as in the reference);
+- ``msa``: mean segmentation accuracy of the instance image assembled from the objects' masks
+  (:func:`assemble_instances`, µSAM's ``mask_data_to_segmentation(..., with_background=True,
+  label_masks=True)`` in ``micro_sam/instance_segmentation.py``): masks are pasted largest first, so a
+  smaller object overwrites a larger one where they overlap; then connected components, so a mask of two
+  blobs counts as two objects; a segment that covers more pixels than the background is taken for
+  background and removed (as in the reference);
 - ``dice``: Dice of the union of the predicted masks vs the union of the ground-truth objects; for rows
   with a ``semantic`` column, per class (each object's masks count for its class) and averaged over the
   classes present in the image (medical tasks);
@@ -44,8 +55,8 @@ from hf_sam_peft.evaluation.metrics import dice_score, mean_segmentation_accurac
 from hf_sam_peft.evaluation.predictor import PromptPredictor, SamPredictor
 from hf_sam_peft.prompts import (
     boxes_from_masks,
+    center_points,
     correction_points,
-    sample_point_prompts,
 )
 from hf_sam_peft.training.interactive import prompt_generator
 
@@ -143,7 +154,11 @@ def iter_object_rounds(
     n_corrections: int = 7,
     generator: torch.Generator | None = None,
 ) -> Iterator[ObjectRound]:
-    """Rounds 0..n_corrections for a chunk of objects ``gt_masks`` ``(N, H, W)`` of the predictor's current image."""
+    """Rounds 0..n_corrections for a chunk of objects ``gt_masks`` ``(N, H, W)`` of the predictor's current image.
+
+    Round 0 of the point start asks for multimask output; the predictor decides whether it answers through
+    it (``SamPredictor(point_multimask=...)``). ``generator`` draws the correction points only.
+    """
     if start not in START_MODES:
         raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
     if not isinstance(n_corrections, int) or n_corrections < 0:
@@ -151,7 +166,7 @@ def iter_object_rounds(
     gt = gt_masks.bool()
     points = labels = boxes = None
     if start == "point":
-        points, labels = sample_point_prompts(gt, 1, 0, generator)
+        points, labels = center_points(gt)
     else:
         boxes = boxes_from_masks(gt, jitter=0.0)
     for index in range(n_corrections + 1):
@@ -171,23 +186,36 @@ def iter_object_rounds(
 
 
 def assemble_instances(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """Instance image (uint32) from per-object masks (flat pixel indices or 2D bool masks), µSAM's rule:
-    pasted largest first, so smaller objects stay on top; an object bigger than the background is dropped."""
+    """Instance image (uint32) from per-object masks (flat pixel indices or 2D bool masks), µSAM's rule.
+
+    As ``mask_data_to_segmentation(masks, with_background=True, label_masks=True)``
+    (``micro_sam/instance_segmentation.py``): masks are pasted largest first (ties in input order), so
+    smaller objects stay on top where they overlap; the result then goes through connected components
+    (``skimage.measure.label``, full connectivity), so a mask of two blobs becomes two objects and an object
+    cut in two by a smaller one on top becomes two; a segment that covers more pixels than the background is
+    taken for background and dropped; ids are relabelled 1..n in raster order of first appearance.
+    (Later µSAM versions default to ``merge_exclusively=True``, where a mask only fills pixels still empty;
+    the paper-time rule pasted over.)
+    """
+    from skimage.measure import label
+
     flat = [np.flatnonzero(m) if np.asarray(m).dtype == bool else np.asarray(m) for m in masks]
     order = sorted(range(len(flat)), key=lambda i: flat[i].size, reverse=True)  # stable: ties keep input order
     segmentation = np.zeros(int(np.prod(shape)), dtype=np.uint32)
     for new_id, i in enumerate(order, start=1):
         segmentation[flat[i]] = new_id
-    if len(order):
-        counts = np.bincount(segmentation, minlength=len(order) + 1)
-        dominant = int(np.argmax(counts))
-        if dominant != 0:
-            segmentation[segmentation == dominant] = 0
-        present = np.bincount(segmentation, minlength=len(order) + 1) > 0
-        present[0] = False
-        lookup = (np.cumsum(present) * present).astype(np.uint32)
-        segmentation = lookup[segmentation]
-    return segmentation.reshape(shape)
+    if not order:
+        return segmentation.reshape(shape)
+    components = label(segmentation.reshape(shape), background=0).ravel()
+    counts = np.bincount(components)
+    dominant = int(np.argmax(counts))
+    if dominant != 0:
+        components[components == dominant] = 0
+        counts[dominant] = 0
+    present = counts > 0
+    present[0] = False
+    lookup = (np.cumsum(present) * present).astype(np.uint32)
+    return lookup[components].reshape(shape)
 
 
 def _dice(masks: list[np.ndarray], object_classes: np.ndarray, ground_truth: np.ndarray) -> float:

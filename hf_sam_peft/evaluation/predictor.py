@@ -9,6 +9,15 @@ preprocessing (:func:`~hf_sam_peft.training.collate.image_preprocessor`) and dec
 Anything with ``set_image(image)`` and ``predict(points, labels, boxes, multimask) -> (logits, iou)`` is a
 *prompt predictor* for :func:`hf_sam_peft.evaluation.interactive.evaluate_interactive` (e.g. a test oracle).
 
+**Which output answers a point.** SAM answers a lone point through its three-mask (multimask) output. An
+adapter trained with ``point_multimask=False`` (``InteractiveTrainingArguments``; e.g. on LiteMedSAM, which
+was trained on boxes only and whose multimask outputs carry no point skill) trained points through the
+single-mask output instead. :func:`~hf_sam_peft.hub.save_adapter` records this as ``"point_multimask"`` in
+the adapter's ``hf_sam_peft.json``; :func:`load_model` and :func:`hf_sam_peft.from_pretrained` set it on the
+loaded model (:func:`point_multimask_of` reads it back, default True: SAM's own behaviour), and
+:class:`SamPredictor` then answers a prompt without a box that asks for multimask output through the single
+mask. The app, ``evaluate`` and ``segment`` all go through it.
+
 Adapter folder layout read by :func:`load_model`::
 
     <adapter>/adapter_config.json, adapter_model.safetensors   peft adapter (load_adapter)
@@ -41,6 +50,7 @@ from hf_sam_peft.training.interactive import (
 )
 
 __all__ = [
+    "POINT_MULTIMASK_ATTRIBUTE",
     "PromptPredictor",
     "SamPredictor",
     "UNETR_SUBFOLDER",
@@ -50,10 +60,30 @@ __all__ = [
     "load_base",
     "load_model",
     "model_device_dtype",
+    "point_multimask_of",
+    "set_point_multimask",
 ]
 
 UNETR_SUBFOLDER = "unetr"
 _UNETR_KEY = ".unetr_decoder."
+# set by our loaders on the SamModel inside a loaded model: how its adapter trained point prompts
+POINT_MULTIMASK_ATTRIBUTE = "hf_sam_peft_point_multimask"
+
+
+def set_point_multimask(model: nn.Module, point_multimask: bool | None) -> nn.Module:
+    """Record on ``model`` (the SamModel inside it) whether its points were trained through the multimask
+    output (None: not recorded, i.e. SAM's default); returns ``model``."""
+    if point_multimask is not None and not isinstance(point_multimask, bool):
+        raise TypeError(f"point_multimask must be True, False or None, got {point_multimask!r}")
+    setattr(unwrap_sam(model), POINT_MULTIMASK_ATTRIBUTE, point_multimask)
+    return model
+
+
+def point_multimask_of(model: nn.Module) -> bool:
+    """Whether ``model`` answers a lone point through SAM's multimask output: what its adapter recorded
+    (:func:`set_point_multimask`, done by :func:`load_model` / ``from_pretrained``), else True (SAM's own way)."""
+    value = getattr(unwrap_sam(model), POINT_MULTIMASK_ATTRIBUTE, None)
+    return True if value is None else bool(value)
 
 
 @runtime_checkable
@@ -109,10 +139,18 @@ class SamPredictor:
     ``predict`` returns mask logits ``(N, K, H, W)`` at the image's resolution and predicted IoUs ``(N, K)``
     for ``N`` objects (``K`` = 3 with ``multimask`` else 1). The model is put in eval mode for each call
     and restored afterwards.
+
+    ``point_multimask``: whether a prompt without a box (a lone click) that asks for ``multimask`` gets SAM's
+    three masks (True) or is answered through the single-mask output (False, ``K`` = 1) because the adapter
+    trained points that way. None (default): what the loaded model records (:func:`point_multimask_of`,
+    True when nothing is recorded).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, point_multimask: bool | None = None) -> None:
         unwrap_sam(model)  # one-line TypeError for anything that is not SAM
+        if point_multimask is not None and not isinstance(point_multimask, bool):
+            raise TypeError(f"point_multimask must be True, False or None, got {point_multimask!r}")
+        self.point_multimask = point_multimask_of(model) if point_multimask is None else point_multimask
         self.model = model
         self.image_size = image_size_of(model)
         self.preprocess = image_preprocessor(model)
@@ -153,7 +191,8 @@ class SamPredictor:
         """Mask logits ``(N, K, H, W)`` and IoU predictions ``(N, K)`` for ``N`` objects' prompts.
 
         ``points`` ``(N, P, 2)`` (x, y) with ``labels`` ``(N, P)`` (1 positive, 0 negative) and/or ``boxes``
-        ``(N, 4)``, all in the original image's pixel frame.
+        ``(N, 4)``, all in the original image's pixel frame. ``multimask`` for points without a box is
+        honoured only when ``self.point_multimask`` (see the class docstring); else ``K`` = 1.
         """
         self._check_image()
         frames = self.frames
@@ -177,10 +216,16 @@ class SamPredictor:
             if boxes.ndim != 2 or boxes.shape[-1] != 4 or (n_objects is not None and boxes.shape[0] != n_objects):
                 raise ValueError(f"boxes must be (N, 4) with N matching the points, got {tuple(boxes.shape)}")
             prompts = Prompts(prompts.points, prompts.labels, frames.boxes(0, boxes.to(self.device)).to(self.dtype)[None])
+        multimask = self.uses_multimask(multimask, boxes is not None)
         with eval_mode(self.model):
             low, iou = decode(self.model, self.embeddings, prompts, multimask)
         logits = frames.upscale(0, low[0].float())
         return logits, iou[0].float()
+
+    def uses_multimask(self, multimask: bool, has_box: bool = False) -> bool:
+        """The output a prompt that asks for ``multimask`` is answered through: the single mask for points
+        without a box when the adapter trained points through it (``point_multimask=False``)."""
+        return bool(multimask) and (has_box or self.point_multimask)
 
     def predict_masks(
         self,
@@ -231,7 +276,9 @@ def load_model(
     """Base SAM (folder, name, ``"tiny"`` or a model) + optional adapter + optional UNETR decoder, in eval mode.
 
     The decoder comes from ``<adapter>/unetr`` (:func:`~hf_sam_peft.modeling.unetr.load_unetr`) or from the
-    adapter's own ``modules_to_save`` copy; see the module docstring for the layout.
+    adapter's own ``modules_to_save`` copy; see the module docstring for the layout. How the adapter trained
+    point prompts (``"point_multimask"`` in its ``hf_sam_peft.json``) is set on the model for
+    :class:`SamPredictor` (:func:`point_multimask_of`).
     """
     from hf_sam_peft.loading import adapter_weights_file, load_adapter
     from hf_sam_peft.modeling.unetr import (
@@ -255,6 +302,9 @@ def load_model(
         if settings is not None and not hasattr(model, ATTRIBUTE_NAME):
             attach_unetr(model, **settings)
     model = load_adapter(model, adapter)
+    from hf_sam_peft.hub import recorded_point_multimask
+
+    set_point_multimask(model, recorded_point_multimask(adapter))
     unetr_dir = Path(adapter, UNETR_SUBFOLDER)
     if (unetr_dir / CONFIG_NAME).is_file():
         decoder = load_unetr(unetr_dir, device=model_device_dtype(model)[0])

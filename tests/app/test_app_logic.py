@@ -227,3 +227,41 @@ def test_app_command_without_gradio(monkeypatch):
     args = parser.parse_args(["app", "--base", "tiny"])
     with pytest.raises(ImportError, match=r"^the app needs Gradio: pip install 'hf-sam-peft\[app\]'$"):
         args.func(args)
+
+
+def test_adapter_trained_with_single_mask_points_answers_a_click_through_it(models, tmp_path):
+    """An adapter saved with point_multimask=False (the demo's LiteMedSAM recipe) answers one click with SAM's
+    single-mask output in the app, as the Python API does; the other adapters and the base keep multimask."""
+    from transformers import SamModel
+
+    from hf_sam_peft import apply_method
+    from hf_sam_peft.hub import save_adapter
+
+    base_dir, adapters = models
+    trained = apply_method(SamModel.from_pretrained(base_dir), "lora")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.add_(0.5 * torch.randn(param.shape, generator=generator) * (param.abs().mean() + 0.05))
+    single = save_adapter(trained, tmp_path / "single_mask", base_model_id=str(base_dir), point_multimask=False)
+    bank = ModelBank(SamModel.from_pretrained(base_dir), [str(single), str(adapters["ssf"])])
+    logic = AppLogic(bank, out_dir=tmp_path / "out")
+    assert bank.adapters["single_mask"].point_multimask is False and bank.adapters["ssf"].point_multimask is None
+    assert [bank.point_multimask(n) for n in bank.names] == [True, False, True]
+
+    image = blob_image()
+    mask, iou = logic.predict(image, "single_mask", [(40, 50)], [1])
+    model = load_model(str(base_dir), str(single))
+    predictor = SamPredictor(model)
+    assert predictor.point_multimask is False
+    predictor.set_image(image)
+    logits, expected_iou = predictor.predict(torch.tensor([[[40, 50]]]), torch.tensor([[1]]), multimask=False)
+    np.testing.assert_array_equal(mask, (logits[0, 0] > 0).numpy())
+    assert iou == pytest.approx(float(expected_iou[0, 0]), abs=1e-6)
+    multimask = SamPredictor(model, point_multimask=True)
+    multimask.set_image(image)
+    assert multimask.predict(torch.tensor([[[40, 50]]]), torch.tensor([[1]]), multimask=True)[0].shape[1] == 3
+    # the adapter without a record still answers through the best of SAM's three masks
+    ssf_mask, _ = logic.predict(image, "ssf", [(40, 50)], [1])
+    np.testing.assert_array_equal(ssf_mask, _reference(base_dir, adapters["ssf"], image, [(40, 50)], [1]))

@@ -177,6 +177,54 @@ def test_assemble_instances_overlap_rule():
     assert assemble_instances([], shape).max() == 0
 
 
+def test_assemble_instances_splits_masks_into_connected_components():
+    from hf_sam_peft.evaluation.metrics import mean_segmentation_accuracy
+
+    shape = (12, 12)
+    two_blobs = np.zeros(shape, bool)
+    two_blobs[1:4, 1:4] = two_blobs[7:10, 7:10] = True
+    diagonal = np.zeros(shape, bool)
+    diagonal[1, 8] = diagonal[2, 9] = True  # touching at a corner: one object (full connectivity)
+    out = assemble_instances([two_blobs, diagonal], shape)
+    assert out.dtype == np.uint32 and out.max() == 3
+    assert out[1, 1] == 1 and out[1, 8] == out[2, 9] == 2 and out[7, 7] == 3  # ids in raster order
+    # a mask of two blobs scores as two objects against a ground truth of the two blobs
+    truth = np.zeros(shape, np.int32)
+    truth[1:4, 1:4], truth[7:10, 7:10] = 1, 2
+    assert mean_segmentation_accuracy(assemble_instances([two_blobs], shape), truth) == 1.0
+    # a smaller object pasted on top of a larger one can cut it in two: two segments remain of the larger
+    bar = np.zeros(shape, bool)
+    bar[5:7, 0:12] = True
+    cut = np.zeros(shape, bool)
+    cut[4:8, 5:7] = True
+    out = assemble_instances([cut, bar], shape)
+    assert out.max() == 3 and out[5, 0] != out[5, 11] and out[5, 5] not in (out[5, 0], out[5, 11], 0)
+    # overlapping objects touching side by side keep separate ids
+    left = np.zeros(shape, bool)
+    left[2:6, 2:7] = True
+    right = np.zeros(shape, bool)
+    right[2:6, 5:10] = True
+    out = assemble_instances([left, right], shape)
+    assert out.max() == 2 and out[3, 2] != out[3, 9] and out[3, 5] == out[3, 9]  # equal sizes: input order
+
+
+def test_assemble_instances_drops_the_segment_dominating_the_background():
+    shape = (10, 10)
+    everything = np.ones(shape, bool)
+    dot = np.zeros(shape, bool)
+    dot[5, 5] = True
+    out = assemble_instances([everything, dot], shape)
+    assert out.max() == 1 and out[5, 5] == 1 and np.count_nonzero(out) == 1
+    # the rule applies to connected components: the larger of a two-blob mask's halves can dominate
+    halves = np.zeros(shape, bool)
+    halves[:, :7] = True
+    halves[:, 9] = True  # 70 + 10 pixels vs 20 of background
+    out = assemble_instances([halves], shape)
+    assert out.max() == 1 and np.array_equal(out > 0, np.pad(np.ones((10, 1), bool), ((0, 0), (9, 0))))
+    # an object smaller than the background stays
+    assert assemble_instances([dot], shape).max() == 1
+
+
 def test_semantic_rows_score_dice_per_class():
     labels = np.zeros((32, 32), np.int32)
     labels[2:10, 2:10], labels[20:30, 20:30] = 1, 2
