@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parameter-efficient fine-tuning of Segment Anything (SAM) with transformers + peft.",
         epilog="Run 'hf-sam-peft <command> --help' for the options of a command.",
     )
-    sub = parser.add_subparsers(title="commands", metavar="<command>")
+    sub = parser.add_subparsers(title="commands", metavar="<command>", dest="command")
     for name in COMMANDS:
         importlib.import_module(f"hf_sam_peft.commands.{name}").register(sub)
     return parser
@@ -32,10 +32,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 1
+    return run_command(args.func, args, f"hf-sam-peft {args.command}")
+
+
+# errors a user can fix from the message alone (a bad input, a missing file, a full disk): one line, status 2
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+def error_line(exc: BaseException) -> str:
+    """`exc` as one line: its first line, or its type when it says nothing."""
+    text = " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__
+    return text
+
+
+def run_command(func, args: argparse.Namespace, prog: str) -> int:
+    """Run a subcommand; a user error becomes `PROG: error: MESSAGE` on stderr (one line) and exit status 2."""
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"hf-sam-peft: error: {exc}", file=sys.stderr)
+        return int(func(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

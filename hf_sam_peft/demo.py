@@ -6,15 +6,22 @@ its images are CC0, from the 2018 Data Science Bowl / BBBC038) ships `stardist/d
 package metadata and never imported (stardist imports TensorFlow-era code we do not need). The image is
 cut into tiles: the top half trains (random crops, flips and 90° turns), the bottom-left tile validates,
 the bottom-right tile is held out for the base-vs-fine-tuned comparison. `data=DIR` uses the user's own
-`<split>/images` + `<split>/labels` folders instead (train on `train`, validate on `val`, test on `test`,
-or on `val` when there is no `test`).
+`<split>/images` + `<split>/labels` folders instead (train on `train`, validate on `val`, test on `test`;
+without a `test` split `val` becomes the test set and a fifth of the `train` images, at least one, is held
+out for validation instead, chosen by the seed).
+
+Never silently worse: the untouched base is evaluated on the validation data before the first update and
+every `eval_every` steps after; the checkpoint with the best validation score is kept, the base among the
+candidates (:class:`~hf_sam_peft.training.trainer.SamInteractiveTrainer`'s ``evaluate_base``). The summary
+says plainly when fine-tuning did not beat the base, on validation and on the held-out test data.
 
 Training is µSAM's interactive objective (`SamInteractiveTrainer`) with the point steps sent through the
 single-mask output (`point_multimask=False`): LiteMedSAM was trained on boxes only, its multimask outputs
 carry no point skill to build on. Evaluation is the package's interactive protocol (box, point, I_B / I_P
 with 7 corrections; mSA, Dice, IoU); the point start is scored through the single-mask output too, for
-the base and the fine-tuned model alike (:class:`SingleMaskPredictor`), since that is the output the demo
-trains. The demo writes the adapter with its model card, a results table and an overlay PNG (image,
+the base and the fine-tuned model alike (``SamPredictor(model, point_multimask=False)``), since that is
+the output the demo trains; the adapter records it, so the app, `evaluate` and `segment` answer a click
+the same way. The demo writes the adapter with its model card, a results table and an overlay PNG (image,
 ground truth, base vs fine-tuned) into `out`.
 """
 
@@ -34,7 +41,6 @@ __all__ = [
     "DEMO_INSTALL_MESSAGE",
     "DemoConfig",
     "DemoResult",
-    "SingleMaskPredictor",
     "folder_splits",
     "run_demo",
     "stardist_nuclei",
@@ -54,6 +60,7 @@ STARDIST_DATA_TEXT = (
     "stardist wheel's img2d.tif / mask2d.tif (512² fluorescence nuclei, CC0, 2018 Data Science Bowl / BBBC038): "
     "top half for training, bottom-left 256² tile for validation, bottom-right 256² tile held out"
 )
+VALIDATION_FRACTION = 0.2  # of the train images, held out for validation when `data` has no test split
 # the demo's LoRA is smaller than the paper's r=32: the demo trains for a few minutes only
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {"lora": {"r": 16}, "qlora": {"r": 16}}
 
@@ -70,6 +77,7 @@ class DemoConfig:
     n_rounds: int = 2  # training rounds per step: initial prompt + 1 correction
     mask_prob: float = 0.5
     n_corrections: int = 7  # evaluation corrections (I_P / I_B)
+    eval_every: int = 5  # validation (and a checkpoint) every this many steps, and once before training
     tile: int = 256
     min_size: int = 25  # training objects below this size (cut by crop borders) are dropped
     max_eval_images: int | None = 4  # with data=DIR: test images scored (None: all)
@@ -84,7 +92,7 @@ class DemoConfig:
 
         if self.method not in METHOD_NAMES:
             raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}")
-        for name in ("steps", "n_objects", "n_rounds", "tile"):
+        for name in ("steps", "n_objects", "n_rounds", "tile", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -156,9 +164,15 @@ def stardist_splits(image: np.ndarray, labels: np.ndarray, tile: int = 256) -> d
     }
 
 
-def folder_splits(data: str | os.PathLike, max_eval_images: int | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Rows of the user's ``train`` / ``val`` / ``test`` folders: whole images; ``test`` falls back to
-    ``val`` (then no validation during training)."""
+def folder_splits(
+    data: str | os.PathLike, max_eval_images: int | None = None, seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows of the user's ``train`` / ``val`` / ``test`` folders (whole images).
+
+    Without ``test``, ``val`` is the test set and validation rows are held out of ``train``: a fifth of the
+    images (at least one, never all), chosen by a seeded permutation; a single training image leaves no
+    validation (then the fine-tuned model is kept without a check against the base, and the summary says so).
+    """
     from hf_sam_peft.data import iter_rows
 
     root = Path(data)
@@ -168,11 +182,17 @@ def folder_splits(data: str | os.PathLike, max_eval_images: int | None = None) -
     test = "test" if "test" in splits else "val" if "val" in splits else None
     if test is None:
         raise FileNotFoundError(f"data must hold a test or val split (<split>/images + <split>/labels) in {root}")
-    out = {
-        "train": list(iter_rows(root, "train", min_size=0)),
-        "test": list(iter_rows(root, test, min_size=0, max_images=max_eval_images)),
-    }
-    out["val"] = list(iter_rows(root, "val", min_size=0, max_images=max_eval_images)) if test == "test" and "val" in splits else []
+    train = list(iter_rows(root, "train", min_size=0))
+    out = {"test": list(iter_rows(root, test, min_size=0, max_images=max_eval_images))}
+    if test == "test" and "val" in splits:
+        out["train"], out["val"] = train, list(iter_rows(root, "val", min_size=0, max_images=max_eval_images))
+    elif len(train) >= 2:
+        n_val = min(max(1, round(len(train) * VALIDATION_FRACTION)), len(train) - 1)
+        held = set(np.random.default_rng(seed).permutation(len(train))[:n_val].tolist())
+        out["train"] = [row for i, row in enumerate(train) if i not in held]
+        out["val"] = [row for i, row in enumerate(train) if i in held][:max_eval_images]
+    else:
+        out["train"], out["val"] = train, []
     return out
 
 
@@ -210,26 +230,14 @@ def training_rows(
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-class SingleMaskPredictor:
-    """A prompt predictor that always answers through SAM's single-mask output (the one the demo trains)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        from hf_sam_peft.evaluation.predictor import SamPredictor
-
-        self.predictor = SamPredictor(model)
-
-    def set_image(self, image: Any) -> None:
-        self.predictor.set_image(image)
-
-    def predict(self, points=None, labels=None, boxes=None, multimask: bool = False, **kwargs):
-        return self.predictor.predict(points=points, labels=labels, boxes=boxes, multimask=False, **kwargs)
-
-
 def _evaluate(model: torch.nn.Module, rows: list[dict[str, Any]], config: DemoConfig) -> dict[str, Any]:
     from hf_sam_peft.evaluation.interactive import evaluate_interactive
 
+    from hf_sam_peft.evaluation.predictor import SamPredictor
+
+    # points go through the single-mask output, the one the demo trains (and records in the adapter)
     return evaluate_interactive(
-        SingleMaskPredictor(model), rows, n_corrections=config.n_corrections, seed=config.seed,
+        SamPredictor(model, point_multimask=False), rows, n_corrections=config.n_corrections, seed=config.seed,
         keep_segmentations=True, progress=config.progress,
     )
 
@@ -238,7 +246,11 @@ def _evaluate(model: torch.nn.Module, rows: list[dict[str, Any]], config: DemoCo
 
 
 def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict[str, Any]], config: DemoConfig, out: Path):
-    """The PEFT model after ``config.steps`` interactive training steps (one image per step)."""
+    """``(PEFT model, trainer)`` after ``config.steps`` interactive training steps (one image per step).
+
+    With validation rows: the untouched base and every ``eval_every`` steps are scored on them and the best
+    state is kept (the base included), so the returned model is never worse on validation than the base.
+    """
     from hf_sam_peft.methods import apply_method
     from hf_sam_peft.training.trainer import (
         InteractiveTrainingArguments,
@@ -246,6 +258,7 @@ def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict
     )
 
     peft_model = apply_method(model, config.method, **METHOD_OPTIONS.get(config.method, {}))
+    validate = "steps" if val else "no"
     args = InteractiveTrainingArguments(
         output_dir=str(out / "training"),
         max_steps=config.steps,
@@ -258,10 +271,13 @@ def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict
         n_sub_iterations=config.n_rounds,
         mask_prob=config.mask_prob,
         point_multimask=False,
-        eval_strategy="steps" if val else "no",
-        eval_steps=config.steps,
-        save_strategy="no",
-        load_best_model_at_end=False,
+        eval_strategy=validate,
+        eval_steps=min(config.eval_every, config.steps),
+        save_strategy=validate,
+        save_steps=min(config.eval_every, config.steps),
+        save_total_limit=1,
+        save_only_model=True,
+        load_best_model_at_end=bool(val),
         logging_steps=max(1, config.steps // 8),
         report_to="none",
         seed=config.seed,
@@ -272,7 +288,7 @@ def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict
     )
     trainer = SamInteractiveTrainer(peft_model, args=args, train_dataset=train, eval_dataset=val or None)
     trainer.train()
-    return trainer.model.eval()
+    return trainer.model.eval(), trainer
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -288,17 +304,42 @@ class DemoResult:
     adapter_dir: Path
     overlay_path: Path
     results_path: Path
+    rounds_path: Path | None = None  # per-round IoU curves (rounds.png)
     seconds: dict[str, float] = field(default_factory=dict)
+    best_step: int | None = None  # the kept checkpoint's step (0: the base); None without validation
+    best_is_base: bool | None = None  # validation: nothing beat the untouched base (None: no validation)
+
+    def rounds_table(self) -> str:
+        """Mean IoU per object, per round (0 = first prompt, then one per correction), base and fine-tuned."""
+        from hf_sam_peft.evaluation.results import format_rounds
+
+        return format_rounds({"base": self.base, "fine-tuned": self.tuned})
 
     def summary(self) -> str:
-        """Two lines: the gains the demo is about (box mSA ratio, point IoU)."""
+        """The gains the demo is about (box mSA ratio, point IoU, I_B), then plainly any loss against the base."""
         box_b, box_t = self.base["msa"]["box"], self.tuned["msa"]["box"]
         ratio = box_t / box_b if box_b > 0 else float("inf")
-        return (
+        lines = [
             f"box mSA {box_b:.3f} -> {box_t:.3f} ({ratio:.2f}x); "
             f"point IoU {self.base['iou']['point']:.3f} -> {self.tuned['iou']['point']:.3f}; "
             f"I_B mSA {self.base['msa']['ib']:.3f} -> {self.tuned['msa']['ib']:.3f}"
-        )
+        ]
+        if self.best_is_base is None:
+            lines.append("no validation data: the last step was kept without a check against the base")
+        elif self.best_is_base:
+            lines.append(
+                "fine-tuning did not beat the base on the validation data: the adapter keeps the base's weights"
+            )
+        else:
+            lines.append(f"kept the checkpoint of step {self.best_step}, the best on the validation data")
+        worse = [
+            f"{mode} mSA {self.base['msa'][key]:.3f} -> {self.tuned['msa'][key]:.3f}"
+            for mode, key in (("Box", "box"), ("Point", "point"), ("I_B", "ib"), ("I_P", "ip"))
+            if self.tuned["msa"][key] < self.base["msa"][key] - 1e-9
+        ]
+        if worse:
+            lines.append("WORSE than the base on the held-out test data: " + "; ".join(worse))
+        return "\n".join(lines)
 
 
 def _overlay(path: Path, row: dict[str, Any], base: dict[str, Any], tuned: dict[str, Any]) -> Path:
@@ -317,6 +358,18 @@ def _overlay(path: Path, row: dict[str, Any], base: dict[str, Any], tuned: dict[
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
+    return path
+
+
+def _round_curves(path: Path, base: dict[str, Any], tuned: dict[str, Any], config: DemoConfig) -> Path:
+    from hf_sam_peft.visualization import round_curves_figure
+
+    figure = round_curves_figure(
+        {"base": base, f"+ {config.method}, {config.steps} steps": tuned},
+        title=f"held-out test data: does each correction help? ({config.n_rounds} training rounds)",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
     return path
 
 
@@ -339,7 +392,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         splits = stardist_splits(*stardist_nuclei(), tile=config.tile)
         dataset, training_data = "stardist_nuclei", STARDIST_DATA_TEXT
     else:
-        splits = folder_splits(config.data, config.max_eval_images)
+        splits = folder_splits(config.data, config.max_eval_images, config.seed)
         dataset, training_data = Path(config.data).resolve().name, f"{config.data}: train split"
     train = training_rows(splits["train"], config.steps, config.tile, config.seed, config.min_size)
     model, _ = load_base_model("lite_medsam", device=config.device)
@@ -349,7 +402,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     base = _evaluate(model, splits["test"], config)
     seconds["evaluate_base"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    tuned_model = finetune(model, train, splits["val"], config, out)
+    tuned_model, trainer = finetune(model, train, splits["val"], config, out)
     seconds["train"] = time.perf_counter() - tick
     tick = time.perf_counter()
     tuned = _evaluate(tuned_model, splits["test"], config)
@@ -363,7 +416,13 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     adapter_dir = save_adapter(
         tuned_model, out / "adapter", base_model_id="lite_medsam", method=config.method,
         training_data=training_data, metrics=table.to_records(), extra=settings, overwrite=True,
+        point_multimask=False,
     )
     overlay_path = _overlay(out / "overlay.png", splits["test"][0], base, tuned)
+    rounds_path = _round_curves(out / "rounds.png", base, tuned, config)
     seconds["total"] = time.perf_counter() - start
-    return DemoResult(base, tuned, table, adapter_dir, overlay_path, results_path, seconds)
+    best_is_base = trainer.best_is_base
+    best_step = None if best_is_base is None else (0 if best_is_base else trainer.state.best_global_step)
+    return DemoResult(
+        base, tuned, table, adapter_dir, overlay_path, results_path, rounds_path, seconds, best_step, best_is_base
+    )

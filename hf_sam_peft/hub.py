@@ -243,10 +243,23 @@ def describe_model(
     }
 
 
+def read_json_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from ``path``, or a one-line ValueError naming the file and where it is malformed."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
     """The `hf_sam_peft.json` of an adapter folder ({} for an adapter saved by peft alone)."""
     path = Path(folder) / PROVENANCE_NAME
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json_file(path) if path.is_file() else {}
 
 
 def _check_point_multimask(value: Any) -> bool | None:
@@ -271,7 +284,7 @@ def recorded_point_multimask(adapter: str | os.PathLike | Mapping[str, Any]) -> 
         path = hf_hub_download(os.fspath(adapter), PROVENANCE_NAME)
     except (OSError, ValueError):  # no such file / repo, offline without a cache, not a repo id
         return None
-    provenance = json.loads(Path(path).read_text(encoding="utf-8"))
+    provenance = read_json_file(path)
     return _check_point_multimask(provenance.get(POINT_MULTIMASK_KEY))
 
 
@@ -740,7 +753,7 @@ def from_pretrained(
         model = SamModel.from_pretrained(folder)
     else:
         if base_model is None or isinstance(base_model, (str, os.PathLike)):
-            saved = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+            saved = read_json_file(folder / ADAPTER_CONFIG_NAME)
             base_id = os.fspath(base_model) if base_model is not None else (
                 provenance.get("base_model") or saved.get("base_model_name_or_path")
             )

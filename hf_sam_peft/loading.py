@@ -7,8 +7,10 @@ trained on a SAM of another size. Importing `hf_sam_peft` (which this module doe
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import warnings
 from typing import Any
 
 from peft import LoraConfig, PeftConfig, PeftModel
@@ -19,6 +21,7 @@ from .tuners.base import find_image_encoder
 from .tuners.lora import is_qv_lora_state, register_qv_lora
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def adapter_weights_file(model_id: str, subfolder: str | None = None, **hub_kwargs: Any) -> str:
@@ -42,6 +45,66 @@ def adapter_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape (\S+ ?\S*) from checkpoint, the shape in current model is (\S+ ?\S*)\.")
 
 
+def read_adapter_config(model_id: str, subfolder: str | None = None, **hub_kwargs: Any) -> PeftConfig:
+    """The adapter's `PeftConfig`; a one-line ValueError names the file when it is malformed or its peft_type unknown."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    local = os.path.join(model_id, subfolder or "", ADAPTER_CONFIG)
+    if os.path.isdir(model_id) and not os.path.isfile(local):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in adapter folder {model_id!r}")
+    if os.path.isfile(local):
+        try:
+            with open(local, encoding="utf-8") as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"adapter config {local} is malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"adapter config {local} is not UTF-8 text ({exc.reason})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"adapter config {local}: expected a JSON object, got {type(raw).__name__}")
+        peft_type = raw.get("peft_type")
+        if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+            raise ValueError(
+                f"adapter config {local}: unknown peft_type {peft_type!r} (neither peft's nor hf_sam_peft's, "
+                "e.g. LORA, FACT, ADAPTFORMER, SSF; saved by a newer version?)"
+            )
+        where = local
+    else:
+        where = f"{model_id!r}"
+    try:
+        return PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"adapter config {where} is invalid: {' '.join(str(exc).split())}") from None
+
+
+def check_adapter_weights(path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the adapter's tensors, after checking the file: readable (not truncated), not empty,
+    every floating-point value finite. One-line ValueErrors name the file (and the tensor)."""
+    import torch
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            if not shapes:
+                raise ValueError(f"adapter weights {path} hold no tensors (no adapter keys)")
+            if not any(k.startswith("base_model.model.") for k in shapes):
+                raise ValueError(
+                    f"adapter weights {path} hold no adapter keys (peft's start with 'base_model.model.'; "
+                    f"found e.g. {next(iter(shapes))!r})"
+                )
+            for name in shapes:
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(f"adapter weights {path}: tensor {name} has {bad} non-finite values (NaN/inf)")
+    except ValueError:
+        raise
+    except Exception as exc:  # SafetensorError, OSError: a truncated or corrupt file
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"adapter weights {path} are damaged or truncated ({detail})") from None
+    return shapes
+
+
 def load_adapter(
     base_model: nn.Module,
     model_id: str,
@@ -50,19 +113,32 @@ def load_adapter(
     config: PeftConfig | None = None,
     **kwargs: Any,
 ) -> PeftModel:
-    """`PeftModel.from_pretrained(base_model, model_id)` that also handles q/v LoRA and explains size mismatches."""
+    """`PeftModel.from_pretrained(base_model, model_id)` that also handles q/v LoRA and explains bad adapters.
+
+    One-line errors (ValueError / FileNotFoundError) for: a malformed adapter_config.json or an unknown
+    peft_type (naming the file), a truncated or corrupt weights file, one without adapter tensors, non-finite
+    weights, weights that miss some of the adapter's tensors (peft would only warn and leave them at their
+    initial values), and an adapter trained on a SAM of another size.
+    """
+    from peft.utils import get_peft_model_state_dict
+
     find_image_encoder(base_model)
     hub_kwargs = {k: kwargs[k] for k in ("revision", "subfolder", "cache_dir", "token", "local_files_only") if k in kwargs}
     if config is None:
-        config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
+        config = read_adapter_config(model_id, **hub_kwargs)
+    weights = adapter_weights_file(model_id, **hub_kwargs)
+    shapes = check_adapter_weights(weights)
     if isinstance(config, LoraConfig) and not config._custom_modules:
-        shapes = adapter_tensor_shapes(adapter_weights_file(model_id, **hub_kwargs))
         if is_qv_lora_state(config, shapes):
             register_qv_lora(config)
     try:
-        return PeftModel.from_pretrained(
-            base_model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
-        )
+        with warnings.catch_warnings():  # missing keys are checked below, as an error
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(
+                base_model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+            )
+    except KeyError as exc:  # peft looks up saved modules_to_save tensors by name
+        raise ValueError(f"adapter weights {weights} miss the tensor {exc.args[0] if exc.args else exc}") from None
     except RuntimeError as exc:
         match = _SIZE_MISMATCH.search(str(exc))
         if match is None:
@@ -72,3 +148,13 @@ def load_adapter(
             f"adapter {model_id!r} does not fit this base model (trained on another SAM size?): {key} has shape "
             f"{saved} in the adapter but {current} in the base model"
         ) from None
+    expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    missing = sorted(expected - set(shapes))
+    if missing and not (expected & set(shapes)):
+        raise ValueError(f"adapter weights {weights} hold no tensors of this {config.peft_type} adapter (no adapter keys; e.g. {missing[0]})")
+    if missing:
+        raise ValueError(
+            f"adapter weights {weights} miss {len(missing)} of the adapter's {len(expected)} tensors "
+            f"(e.g. {missing[0]}); they would stay at their initial values"
+        )
+    return model

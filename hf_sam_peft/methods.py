@@ -90,7 +90,15 @@ def method_config(name: str, **overrides: Any) -> Optional[PeftConfig]:
     """The peft config of a paper method with its defaults (None for `full_ft`), e.g. `method_config("fact", r=8)`."""
     method = get_method(name)
     config_kw, _ = _split_overrides(method, overrides)
-    return None if method.build is None else method.build(**config_kw)
+    return None if method.build is None else _build_config(method, config_kw)
+
+
+def _build_config(method: Method, config_kw: dict[str, Any]) -> PeftConfig:
+    """The method's config; a bad option value (e.g. a negative dropout) is a one-line error naming the method."""
+    try:
+        return method.build(**config_kw)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"method {method.name!r}: {' '.join(str(exc).split())}") from None
 
 
 def freeze_positional_basis(model: nn.Module) -> None:
@@ -115,9 +123,10 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
         model.requires_grad_(True)
         freeze_positional_basis(model)
         return model
+    config = _build_config(method, config_kw)  # a bad option fails before the model is touched
     if "quant_type" in model_opts:
         quantize_image_encoder(model, quant_type=model_opts["quant_type"])
-    return get_peft_model(model, method.build(**config_kw), adapter_name=adapter_name)
+    return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

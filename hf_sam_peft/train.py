@@ -21,7 +21,10 @@ RECIPE_KEYS = {
     "name": str, "dataset": (str, dict), "base_model": str, "method": str, "method_options": dict, "ais": bool,
     "data": dict, "training": dict, "output_dir": str, "seed": int, "description": str,
 }
-DATA_KEYS = ("max_images", "n_patches_per_image", "patch_shape", "min_size", "val_fraction", "with_objects_only")
+DATA_KEYS = (
+    "max_images", "n_patches_per_image", "patch_shape", "min_size", "val_fraction", "with_objects_only",
+    "min_num_instances", "sampler_min_size", "augment", "max_attempts",
+)
 
 
 @dataclass
@@ -47,7 +50,15 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"recipe {path}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"recipe {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {path}: expected a mapping of keys, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(RECIPE_KEYS))
@@ -92,7 +103,12 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
         if value is not None:
             setattr(recipe, key, value)
     if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise ValueError(f"--max-steps must be a positive number of optimizer steps, got {args.max_steps}")
         recipe.training["max_steps"] = args.max_steps
+    device = getattr(args, "device", None)
+    if device is not None:
+        recipe.training["use_cpu"] = device == "cpu"
     if args.ais is not None:
         recipe.ais = args.ais
     for item in args.set or []:
@@ -124,8 +140,11 @@ def build_model(recipe: Recipe, ais: bool):
     from .methods import apply_method
     from .modeling.base_models import load_base_model
 
+    from transformers import set_seed
+
     model = load_base_model(recipe.base_model)[0]
     options = dict(recipe.method_options)
+    set_seed(recipe.seed)  # the new weights (UNETR decoder, adapter) start the same for the same seed
     if ais:
         from .modeling.unetr import attach_unetr
 
@@ -133,18 +152,151 @@ def build_model(recipe: Recipe, ais: bool):
     return apply_method(model, recipe.method, **options)
 
 
-def train(recipe: Recipe, resume_from_checkpoint: Optional[str | bool] = None) -> dict[str, Any]:
-    """Run a recipe; returns the summary (best step, metric, where the adapter and plots are)."""
-    from .methods import count_parameters
+RUN_MARKERS = ("adapter", "trainer_state.json")
+
+
+def default_output_dir(recipe: Recipe) -> Path:
+    return Path(recipe.output_dir or f"outputs/{recipe.name}-{recipe.method}")
+
+
+def existing_run(output_dir: Path) -> list[str]:
+    """What in `output_dir` belongs to an earlier run (its checkpoints, its adapter); [] for a fresh folder."""
+    from .training.trainer import list_checkpoints
+
+    found = [p.name for p in reversed(list_checkpoints(output_dir))]
+    found += [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    return found
+
+
+def check_output_dir(output_dir: Path, resume: Optional[str | bool], overwrite: bool) -> None:
+    """Before any work: the output folder is writable and an earlier run in it is never replaced by accident.
+
+    A run already there needs `--resume` (continue it) or `--overwrite` (the only way to replace it; its
+    checkpoints and adapter are deleted here).
+    """
+    import shutil
+    import tempfile
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output folder {output_dir} is a file, not a folder; pass another --output-dir")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run in "
+                         f"{output_dir} or replace it, not both")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir, prefix=".write_test_"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"output folder {output_dir} is not writable ({exc.strerror or exc}); pass another --output-dir") from None
+    run = existing_run(output_dir)
+    if not run or resume:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"output folder {output_dir} already holds a run ({', '.join(run)}): pass --resume to continue it, "
+            "or --overwrite to replace it"
+        )
+    for name in run:  # (every DDP process may get here: whichever comes first deletes)
+        path = output_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _expected_type(hint: Any) -> tuple[type, ...] | None:
+    """The plain types a training argument accepts (None: anything, e.g. a str-or-dict field)."""
+    import types
+    import typing
+
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    plain = tuple(a for a in args if isinstance(a, type) and a is not type(None))
+    if not plain or any(a in (str, dict, list) or not a.__module__ == "builtins" for a in plain):
+        return None
+    return plain
+
+
+def check_training_settings(settings: dict[str, Any]) -> None:
+    """One-line errors for training arguments of the wrong type, a non-positive max_steps, or a GPU without CUDA."""
+    import typing
+
+    from .training.trainer import InteractiveTrainingArguments
+
+    hints = typing.get_type_hints(InteractiveTrainingArguments)
+    for key, value in settings.items():
+        if key not in hints:
+            raise ValueError(f"unknown training argument {key!r} (see transformers.TrainingArguments)")
+        expected = _expected_type(hints[key])
+        if expected is None or value is None:
+            continue
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
+        if not ok and float in expected and isinstance(value, int) and not isinstance(value, bool):
+            ok = True  # an int where a float goes
+        if not ok:
+            names = " or ".join("a number" if t is float else "an integer" if t is int else
+                                "true/false" if t is bool else t.__name__ for t in expected)
+            raise ValueError(f"training argument {key}={value!r}: expected {names}")
+    max_steps = settings.get("max_steps")
+    if max_steps is not None and max_steps != -1 and max_steps < 1:
+        raise ValueError(f"training argument max_steps={max_steps}: expected a positive number of steps (or -1: epochs)")
+    if settings.get("use_cpu") is False:
+        import torch
+
+        if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+                or torch.backends.mps.is_available()):
+            raise ValueError(
+                "a GPU was asked for (--device cuda / use_cpu=false) but this machine has none that torch can use "
+                f"(torch {torch.__version__}); pass --device cpu"
+            )
+
+
+def run_training_loss(trainer, result) -> float:
+    """The mean training loss of the whole run.
+
+    `TrainOutput.training_loss` averages the steps of this call only: 0.0 for a resumed run with no step left.
+    A resumed run averages the logged losses of every step instead (each weighted by the steps it covers).
+    """
+    if not getattr(trainer, "_initial_global_step", 0):
+        return result.training_loss
+    logged = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
+    total = steps = 0
+    for step, loss in logged:
+        if step > steps:
+            total += loss * (step - steps)
+            steps = step
+    return total / steps if steps else result.training_loss
+
+
+def train(
+    recipe: Recipe, resume_from_checkpoint: Optional[str | bool] = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run a recipe; returns the summary (best step, metric, where the adapter and plots are).
+
+    An output folder that already holds a run needs `resume_from_checkpoint` (continue it; True: its newest
+    intact checkpoint) or `overwrite=True` (replace it).
+    """
+    from .methods import count_parameters, method_config
     from .training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
 
+    output_dir = default_output_dir(recipe)
+    settings = {"seed": recipe.seed, **recipe.training}
+    check_training_settings(settings)
+    method_config(recipe.method, **recipe.method_options)  # a bad method option fails before any work
+    check_output_dir(output_dir, resume_from_checkpoint, overwrite)
+    if resume_from_checkpoint is True:  # fail now, not after loading data and model
+        from .training.trainer import resolve_resume_checkpoint
+
+        resume_from_checkpoint = resolve_resume_checkpoint(True, output_dir)
+    elif resume_from_checkpoint:
+        from .training.trainer import resolve_resume_checkpoint
+
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
     train_ds, val_ds, spec = build_datasets(recipe)
     ais = bool(spec.get("ais", False)) if recipe.ais is None else recipe.ais
+    args = InteractiveTrainingArguments(output_dir=str(output_dir), **{"train_decoder": ais, **settings})
     model = build_model(recipe, ais)
-    output_dir = Path(recipe.output_dir or f"outputs/{recipe.name}-{recipe.method}")
-    settings = {"seed": recipe.seed, "train_decoder": ais, **recipe.training}
-    args = InteractiveTrainingArguments(output_dir=str(output_dir), **settings)
     trainer = SamInteractiveTrainer(model, args, train_dataset=train_ds, eval_dataset=val_ds)
+    if hasattr(train_ds, "set_epoch"):  # new random patches every epoch, also where accelerate does not call it (DDP)
+        from .data.epoch import SetEpochCallback
+
+        trainer.add_callback(SetEpochCallback(train_ds))
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     adapter_dir = output_dir / "adapter"
     trainable, _ = count_parameters(model)
@@ -155,14 +307,22 @@ def train(recipe: Recipe, resume_from_checkpoint: Optional[str | bool] = None) -
         "ais": ais,
         "trainable_parameters": trainable,
         "steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": run_training_loss(trainer, result),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_metric": trainer.state.best_metric,
+        "base_metric": trainer.base_metric,
+        "best_is_base": trainer.best_is_base,
+        "point_multimask": args.point_multimask,
         "adapter": str(adapter_dir),
         "loss_curve": str(output_dir / "loss_curve.png"),
     }
+    if resume_from_checkpoint:
+        summary["resumed_from"] = str(resume_from_checkpoint)
     if trainer.is_world_process_zero():
-        save_trained(model, adapter_dir, recipe, summary)
+        try:
+            save_trained(model, adapter_dir, recipe, summary)
+        except OSError as exc:
+            raise OSError(f"could not save the adapter to {adapter_dir}: {exc.strerror or exc}") from exc
     return summary
 
 
@@ -176,9 +336,23 @@ def save_trained(model, adapter_dir: Path, recipe: Recipe, summary: dict[str, An
         model, adapter_dir, base_model_id=recipe.base_model, method=recipe.method,
         training_data=f"{dataset} (recipe {recipe.name})",
         extra={**recipe.training, "steps": summary["steps"], "best_metric": summary["best_metric"]},
-        overwrite=True,
+        overwrite=True, point_multimask=summary.get("point_multimask"),
     )
     atomic_write_text(adapter_dir / "training_summary.json", json.dumps(summary, indent=2, default=str))
+
+
+def _base_verdict(summary: dict[str, Any]) -> list[str]:
+    """A plain line when fine-tuning did not beat the untouched base on validation (empty otherwise)."""
+    if summary.get("best_is_base"):
+        base = summary.get("base_metric")
+        return [
+            "  FINE-TUNING DID NOT BEAT THE BASE: no evaluation after training improved on the base's validation "
+            + (f"metric {base:.4f}" if base is not None else "metric")
+            + "; the adapter holds the untouched base (step 0). Try more steps, another learning rate or method."
+        ]
+    if summary.get("best_is_base") is None and summary.get("best_metric") is None:
+        return ["  no validation ran: the last state was kept without a check against the base"]
+    return []
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -190,6 +364,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  trainable parameters: {summary['trainable_parameters']:,}",
         f"  steps: {summary['steps']}, final mean training loss: {summary['train_loss']:.4f}",
         f"  best checkpoint: {best}" + (f" (validation metric {metric:.4f})" if metric is not None else ""),
+        *_base_verdict(summary),
         f"  adapter saved to: {summary['adapter']}",
         f"  loss curve: {summary['loss_curve']}",
     ]
@@ -208,12 +383,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", metavar="KEY=VALUE",
         help="override a training argument (e.g. --set learning_rate=1e-4) or data./method_options. keys",
     )
-    parser.add_argument("--resume", nargs="?", const=True, default=None, help="resume from the last (or a given) checkpoint")
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=None,
+        help="continue the run in the output folder from its newest intact (or a given) checkpoint",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the run already in the output folder (its checkpoints and adapter are deleted)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None,
+        help="train on the CPU or a GPU (overrides the recipe's use_cpu); cuda needs a GPU torch can use",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = apply_overrides(load_recipe(args.recipe), args)
-    summary = train(recipe, resume_from_checkpoint=args.resume)
+    summary = train(recipe, resume_from_checkpoint=args.resume, overwrite=getattr(args, "overwrite", False))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -235,9 +421,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import run_command
+
     parser = argparse.ArgumentParser(prog="python -m hf_sam_peft.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(run, parser.parse_args(argv), "hf-sam-peft train")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 
 from hf_sam_peft.data.normalize import normalize_image
 
-__all__ = ["colorize_instances", "instance_colors", "overlay_figure", "save_overlay"]
+__all__ = ["colorize_instances", "instance_colors", "overlay_figure", "round_curves_figure", "save_overlay"]
 
 _GOLDEN = 0.6180339887498949
 
@@ -134,3 +134,34 @@ def save_overlay(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     return path
+
+
+def round_curves_figure(results: Mapping[str, Mapping[str, Any]], metric: str = "iou", title: str | None = None):
+    """Per-round curves (round 0 = the first prompt, then one per correction) of interactive evaluations.
+
+    ``results`` maps a model name to an ``evaluate_interactive`` result; one panel per start (point, box),
+    one line per model. Corrections help where a line rises.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise ValueError("results must map at least one model name to an evaluate_interactive result")
+    starts = list(dict.fromkeys(start for result in results.values() for start in result["rounds"]))
+    figure = Figure(figsize=(4.6 * len(starts), 3.8), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(starts), squeeze=False)[0]
+    for ax, start in zip(axes, starts):
+        for name, result in results.items():
+            if start in result["rounds"]:
+                values = result["rounds"][start][metric]
+                ax.plot(range(len(values)), values, "o-", label=name, markersize=4)
+        ax.set_title(f"{start} start")
+        ax.set_xlabel("round (0 = first prompt, then corrections)")
+        ax.set_ylabel(metric if metric != "iou" else "mean IoU per object")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure

@@ -3,6 +3,8 @@ message, and a shortened end-to-end run on the real LiteMedSAM (skipped without 
 
 from __future__ import annotations
 
+import json
+
 import argparse
 import importlib.metadata
 
@@ -106,8 +108,11 @@ def test_folder_splits_fall_back_to_val_for_testing(tmp_path):
             tifffile.imwrite(tmp_path / split / "images" / f"{i}.tif", image)
             tifffile.imwrite(tmp_path / split / "labels" / f"{i}.tif", labels)
     splits = demo_module.folder_splits(tmp_path)
-    assert len(splits["train"]) == 2 and len(splits["test"]) == 1 and splits["val"] == []
+    # val is the test set; one of the two train images is held out for validation (never silently worse)
+    assert len(splits["train"]) == 1 and len(splits["val"]) == 1 and len(splits["test"]) == 1
     assert splits["test"][0]["labels"].shape == (48, 40)
+    assert splits["train"][0]["id"] != splits["val"][0]["id"]
+    assert [r["id"] for r in demo_module.folder_splits(tmp_path)["val"]] == [r["id"] for r in splits["val"]]
     with pytest.raises(FileNotFoundError, match="train"):
         demo_module.folder_splits(tmp_path / "val")
 
@@ -167,10 +172,13 @@ def test_cli_options_reach_the_demo_config(monkeypatch, tmp_path):
 
     class Result:
         table, seconds = "table", {"total": 1.0}
-        adapter_dir = results_path = overlay_path = tmp_path
+        adapter_dir = results_path = overlay_path = rounds_path = tmp_path
 
         def summary(self):
             return "summary"
+
+        def rounds_table(self):
+            return "rounds"
 
     monkeypatch.setattr(demo_module, "run_demo", lambda config: seen.append(config) or Result())
     parser = argparse.ArgumentParser()
@@ -212,7 +220,8 @@ def test_short_demo_end_to_end(tmp_path):
         assert set(scores["msa"]) == {"point", "box", "ip", "ib"}
         assert all(0.0 <= v <= 1.0 for metric in ("msa", "dice", "iou") for v in scores[metric].values())
         assert scores["n_images"] == 1 and scores["n_corrections"] == 1
-    assert result.tuned["rounds"] != result.base["rounds"]  # two steps at lr 1e-4 change the predictions
+    # two steps change the weights; the kept state is the base's exactly when validation never improved on it
+    assert (result.tuned["rounds"] == result.base["rounds"]) == result.best_is_base
     table = ResultsTable.read(result.results_path)
     assert {(r.method, r.metric) for r in table.rows} == {(m, k) for m in ("base", "lora") for k in ("msa", "dice", "iou")}
     assert (result.adapter_dir / "adapter_config.json").is_file()
@@ -221,3 +230,9 @@ def test_short_demo_end_to_end(tmp_path):
     with Image.open(result.overlay_path) as png:
         assert png.format == "PNG" and png.width > 2 * png.height  # image, ground truth, 4 prediction panels
     assert "box mSA" in result.summary() and "point IoU" in result.summary()
+    # the untouched base was a candidate on the validation tile; the summary says which state was kept
+    assert result.best_is_base is not None and ("did not beat the base" in result.summary()) == result.best_is_base
+    assert "| base | box |" in result.rounds_table() and "| fine-tuned | point |" in result.rounds_table()
+    with Image.open(result.rounds_path) as png:
+        assert png.format == "PNG"
+    assert json.loads((result.adapter_dir / "hf_sam_peft.json").read_text())["point_multimask"] is False

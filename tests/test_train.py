@@ -71,6 +71,22 @@ def test_train_command_runs_a_recipe_and_saves_a_loadable_adapter(tmp_path, caps
     assert torch.isfinite(masks).all()
 
 
+def test_a_run_that_never_beats_the_base_says_so(tmp_path, capsys):
+    """A destructive learning rate: the summary says plainly that the base was kept, the adapter holds it."""
+    import json
+
+    shared_dataset("dsb2018_stage1test_fluo_nuclei")
+    out = tmp_path / "run"
+    code = cli_main(["train", str(ROOT / "recipes" / "smoke_tiny.yaml"), "--output-dir", str(out), "--max-steps", "2",
+                     "--set", "n_sub_iterations=1", "--set", "learning_rate=50.0", "--set", "point_multimask=false"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "FINE-TUNING DID NOT BEAT THE BASE" in printed
+    summary = json.loads((out / "adapter" / "training_summary.json").read_text())
+    assert summary["best_is_base"] is True and summary["best_checkpoint"].endswith("checkpoint-0")
+    assert json.loads((out / "adapter" / "hf_sam_peft.json").read_text())["point_multimask"] is False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,3 +106,182 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert result.stdout.count("adapter saved to") == 1  # only the main process reports
+
+
+# ---- nothing lost, same seed same adapter (issue 15) ----------------------------------------------------
+
+SMOKE = str(ROOT / "recipes" / "smoke_tiny.yaml")
+FAST = ["--set", "n_sub_iterations=2"]
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli_main(["train", SMOKE, *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "adaptformer", "fact"])
+def test_the_seed_fixes_the_initial_adapter(method):
+    from hf_sam_peft.train import build_model
+
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    recipe = load_recipe(SMOKE)
+    recipe.method = method
+    recipe.method_options = {} if method in ("adaptformer",) else {"r": 4}
+    torch.manual_seed(123)  # whatever the global RNG did before, the recipe's seed decides
+    first = {k: v.detach().clone() for k, v in build_model(recipe, ais=False).state_dict().items()}
+    torch.manual_seed(456)
+    second = build_model(recipe, ais=False).state_dict()
+    assert_bit_identical(first, second)
+
+
+@pytest.mark.parametrize("method", ["lora", "fact"])
+def test_two_runs_with_the_same_seed_give_the_same_adapter(tmp_path, capsys, method):
+    shared_dataset("dsb2018_stage1test_fluo_nuclei")
+    for name in ("a", "b"):
+        code, _, err = run_cli(capsys, "--output-dir", str(tmp_path / name), "--method", method, "--max-steps", "2", *FAST)
+        assert code == 0, err
+    assert_bit_identical(adapter_tensors(tmp_path / "a" / "adapter"), adapter_tensors(tmp_path / "b" / "adapter"))
+
+
+def test_an_earlier_run_is_never_replaced_by_accident(tmp_path, capsys):
+    shared_dataset("dsb2018_stage1test_fluo_nuclei")
+    out = tmp_path / "run"
+    assert run_cli(capsys, "--output-dir", str(out), "--max-steps", "2", *FAST)[0] == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    code, _, err = run_cli(capsys, "--output-dir", str(out), "--max-steps", "2", *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"output folder {out} already holds a run (checkpoint-2, adapter)" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    code, printed, err = run_cli(capsys, "--output-dir", str(out), "--max-steps", "2", "--overwrite", *FAST)
+    assert code == 0, err
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns != before["adapter_model.safetensors"]
+
+
+def test_resume_of_a_copied_run_uses_the_copy(tmp_path, capsys):
+    import json
+    import shutil
+
+    shared_dataset("dsb2018_stage1test_fluo_nuclei")
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    assert run_cli(capsys, "--output-dir", str(original), *FAST)[0] == 0
+    shutil.copytree(original, copy)
+    state = json.loads(next(copy.glob("checkpoint-*/trainer_state.json")).read_text())
+    assert state["best_model_checkpoint"].startswith(str(original))  # absolute paths of the original
+    untouched = {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()}
+    copied = sorted(p.name for p in copy.glob("checkpoint-*"))
+
+    code, printed, err = run_cli(capsys, "--output-dir", str(copy), "--resume", *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in copy.glob("checkpoint-*")) == copied  # the copy's only checkpoint survives
+    assert f"best checkpoint: {copy}" in printed
+    loss = float(printed.split("final mean training loss: ")[1].split()[0])
+    summary = json.loads((original / "adapter" / "training_summary.json").read_text())
+    assert loss == pytest.approx(summary["train_loss"], rel=1e-3) and loss > 0  # not 0.0000
+    assert {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()} == untouched
+    assert_bit_identical(adapter_tensors(original / "adapter"), adapter_tensors(copy / "adapter"))
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_adapter(tmp_path, capsys, monkeypatch):
+    """A run that dies right after its step-2 checkpoint, resumed, ends bit for bit where an uninterrupted one does."""
+    from hf_sam_peft.training.trainer import SamInteractiveTrainer
+
+    shared_dataset("dsb2018_stage1test_fluo_nuclei")
+    assert run_cli(capsys, "--output-dir", str(tmp_path / "full"), *FAST)[0] == 0
+
+    class Crash(Exception):
+        pass
+
+    save = SamInteractiveTrainer._save_checkpoint
+
+    def save_then_crash(self, model, trial):
+        save(self, model, trial)
+        if self.state.global_step == 2:
+            raise Crash
+
+    monkeypatch.setattr(SamInteractiveTrainer, "_save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        cli_main(["train", SMOKE, "--output-dir", str(tmp_path / "part"), *FAST])
+    monkeypatch.undo()
+    assert not (tmp_path / "part" / "adapter").exists()
+    code, printed, err = run_cli(capsys, "--output-dir", str(tmp_path / "part"), "--resume", *FAST)
+    assert code == 0, err
+    assert "steps: 4" in printed
+    assert_bit_identical(adapter_tensors(tmp_path / "full" / "adapter"), adapter_tensors(tmp_path / "part" / "adapter"))
+
+
+def test_sigkill_after_the_first_checkpoint_then_resume(tmp_path):
+    """A real `kill -9` of `python -m hf_sam_peft.train` once a checkpoint is complete; --resume finishes the run
+    with the adapter of an uninterrupted run (both in subprocesses with one thread: bit for bit on CPU)."""
+    import signal
+    import time
+
+    from hf_sam_peft.training.trainer import CHECKPOINT_MARKER
+
+    shared_dataset("dsb2018_stage1test_fluo_nuclei")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    base = [sys.executable, "-m", "hf_sam_peft.train", SMOKE, *FAST]
+    killed = subprocess.Popen(base + ["--output-dir", str(tmp_path / "part")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    full = subprocess.Popen(base + ["--output-dir", str(tmp_path / "full")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "part" / "checkpoint-2" / CHECKPOINT_MARKER
+    deadline = time.monotonic() + 240
+    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert marker.exists(), "the run ended before its first checkpoint"
+    _, err = full.communicate(timeout=240)
+    assert full.returncode == 0, err[-2000:]
+    if (tmp_path / "part" / "adapter").exists():
+        pytest.skip("the run finished before the kill landed")
+    resumed = subprocess.run(base + ["--output-dir", str(tmp_path / "part"), "--resume"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "steps: 4" in resumed.stdout
+    assert_bit_identical(adapter_tensors(tmp_path / "full" / "adapter"), adapter_tensors(tmp_path / "part" / "adapter"))
+
+
+def test_full_disk_while_saving_is_one_line_and_resume_skips_the_damage(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from transformers import Trainer
+
+    from hf_sam_peft.training.trainer import CHECKPOINT_MARKER
+
+    shared_dataset("dsb2018_stage1test_fluo_nuclei")
+    out = tmp_path / "run"
+    write_rng = Trainer._save_rng_state
+
+    def full_disk_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            (Path(output_dir) / "rng_state.pth").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_rng(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", full_disk_at_step_4)
+    code, _, err = run_cli(capsys, "--output-dir", str(out), *FAST)
+    errors = [line for line in err.replace("\r", "\n").splitlines() if "hf-sam-peft" in line]  # tqdm bars: stderr too
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"could not save checkpoint {out / 'checkpoint-4'}: No space left on device" in err
+    assert not (out / "checkpoint-4").exists()  # no half-written checkpoint left behind
+    assert (out / "checkpoint-2" / CHECKPOINT_MARKER).is_file()
+    monkeypatch.undo()
+    code, printed, err = run_cli(capsys, "--output-dir", str(out), "--resume", *FAST)
+    assert code == 0, err
+    assert "steps: 4" in printed and (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -46,9 +46,12 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_demo(config)
     print(result.table.format())
+    print("mean IoU per object after each round (round 0: the first prompt; then one correction per round):")
+    print(result.rounds_table())
     print(result.summary())
     print(f"adapter + model card: {result.adapter_dir}")
     print(f"results: {result.results_path}")
     print(f"overlay: {result.overlay_path}")
+    print(f"per-round curves: {result.rounds_path}")
     print(f"time: {result.seconds['total']:.0f} s")
     return 0

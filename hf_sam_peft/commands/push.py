@@ -38,6 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (HF_HUB_OFFLINE, read now or when it was imported)."""
+    import os
+
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return bool(constants.HF_HUB_OFFLINE) or value in {"1", "ON", "YES", "TRUE"}
+
+
 def run(args: argparse.Namespace) -> int:
     """Prepare the upload folder; print it (dry run) or push it."""
     from hf_sam_peft.hub import (
@@ -56,9 +66,21 @@ def run(args: argparse.Namespace) -> int:
                 size = (Path(tmp) / name).stat().st_size
                 print(f"  {name}  ({size:,} bytes)")
         return 0
-    url = push_folder_to_hub(
-        args.adapter_dir, args.repo_id, private=args.private, token=args.token,
-        commit_message=args.message or DEFAULT_COMMIT_MESSAGE, base_model=args.base,
-    )
+    if not args.adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter folder {args.adapter_dir} does not exist")
+    try:
+        url = push_folder_to_hub(
+            args.adapter_dir, args.repo_id, private=args.private, token=args.token,
+            commit_message=args.message or DEFAULT_COMMIT_MESSAGE, base_model=args.base,
+        )
+    except Exception as exc:
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        if isinstance(exc, OfflineModeIsEnabled) or (hub_offline() and isinstance(exc, OSError)):
+            raise ValueError(
+                f"cannot upload {args.adapter_dir} to {args.repo_id}: the Hub is switched off (HF_HUB_OFFLINE=1); "
+                "unset HF_HUB_OFFLINE, or check the upload with --dry-run"
+            ) from None
+        raise
     print(f"pushed {args.adapter_dir} -> {url}")
     return 0

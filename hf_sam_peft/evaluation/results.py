@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from hf_sam_peft.atomic import atomic_write_text
 
-__all__ = ["KEY_COLUMNS", "METRIC_NAMES", "SCORE_COLUMNS", "ResultRow", "ResultsTable"]
+__all__ = ["KEY_COLUMNS", "METRIC_NAMES", "SCORE_COLUMNS", "ResultRow", "ResultsTable", "format_rounds"]
 
 KEY_COLUMNS = ("dataset", "method", "adapter", "metric")
 SCORE_COLUMNS = ("point", "box", "ip", "ib", "ais")
@@ -206,3 +206,23 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def format_rounds(results: dict[str, dict[str, Any]], metric: str = "iou", digits: int = 3) -> str:
+    """A Markdown table of per-round scores: one row per (model, start), rounds 0..n as columns.
+
+    ``results`` maps a model name to an :func:`~hf_sam_peft.evaluation.interactive.evaluate_interactive`
+    result (its ``"rounds"`` entry). The last column says whether the corrections helped (last round ≥ round 0).
+    """
+    if not results:
+        raise ValueError("results must map at least one model name to an evaluate_interactive result")
+    n_rounds = max(len(r["rounds"][s][metric]) for r in results.values() for s in r["rounds"])
+    header = ["model", "start", *(f"r{i}" for i in range(n_rounds)), "corrections"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in results.items():
+        for start, scores in result["rounds"].items():
+            values = scores[metric]
+            verdict = "help" if values[-1] >= values[0] else "hurt"
+            cells = [name, start, *(f"{v:.{digits}f}" for v in values), f"{verdict} ({values[-1] - values[0]:+.{digits}f})"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

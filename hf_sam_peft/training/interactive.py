@@ -98,18 +98,21 @@ def training_prompt_mode(step: int, point_multimask: bool = True) -> PromptMode:
     return POINT_MODE if point_multimask else replace(POINT_MODE, multimask=False)
 
 
-def validation_prompt_mode(index: int, generator: torch.Generator | None = None) -> PromptMode:
-    """µSAM's four validation modes by batch index: point; box; 1-4 pos + 0-4 neg points; box + such points.
+def validation_prompt_modes(generator: torch.Generator | None = None, point_multimask: bool = True) -> dict[str, PromptMode]:
+    """µSAM's four validation modes: point; box; 1-4 pos + 0-4 neg points; box + such points.
 
-    Random point counts exclude the plain single positive point (mode 0 covers it), as µSAM does.
+    µSAM picks one mode per validation batch by its index (``micro_sam/training/sam_trainer.py``,
+    ``_get_prompt_and_multimasking_choices_for_val``); the trainer runs all four on every batch. Random point
+    counts exclude the plain single positive point (the point mode covers it), as µSAM does. The point
+    mode answers through the output training uses (``point_multimask``, see :func:`training_prompt_mode`).
     """
-    mode = index % 4
-    if mode < 2:
-        return (POINT_MODE, BOX_MODE)[mode]
-    n_pos = int(torch.randint(1, 5, (1,), generator=generator, device=_device_of(generator)))
-    low = 1 if (mode == 2 and n_pos == 1) else 0
-    n_neg = int(torch.randint(low, 5, (1,), generator=generator, device=_device_of(generator)))
-    return PromptMode(n_pos=n_pos, n_neg=n_neg, box=mode == 3)
+    modes = {"point": training_prompt_mode(0, point_multimask), "box": BOX_MODE}
+    for name, box in (("points", False), ("box_points", True)):
+        n_pos = int(torch.randint(1, 5, (1,), generator=generator, device=_device_of(generator)))
+        low = 1 if (not box and n_pos == 1) else 0
+        n_neg = int(torch.randint(low, 5, (1,), generator=generator, device=_device_of(generator)))
+        modes[name] = PromptMode(n_pos=n_pos, n_neg=n_neg, box=box)
+    return modes
 
 
 def _device_of(generator: torch.Generator | None) -> torch.device | str:

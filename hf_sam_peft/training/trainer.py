@@ -8,14 +8,20 @@ What it does (DESIGN §3):
 
 - training step: :func:`~hf_sam_peft.training.interactive.interactive_loss` with the initial prompt
   alternating point / box by micro-step, ``n_sub_iterations`` rounds, mask input with ``mask_prob``;
-- validation: one round per batch, cycling µSAM's four prompt modes (point; box; random points; box +
-  random points); ``eval_metric`` is the mean Dice loss (µSAM's validation metric; lower is better), plus
-  the UNETR decoder's loss / 3 when ``train_decoder`` (µSAM's joint metric). ``eval_loss`` is the full
-  interactive loss (Dice + IoU MSE) of that round;
+- validation: one round per batch in each of µSAM's four prompt modes (point; box; random points; box +
+  random points), every batch in all four, through the outputs training uses (the point mode's multimask
+  output only with ``point_multimask``); ``eval_metric`` is the mean Dice loss over the four modes (µSAM's
+  validation metric; lower is better), plus the UNETR decoder's loss / 3 when ``train_decoder`` (µSAM's
+  joint metric); ``eval_dice_<mode>`` per mode. ``eval_loss`` is the full interactive loss (Dice + IoU MSE);
+- the untouched model is a candidate: with ``evaluate_base`` (default) the first ``train()`` evaluates
+  before any update and saves that state as ``checkpoint-0``, so the kept "best" checkpoint is never worse
+  on validation than the base (``trainer.base_metric``, ``trainer.best_is_base``);
 - defaults: AdamW (weight decay 0.01), lr 1e-5, ``ReduceLROnPlateau(factor=0.9, patience=10)`` on
   ``eval_metric`` after every evaluation (per epoch by default) through transformers' own
   ``reduce_lr_on_plateau`` scheduler type, optional early stopping (``EarlyStoppingCallback``), the best and
-  the latest checkpoint kept (``save_total_limit=1`` + ``load_best_model_at_end``);
+  the latest checkpoint kept (``save_total_limit=1`` + ``load_best_model_at_end``), **no gradient clipping**
+  (``max_grad_norm=0``: torch_em's ``DefaultTrainer`` never clips, and micro-sam's ``SamTrainer`` inherits
+  that; transformers' own default would clip at 1.0);
 - determinism: prompts come from a generator seeded by ``(args.seed, micro-step, process index)`` (see
   :func:`~hf_sam_peft.training.interactive.prompt_generator`), so a run resumed from a checkpoint replays
   the same prompts and ends with the same weights as an uninterrupted run (checked bit for bit on CPU);
@@ -24,6 +30,11 @@ What it does (DESIGN §3):
   optimizer steps, then the decoder's distance loss on the same images through the same (just updated)
   encoder is back-propagated and the Trainer's loop takes the second optimizer step (µSAM's
   ``JointSamTrainer``);
+- checkpoints are safe to interrupt: ``checkpoint_complete.json`` (every file's size) is written last, older
+  checkpoints are rotated away only after it, a failed save (full disk) removes its folder and raises
+  :class:`CheckpointError` naming it; ``train(resume_from_checkpoint=True)`` takes the newest *intact*
+  checkpoint (a one-line note for each damaged one skipped), and the recorded best checkpoint is looked up
+  beside the checkpoint resumed from, so a copied or moved run folder resumes from its own files;
 - a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
 - efficiency (``autocast_dtype``, ``encoder_attention``, ``decoder_attention``, ``fuse_decoder_projections``,
   ``contiguous_layout``, ``checkpoint_encoder``, ``backward_per_round``, ``checkpoint_rounds``,
@@ -35,6 +46,12 @@ Deliberate deviations from µSAM:
 
 - prompts are seeded per step (not from the global RNGs), so runs are reproducible and resumable;
 - with gradient accumulation, each micro-batch counts as a step for the point / box alternation;
+- validation runs all four prompt modes on every batch, where µSAM picks one per batch by its index
+  (``SamTrainer._get_prompt_and_multimasking_choices_for_val``): with a small validation set (one image in
+  the demo) µSAM's cycle would score one mode only, so the best checkpoint would be picked by a mode that
+  the training may not even use;
+- the untouched base is a best-checkpoint candidate (µSAM starts its best metric at infinity): a
+  fine-tune never ends worse than its start on the validation metric without saying so;
 - joint training requires ``gradient_accumulation_steps == 1`` (two optimizer steps per batch do not
   compose with accumulated gradients);
 - the training log adds ``dice_loss``, ``iou_mse`` (and ``ais_loss``) averaged since the last log, from
@@ -43,11 +60,17 @@ Deliberate deviations from µSAM:
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -74,10 +97,14 @@ from hf_sam_peft.training.interactive import (
     prompt_generator,
     training_prompt_mode,
     unwrap_sam,
-    validation_prompt_mode,
+    validation_prompt_modes,
 )
 
 LOSS_CURVE_NAME = "loss_curve.png"
+CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is damaged
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+logger = logging.getLogger(__name__)
+VALIDATION_MODES = ("point", "box", "points", "box_points")
 
 
 @dataclass
@@ -126,7 +153,12 @@ class InteractiveTrainingArguments(TrainingArguments):
     point_multimask: bool = field(
         default=True, metadata={"help": "Point steps train the multimask outputs (False: the single mask)."}
     )
+    evaluate_base: bool = field(
+        default=True,
+        metadata={"help": "Evaluate before the first update and keep the untouched model as a best-checkpoint candidate."},
+    )
     # the paper's defaults
+    max_grad_norm: float = 0.0  # torch_em / micro-sam never clip gradients (transformers' default: 1.0)
     learning_rate: float = 1e-5
     weight_decay: float = 0.01
     per_device_train_batch_size: int = 2
@@ -217,6 +249,126 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: str | Path) -> Path
     return path
 
 
+class BaseCandidateCallback(TrainerCallback):
+    """Before the first update: evaluate the untouched model and make it the best checkpoint so far.
+
+    transformers' Trainer (like µSAM's, whose best metric starts at infinity) only compares evaluations made
+    after training steps, so a fine-tune that never beats its start still ends on its "best" worse state.
+    Saved as ``checkpoint-0`` when checkpoints are saved, so ``load_best_model_at_end`` can return to it.
+    """
+
+    def __init__(self, trainer: "SamInteractiveTrainer") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:  # not on resume: the base was evaluated (and saved) by the first run
+            self.trainer._evaluate_base()
+        return control
+
+
+# ---- checkpoint integrity ----------------------------------------------------------------------------
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (full disk, ...); the message names the folder."""
+
+
+def _checkpoint_files(folder: Path) -> dict[str, int]:
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKPOINT_MARKER
+    }
+
+
+def mark_checkpoint_complete(folder: str | os.PathLike) -> Path:
+    """Write the completeness marker (every file's size) into a fully written checkpoint folder, atomically."""
+    from hf_sam_peft.atomic import atomic_write_text
+
+    folder = Path(folder)
+    return atomic_write_text(folder / CHECKPOINT_MARKER, json.dumps({"files": _checkpoint_files(folder)}, indent=1))
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot be resumed from (a half-written save, a missing or truncated file), or None if intact.
+
+    Cheap: compares each file's size with the one recorded when the save finished and reads the headers of
+    the safetensors files and trainer_state.json; tensors are not loaded.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "it is not a folder"
+    marker = folder / CHECKPOINT_MARKER
+    if not marker.is_file():
+        return f"its save did not finish (no {CHECKPOINT_MARKER})"
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        recorded = {str(k): int(v) for k, v in recorded.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{CHECKPOINT_MARKER} is unreadable"
+    if "trainer_state.json" not in recorded:
+        return "it holds no trainer_state.json"
+    for name, size in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{name} is truncated or changed ({actual:,} bytes, {size:,} when saved)"
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json is unreadable ({exc})"
+    from safetensors import safe_open
+
+    for name in recorded:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(folder / name), framework="pt") as f:
+                    list(f.keys())
+            except Exception as exc:  # SafetensorError and friends: a damaged header
+                return f"{name} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` folders of a run folder, newest (highest N) first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def latest_intact_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest intact checkpoint of ``run_dir`` or None, [(newer damaged checkpoint, why), ...])."""
+    damaged = []
+    for folder in list_checkpoints(run_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, damaged
+        damaged.append((folder, problem))
+    return None, damaged
+
+
+def resolve_resume_checkpoint(resume: str | os.PathLike | bool, run_dir: str | os.PathLike) -> str:
+    """The checkpoint to resume from: ``True`` → the newest intact one in ``run_dir`` (a one-line note for each
+    damaged one skipped); a path → that checkpoint, if intact. ValueError (one line) otherwise."""
+    if resume is True:
+        found, damaged = latest_intact_checkpoint(run_dir)
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        if found is None:
+            if damaged:
+                raise ValueError(f"no intact checkpoint to resume from in {run_dir} ({reasons})")
+            raise ValueError(f"no checkpoint to resume from in {run_dir}")
+        if damaged:
+            logger.warning(f"note: skipping damaged {reasons}; resuming from {found}")
+        return str(found)
+    problem = checkpoint_problem(resume)
+    if problem is not None:
+        raise ValueError(f"cannot resume from {os.fspath(resume)}: {problem}")
+    return os.fspath(resume)
+
+
 def decoder_loss(model: nn.Module, batch: dict[str, torch.Tensor], min_size: int) -> torch.Tensor:
     """The UNETR decoder's distance loss on the batch (encoder run again, with gradients)."""
     from hf_sam_peft.training.ais import ais_loss, distance_targets
@@ -264,6 +416,8 @@ class SamInteractiveTrainer(Trainer):
             callbacks.append(LossCurveCallback())
         if args.early_stopping_patience is not None:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+        if args.evaluate_base:
+            callbacks.append(BaseCandidateCallback(self))
         if data_collator is None:
             data_collator = SamInteractiveCollator.from_model(sam)
         super().__init__(model=model, args=args, data_collator=data_collator, callbacks=callbacks, **kwargs)
@@ -275,6 +429,120 @@ class SamInteractiveTrainer(Trainer):
         self._log_count = 0
         self._eval_index = 0
         self._eval_sums: dict[str, float] = defaultdict(float)
+        self.base_metric: float | None = None
+
+    # ---- the base as a candidate ----------------------------------------------------------------------
+
+    def _evaluate_base(self) -> None:
+        if self.eval_dataset is None or self.args.eval_strategy == "no" or not self.args.metric_for_best_model:
+            return
+        metrics = self.evaluate()
+        key = self.args.metric_for_best_model
+        self.base_metric = float(metrics[key if key.startswith("eval_") else f"eval_{key}"])
+        self._determine_best_metric(metrics=metrics, trial=None)
+        if self.args.save_strategy != "no":
+            self._save_checkpoint(self.model_wrapped, trial=None)
+            # the Trainer records a best checkpoint only for a truthy best_global_step: step 0 needs saying
+            self.state.best_model_checkpoint = str(Path(self._get_output_dir(trial=None)) / "checkpoint-0")
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    @property
+    def best_is_base(self) -> bool | None:
+        """Whether no evaluation after training steps beat the untouched model (None: the base was not evaluated)."""
+        base = self.base_metric
+        if base is None:
+            for entry in self.state.log_history:  # a resumed run reads the first run's step-0 evaluation
+                key = self.args.metric_for_best_model or ""
+                key = key if key.startswith("eval_") else f"eval_{key}"
+                if entry.get("step") == 0 and key in entry:
+                    base = float(entry[key])
+                    break
+        if base is None or self.state.best_metric is None:
+            return None
+        return not (np.less if not self.args.greater_is_better else np.greater)(self.state.best_metric, base)
+
+    # ---- checkpoints: atomic saves, damaged-checkpoint fallback, relocatable runs ---------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *intact* checkpoint (see
+        :func:`checkpoint_problem`), a path must be intact; either gives a one-line ValueError otherwise."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self._get_output_dir(trial=trial))
+        elif resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):
+        result = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is not None:
+            self.state.best_model_checkpoint = self._relocated_best(resume_from_checkpoint)
+        return result
+
+    def _relocated_best(self, resumed: str) -> str | None:
+        """The recorded best checkpoint, found beside the checkpoint actually resumed from.
+
+        trainer_state.json records absolute paths: in a copied (or moved) run folder they name the original's
+        checkpoints, whose weights would be loaded at the end and whose name would make the Trainer delete the
+        copy's own checkpoints. Only the folder name (``checkpoint-N``) is kept.
+        """
+        try:
+            recorded = json.loads((Path(resumed) / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return self.state.best_model_checkpoint
+        best = recorded.get("best_model_checkpoint")
+        if not best:
+            return None
+        local = Path(resumed).parent / Path(best).name
+        run_dir = self._get_output_dir(trial=None)
+        try:  # spelled as the Trainer spells its checkpoints, so its rotation recognises the best one
+            if os.path.samefile(local.parent, run_dir):
+                local = Path(os.path.join(run_dir, local.name))
+        except OSError:
+            pass
+        problem = checkpoint_problem(local)
+        if problem is not None:
+            if self.args.should_save:
+                logger.warning(f"note: the best checkpoint {local} cannot be used ({problem}); it is forgotten")
+            return None
+        return str(local)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """``Trainer._save_checkpoint`` made safe to interrupt: a checkpoint counts only once its marker
+        (written last) is there, older checkpoints are rotated away only after that, and a failed save (full
+        disk) removes its half-written folder and raises :class:`CheckpointError` naming it."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.exists():  # a damaged leftover of the same step: start clean
+            (folder / CHECKPOINT_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotation waits for the marker
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                mark_checkpoint_complete(folder)
+        except OSError as exc:
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            error = CheckpointError(f"could not save checkpoint {folder}: {reason}")
+            error.errno = exc.errno
+            raise error from exc
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     # ---- training -------------------------------------------------------------------------------------
 
@@ -337,25 +605,31 @@ class SamInteractiveTrainer(Trainer):
     # ---- evaluation -----------------------------------------------------------------------------------
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """One validation round with the batch's prompt mode; returns ``(loss, None, None)``."""
+        """One validation round in each of the four prompt modes; returns ``(loss, None, None)``.
+
+        The point mode goes through the outputs training uses (single mask unless ``point_multimask``); the
+        returned loss is the mean over the modes.
+        """
         inputs = self._prepare_inputs(inputs)
         generator = prompt_generator(self.args.seed, EVAL_STREAM, self._eval_index, self.args.process_index, self.args.device)
-        mode = validation_prompt_mode(self._eval_index, generator)
         self._eval_index += 1
-        with torch.no_grad():
-            loss, parts = interactive_loss(
-                model, inputs, mode, n_objects=self.args.n_objects, n_rounds=1, mask_prob=0.0,
-                box_jitter=self.args.box_jitter, generator=generator, options=self.efficiency,
-                embedding_cache=self.embedding_cache,
-            )
-            if self.args.train_decoder:
-                parts["ais_loss"] = decoder_loss(model, inputs, self.args.decoder_min_size)
         weight = float(inputs["pixel_values"].shape[0])
-        for key in ("dice_loss", "iou_mse", "ais_loss"):
-            if key in parts:
-                self._eval_sums[key] += float(parts[key]) * weight
+        losses = []
+        with torch.no_grad():
+            for name, mode in validation_prompt_modes(generator, self.args.point_multimask).items():
+                loss, parts = interactive_loss(
+                    model, inputs, mode, n_objects=self.args.n_objects, n_rounds=1, mask_prob=0.0,
+                    box_jitter=self.args.box_jitter, generator=generator, options=self.efficiency,
+                    embedding_cache=self.embedding_cache,
+                )
+                losses.append(loss)
+                for key in ("dice_loss", "iou_mse"):
+                    self._eval_sums[key] += float(parts[key]) * weight / len(VALIDATION_MODES)
+                self._eval_sums[f"dice_loss_{name}"] += float(parts["dice_loss"]) * weight
+            if self.args.train_decoder:
+                self._eval_sums["ais_loss"] += float(decoder_loss(model, inputs, self.args.decoder_min_size)) * weight
         self._eval_sums["n_images"] += weight
-        return loss.detach(), None, None
+        return torch.stack(losses).mean().detach(), None, None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         self._eval_index = 0
@@ -370,6 +644,10 @@ class SamInteractiveTrainer(Trainer):
         if n_images:
             means = {key: value / n_images for key, value in sums.items()}
             metric = means["dice_loss"] + means.get("ais_loss", 0.0) / 3.0
-            for key, value in {**means, "dice": 1.0 - means["dice_loss"], "metric": metric}.items():
+            per_mode = {
+                f"dice_{name}": 1.0 - means.pop(f"dice_loss_{name}") for name in VALIDATION_MODES
+                if f"dice_loss_{name}" in means
+            }
+            for key, value in {**means, **per_mode, "dice": 1.0 - means["dice_loss"], "metric": metric}.items():
                 output.metrics[f"{metric_key_prefix}_{key}"] = value
         return output

@@ -17,7 +17,7 @@ from hf_sam_peft.training.interactive import (
     interactive_loss,
     prompt_generator,
     training_prompt_mode,
-    validation_prompt_mode,
+    validation_prompt_modes,
 )
 from hf_sam_peft.training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
 from tests.conftest import shared_dataset
@@ -197,12 +197,16 @@ def test_prompt_modes():
     assert [training_prompt_mode(s) for s in range(4)] == [POINT_MODE, BOX_MODE, POINT_MODE, BOX_MODE]
     assert POINT_MODE.multimask and not BOX_MODE.multimask
     gen = torch.Generator().manual_seed(0)
-    modes = [validation_prompt_mode(i, gen) for i in range(400)]
-    assert all(m == POINT_MODE for m in modes[0::4]) and all(m == BOX_MODE for m in modes[1::4])
-    points_only, box_points = modes[2::4], modes[3::4]
+    draws = [validation_prompt_modes(gen) for _ in range(100)]
+    assert all(list(d) == ["point", "box", "points", "box_points"] for d in draws)
+    assert all(d["point"] == POINT_MODE and d["box"] == BOX_MODE for d in draws)
+    points_only, box_points = [d["points"] for d in draws], [d["box_points"] for d in draws]
     assert all(not m.box and not m.multimask and (m.n_pos > 1 or m.n_neg >= 1) for m in points_only)
     assert all(m.box and not m.multimask for m in box_points)
-    assert {m.n_pos for m in modes[2:]} == {0, 1, 2, 3, 4} and {m.n_neg for m in box_points} == {0, 1, 2, 3, 4}
+    assert {m.n_pos for m in points_only + box_points} == {1, 2, 3, 4} and {m.n_neg for m in box_points} == {0, 1, 2, 3, 4}
+    # the point mode answers through the output that training uses
+    single = validation_prompt_modes(gen, point_multimask=False)["point"]
+    assert single.n_pos == 1 and not single.multimask and not single.box
 
 
 # ---- the Trainer -----------------------------------------------------------------------------------------
@@ -285,17 +289,45 @@ def test_evaluation_checkpoints_and_scheduler(dsb, tmp_path):
     assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert (scheduler.factor, scheduler.patience, scheduler.mode) == (0.9, 10, "min")
     evals = [e for e in trainer.state.log_history if "eval_metric" in e]
-    assert [e["step"] for e in evals] == [2, 4, 6]
+    assert [e["step"] for e in evals] == [0, 2, 4, 6]  # the untouched model is evaluated first
+    assert trainer.base_metric == evals[0]["eval_metric"]
     for e in evals:
         assert e["eval_metric"] == e["eval_dice_loss"] and e["eval_dice"] == pytest.approx(1 - e["eval_dice_loss"])
+        # every evaluation scores all four prompt modes, whatever the size of the validation set
+        modes = [e[f"eval_dice_{m}"] for m in ("point", "box", "points", "box_points")]
+        assert e["eval_dice"] == pytest.approx(np.mean(modes))
     best = min(evals, key=lambda e: e["eval_metric"])
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    assert trainer.best_is_base == (best["step"] == 0)
     kept = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
     assert kept == sorted({f"checkpoint-{best['step']}", "checkpoint-6"})  # best and latest
     assert (tmp_path / "loss_curve.png").is_file()
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first["eval_metric"] == second["eval_metric"]  # validation prompts are seeded, not drawn anew
     assert any(type(cb).__name__ == "EarlyStoppingCallback" for cb in trainer.callback_handler.callbacks)
+
+
+def test_a_fine_tune_worse_than_the_base_ends_on_the_base(dsb, tmp_path):
+    """A destructive learning rate makes every evaluation worse than step 0: the base weights come back."""
+    args = training_args(
+        tmp_path, n_sub_iterations=2, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+        save_steps=2, save_total_limit=1, load_best_model_at_end=True, learning_rate=5.0,
+    )
+    model = tiny_sam_with("lora")
+    before = trained_state(model)
+    trainer = SamInteractiveTrainer(model, args, train_dataset=dsb["train"], eval_dataset=dsb["val"])
+    trainer.train()
+    evals = [e["eval_metric"] for e in trainer.state.log_history if "eval_metric" in e]
+    assert len(evals) == 3 and min(evals[1:]) > evals[0], evals
+    assert trainer.best_is_base and trainer.state.best_model_checkpoint.endswith("checkpoint-0")
+    after = trained_state(trainer.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.evaluate()["eval_metric"] == pytest.approx(evals[0])
+
+
+def test_no_gradient_clipping_by_default(tmp_path):
+    assert training_args(tmp_path).max_grad_norm == 0.0  # torch_em never clips
+    assert training_args(tmp_path, max_grad_norm=1.0).max_grad_norm == 1.0
 
 
 def test_joint_training_with_unetr_decoder(dsb, tmp_path):
@@ -353,3 +385,118 @@ def test_interactive_loss_under_ddp(dsb, tmp_path):
         assert "forward" not in ddp.module.__dict__  # the module's own forward is back
     finally:
         dist.destroy_process_group()
+
+
+# ---- atomic checkpoints, damaged-checkpoint fallback (issue 15) -----------------------------------------
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+CHECKPOINT_DAMAGE = {
+    "truncated_adapter": lambda c: _truncate(c / "adapter_model.safetensors"),
+    "truncated_optimizer": lambda c: _truncate(c / "optimizer.pt"),
+    "truncated_state": lambda c: _truncate(c / "trainer_state.json"),
+    "missing_rng_state": lambda c: (c / "rng_state.pth").unlink(),
+    "unfinished_save": lambda c: (c / "checkpoint_complete.json").unlink(),
+}
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(dsb, tmp_path_factory):
+    """A 4-step run with intact checkpoint-2 and checkpoint-4 (none deleted)."""
+    from hf_sam_peft.training.trainer import checkpoint_problem
+
+    out = tmp_path_factory.mktemp("two_checkpoints")
+    args = training_args(out, max_steps=4, n_sub_iterations=2, save_strategy="steps", save_steps=2, save_total_limit=None)
+    SamInteractiveTrainer(tiny_lora_sam(), args, train_dataset=dsb["train"]).train()
+    assert [checkpoint_problem(out / f"checkpoint-{n}") for n in (2, 4)] == [None, None]
+    return out
+
+
+@pytest.mark.parametrize("damage", sorted(CHECKPOINT_DAMAGE))
+def test_resume_falls_back_to_the_newest_intact_checkpoint(dsb, two_checkpoints, tmp_path, caplog, damage):
+    import shutil
+
+    from hf_sam_peft.training.trainer import checkpoint_problem
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    CHECKPOINT_DAMAGE[damage](out / "checkpoint-4")
+    problem = checkpoint_problem(out / "checkpoint-4")
+    assert problem is not None and "\n" not in problem
+    args = training_args(out, max_steps=4, n_sub_iterations=2, save_strategy="steps", save_steps=2, save_total_limit=None)
+    trainer = RecordingTrainer(tiny_lora_sam(), args, train_dataset=dsb["train"])
+    with caplog.at_level("WARNING", logger="hf_sam_peft.training.trainer"):
+        trainer.train(resume_from_checkpoint=True)
+    notes = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(notes) == 1 and "checkpoint-4" in notes[0] and f"resuming from {out / 'checkpoint-2'}" in notes[0]
+    assert "\n" not in notes[0]
+    assert trainer.steps == [2, 3] and trainer.state.global_step == 4
+    assert checkpoint_problem(out / "checkpoint-4") is None  # saved again, whole
+
+
+def test_damaged_checkpoints_are_one_line_errors_never_tracebacks(dsb, two_checkpoints, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    _truncate(out / "checkpoint-4" / "adapter_model.safetensors")
+    args = training_args(out, max_steps=4, n_sub_iterations=2, save_strategy="steps", save_steps=2)
+    trainer = SamInteractiveTrainer(tiny_lora_sam(), args, train_dataset=dsb["train"])
+    with pytest.raises(ValueError) as info:  # an explicit checkpoint is not swapped for another
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+    message = str(info.value)
+    assert message.startswith(f"cannot resume from {out / 'checkpoint-4'}: adapter_model.safetensors is truncated")
+    assert "weights_only" not in message and "\n" not in message
+    (out / "checkpoint-2" / "checkpoint_complete.json").unlink()
+    with pytest.raises(ValueError, match=r"no intact checkpoint to resume from in .*checkpoint-4: .*checkpoint-2: its save did not finish"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_a_failed_save_leaves_no_checkpoint_that_looks_valid(dsb, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import Trainer
+
+    from hf_sam_peft.training.trainer import CheckpointError, latest_intact_checkpoint
+
+    write_optimizer = Trainer._save_optimizer_and_scheduler
+
+    def full_disk(self, output_dir):
+        if self.state.global_step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_optimizer(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", full_disk)
+    args = training_args(tmp_path, max_steps=4, n_sub_iterations=2, save_strategy="steps", save_steps=2, save_total_limit=1)
+    with pytest.raises(CheckpointError, match=r"could not save checkpoint .*checkpoint-4: No space left on device") as info:
+        SamInteractiveTrainer(tiny_lora_sam(), args, train_dataset=dsb["train"]).train()
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert latest_intact_checkpoint(tmp_path) == (tmp_path / "checkpoint-2", [])  # rotation waited for the marker
+
+
+def test_a_copied_run_resumes_from_its_own_best_checkpoint(dsb, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    def args_for(folder, max_steps):
+        return training_args(
+            folder, max_steps=max_steps, n_sub_iterations=2, eval_strategy="steps", eval_steps=2,
+            save_strategy="steps", save_steps=2, save_total_limit=1, load_best_model_at_end=True,
+        )
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    SamInteractiveTrainer(tiny_lora_sam(), args_for(original, 4), train_dataset=dsb["train"],
+                          eval_dataset=dsb["val"]).train()
+    shutil.copytree(original, copy)
+    untouched = {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()}
+    trainer = SamInteractiveTrainer(tiny_lora_sam(), args_for(copy, 6), train_dataset=dsb["train"],
+                                    eval_dataset=dsb["val"])
+    trainer.train(resume_from_checkpoint=True)
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.parent == copy and best.is_dir()
+    assert {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()} == untouched

@@ -29,5 +29,5 @@ class AdaptFormerConfig(SamTunerConfig):
             raise ValueError(f"projection_size must be a positive int, got {self.projection_size!r}")
         if self.alpha is not None and not isinstance(self.alpha, (int, float)):
             raise TypeError(f"alpha must be None (learnable) or a number, got {type(self.alpha).__name__}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")

@@ -30,7 +30,7 @@ class FactConfig(SamTunerConfig):
         self.peft_type = PeftType.FACT
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.init not in ("identity", "reference"):
             raise ValueError(f"init must be 'identity' or 'reference', got {self.init!r}")

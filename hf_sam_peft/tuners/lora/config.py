@@ -34,6 +34,10 @@ def register_qv_lora(config: LoraConfig) -> LoraConfig:
 
 def qv_lora_config(r: int = 32, lora_alpha: float | None = None, lora_dropout: float = 0.0, **kwargs: Any) -> LoraConfig:
     """LoRA on the q and v slices of every encoder block's `attn.qkv`; `lora_alpha` defaults to `r` (scale 1)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
     kwargs.setdefault("target_modules", encoder_regex("attn.qkv"))
     kwargs.setdefault("modules_to_save", default_modules_to_save())
     config = LoraConfig(r=r, lora_alpha=r if lora_alpha is None else lora_alpha, lora_dropout=lora_dropout, **kwargs)

@@ -1,0 +1,175 @@
+"""`hf_sam_peft.load_adapter` on damaged adapters: a one-line error naming the file, never a traceback from peft
+or safetensors, never a silent partial load. The table of these inputs is tests/BAD_INPUTS.md."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import SamModel
+
+import hf_sam_peft
+from hf_sam_peft.modeling.sam import tiny_sam_config
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def tiny_base() -> SamModel:
+    torch.manual_seed(0)
+    return SamModel(tiny_sam_config())
+
+
+@pytest.fixture(scope="module", params=["lora", "fact"])
+def saved(request, tmp_path_factory):
+    """A trained-looking adapter folder (non-zero weights) of the method."""
+    model = hf_sam_peft.apply_method(tiny_base(), request.param, r=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    folder = tmp_path_factory.mktemp(request.param) / "adapter"
+    model.save_pretrained(folder)
+    return folder
+
+
+def variant(saved, tmp_path, change):
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    change(folder)
+    return folder
+
+
+def one_line_error(folder, exc=ValueError) -> str:
+    with pytest.raises(exc) as info:
+        hf_sam_peft.load_adapter(tiny_base(), str(folder))
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message and "weights_only" not in message
+    return message
+
+
+def edit_config(folder, **changes):
+    config = json.loads((folder / CONFIG).read_text())
+    config.update(changes)
+    (folder / CONFIG).write_text(json.dumps(config))
+
+
+def edit_weights(folder, change):
+    tensors = load_file(str(folder / WEIGHTS))
+    change(tensors)
+    save_file(tensors, str(folder / WEIGHTS))
+
+
+def test_the_intact_adapter_loads(saved):
+    model = hf_sam_peft.load_adapter(tiny_base(), str(saved))
+    assert model.peft_config["default"].r == 2
+
+
+def test_unknown_peft_type(saved, tmp_path):
+    folder = variant(saved, tmp_path, lambda f: edit_config(f, peft_type="NOT_A_TUNER"))
+    message = one_line_error(folder)
+    assert str(folder / CONFIG) in message and "unknown peft_type 'NOT_A_TUNER'" in message
+
+
+def test_malformed_adapter_config(saved, tmp_path):
+    folder = variant(saved, tmp_path, lambda f: (f / CONFIG).write_text('{"peft_type": "LORA", "r": '))
+    message = one_line_error(folder)
+    assert str(folder / CONFIG) in message and "malformed JSON (line 1, column" in message
+
+
+def test_adapter_config_of_the_wrong_shape(saved, tmp_path):
+    folder = variant(saved, tmp_path, lambda f: (f / CONFIG).write_text("[1, 2]"))
+    assert str(folder / CONFIG) in one_line_error(folder)
+
+
+def test_missing_adapter_config(saved, tmp_path):
+    folder = variant(saved, tmp_path, lambda f: (f / CONFIG).unlink())
+    assert f"no {CONFIG} in adapter folder" in one_line_error(folder, FileNotFoundError)
+
+
+def test_missing_weights(saved, tmp_path):
+    folder = variant(saved, tmp_path, lambda f: (f / WEIGHTS).unlink())
+    assert f"no {WEIGHTS} in adapter folder" in one_line_error(folder, FileNotFoundError)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.0001])
+def test_truncated_weights(saved, tmp_path, keep):
+    def truncate(folder):
+        data = (folder / WEIGHTS).read_bytes()
+        (folder / WEIGHTS).write_bytes(data[: max(1, int(len(data) * keep))])
+
+    folder = variant(saved, tmp_path, truncate)
+    message = one_line_error(folder)
+    assert str(folder / WEIGHTS) in message and "damaged or truncated" in message
+
+
+def test_weights_without_tensors(saved, tmp_path):
+    folder = variant(saved, tmp_path, lambda f: save_file({}, str(f / WEIGHTS)))
+    assert "hold no tensors (no adapter keys)" in one_line_error(folder)
+
+
+def test_weights_without_adapter_keys(saved, tmp_path):
+    folder = variant(saved, tmp_path, lambda f: save_file({"encoder.weight": torch.zeros(2)}, str(f / WEIGHTS)))
+    message = one_line_error(folder)
+    assert str(folder / WEIGHTS) in message and "no adapter keys" in message
+
+
+def test_missing_adapter_tensors_are_an_error_not_a_warning(saved, tmp_path):
+    def drop_one(tensors):
+        name = next(k for k in sorted(tensors) if "vision_encoder" in k)
+        del tensors[name]
+
+    folder = variant(saved, tmp_path, lambda f: edit_weights(f, drop_one))
+    message = one_line_error(folder)
+    assert str(folder / WEIGHTS) in message and "miss 1 of the adapter's" in message
+
+
+def test_missing_modules_to_save_tensor(saved, tmp_path):
+    def drop_decoder(tensors):
+        for name in [k for k in tensors if "mask_decoder" in k][:1]:
+            del tensors[name]
+
+    folder = variant(saved, tmp_path, lambda f: edit_weights(f, drop_decoder))
+    assert str(folder / WEIGHTS) in one_line_error(folder)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights(saved, tmp_path, value):
+    def poison(tensors):
+        name = next(k for k in sorted(tensors) if "vision_encoder" in k)
+        tensors[name].view(-1)[0] = value
+
+    folder = variant(saved, tmp_path, lambda f: edit_weights(f, poison))
+    message = one_line_error(folder)
+    assert str(folder / WEIGHTS) in message and "non-finite" in message
+
+
+@pytest.mark.parametrize(
+    "method, option, value, message",
+    [
+        ("lora", "lora_dropout", -0.1, "method 'lora': lora_dropout must be a number in [0, 1), got -0.1"),
+        ("qlora", "lora_dropout", -0.1, "method 'qlora': lora_dropout must be a number in [0, 1), got -0.1"),
+        ("fact", "dropout", -0.1, "method 'fact': dropout must be a number in [0, 1), got -0.1"),
+        ("adaptformer", "dropout", -1.0, "method 'adaptformer': dropout must be a number in [0, 1), got -1.0"),
+        ("fact", "dropout", "abc", "method 'fact': dropout must be a number in [0, 1), got 'abc'"),
+        ("lora", "r", 0, "method 'lora': r must be a positive int, got 0"),
+    ],
+)
+def test_bad_method_options(method, option, value, message):
+    with pytest.raises(ValueError) as info:
+        hf_sam_peft.method_config(method, **{option: value})
+    assert message in str(info.value)
+    base = tiny_base()
+    with pytest.raises(ValueError):
+        hf_sam_peft.apply_method(base, method, **{option: value})
+    assert not any("lora" in n or "fact" in n for n, _ in base.named_modules())  # untouched
+
+
+@pytest.mark.parametrize("config, field", [("AdaptFormerConfig", "dropout"), ("FactConfig", "dropout")])
+def test_tuner_configs_reject_negative_dropout(config, field):
+    cls = getattr(hf_sam_peft, config)
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got -0.2"):
+        cls(**{field: -0.2})
