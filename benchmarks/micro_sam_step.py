@@ -7,7 +7,7 @@ trainer's forward context (torch_em's default mixed precision: bf16 autocast on 
 the trainer's backprop (backward + AdamW step). The SAM is built from the registry without a checkpoint
 (random weights: no download; the cost of a step does not depend on the weight values). Prints one JSON row.
 
-    /work/microsam-venv/bin/python benchmarks/micro_sam_step.py --method lora --objects 4 --steps 3
+    "${MICRO_SAM_VENV:-../microsam-venv}/bin/python" benchmarks/micro_sam_step.py --method lora --objects 4 --steps 3
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -47,7 +48,7 @@ def build_trainer(method: str, model_type: str, device: torch.device, objects: i
     trainer = SamTrainer(
         name="benchmark", train_loader=[], val_loader=[], model=model, optimizer=optimizer, device=device,
         logger=None, mixed_precision=mixed, convert_inputs=ConvertToSamInputs(transform=model.transform, box_distortion_factor=0.025),
-        n_objects_per_batch=objects, n_sub_iteration=rounds, mask_prob=0.5, save_root="/tmp/micro_sam_benchmark",
+        n_objects_per_batch=objects, n_sub_iteration=rounds, mask_prob=0.5, save_root=os.path.join(tempfile.gettempdir(), "micro_sam_benchmark"),
     )
     return trainer, sum(p.numel() for p in params)
 

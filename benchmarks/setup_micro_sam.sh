@@ -3,11 +3,15 @@
 # benchmark (benchmarks/micro_sam_step.py). It pulls its own torch (2.14.x, through torchvision, ~6 GB):
 # never install it into the project's venv.
 #
-#   bash benchmarks/setup_micro_sam.sh [VENV_DIR]     # default /work/microsam-venv
+#   bash benchmarks/setup_micro_sam.sh [VENV_DIR]
+#
+# VENV_DIR: the argument, else $MICRO_SAM_VENV, else `microsam-venv` beside the repository checkout
+# (<checkout>/../microsam-venv). benchmarks/train_step.py finds the peer the same way (or --peer-python).
 set -euo pipefail
-VENV="${1:-${MICRO_SAM_VENV:-/work/microsam-venv}}"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="${1:-${MICRO_SAM_VENV:-$(dirname "$REPO")/microsam-venv}}"
 case "$VENV" in
-  "$(cd "$(dirname "$0")/.." && pwd)"*) echo "refusing to create the peer venv inside the repository: $VENV" >&2; exit 2;;
+  "$REPO"*) echo "refusing to create the peer venv inside the repository: $VENV" >&2; exit 2;;
 esac
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

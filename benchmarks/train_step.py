@@ -10,10 +10,12 @@ Paths: ``plain`` (every efficiency option off: float32, no checkpointing, AdamW 
 some options changed, e.g. ``optimized:checkpoint_encoder=False``). Where the micro-sam venv exists
 (``benchmarks/setup_micro_sam.sh``), micro-sam's own ``SamTrainer`` step runs on the same batch
 (``benchmarks/micro_sam_step.py``) for full_ft, freeze_encoder and lora, and the table gives our time and
-memory relative to it.
+memory relative to it. The peer venv: ``--peer-python PYTHON``, else ``$MICRO_SAM_VENV/bin/python``, else the
+``microsam-venv`` beside the repository checkout (``<checkout>/../microsam-venv``, where
+``setup_micro_sam.sh`` puts it by default); ``--peer-python ''`` skips the peer.
 
     python benchmarks/train_step.py --model tiny --image-size 256            # CPU, seconds per method
-    python benchmarks/train_step.py --model vit_b --objects 4 --methods lora,freeze_encoder,full_ft
+    MICRO_SAM_VENV=../microsam-venv python benchmarks/train_step.py --model vit_b --objects 4 --methods lora,freeze_encoder,full_ft
     python benchmarks/train_step.py --model vit_b --objects 25 --batch 2 --device cuda
 """
 
@@ -36,7 +38,13 @@ from synthetic import synthetic_rows  # noqa: E402
 
 ALL_METHODS = ("full_ft", "freeze_encoder", "ln_tune", "bias_tune", "attn_tune", "lora", "qlora", "adaptformer", "ssf", "fact")
 PEER_METHODS = ("full_ft", "freeze_encoder", "lora")
-DEFAULT_PEER_PYTHON = "/work/microsam-venv/bin/python"
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_peer_python() -> str:
+    """The micro-sam venv's python: ``$MICRO_SAM_VENV/bin/python``, else ``<checkout>/../microsam-venv/bin/python``."""
+    venv = os.environ.get("MICRO_SAM_VENV") or os.path.join(os.path.dirname(REPOSITORY), "microsam-venv")
+    return os.path.join(venv, "bin", "python")
 
 
 def build_model(model: str, image_size: int):
@@ -159,9 +167,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--paths", default="plain,optimized", help="';'-separated: plain;optimized;optimized:k=v,...")
-    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the micro-sam venv ('' to skip)")
+    parser.add_argument("--peer-python", default=None,
+                        help="python of the micro-sam venv ('' to skip; default: $MICRO_SAM_VENV/bin/python, else "
+                             "../microsam-venv/bin/python beside the checkout)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.peer_python is None:
+        args.peer_python = default_peer_python()
     image_size = args.image_size if args.model == "tiny" else 1024
     args.data_size = args.data_size or image_size
     opts = dict(

@@ -34,7 +34,8 @@ from .tuners import (
     qv_lora_config,
 )
 
-# Hub helpers import the training stack; load them on first use so `import hf_sam_peft` stays light.
+# Hub helpers import huggingface_hub and the modeling stack; load them on first use so `import hf_sam_peft`
+# stays light.
 _LAZY = {
     "from_pretrained": "hub", "save_adapter": "hub", "push_adapter_to_hub": "hub",
     "load_base_model": "modeling", "LiteSamModel": "modeling",

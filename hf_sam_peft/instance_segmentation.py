@@ -23,8 +23,6 @@ from scipy.ndimage import gaussian_filter
 from skimage.measure import label as connected_component_labels
 from skimage.segmentation import watershed
 
-from .evaluation.metrics import ObjectOverlaps
-
 __all__ = [
     "CHANNELS",
     "GridSearchResult",
@@ -241,6 +239,9 @@ def grid_search_watershed(
     (min_size); the scores equal ``mean_segmentation_accuracy(distances_to_instances(...), ground_truth)``.
     Ties go to the first grid point in the order of the arguments.
     """
+    # evaluation's package imports this module (AIS): a module-level import would make an import cycle
+    from .evaluation.metrics import ObjectOverlaps
+
     if len(predictions) != len(ground_truths) or len(predictions) == 0:
         raise ValueError(
             f"predictions and ground_truths must be non-empty and of equal length, "

@@ -3,7 +3,7 @@
 Everything here works on boolean object masks of shape ``(..., H, W)`` (any leading dimensions, typically
 ``(n_objects, H, W)``), is vectorised over objects, draws its randomness from an explicit ``torch.Generator``
 (same generator state -> same prompts) and returns coordinates in SAM's ``(x, y)`` order, in the pixel frame
-of the masks (map them into the model frame with :func:`hf_sam_peft.training.collate.transform_coords`).
+of the masks (map them into the model frame with :func:`hf_sam_peft.sam_forward.preprocess.transform_coords`).
 
 Behaviour follows µSAM's prompt generators (``micro_sam/prompt_generators.py``, ``training/util.py``):
 

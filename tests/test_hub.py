@@ -290,7 +290,7 @@ def test_save_adapter_is_atomic_and_refuses_to_overwrite(trained, tmp_path, monk
     def broken_card(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(hub, "render_card", broken_card)
+    monkeypatch.setattr(hub.save, "render_card", broken_card)  # where save_adapter looks it up
     with pytest.raises(RuntimeError, match="disk full"):
         hub.save_adapter(trained["model"], out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the old folder is untouched

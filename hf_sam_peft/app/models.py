@@ -98,7 +98,7 @@ class ModelBank:
         from hf_sam_peft.hub import recorded_point_multimask, resolve_adapter_folder
         from hf_sam_peft.loading import load_adapter
         from hf_sam_peft.modeling.unetr import CONFIG_NAME, attach_unetr, load_unetr
-        from hf_sam_peft.training.interactive import unwrap_sam
+        from hf_sam_peft.sam_forward.forward import unwrap_sam
 
         unwrap_sam(base_model)  # one-line TypeError for anything but SAM
         if isinstance(base_model, PeftModel):

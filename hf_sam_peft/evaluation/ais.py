@@ -36,7 +36,7 @@ from hf_sam_peft.instance_segmentation import (
     predict_tiled,
 )
 from hf_sam_peft.modeling.unetr import predict_distances
-from hf_sam_peft.training.collate import image_preprocessor
+from hf_sam_peft.sam_forward.preprocess import image_preprocessor
 
 __all__ = [
     "DEFAULT_WATERSHED",

@@ -20,7 +20,7 @@ initial prompt + ``n_corrections`` corrections, as µSAM's ``run_inference_with_
 
 Objects run in chunks of ``batch_size`` through the mask decoder. The correction points are the only
 randomness (Point and Box are deterministic): one generator per (image, start) seeded by ``seed``
-(:func:`hf_sam_peft.training.interactive.prompt_generator`), so a run is reproducible; results depend on
+(:func:`hf_sam_peft.sam_forward.prompt_generator`), so a run is reproducible; results depend on
 ``batch_size`` only through the order of draws.
 
 Scores per round, each averaged per image and then over images:
@@ -58,7 +58,7 @@ from hf_sam_peft.prompts import (
     center_points,
     correction_points,
 )
-from hf_sam_peft.training.interactive import prompt_generator
+from hf_sam_peft.sam_forward.seeding import prompt_generator
 
 __all__ = [
     "START_MODES",

@@ -3,8 +3,9 @@
 :class:`SamPredictor` embeds an image once and then answers any number of prompt queries, with prompts
 and masks in the **original image frame** (pixel ``(x, y)`` coordinates, boxes ``(x0, y0, x1, y1)`` with
 exclusive maxima as :func:`hf_sam_peft.prompts.boxes_from_masks` gives them). It reuses the training code's
-preprocessing (:func:`~hf_sam_peft.training.collate.image_preprocessor`) and decoder call
-(:func:`~hf_sam_peft.training.interactive.decode`), so evaluation sees exactly what training saw.
+preprocessing (:func:`~hf_sam_peft.sam_forward.preprocess.image_preprocessor`) and decoder call
+(:func:`~hf_sam_peft.sam_forward.forward.decode`) from :mod:`hf_sam_peft.sam_forward`, which training
+uses too, so evaluation sees exactly what training saw.
 
 Anything with ``set_image(image)`` and ``predict(points, labels, boxes, multimask) -> (logits, iou)`` is a
 *prompt predictor* for :func:`hf_sam_peft.evaluation.interactive.evaluate_interactive` (e.g. a test oracle).
@@ -40,14 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hf_sam_peft.training.collate import image_preprocessor
-from hf_sam_peft.training.interactive import (
-    Frames,
-    Prompts,
-    decode,
-    encode_images,
-    unwrap_sam,
-)
+from hf_sam_peft.sam_forward.forward import decode, encode_images, unwrap_sam
+from hf_sam_peft.sam_forward.frames import Frames, Prompts
+from hf_sam_peft.sam_forward.preprocess import image_preprocessor
 
 __all__ = [
     "POINT_MULTIMASK_ATTRIBUTE",

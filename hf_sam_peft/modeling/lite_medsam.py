@@ -266,7 +266,7 @@ def lite_medsam_preprocess(
 ) -> tuple[Tensor, tuple[int, int]]:
     """One image -> LiteMedSAM `pixel_values` `(3, S, S)` in [0, 1] and its resized size `(h, w)` in the frame.
 
-    Same contract as `hf_sam_peft.training.collate.preprocess_image` (SAM's), with LiteMedSAM's recipe: resize
+    Same contract as `hf_sam_peft.sam_forward.preprocess.preprocess_image` (SAM's), with LiteMedSAM's recipe: resize
     (longest side to `image_size`, or `resize="square"`), min-max of the resized image to [0, 1] (a constant
     image gives zeros), zero padding at the bottom/right.
     """

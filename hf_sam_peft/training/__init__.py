@@ -1,4 +1,8 @@
-"""Training: µSAM's interactive objective in a transformers Trainer, AIS targets and loss."""
+"""Training: µSAM's interactive objective in a transformers Trainer, AIS targets and loss.
+
+SAM's forward itself (preprocessing, encode / decode, prompt seeding) is :mod:`hf_sam_peft.sam_forward`, shared with
+evaluation; the names below that come from there stay importable from here.
+"""
 
 from .collate import (
     SamInteractiveCollator,

@@ -59,6 +59,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
+
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 ATTENTION_KINDS = ("fused", "sdpa", "eager")
 DECODER_ATTENTION_KINDS = ("auto", "sdpa", "eager")
@@ -190,7 +192,6 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
     from hf_sam_peft.modeling.layout import set_contiguous_layout
     from hf_sam_peft.modeling.mask_decoder import set_decoder_projections
     from hf_sam_peft.training.cpu_runtime import flush_denormals, retain_freed_memory
-    from hf_sam_peft.training.interactive import unwrap_sam
 
     sam = unwrap_sam(model)
     run_on = torch.device(device) if device is not None else next(sam.parameters()).device
@@ -258,8 +259,6 @@ def encoder_embeddings(
     cache: EmbeddingCache | None = None,
 ) -> torch.Tensor:
     """The image embeddings of a batch, with a graph only where the encoder trains."""
-    from hf_sam_peft.training.interactive import encode_images, unwrap_sam
-
     if options is None or not options.frozen_encoder_no_grad or encoder_is_trainable(unwrap_sam(model)):
         return encode_images(model, pixel_values)
 

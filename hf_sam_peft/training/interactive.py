@@ -1,4 +1,4 @@
-"""The interactive forward of one batch (µSAM's iterative prompting), shared by training and evaluation.
+"""The interactive training forward of one batch (µSAM's iterative prompting) and its loss.
 
 Per batch (DESIGN §3, ``micro_sam/training/sam_trainer.py``): the image encoder runs once and its graph is
 kept, so every round's loss reaches the encoder. Objects are sampled per image (cut to the smallest count
@@ -7,31 +7,34 @@ multimask output and a jittered box with a single mask), then each further round
 negative correction point from the errors of the best mask (highest predicted IoU), keeps the box, and with
 probability ``mask_prob`` per image and round feeds the previous best low-res logits as mask input.
 
-Any ``SamModel`` or ``PeftModel`` wrapping one works: prompts and masks go through the model's normal
-``forward(image_embeddings=...)``; only the image encoder is reached directly (``get_image_embeddings``
-runs under ``no_grad`` and cannot be trained).
+SAM's forward itself (preprocessing, :class:`~hf_sam_peft.sam_forward.Frames` /
+:class:`~hf_sam_peft.sam_forward.Prompts`, ``encode_images`` / ``decode``, ``unwrap_sam``, the seeded
+``prompt_generator``) lives in :mod:`hf_sam_peft.sam_forward`, shared with evaluation; it is re-exported
+here for the import paths that named it in this module before.
 
 Deliberate deviations (mechanics, not science):
 
-- Objects are flattened into the batch axis of the mask decoder (one "image" per object) instead of
-  passing them as SAM's point batch: transformers' ``SamMaskDecoder`` adds the dense (mask) embedding per
-  image, so only this layout gives each object its own mask input. Images with and without mask input in
-  a round go through separate decoder calls. The arithmetic per object is unchanged.
+- Objects are flattened into the batch axis of the mask decoder (:func:`hf_sam_peft.sam_forward.decode`).
 - Images without any object are left out of the loss (µSAM's loader never yields them); a batch with no
   object at all gives a zero loss.
 - Under DDP the whole batch (encoder + all rounds) runs inside one forward call of the DDP wrapper
   (:func:`in_single_forward`), since DDP allows one forward per backward.
 - Randomness comes from one explicit ``torch.Generator`` (see :func:`prompt_generator`) instead of the
   global NumPy / Python RNGs, so a resumed run replays the same prompts.
+
+The rounds run in one of three ways (``EfficiencyOptions``), which compute the same losses: kept graphs
+(:func:`interactive_rounds`, also the reference), each round recomputed in backward
+(:func:`checkpointed_round_losses`) or each round differentiated at once (:func:`backward_round_losses`).
+One driver, :func:`_drive_rounds`, runs the rounds of all three (validation, the first round's multimask
+output, the corrections and mask inputs between rounds); each only says what one round computes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -41,11 +44,11 @@ from hf_sam_peft.prompts import (
     sample_objects,
     sample_point_prompts,
 )
-from hf_sam_peft.training.collate import (
-    postprocess_masks,
-    transform_boxes,
-    transform_coords,
-)
+# SAM's shared forward; every name here stays importable from this module (the paths before issue 16)
+from hf_sam_peft.sam_forward.forward import decode, encode_images, unwrap_sam  # noqa: F401
+from hf_sam_peft.sam_forward.frames import Frames, Prompts
+from hf_sam_peft.sam_forward.preprocess import postprocess_masks, transform_boxes, transform_coords  # noqa: F401
+from hf_sam_peft.sam_forward.seeding import EVAL_STREAM, TRAIN_STREAM, prompt_generator  # noqa: F401
 from hf_sam_peft.training.efficiency import (
     EfficiencyOptions,
     EmbeddingCache,
@@ -56,18 +59,6 @@ from hf_sam_peft.training.efficiency import (
 from hf_sam_peft.training.losses import batch_round_loss
 
 T = TypeVar("T")
-
-# Streams of the per-step prompt generator (training and validation never share prompts).
-TRAIN_STREAM, EVAL_STREAM = 0, 1
-
-
-def prompt_generator(seed: int, stream: int, index: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from ``(seed, stream, index, rank)`` only: the same step always gets the same prompts."""
-    state = np.random.SeedSequence([int(seed) % 2**32, int(stream), int(index), int(rank)]).generate_state(2)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return generator
-
 
 @dataclass(frozen=True)
 class PromptMode:
@@ -119,41 +110,6 @@ def _device_of(generator: torch.Generator | None) -> torch.device | str:
     return generator.device if generator is not None else "cpu"
 
 
-@dataclass(frozen=True)
-class Frames:
-    """Where each image of a batch sits in SAM's frame: input sizes, resized sizes, padded square size."""
-
-    original_sizes: torch.Tensor  # (B, 2)
-    reshaped_sizes: torch.Tensor  # (B, 2)
-    image_size: int
-
-    def select(self, index: torch.Tensor) -> "Frames":
-        return replace(self, original_sizes=self.original_sizes[index], reshaped_sizes=self.reshaped_sizes[index])
-
-    def coords(self, b: int, points: torch.Tensor) -> torch.Tensor:
-        return transform_coords(points, self.original_sizes[b].tolist(), self.reshaped_sizes[b].tolist())
-
-    def boxes(self, b: int, boxes: torch.Tensor) -> torch.Tensor:
-        return transform_boxes(boxes, self.original_sizes[b].tolist(), self.reshaped_sizes[b].tolist())
-
-    def upscale(self, b: int, low_res: torch.Tensor) -> torch.Tensor:
-        return postprocess_masks(low_res, self.image_size, self.reshaped_sizes[b].tolist(), self.original_sizes[b].tolist())
-
-
-@dataclass
-class Prompts:
-    """Prompts in the model frame: points ``(B, N, P, 2)`` (x, y), labels ``(B, N, P)``, boxes ``(B, N, 4)``."""
-
-    points: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    boxes: torch.Tensor | None = None
-
-    def add_points(self, points: torch.Tensor, labels: torch.Tensor) -> "Prompts":
-        if self.points is None:
-            return replace(self, points=points, labels=labels)
-        return replace(self, points=torch.cat([self.points, points], 2), labels=torch.cat([self.labels, labels], 2))
-
-
 @dataclass
 class RoundOutput:
     """One round: mask logits per image at input resolution ``(N, K, H_b, W_b)``, IoU predictions ``(B, N, K)``."""
@@ -168,18 +124,6 @@ class RoundOutput:
         """Per image, the logits ``(N, H, W)`` of the mask with the highest predicted IoU."""
         best = self.iou_predictions.argmax(-1)
         return [m[torch.arange(m.shape[0], device=m.device), best[b]] for b, m in enumerate(self.masks)]
-
-
-def unwrap_sam(model: nn.Module) -> nn.Module:
-    """The ``SamModel`` inside ``model`` (through DDP / DataParallel ``.module`` and peft's ``get_base_model``)."""
-    inner = model
-    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        inner = inner.module
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    if not hasattr(inner, "vision_encoder") or not hasattr(inner, "mask_decoder"):
-        raise TypeError(f"model must be a SamModel or a peft model wrapping one, got {type(model).__name__}")
-    return inner
 
 
 def in_single_forward(model: nn.Module, fn: Callable[[nn.Module], T]) -> T:
@@ -205,63 +149,6 @@ def in_single_forward(model: nn.Module, fn: Callable[[nn.Module], T]) -> T:
         inner.__dict__.pop("forward", None)
 
 
-def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Image embeddings ``(B, C, h, w)`` with the autograd graph (unlike ``SamModel.get_image_embeddings``)."""
-    return unwrap_sam(model).vision_encoder(pixel_values).last_hidden_state
-
-
-def decode(
-    model: nn.Module,
-    embeddings: torch.Tensor,
-    prompts: Prompts,
-    multimask: bool,
-    mask_inputs: torch.Tensor | None = None,
-    use_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-res mask logits ``(B, N, K, h', w')`` and IoU predictions ``(B, N, K)`` from the model's forward.
-
-    ``mask_inputs`` ``(B, N, 1, h', w')`` are used for the images where ``use_mask`` ``(B,)`` is true.
-    """
-    source = prompts.boxes if prompts.boxes is not None else prompts.points
-    if source is None:
-        raise ValueError("prompts must hold points and/or boxes")
-    batch, n_obj = source.shape[:2]
-    flat_emb = embeddings.repeat_interleave(n_obj, dim=0)
-    flat = {
-        "input_points": None if prompts.points is None else prompts.points.flatten(0, 1)[:, None],
-        "input_labels": None if prompts.labels is None else prompts.labels.flatten(0, 1)[:, None],
-        "input_boxes": None if prompts.boxes is None else prompts.boxes.flatten(0, 1)[:, None],
-    }
-    if mask_inputs is None or use_mask is None or not bool(use_mask.any()):
-        groups = [(torch.arange(batch * n_obj, device=embeddings.device), None)]
-    else:
-        flat_use = use_mask.to(embeddings.device).repeat_interleave(n_obj)
-        flat_masks = mask_inputs.flatten(0, 1)
-        groups = [(torch.nonzero(~flat_use).flatten(), None), (torch.nonzero(flat_use).flatten(), flat_masks)]
-    groups = [(index, masks) for index, masks in groups if index.numel() > 0]
-    lows, ious, order = [], [], []
-    for index, masks in groups:
-        # one group of all rows (no mask input, or all images with one): no gather, no scatter in backward
-        pick = (lambda t: t) if len(groups) == 1 else (lambda t: t[index])
-        kwargs = {k: (None if v is None else pick(v)) for k, v in flat.items()}
-        out = model(
-            image_embeddings=pick(flat_emb),
-            input_masks=None if masks is None else pick(masks),
-            multimask_output=multimask,
-            **kwargs,
-        )
-        lows.append(out.pred_masks[:, 0])
-        ious.append(out.iou_scores[:, 0])
-        order.append(index)
-    if len(groups) == 1:
-        low, iou = lows[0], ious[0]
-    else:
-        inverse = torch.argsort(torch.cat(order))
-        low = torch.cat(lows)[inverse]
-        iou = torch.cat(ious)[inverse]
-    return low.reshape(batch, n_obj, *low.shape[1:]), iou.reshape(batch, n_obj, -1)
-
-
 def initial_prompts(
     targets: Sequence[torch.Tensor],
     frames: Frames,
@@ -279,6 +166,51 @@ def initial_prompts(
         boxes = [boxes_from_masks(t, box_jitter, generator) for t in targets]
         prompts = replace(prompts, boxes=torch.stack([frames.boxes(b, x) for b, x in enumerate(boxes)]))
     return prompts
+
+
+# One round: (index, prompts, multimask, mask_inputs, use_mask) -> (what the round yields, and the float32
+# low-res logits, IoU predictions and upscaled logits that the next round's corrections are drawn from).
+RoundFn = Callable[..., tuple[Any, torch.Tensor, torch.Tensor, list[torch.Tensor]]]
+
+
+def _drive_rounds(
+    round_fn: RoundFn,
+    targets: Sequence[torch.Tensor],
+    frames: Frames,
+    prompts: Prompts,
+    *,
+    n_rounds: int,
+    multimask_first: bool,
+    mask_prob: float,
+    generator: torch.Generator | None,
+) -> Iterator[Any]:
+    """Yield ``round_fn``'s result for each of ``n_rounds`` rounds; between rounds add the corrections.
+
+    Multimask output only in round 0 (and only if ``multimask_first``). After each round but the last,
+    :func:`next_round_inputs` draws the next prompts and mask inputs from the round's predictions, *after*
+    the consumer has taken the round's result (the order the generator is drawn from is fixed).
+    """
+    _check_rounds(n_rounds, mask_prob)
+    mask_inputs = use_mask = None
+    for index in range(n_rounds):
+        result, low, iou, masks = round_fn(index, prompts, multimask_first and index == 0, mask_inputs, use_mask)
+        yield result
+        if index < n_rounds - 1:
+            prompts, mask_inputs, use_mask = next_round_inputs(
+                low, iou, masks, targets, frames, prompts, mask_prob, generator
+            )
+
+
+def _round_masks(
+    model: nn.Module, embeddings: torch.Tensor, prompts: Prompts, multimask: bool,
+    mask_inputs: torch.Tensor | None, use_mask: torch.Tensor | None, frames: Frames,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One round's float32 low-res logits ``(B, N, K, h', w')``, IoU predictions ``(B, N, K)`` and logits
+    upscaled per image to its input size ``(N, K, H_b, W_b)``."""
+    low, iou = decode(model, embeddings, prompts, multimask, mask_inputs, use_mask)
+    low, iou = low.float(), iou.float()  # no-op in float32; under autocast the masks are upscaled in float32
+    masks = [frames.upscale(b, low[b]) for b in range(low.shape[0])]
+    return low, iou, masks
 
 
 def interactive_rounds(
@@ -299,17 +231,15 @@ def interactive_rounds(
     ``mask_prob`` per image and round the best low-res logits (detached) are the next round's mask input.
     Multimask output only in round 0 (and only if ``multimask_first``).
     """
-    _check_rounds(n_rounds, mask_prob)
-    mask_inputs = use_mask = None
-    for index in range(n_rounds):
-        low, iou = decode(model, embeddings, prompts, multimask_first and index == 0, mask_inputs, use_mask)
-        low, iou = low.float(), iou.float()  # no-op in float32; under autocast the masks are upscaled in float32
-        masks = [frames.upscale(b, low[b]) for b in range(low.shape[0])]
-        output = RoundOutput(index, masks, iou, low, prompts)
-        yield output
-        if index == n_rounds - 1:
-            return
-        prompts, mask_inputs, use_mask = next_round_inputs(low, iou, masks, targets, frames, prompts, mask_prob, generator)
+
+    def one_round(index, prompts, multimask, mask_inputs, use_mask):
+        low, iou, masks = _round_masks(model, embeddings, prompts, multimask, mask_inputs, use_mask, frames)
+        return RoundOutput(index, masks, iou, low, prompts), low, iou, masks
+
+    return _drive_rounds(
+        one_round, targets, frames, prompts,
+        n_rounds=n_rounds, multimask_first=multimask_first, mask_prob=mask_prob, generator=generator,
+    )
 
 
 def _check_rounds(n_rounds: int, mask_prob: float) -> None:
@@ -363,14 +293,12 @@ def _round_loss(
     use_mask: torch.Tensor | None,
     frames: Frames,
     targets: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """One round's ``(dice, mse)`` with its float32 low-res logits, IoU predictions and upscaled logits.
 
     The last three feed :func:`next_round_inputs`.
     """
-    low, iou = decode(model, embeddings, prompts, multimask, mask_inputs, use_mask)
-    low, iou = low.float(), iou.float()
-    masks = [frames.upscale(b, low[b]) for b in range(low.shape[0])]
+    low, iou, masks = _round_masks(model, embeddings, prompts, multimask, mask_inputs, use_mask, frames)
     dice, mse = batch_round_loss(masks, iou, targets)
     return dice, mse, low, iou, masks
 
@@ -390,21 +318,20 @@ def checkpointed_round_losses(
     """Per-round ``(dice, mse)`` as :func:`interactive_rounds` + :func:`batch_round_loss` give them, with each
     round's decoder call, upscaling and loss recomputed in backward instead of kept (activation checkpointing).
     """
-    _check_rounds(n_rounds, mask_prob)
-    mask_inputs = use_mask = None
-    dice_per_round, mse_per_round = [], []
-    for index in range(n_rounds):
-        def run(emb, prompts=prompts, mask_inputs=mask_inputs, use_mask=use_mask, multimask=multimask_first and index == 0):
+
+    def one_round(index, prompts, multimask, mask_inputs, use_mask):
+        # the closure binds this round's inputs: backward's recomputation sees them, not a later round's
+        def run(emb):
             return _round_loss(model, emb, prompts, multimask, mask_inputs, use_mask, frames, targets)
 
         dice, mse, low, iou, masks = maybe_checkpoint(True, run, embeddings)
-        dice_per_round.append(dice)
-        mse_per_round.append(mse)
-        if index < n_rounds - 1:
-            prompts, mask_inputs, use_mask = next_round_inputs(
-                low, iou, masks, targets, frames, prompts, mask_prob, generator
-            )
-    return dice_per_round, mse_per_round
+        return (dice, mse), low, iou, masks
+
+    losses = list(_drive_rounds(
+        one_round, targets, frames, prompts,
+        n_rounds=n_rounds, multimask_first=multimask_first, mask_prob=mask_prob, generator=generator,
+    ))
+    return [dice for dice, _ in losses], [mse for _, mse in losses]
 
 
 def backward_round_losses(
@@ -429,33 +356,32 @@ def backward_round_losses(
     loop applies) fills ``p.grad`` and runs the encoder's backward once. Gradients equal the single-backward
     path's up to float summation order.
     """
-    _check_rounds(n_rounds, mask_prob)
+    _check_rounds(n_rounds, mask_prob)  # before touching the model
     sam = unwrap_sam(model)
     encoder_params = {id(p) for p in sam.vision_encoder.parameters()}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_params]
     leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
     wrt = params + ([leaf] if leaf.requires_grad else [])
     sums: list[torch.Tensor | None] = [None] * len(wrt)
-    mask_inputs = use_mask = None
-    dice_per_round, mse_per_round = [], []
-    for index in range(n_rounds):
-        multimask = multimask_first and index == 0
+
+    def one_round(index, prompts, multimask, mask_inputs, use_mask):
+        nonlocal sums
         dice, mse, low, iou, masks = _round_loss(model, leaf, prompts, multimask, mask_inputs, use_mask, frames, targets)
         round_loss = (dice + mse) / n_rounds
         if round_loss.requires_grad:
             with torch.autocast(leaf.device.type, enabled=False):  # backward outside autocast, as loss.backward()
                 grads = torch.autograd.grad(round_loss, wrt, allow_unused=True)
             sums = [s if g is None else (g if s is None else s + g) for s, g in zip(sums, grads)]
-        dice_per_round.append(dice.detach())
-        mse_per_round.append(mse.detach())
-        if index < n_rounds - 1:
-            prompts, mask_inputs, use_mask = next_round_inputs(
-                low.detach(), iou.detach(), [m.detach() for m in masks], targets, frames, prompts, mask_prob, generator
-            )
+        return (dice.detach(), mse.detach()), low.detach(), iou.detach(), [m.detach() for m in masks]
+
+    losses = list(_drive_rounds(
+        one_round, targets, frames, prompts,
+        n_rounds=n_rounds, multimask_first=multimask_first, mask_prob=mask_prob, generator=generator,
+    ))
     sources = params + ([embeddings] if leaf.requires_grad else [])
     terms = [(x * g.to(x.dtype)).sum() for x, g in zip(sources, sums) if g is not None]
     surrogate = torch.stack(terms).sum() if terms else embeddings.sum() * 0.0
-    return dice_per_round, mse_per_round, surrogate
+    return [dice for dice, _ in losses], [mse for _, mse in losses], surrogate
 
 
 def _fp16_autocast() -> bool:

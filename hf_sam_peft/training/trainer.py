@@ -23,7 +23,7 @@ What it does (DESIGN §3):
   (``max_grad_norm=0``: torch_em's ``DefaultTrainer`` never clips, and micro-sam's ``SamTrainer`` inherits
   that; transformers' own default would clip at 1.0);
 - determinism: prompts come from a generator seeded by ``(args.seed, micro-step, process index)`` (see
-  :func:`~hf_sam_peft.training.interactive.prompt_generator`), so a run resumed from a checkpoint replays
+  :func:`~hf_sam_peft.sam_forward.prompt_generator`), so a run resumed from a checkpoint replays
   the same prompts and ends with the same weights as an uninterrupted run (checked bit for bit on CPU);
 - joint training (``train_decoder=True``, the model needs ``model.unetr_decoder`` from
   ``hf_sam_peft.modeling.unetr.attach_unetr``): per step the interactive loss is back-propagated and the
@@ -82,6 +82,8 @@ from transformers import (
 )
 
 from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME as DECODER_ATTRIBUTE
+from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
+from hf_sam_peft.sam_forward.seeding import EVAL_STREAM, TRAIN_STREAM, prompt_generator
 from hf_sam_peft.training.collate import SamInteractiveCollator
 from hf_sam_peft.training.efficiency import (
     EfficiencyOptions,
@@ -89,14 +91,9 @@ from hf_sam_peft.training.efficiency import (
     prepare_model,
 )
 from hf_sam_peft.training.interactive import (
-    EVAL_STREAM,
-    TRAIN_STREAM,
-    encode_images,
     in_single_forward,
     interactive_loss,
-    prompt_generator,
     training_prompt_mode,
-    unwrap_sam,
     validation_prompt_modes,
 )
 

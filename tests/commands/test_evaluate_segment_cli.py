@@ -62,7 +62,7 @@ def workspace(tmp_path_factory):
 
 def test_decoder_is_found_in_both_layouts(workspace):
     from hf_sam_peft.evaluation.predictor import has_unetr, load_model
-    from hf_sam_peft.training.interactive import unwrap_sam
+    from hf_sam_peft.sam_forward import unwrap_sam
 
     root = workspace["root"]
     assert has_unetr(load_model("tiny", str(root / "with_folder")))

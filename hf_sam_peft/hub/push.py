@@ -1,0 +1,116 @@
+"""Pushing adapters to the Hub: a model (`push_adapter_to_hub`) or a saved folder (`push_folder_to_hub`).
+
+Only an adapter repo's files (`REPO_FILES`) are uploaded, with the card re-rendered for the target repo id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..atomic import atomic_write_text
+from .card import render_card
+from .load import from_pretrained
+from .provenance import CARD_NAME, PROVENANCE_NAME, REPO_FILES, _repo_files, read_provenance
+from .save import save_adapter
+
+DEFAULT_COMMIT_MESSAGE = "Upload hf-sam-peft adapter"
+
+
+def _upload(folder: Path, repo_id: str, private: bool, token: str | None, commit_message: str, api: Any) -> str:
+    from huggingface_hub import HfApi
+
+    if not isinstance(commit_message, str) or not commit_message:
+        raise ValueError(f"commit_message must be a non-empty string, got {commit_message!r}")
+    api = api if api is not None else HfApi(token=token)
+    repo_url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+    repo_id = getattr(repo_url, "repo_id", None) or repo_id  # the Hub may complete the namespace
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model",
+        allow_patterns=list(REPO_FILES),
+    )
+    return str(getattr(commit, "commit_url", None) or getattr(repo_url, "url", None) or repo_url)
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str):
+        raise TypeError(f"repo_id must be a string like 'org/name', got {type(repo_id).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ValueError(f"repo_id must be a Hub repo id like 'org/name', got {repo_id!r}") from exc
+
+
+def push_adapter_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    api: Any = None,
+    **card_kwargs: Any,
+) -> str:
+    """Save `model` with `save_adapter` (card written for `repo_id`) and upload it; returns the commit URL.
+
+    `card_kwargs` go to `save_adapter` (base_model_id, method, training_data, metrics, extra, license,
+    point_multimask).
+    `api`: an `huggingface_hub.HfApi` (default: `HfApi(token=token)`).
+    """
+    _check_repo_id(repo_id)
+    if "repo_id" in card_kwargs or "overwrite" in card_kwargs:
+        raise TypeError("push_adapter_to_hub sets repo_id and overwrite itself")
+    with tempfile.TemporaryDirectory(prefix="hf_sam_peft_push_") as tmp:
+        folder = save_adapter(model, Path(tmp) / "adapter", repo_id=repo_id, **card_kwargs)
+        return _upload(folder, repo_id, private, token, commit_message, api)
+
+
+def prepare_upload(
+    adapter_dir: str | os.PathLike, repo_id: str, dest: str | os.PathLike, base_model: Any = None
+) -> list[str]:
+    """Copy an adapter folder's repo files into `dest` with the card re-rendered for `repo_id`; returns them.
+
+    A folder without `hf_sam_peft.json` (saved by peft or a Trainer checkpoint) is loaded onto its base
+    (`base_model`, default the one its config names) and saved again, so its card has real counts.
+    """
+    _check_repo_id(repo_id)
+    src, dest = Path(adapter_dir), Path(dest)
+    if not src.is_dir():
+        raise FileNotFoundError(f"adapter folder {src} does not exist")
+    provenance = read_provenance(src)
+    if not provenance:
+        model = from_pretrained(src, base_model=base_model)
+        save_adapter(model, dest, repo_id=repo_id, overwrite=True)
+        return _repo_files(dest)
+    if base_model is not None:
+        raise ValueError(f"{src} already records its base model in {PROVENANCE_NAME}; drop base_model")
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in _repo_files(src):
+        if rel != CARD_NAME:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dest / rel)
+    atomic_write_text(dest / CARD_NAME, render_card(provenance, repo_id))
+    return _repo_files(dest)
+
+
+def push_folder_to_hub(
+    adapter_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    base_model: Any = None,
+    api: Any = None,
+) -> str:
+    """Upload a saved adapter folder (only its repo files, card re-rendered for `repo_id`); returns the commit URL."""
+    with tempfile.TemporaryDirectory(prefix="hf_sam_peft_push_") as tmp:
+        prepare_upload(adapter_dir, repo_id, tmp, base_model=base_model)
+        return _upload(Path(tmp), repo_id, private, token, commit_message, api)

@@ -1,0 +1,106 @@
+"""SAM's input frame: image preprocessing, prompt coordinate mapping and mask postprocessing.
+
+One implementation of SAM's preprocessing in torch (it matches ``transformers.SamImageProcessor`` up to
+that processor's uint8 rounding of the resized image): intensities to uint8 [0, 255] by the package's one
+normalisation (:func:`hf_sam_peft.data.normalize_image`: uint8 kept, other dtypes min-max per image, grey
+copied to three channels), longest side resized to ``image_size`` (bilinear, antialiased as µSAM's
+``apply_image_torch``), ImageNet mean/std, zero padding at the bottom/right to a square.
+
+Training (``hf_sam_peft.training.collate.SamInteractiveCollator``) and inference
+(``hf_sam_peft.evaluation.predictor.SamPredictor``, AIS) both preprocess through here, so evaluation sees
+exactly what training saw. Prompts are sampled at input resolution and mapped into the model frame with
+:func:`transform_coords` / :func:`transform_boxes`; predicted low-res masks go back to the input size with
+:func:`postprocess_masks` (µSAM computes the loss there too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hf_sam_peft.data.normalize import normalize_image
+
+__all__ = [
+    "PIXEL_MEAN", "PIXEL_STD", "Preprocess", "image_preprocessor", "postprocess_masks", "preprocess_image",
+    "preprocess_shape", "transform_boxes", "transform_coords",
+]
+
+# ImageNet statistics on the [0, 255] scale (SAM's pixel_mean / pixel_std).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def preprocess_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """Size ``(h, w)`` after resizing the longest side to ``image_size`` (SAM's rounding)."""
+    scale = image_size * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def preprocess_image(image: Any, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> SAM ``pixel_values`` ``(3, S, S)`` and its resized size ``(h, w)`` inside the padded frame.
+
+    ``image``: ``H x W``, ``H x W x 1`` or ``H x W x 3`` array or tensor; intensities go through
+    :func:`hf_sam_peft.data.normalize_image` (uint8 kept, other dtypes min-max scaled to [0, 255]).
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    tensor = torch.from_numpy(normalize_image(np.asarray(image))).to(torch.float32).permute(2, 0, 1)
+    height, width = tensor.shape[-2:]
+    new_h, new_w = preprocess_shape(height, width, image_size)
+    if (new_h, new_w) != (height, width):
+        tensor = F.interpolate(tensor[None], (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    tensor = (tensor - mean) / std
+    return F.pad(tensor, (0, image_size - new_w, 0, image_size - new_h)), (new_h, new_w)
+
+
+Preprocess = Callable[[Any, int], "tuple[torch.Tensor, tuple[int, int]]"]
+
+
+def image_preprocessor(model: Any) -> Preprocess:
+    """The preprocessing a model was trained with: SAM's, or LiteMedSAM's for `LiteSamModel`s (same contract)."""
+    config = getattr(model, "config", model)
+    if getattr(config, "model_type", None) == "lite_sam":
+        from hf_sam_peft.modeling.lite_medsam import lite_medsam_preprocess
+
+        return lite_medsam_preprocess
+    return preprocess_image
+
+
+def transform_coords(coords: torch.Tensor, original_size: Sequence[int], reshaped_size: Sequence[int]) -> torch.Tensor:
+    """Map ``(..., 2)`` (x, y) pixel coordinates of the input image into the resized model frame."""
+    scale = torch.tensor(
+        [reshaped_size[1] / original_size[1], reshaped_size[0] / original_size[0]], device=coords.device
+    )
+    return coords.float() * scale
+
+
+def transform_boxes(boxes: torch.Tensor, original_size: Sequence[int], reshaped_size: Sequence[int]) -> torch.Tensor:
+    """Map ``(..., 4)`` (x0, y0, x1, y1) boxes of the input image into the resized model frame."""
+    corners = transform_coords(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, reshaped_size)
+    return corners.reshape(boxes.shape)
+
+
+def postprocess_masks(
+    low_res_masks: torch.Tensor,
+    image_size: int,
+    reshaped_size: Sequence[int],
+    original_size: Sequence[int],
+) -> torch.Tensor:
+    """Low-res mask logits ``(..., h', w')`` -> logits at the input resolution ``(..., H, W)`` (SAM's postprocessing).
+
+    Upsample to the padded ``image_size`` frame, crop the padding, resize to the input size (bilinear).
+    """
+    lead = low_res_masks.shape[:-2]
+    masks = low_res_masks.reshape(-1, 1, *low_res_masks.shape[-2:])
+    masks = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : int(reshaped_size[0]), : int(reshaped_size[1])]
+    target = (int(original_size[0]), int(original_size[1]))
+    if tuple(masks.shape[-2:]) != target:  # same size: bilinear resize is the identity, skip its time and memory
+        masks = F.interpolate(masks, target, mode="bilinear", align_corners=False)
+    return masks.reshape(*lead, *masks.shape[-2:])
