@@ -85,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.ais import NO_DECODER_MESSAGE, evaluate_ais
     from ..evaluation.interactive import evaluate_interactive
     from ..evaluation.predictor import SamPredictor, has_unetr, load_model, point_multimask_of
+    from ..evaluation.results import check_results_file
 
-    if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".json"):
-        raise ValueError(f"--out must end in .csv or .json, got {args.out!r}")
+    # before the model is loaded: a finished evaluation is never lost for want of a place to write it
+    if args.out is not None:
+        check_results_file(args.out)
     model = load_model(args.base, args.adapter, device=args.device)
     rows = _rows(args, args.split)
     progress = not args.no_progress

@@ -69,26 +69,28 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.ais import NO_DECODER_MESSAGE, segment_ais
     from ..evaluation.interactive import segment_from_labels
     from ..evaluation.predictor import SamPredictor, has_unetr, load_model
+    from ..evaluation.results import check_output_folder
     from ..visualization import save_overlay
 
     if args.labels is not None and len(args.labels) != len(args.images):
         raise ValueError(f"--boxes-from needs one label image per image: got {len(args.labels)} for {len(args.images)} images")
     params = _parse_params(args.param)
+    stems: set[str] = set()
+    for image_path in args.images:
+        stem = Path(image_path).stem
+        if stem in stems:
+            raise ValueError(f"two images share the name {stem!r}; outputs would overwrite each other")
+        stems.add(stem)
+    out = check_output_folder(args.out)  # before the model is loaded or any image segmented
     model = load_model(args.base, args.adapter, device=args.device)
     with_ais = has_unetr(model)
     if not with_ais and args.labels is None:
         raise ValueError(f"{NO_DECODER_MESSAGE}; or pass --boxes-from LABELS to segment from ground-truth boxes")
     # answers prompts through the outputs the adapter trained (its recorded point_multimask, set by load_model)
     predictor = SamPredictor(model) if args.labels is not None else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    stems: set[str] = set()
     for index, image_path in enumerate(args.images):
         stem = Path(image_path).stem
-        if stem in stems:
-            raise ValueError(f"two images share the name {stem!r}; outputs would overwrite each other")
-        stems.add(stem)
         labels = _load_2d(args.labels[index], labels=True) if args.labels is not None else None
         image = _load_2d(image_path, shape=None if labels is None else labels.shape)
         if labels is not None and image.shape[:2] != labels.shape:

@@ -33,7 +33,7 @@ import datasets
 import numpy as np
 
 from .folders import FilePair, find_pairs, iter_slices, load_pair
-from .io import DataError, image_dtype_of, spatial_shape_of
+from .io import DataError, check_finite, image_dtype_of, spatial_shape_of
 from .labels import count_objects, to_instances
 from .normalize import normalize_image
 from .patches import crop, grid_positions, random_position
@@ -94,8 +94,12 @@ def _make_row(
     """Cut, relabel and normalise one patch (or the whole slice when ``position`` is None)."""
     if position is not None:
         window = tuple(slice(p, p + s) for p, s in zip(position, patch_shape))
-        image = crop(normalize_image(image[window]), (0, 0), patch_shape)
-        labels = crop(labels[window], (0, 0), patch_shape)
+        image, labels = image[window], labels[window]
+    # files are checked when read (load_image); this names the file for tables cached before that check
+    check_finite(image, source)
+    if position is not None:
+        image = crop(normalize_image(image), (0, 0), patch_shape)
+        labels = crop(labels, (0, 0), patch_shape)
     else:
         image = normalize_image(image)
     if label_transform is not None:
@@ -268,7 +272,13 @@ def _file_signature(pairs: Sequence[FilePair]) -> tuple:
 
 
 def _generate(generator: Callable, features: datasets.Features, gen_kwargs: dict, cache_dir: Any) -> datasets.Dataset:
-    """``Dataset.from_generator`` with our DataError surfaced as itself."""
+    """``Dataset.from_generator`` with the generator's own error surfaced as itself.
+
+    ``datasets`` wraps whatever a generator raises into a ``DatasetGenerationError`` ("An error occurred while
+    generating the dataset", the real message only in a long chained traceback). Our DataError (one line naming
+    the file) and any other ValueError / TypeError / OSError raised while reading the files come out unwrapped,
+    so that the CLI prints them as one line.
+    """
     try:
         return datasets.Dataset.from_generator(
             generator, features=features, gen_kwargs=gen_kwargs, cache_dir=None if cache_dir is None else str(cache_dir)
@@ -277,6 +287,8 @@ def _generate(generator: Callable, features: datasets.Features, gen_kwargs: dict
         cause = err.__cause__
         if isinstance(cause, DataError):
             raise DataError(str(cause)) from cause
+        if isinstance(cause, (ValueError, TypeError, OSError)):
+            raise cause from cause.__cause__
         raise
 
 

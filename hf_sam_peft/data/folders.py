@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, LABEL_SUFFIXES, DataError, load_image, load_labels
+from .io import IMAGE_SUFFIXES, LABEL_SUFFIXES, DataError, check_link, load_image, load_labels
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,14 @@ class FilePair:
 
 
 def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Path]]:
+    """Data files by stem; a dangling or looping symlink named like a data file is an error naming it
+    (never a silently smaller dataset)."""
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in suffixes:
+        if path.name.startswith(".") or path.suffix.lower() not in suffixes:
+            continue
+        check_link(path)
+        if path.is_file():
             found.setdefault(path.stem, []).append(path)
     return found
 
@@ -31,7 +36,8 @@ def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Pa
 def find_pairs(root: str | Path, split: str = "train") -> list[FilePair]:
     """List the image/label pairs of one split, sorted by id; every image must have exactly one label file.
 
-    Files with other suffixes and hidden files are ignored; label files without an image are ignored.
+    Files with other suffixes and hidden files are ignored; label files without an image are ignored. A
+    dangling or looping symlink with an image / label suffix is a :class:`DataError` naming it.
     """
     if not isinstance(split, str) or not split:
         raise ValueError(f"split: expected a non-empty folder name, got {split!r}")

@@ -6,6 +6,8 @@ so that a bad sample in a folder of thousands can be found without a debugger.
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -20,28 +22,53 @@ class DataError(ValueError):
     """A dataset file or folder is missing, unreadable or inconsistent."""
 
 
+def check_link(path: Path) -> None:
+    """A one-line :class:`DataError` when ``path`` is a symlink whose target is missing or that loops."""
+    if not path.is_symlink():
+        return
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DataError(f"{path} is a symlink that loops (too many levels of symbolic links)") from None
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise DataError(f"{path} is a dangling symlink: its target {target} does not exist") from None
+
+
+def check_finite(array: np.ndarray, path: str | Path) -> np.ndarray:
+    """``array`` itself, or a one-line :class:`DataError` naming ``path`` when it holds NaN or inf values."""
+    if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+        raise DataError(f"{path}: image holds NaN or inf values")
+    return array
+
+
 def _read_array(path: Path, *, drop_alpha: bool) -> np.ndarray:
     """Decode a file to an array as stored; PIL's RGBA/LA drop alpha, palettes are expanded only for images."""
+    check_link(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     try:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile
 
-            return np.asarray(tifffile.imread(path))
-        from PIL import Image
+            array = np.asarray(tifffile.imread(path))
+        else:
+            from PIL import Image
 
-        with Image.open(path) as img:
-            if drop_alpha and img.mode == "P":
-                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-            if drop_alpha and img.mode in ("RGBA", "LA", "PA"):
-                img = img.convert("RGB" if img.mode != "LA" else "L")
-            array = np.asarray(img)
+            with Image.open(path) as img:
+                if drop_alpha and img.mode == "P":
+                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+                if drop_alpha and img.mode in ("RGBA", "LA", "PA"):
+                    img = img.convert("RGB" if img.mode != "LA" else "L")
+                array = np.asarray(img)
     except DataError:
         raise
     except Exception as err:  # corrupt, truncated or of an unknown format
         raise DataError(f"could not read {path}: {type(err).__name__}: {err}") from err
-    return array.astype(np.uint8) if array.dtype == bool else array
+    return array.astype(np.uint8) if array.dtype == bool else array  # bilevel TIFF / PNG mode "1": 0 / 1
 
 
 def _channel_axis_candidates(ndim_spatial: int, ndim: int) -> list[int]:
@@ -94,12 +121,14 @@ def load_image(path: str | Path, spatial_shape: Sequence[int] | None = None) -> 
     Returns ``H x W``, ``H x W x 3``, ``Z x H x W`` or ``Z x H x W x 3`` in the file's dtype. Channel-first
     files (``3 x H x W``, ``Z x 3 x H x W``) are transposed. Without ``spatial_shape`` a ``3 x H x W`` file is
     read as RGB; pass the label map's shape to read it as a 3-slice volume instead (no ambiguity then). PNG
-    alpha channels are dropped and palette PNGs expanded to RGB.
+    alpha channels are dropped and palette PNGs expanded to RGB; bool (bilevel) files become uint8 0 / 1.
+    Float images holding NaN or inf are rejected (``<path>: image holds NaN or inf values``).
     """
     path = Path(path)
     array = _read_array(path, drop_alpha=True)
     if not np.issubdtype(array.dtype, np.number):
         raise DataError(f"image {path} has non-numeric dtype {array.dtype}")
+    check_finite(array, path)
     return _to_channel_last(array, path, spatial_shape)
 
 
@@ -132,6 +161,7 @@ def load_labels(path: str | Path) -> np.ndarray:
 def spatial_shape_of(path: str | Path) -> tuple[int, ...]:
     """Shape of a label file from its header (no pixel decoding), singleton axes squeezed as in load_labels."""
     path = Path(path)
+    check_link(path)
     try:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile
@@ -159,6 +189,7 @@ def image_dtype_of(path: str | Path) -> np.dtype:
     """The dtype :func:`load_image` returns for a file, from its header (no pixel decoding); bool counts as
     uint8 as in :func:`load_image`."""
     path = Path(path)
+    check_link(path)
     try:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile

@@ -43,7 +43,7 @@ def normalize_image(image: np.ndarray, percentiles: Sequence[float] | None = Non
 def _min_max(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Scale [lo, hi] to [0, 255] uint8 (rounded); a zero range gives zeros."""
     if not np.isfinite(lo) or not np.isfinite(hi):
-        raise ValueError("image: contains NaN or infinite values")
+        raise ValueError("image: holds NaN or inf values")
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
     return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)

@@ -50,6 +50,7 @@ __all__ = [
     "PromptPredictor",
     "SamPredictor",
     "UNETR_SUBFOLDER",
+    "check_prompts",
     "eval_mode",
     "has_unetr",
     "image_size_of",
@@ -126,7 +127,97 @@ def _as_image(image: Any) -> np.ndarray:
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3))):
         raise ValueError(f"image must be a 2D image of shape (H, W) or (H, W, 1|3), got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image must hold at least one pixel (H, W >= 1), got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+        raise TypeError(f"image must hold real numbers, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ValueError("image holds NaN or inf values")
     return array
+
+
+def _as_prompt_tensor(value: Any, name: str) -> torch.Tensor:
+    """``value`` as a tensor of real numbers, or a one-line error naming the argument."""
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be a tensor or array of numbers, got {type(value).__name__} ({err})") from None
+    if tensor.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
+    return tensor
+
+
+def _first_bad(mask: torch.Tensor) -> tuple[int, ...]:
+    """Index of the first True entry of ``mask`` (for naming the offending prompt)."""
+    return tuple(int(i) for i in mask.nonzero()[0].tolist())
+
+
+def check_prompts(
+    points: Any, labels: Any, boxes: Any, image_size: tuple[int, int]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Validate prompts in the original image frame (``image_size`` = (H, W)); returns them as tensors.
+
+    ``points`` ``(N, P, 2)`` (x, y) with ``P >= 1``, finite, ``0 <= x < W`` and ``0 <= y < H``; ``labels``
+    ``(N, P)`` of 1 (positive) / 0 (negative); ``boxes`` ``(N, 4)`` ``(x0, y0, x1, y1)``, finite, ``x0 < x1``,
+    ``y0 < y1`` (exclusive maxima), inside ``[0, W] x [0, H]``, ``N`` matching the points. Anything else is a
+    one-line ValueError naming the argument, the offending entry and what was expected.
+    """
+    height, width = image_size
+    if points is None and boxes is None:
+        raise ValueError("predict needs points (with labels) and/or boxes")
+    if (points is None) != (labels is None):
+        raise ValueError("points and labels must be given together")
+    n_objects = None
+    if points is not None:
+        points, labels = _as_prompt_tensor(points, "points"), _as_prompt_tensor(labels, "labels")
+        if points.ndim != 3 or points.shape[-1] != 2 or labels.shape != points.shape[:2]:
+            raise ValueError(
+                f"points must be (N, P, 2) and labels (N, P), got {tuple(points.shape)} and {tuple(labels.shape)}"
+            )
+        if points.shape[1] == 0:
+            raise ValueError(f"points must hold at least one point per object (N, P >= 1, 2), got {tuple(points.shape)}")
+        values = points.detach().cpu().double()
+        if not torch.isfinite(values).all():
+            index = _first_bad(~torch.isfinite(values).all(-1))
+            raise ValueError(f"points{list(index)} = {values[index].tolist()} is not finite (NaN or inf)")
+        outside = (values[..., 0] < 0) | (values[..., 0] >= width) | (values[..., 1] < 0) | (values[..., 1] >= height)
+        if outside.any():
+            index = _first_bad(outside)
+            raise ValueError(
+                f"points{list(index)} = (x, y) {tuple(values[index].tolist())} lies outside the {width} x {height} "
+                f"image (expected 0 <= x < {width}, 0 <= y < {height})"
+            )
+        label_values = labels.detach().cpu().double()
+        bad = (label_values != 0) & (label_values != 1)
+        if bad.any():
+            index = _first_bad(bad)
+            raise ValueError(
+                f"labels{list(index)} = {label_values[index].item():g}: point labels must be 1 (positive) or 0 (negative)"
+            )
+        n_objects = points.shape[0]
+    if boxes is not None:
+        boxes = _as_prompt_tensor(boxes, "boxes")
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or (n_objects is not None and boxes.shape[0] != n_objects):
+            raise ValueError(f"boxes must be (N, 4) with N matching the points, got {tuple(boxes.shape)}")
+        values = boxes.detach().cpu().double()
+        if not torch.isfinite(values).all():
+            index = _first_bad(~torch.isfinite(values).all(-1))
+            raise ValueError(f"boxes[{index[0]}] = {values[index].tolist()} is not finite (NaN or inf)")
+        inverted = (values[:, 2] <= values[:, 0]) | (values[:, 3] <= values[:, 1])
+        if inverted.any():
+            index = _first_bad(inverted)
+            raise ValueError(
+                f"boxes[{index[0]}] = {tuple(values[index].tolist())} is empty or inverted "
+                "(expected (x0, y0, x1, y1) with x0 < x1 and y0 < y1)"
+            )
+        outside = (values[:, :2] < 0).any(-1) | (values[:, 2] > width) | (values[:, 3] > height)
+        if outside.any():
+            index = _first_bad(outside)
+            raise ValueError(
+                f"boxes[{index[0]}] = {tuple(values[index].tolist())} reaches outside the {width} x {height} image "
+                f"(expected 0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height})"
+            )
+    return points, labels, boxes
 
 
 class SamPredictor:
@@ -188,29 +279,18 @@ class SamPredictor:
 
         ``points`` ``(N, P, 2)`` (x, y) with ``labels`` ``(N, P)`` (1 positive, 0 negative) and/or ``boxes``
         ``(N, 4)``, all in the original image's pixel frame. ``multimask`` for points without a box is
-        honoured only when ``self.point_multimask`` (see the class docstring); else ``K`` = 1.
+        honoured only when ``self.point_multimask`` (see the class docstring); else ``K`` = 1. Prompts are
+        checked where they enter (:func:`check_prompts`): points outside the image, inverted or empty boxes,
+        NaN / inf, labels other than 0 / 1 and wrong shapes are one-line ValueErrors naming the argument.
         """
         self._check_image()
         frames = self.frames
-        if points is None and boxes is None:
-            raise ValueError("predict needs points (with labels) and/or boxes")
-        if (points is None) != (labels is None):
-            raise ValueError("points and labels must be given together")
+        points, labels, boxes = check_prompts(points, labels, boxes, self.original_size)
         prompts = Prompts()
-        n_objects = None
         if points is not None:
-            points, labels = torch.as_tensor(points), torch.as_tensor(labels)
-            if points.ndim != 3 or points.shape[-1] != 2 or labels.shape != points.shape[:2]:
-                raise ValueError(
-                    f"points must be (N, P, 2) and labels (N, P), got {tuple(points.shape)} and {tuple(labels.shape)}"
-                )
-            n_objects = points.shape[0]
             coords = frames.coords(0, points.to(self.device)).to(self.dtype)
             prompts = prompts.add_points(coords[None], labels.to(self.device).long()[None])
         if boxes is not None:
-            boxes = torch.as_tensor(boxes)
-            if boxes.ndim != 2 or boxes.shape[-1] != 4 or (n_objects is not None and boxes.shape[0] != n_objects):
-                raise ValueError(f"boxes must be (N, 4) with N matching the points, got {tuple(boxes.shape)}")
             prompts = Prompts(prompts.points, prompts.labels, frames.boxes(0, boxes.to(self.device)).to(self.dtype)[None])
         multimask = self.uses_multimask(multimask, boxes is not None)
         with eval_mode(self.model):

@@ -20,7 +20,10 @@ from typing import Any, Iterable, Sequence
 
 from hf_sam_peft.atomic import atomic_write_text
 
-__all__ = ["KEY_COLUMNS", "METRIC_NAMES", "SCORE_COLUMNS", "ResultRow", "ResultsTable", "format_rounds"]
+__all__ = [
+    "KEY_COLUMNS", "METRIC_NAMES", "SCORE_COLUMNS", "ResultRow", "ResultsTable", "check_output_folder",
+    "check_results_file", "format_rounds",
+]
 
 KEY_COLUMNS = ("dataset", "method", "adapter", "metric")
 SCORE_COLUMNS = ("point", "box", "ip", "ib", "ais")
@@ -226,3 +229,75 @@ def format_rounds(results: dict[str, dict[str, Any]], metric: str = "iou", digit
             cells = [name, start, *(f"{v:.{digits}f}" for v in values), f"{verdict} ({values[-1] - values[0]:+.{digits}f})"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- output paths
+
+
+def _probe_folder(folder: Path, shown: Path, flag: str) -> None:
+    """One-line ValueError unless a file can be created in the existing folder ``folder`` (for ``shown``)."""
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {shown} is not writable ({folder}: permission denied or read-only); pass another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".write_test_"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {shown} is not writable ({folder}: {exc.strerror or exc}); pass another {flag}") from None
+
+
+def _existing_ancestor(path: Path, shown: Path, flag: str) -> Path:
+    """``path`` or its closest ancestor that exists; a one-line ValueError unless that is a folder."""
+    ancestor = path
+    while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {shown} is not writable ({ancestor} is not a folder); pass another {flag}")
+    return ancestor
+
+
+def check_output_folder(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """Before any work: ``folder`` is (or can be made) a folder that files can be written to. Creates it.
+
+    A file at ``folder``, a file on its path, or a folder that cannot be written to (permissions, a read-only
+    file system) is a one-line ValueError naming it.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is a file, not a folder; pass another {flag}")
+    if not folder.exists():
+        _probe_folder(_existing_ancestor(folder, folder, flag), folder, flag)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"{flag} {folder} is not writable ({exc.strerror or exc}); pass another {flag}") from None
+    _probe_folder(folder, folder, flag)
+    return folder
+
+
+def check_results_file(path: str | os.PathLike, flag: str = "--out") -> ResultsTable | None:
+    """Before any work: ``path`` can take a results table (.csv / .json). Returns the table already there
+    (None when there is none), so that a malformed one is reported now, not after a long evaluation.
+
+    A folder at ``path``, a file on its path, a folder that cannot be written to, or an existing table that
+    cannot be read is a one-line ValueError naming it. Nothing is created.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"{flag} must end in .csv or .json, got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder, not a results file; pass a .csv or .json file path")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise ValueError(f"{flag} {path} is not a regular file; pass another {flag}")
+        _probe_folder(path.parent, path, flag)  # written by a rename beside it (atomic_write_text)
+        try:
+            return ResultsTable.read(path)
+        except OSError as exc:
+            raise ValueError(f"{flag} {path} cannot be read ({exc.strerror or exc}); pass another {flag}") from None
+        except ValueError as exc:
+            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            raise ValueError(f"{flag} holds a table that cannot be updated: {message}") from None
+    _probe_folder(_existing_ancestor(path.parent, path, flag), path, flag)
+    return None

@@ -220,3 +220,138 @@ def test_evaluate_answers_the_point_start_through_the_trained_output(workspace, 
     # per image: the point start's one call, then the box start's
     assert calls == [point_multimask is not False, False] * 2
     assert json.loads(out.read_text())["details"]["point_multimask"] is (point_multimask is not False)
+
+
+# --------------------------------------------------------------------------------------------- issue 15
+
+
+def one_error_line(capsys, argv) -> str:
+    """Run the CLI; assert status 2 and one `hf-sam-peft <command>: error:` line on stderr; return it."""
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"hf-sam-peft {argv[0]}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command loads a model: the output path must be refused before any work."""
+    from hf_sam_peft.evaluation import predictor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(predictor, "load_model", refuse)
+
+
+def tiny_data(root, image=None):
+    """<root>/val with one 32 x 40 image (float when given) and its labels; returns (image, label) paths."""
+    for folder in ("images", "labels"):
+        (root / "val" / folder).mkdir(parents=True, exist_ok=True)
+    labels = np.zeros((32, 40), np.uint16)
+    labels[4:14, 4:14], labels[18:30, 20:36] = 1, 2
+    image_path, label_path = root / "val" / "images" / "a.tif", root / "val" / "labels" / "a.tif"
+    tifffile.imwrite(image_path, np.full((32, 40), 7, np.uint8) if image is None else image)
+    tifffile.imwrite(label_path, labels)
+    return image_path, label_path
+
+
+def unwritable_folder(tmp_path, monkeypatch, use_chmod: bool):
+    """A folder nothing can be written to: chmod 500 (when that binds this user; root ignores it), else
+    os.access monkeypatched to answer no for it, as for a read-only mount."""
+    import os
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if use_chmod:
+        folder.chmod(0o500)
+        if os.access(folder, os.W_OK):  # root: permission bits do not bind
+            folder.chmod(0o700)
+            pytest.skip("running as root: chmod does not make a folder unwritable")
+        return folder
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if str(path) == str(folder) else real_access(path, mode, *a, **k))
+    return folder
+
+
+def test_evaluate_refuses_a_bad_out_before_any_work(tmp_path, capsys, no_model):
+    data = tmp_path / "data"
+    tiny_data(data)
+    base = ["evaluate", "--base", "tiny", "--data", str(data), "--no-progress", "--out"]
+    (tmp_path / "results.csv").mkdir()
+    line = one_error_line(capsys, base + [str(tmp_path / "results.csv")])
+    assert f"--out {tmp_path / 'results.csv'} is a folder, not a results file" in line
+    (tmp_path / "file").write_text("x")
+    line = one_error_line(capsys, base + [str(tmp_path / "file" / "sub" / "r.json")])
+    assert f"--out {tmp_path / 'file' / 'sub' / 'r.json'} is not writable ({tmp_path / 'file'} is not a folder)" in line
+    (tmp_path / "broken.json").write_text("{not json")
+    line = one_error_line(capsys, base + [str(tmp_path / "broken.json")])
+    assert "cannot be updated" in line and str(tmp_path / "broken.json") in line and "line 1" in line
+    (tmp_path / "other.json").write_text("[1, 2]")
+    line = one_error_line(capsys, base + [str(tmp_path / "other.json")])
+    assert "is not a results JSON" in line
+    assert ".csv or .json" in one_error_line(capsys, base + [str(tmp_path / "r.txt")])
+
+
+@pytest.mark.parametrize("use_chmod", [True, False], ids=["chmod", "read-only (os.access)"])
+def test_evaluate_refuses_an_unwritable_out_before_any_work(tmp_path, capsys, monkeypatch, no_model, use_chmod):
+    data = tmp_path / "data"
+    tiny_data(data)
+    folder = unwritable_folder(tmp_path, monkeypatch, use_chmod)
+    try:
+        for out in (folder / "r.csv", folder / "new" / "deeper" / "r.json"):
+            line = one_error_line(capsys, ["evaluate", "--base", "tiny", "--data", str(data), "--out", str(out)])
+            assert f"--out {out} is not writable ({folder}" in line and "pass another --out" in line
+            assert not out.parent.exists() or out.parent == folder  # nothing created
+        if not use_chmod:  # an existing table in a read-only folder cannot be replaced (written by a rename)
+            from hf_sam_peft.evaluation.results import ResultsTable
+
+            ResultsTable().write(folder / "old.csv")  # the folder is writable, only os.access says no
+            line = one_error_line(capsys, ["evaluate", "--base", "tiny", "--data", str(data), "--out", str(folder / "old.csv")])
+            assert f"--out {folder / 'old.csv'} is not writable ({folder}: permission denied or read-only)" in line
+    finally:
+        folder.chmod(0o700)
+
+
+def test_segment_refuses_a_bad_out_before_any_work(tmp_path, capsys, monkeypatch, no_model):
+    image, labels = tiny_data(tmp_path / "data")
+    base = ["segment", "--base", "tiny", str(image), "--boxes-from", str(labels), "--out"]
+    (tmp_path / "file").write_text("x")
+    line = one_error_line(capsys, base + [str(tmp_path / "file")])
+    assert f"--out {tmp_path / 'file'} is a file, not a folder; pass another --out" in line
+    line = one_error_line(capsys, base + [str(tmp_path / "file" / "sub")])
+    assert f"--out {tmp_path / 'file' / 'sub'} is not writable ({tmp_path / 'file'} is not a folder)" in line
+    folder = unwritable_folder(tmp_path, monkeypatch, use_chmod=False)
+    for out in (folder, folder / "new"):
+        line = one_error_line(capsys, base + [str(out)])
+        assert f"--out {out} is not writable ({folder}: permission denied or read-only)" in line
+    assert not (folder / "new").exists()
+    line = one_error_line(capsys, ["segment", "--base", "tiny", str(image), str(image), "--out", str(tmp_path / "o")])
+    assert "share the name 'a'" in line
+
+
+def test_segment_refuses_a_chmod_locked_out(tmp_path, capsys, monkeypatch, no_model):
+    image, labels = tiny_data(tmp_path / "data")
+    folder = unwritable_folder(tmp_path, monkeypatch, use_chmod=True)
+    try:
+        for out in (folder, folder / "new"):
+            line = one_error_line(capsys, ["segment", "--base", "tiny", str(image), "--boxes-from", str(labels),
+                                           "--out", str(out)])
+            assert f"--out {out} is not writable" in line
+    finally:
+        folder.chmod(0o700)
+
+
+def test_non_finite_images_in_evaluate_and_segment_name_the_file(tmp_path, capsys):
+    image = np.random.default_rng(0).random((32, 40)).astype(np.float32)
+    image[1, 2] = np.nan
+    image_path, label_path = tiny_data(tmp_path / "data", image)
+    line = one_error_line(capsys, ["evaluate", "--base", "tiny", "--data", str(tmp_path / "data"), "--mode",
+                                   "interactive", "--no-progress", "--out", str(tmp_path / "r.csv")])
+    assert line.endswith(f"error: {image_path}: image holds NaN or inf values")
+    assert not (tmp_path / "r.csv").exists()
+    line = one_error_line(capsys, ["segment", "--base", "tiny", str(image_path), "--boxes-from", str(label_path),
+                                   "--out", str(tmp_path / "seg")])
+    assert line.endswith(f"error: {image_path}: image holds NaN or inf values")

@@ -237,3 +237,65 @@ def test_label_transform_cache_invalidation_and_option_checks(tmp_path):
                 dict(n_patches_per_image=2), dict(max_images=0), dict(label_transform=3)):
         with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
             build_dataset(root, cache_dir=tmp_path / "c", **bad)
+
+
+# --------------------------------------------------------------------------------------------- issue 15
+
+
+def _nan_dataset(root: Path, split: str = "train", value: float = np.nan) -> Path:
+    """Two float images, the second holding one non-finite pixel; returns the bad image's path."""
+    rng = np.random.default_rng(0)
+    write_pair(root, split, "a_good", rng.random((48, 64)).astype(np.float32), tiny_labels(), image_ext=".tif")
+    bad = rng.random((48, 64)).astype(np.float32)
+    bad[10, 10] = value
+    return write_pair(root, split, "b_bad", bad, tiny_labels(), image_ext=".tif")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_images_stop_every_builder_with_one_line_naming_the_file(tmp_path, value):
+    """build_dataset, train_val_datasets (fixed val rows and the training slices table), the training split
+    without val/ and iter_rows (the evaluate path): one line `<path>: image holds NaN or inf values`, never
+    datasets' multi-line DatasetGenerationError."""
+    bad = _nan_dataset(tmp_path / "d", value=value)
+    expected = f"{bad}: image holds NaN or inf values"
+    calls = {
+        "build_dataset": lambda: build_dataset(tmp_path / "d", min_size=0, cache_dir=tmp_path / "c1"),
+        "patches": lambda: build_dataset(tmp_path / "d", patch_shape=(16, 16), cache_dir=tmp_path / "c2"),
+        "holdout": lambda: train_val_datasets(tmp_path / "d", val_fraction=0.5, seed=0, cache_dir=tmp_path / "c3"),
+        "iter_rows": lambda: list(iter_rows(tmp_path / "d", "train", min_size=0)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(DataError) as info:
+            call()
+        assert str(info.value) == expected, name
+    # a bad training image with a clean val/ split: the training slices table is where it is found
+    rng = np.random.default_rng(1)
+    write_pair(tmp_path / "d", "val", "v", rng.random((48, 64)).astype(np.float32), tiny_labels(), image_ext=".tif")
+    for random_train in (True, False):
+        with pytest.raises(DataError) as info:
+            train_val_datasets(tmp_path / "d", cache_dir=tmp_path / f"c{random_train}", random_train=random_train)
+        assert str(info.value) == expected
+
+
+def test_a_non_finite_slice_cached_before_the_check_names_its_file(tmp_path):
+    """Training tables cached before files were checked may hold NaN: the served patch names the file."""
+    from hf_sam_peft.data.builder import _make_row
+
+    image = np.random.default_rng(0).random((48, 64)).astype(np.float32)
+    image[5, 5] = np.nan
+    with pytest.raises(DataError, match=re.escape("some/file.tif: image holds NaN or inf values")):
+        _make_row(image, tiny_labels(), (0, 0), (16, 16), 0, "instances", None, "some/file.tif")
+    row = _make_row(image, tiny_labels(), (16, 16), (16, 16), 0, "instances", None, "some/file.tif")
+    assert row["image"].dtype == np.uint8  # a patch without the bad pixel is fine
+
+
+def test_errors_raised_while_generating_are_not_wrapped_by_datasets(tmp_path):
+    """A ValueError / TypeError from inside the generator (here a label_transform) comes out as itself."""
+    root = tmp_path / "d"
+    write_pair(root, "train", "x", np.zeros((48, 64), np.uint8), tiny_labels())
+
+    def transform(labels):
+        raise ValueError("my transform cannot take this")
+
+    with pytest.raises(ValueError, match="^my transform cannot take this$"):
+        build_dataset(root, min_size=0, label_transform=transform, cache_dir=tmp_path / "c")

@@ -193,3 +193,94 @@ def test_duplicate_ids_are_rejected(tmp_path):
     Image.fromarray(np.zeros((32, 40), np.uint8)).save(tmp_path / "train" / "images" / "d.png")
     with pytest.raises(DataError, match="share the id 'd'"):
         find_pairs(tmp_path, "train")
+
+
+# --------------------------------------------------------------------------------------------- issue 15
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_non_finite_image_is_one_line_naming_the_file(tmp_path, value, dtype):
+    image = np.random.default_rng(0).random((32, 40)).astype(dtype)
+    image[3, 4] = value
+    path = tmp_path / "nan.tif"
+    tifffile.imwrite(path, image)
+    with pytest.raises(DataError) as info:
+        load_image(path)
+    assert str(info.value) == f"{path}: image holds NaN or inf values"
+    rgb = np.repeat(image[..., None], 3, axis=-1)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb)
+    with pytest.raises(DataError, match="NaN or inf"):
+        load_image(tmp_path / "rgb.tif", spatial_shape=(32, 40))
+    image[3, 4] = 0.5  # finite floats are fine
+    tifffile.imwrite(path, image)
+    assert load_image(path).dtype == dtype
+
+
+def test_bool_tiff_labels_and_images_read_as_uint8(tmp_path):
+    """load_labels promises "bool becomes uint8": also for a TIFF that tifffile wrote from a bool array (a
+    bilevel TIFF, read back as bool), in 2D and 3D; load_image and image_dtype_of agree."""
+    from hf_sam_peft.data.io import image_dtype_of, spatial_shape_of
+
+    mask = blob_labels() > 0
+    tifffile.imwrite(tmp_path / "b.tif", mask)
+    assert tifffile.imread(tmp_path / "b.tif").dtype == bool  # the case being tested
+    labels = load_labels(tmp_path / "b.tif")
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, mask.astype(np.uint8))
+    volume = np.stack([mask, ~mask, np.zeros_like(mask)])
+    tifffile.imwrite(tmp_path / "v.tif", volume)
+    labels = load_labels(tmp_path / "v.tif")
+    assert labels.dtype == np.uint8 and labels.shape == (3, 32, 40)
+    np.testing.assert_array_equal(labels, volume.astype(np.uint8))
+    assert spatial_shape_of(tmp_path / "v.tif") == (3, 32, 40)
+    image = load_image(tmp_path / "b.tif")
+    assert image.dtype == np.uint8 and image_dtype_of(tmp_path / "b.tif") == np.uint8
+    # a whole dataset of bool label TIFFs builds
+    write_pair(tmp_path / "d", "train", "m", np.zeros((32, 40), np.uint8), mask)
+    ds = build_dataset(tmp_path / "d", min_size=0, cache_dir=tmp_path / "c")
+    assert len(ds) == 1 and ds[0]["labels"].max() == 2  # two blobs -> two objects
+
+
+def _dangling(folder: Path, name: str) -> Path:
+    link = folder / name
+    link.symlink_to(folder / "missing_target.tif")
+    return link
+
+
+def _looping(folder: Path, name: str) -> Path:
+    link = folder / name
+    other = folder / f".{name}.loop"
+    link.symlink_to(other)
+    other.symlink_to(link)
+    return link
+
+
+@pytest.mark.parametrize("make", [_dangling, _looping], ids=["dangling", "looping"])
+@pytest.mark.parametrize("folder", ["images", "labels"])
+def test_broken_symlinks_in_data_folders_are_errors_naming_them(tmp_path, make, folder):
+    """A broken image / label symlink is an error naming it, never a silently smaller dataset."""
+    write_pair(tmp_path, "train", "a", np.zeros((32, 40), np.uint8), blob_labels())
+    write_pair(tmp_path, "train", "b", np.zeros((32, 40), np.uint8), blob_labels())
+    (tmp_path / "train" / folder / ("b.tif")).unlink()
+    link = make(tmp_path / "train" / folder, "b.tif")
+    expected = "dangling symlink" if make is _dangling else "symlink that loops"
+    for call in (lambda: find_pairs(tmp_path, "train"), lambda: build_dataset(tmp_path, cache_dir=tmp_path / "c")):
+        with pytest.raises(DataError, match=expected) as info:
+            call()
+        assert str(link) in str(info.value) and "\n" not in str(info.value)
+    reader = load_image if folder == "images" else load_labels
+    with pytest.raises(DataError, match=expected):
+        reader(link)
+
+
+def test_working_symlinks_and_broken_links_with_other_suffixes(tmp_path):
+    """Valid symlinks are followed; a broken link that is not named like a data file is ignored as before."""
+    image_path, label_path = write_pair(tmp_path / "real", "train", "a", np.zeros((32, 40), np.uint8), blob_labels())
+    for folder in ("images", "labels"):
+        (tmp_path / "d" / "train" / folder).mkdir(parents=True)
+    (tmp_path / "d" / "train" / "images" / "a.tif").symlink_to(image_path)
+    (tmp_path / "d" / "train" / "labels" / "a.tif").symlink_to(label_path)
+    _dangling(tmp_path / "d" / "train" / "images", "notes.txt")
+    _dangling(tmp_path / "d" / "train" / "images", ".hidden.tif")
+    assert [p.id for p in find_pairs(tmp_path / "d", "train")] == ["a"]
