@@ -37,3 +37,19 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real dataset {name!r} not found at {path} (../shared/data is absent in this checkout)")
     return path
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """The ``multimask`` every SamPredictor decoder call really used."""
+    from hf_sam_peft.evaluation import predictor as predictor_module
+
+    calls: list[bool] = []
+    original = predictor_module.decode
+
+    def spy(model, embeddings, prompts, multimask, *args, **kwargs):
+        calls.append(bool(multimask))
+        return original(model, embeddings, prompts, multimask, *args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "decode", spy)
+    return calls

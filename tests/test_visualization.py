@@ -70,3 +70,28 @@ def test_bad_image_and_path(tmp_path):
         overlay_figure(np.zeros((4, 8, 8)))
     with pytest.raises(ValueError, match=".png"):
         save_overlay(tmp_path / "x.jpg", np.zeros((8, 8)))
+
+
+def _rounds(point: list[float], box: list[float]) -> dict:
+    return {"rounds": {"point": {"iou": point}, "box": {"iou": box}}}
+
+
+def test_round_curves_and_table_show_whether_corrections_help(tmp_path):
+    from hf_sam_peft.evaluation.results import format_rounds
+    from hf_sam_peft.visualization import round_curves_figure
+
+    results = {"base": _rounds([0.1, 0.2, 0.3], [0.6, 0.5, 0.4]), "tuned": _rounds([0.5, 0.6, 0.7], [0.8, 0.8, 0.85])}
+    table = format_rounds(results)
+    lines = table.splitlines()
+    assert lines[0] == "| model | start | r0 | r1 | r2 | corrections |" and len(lines) == 2 + 4
+    assert "| base | box | 0.600 | 0.500 | 0.400 | hurt (-0.200) |" in lines
+    assert "| tuned | box | 0.800 | 0.800 | 0.850 | help (+0.050) |" in lines
+    figure = round_curves_figure(results, title="t")
+    assert len(figure.axes) == 2 and [len(ax.lines) for ax in figure.axes] == [2, 2]
+    assert list(figure.axes[1].lines[1].get_ydata()) == [0.8, 0.8, 0.85]
+    figure.savefig(tmp_path / "rounds.png")
+    assert (tmp_path / "rounds.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="at least one"):
+        format_rounds({})
+    with pytest.raises(ValueError, match="at least one"):
+        round_curves_figure({})

@@ -193,10 +193,9 @@ def test_base_from_folder(workspace, tmp_path):
 
 
 @pytest.mark.parametrize("point_multimask", [False, None])
-def test_evaluate_answers_the_point_start_through_the_trained_output(workspace, tmp_path, monkeypatch, point_multimask):
+def test_evaluate_answers_the_point_start_through_the_trained_output(workspace, tmp_path, decode_calls, point_multimask):
     """An adapter saved with point_multimask=False answers the first click through the single-mask output;
     one saved without the field keeps SAM's multimask output. The JSON details record which."""
-    from hf_sam_peft.evaluation import predictor as predictor_module
     from hf_sam_peft.evaluation.predictor import load_base
     from hf_sam_peft.hub import save_adapter
     from hf_sam_peft.methods import apply_method
@@ -205,14 +204,7 @@ def test_evaluate_answers_the_point_start_through_the_trained_output(workspace, 
         apply_method(load_base("tiny"), "freeze_encoder"), tmp_path / "adapter", base_model_id="tiny",
         point_multimask=point_multimask,
     )
-    calls: list[bool] = []
-    original = predictor_module.decode
-
-    def spy(model, embeddings, prompts, multimask, *args, **kwargs):
-        calls.append(bool(multimask))
-        return original(model, embeddings, prompts, multimask, *args, **kwargs)
-
-    monkeypatch.setattr(predictor_module, "decode", spy)
+    calls = decode_calls
     out = tmp_path / "results.json"
     assert cli.main(["evaluate", "--base", "tiny", "--adapter", str(adapter), "--data", str(workspace["data"]),
                      "--split", "test", "--mode", "interactive", "--n-corrections", "0", "--out", str(out),

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from hf_sam_peft import hub
-from hf_sam_peft.evaluation import predictor as predictor_module
 from hf_sam_peft.evaluation.interactive import evaluate_interactive, segment_from_labels
 from hf_sam_peft.evaluation.predictor import SamPredictor, load_model, point_multimask_of, set_point_multimask
 from hf_sam_peft.methods import apply_method
@@ -36,20 +35,6 @@ def adapters(tmp_path_factory):
     single = hub.save_adapter(model, root / "single", base_model_id=str(root / "base"), point_multimask=False)
     plain = hub.save_adapter(model, root / "plain", base_model_id=str(root / "base"))
     return {"base": str(root / "base"), "single": str(single), "plain": str(plain)}
-
-
-@pytest.fixture
-def decode_calls(monkeypatch):
-    """The ``multimask`` every SamPredictor decoder call really used."""
-    calls: list[bool] = []
-    original = predictor_module.decode
-
-    def spy(model, embeddings, prompts, multimask, *args, **kwargs):
-        calls.append(bool(multimask))
-        return original(model, embeddings, prompts, multimask, *args, **kwargs)
-
-    monkeypatch.setattr(predictor_module, "decode", spy)
-    return calls
 
 
 def test_predictor_answers_a_click_through_the_trained_output(tiny_sam):
