@@ -184,12 +184,13 @@ def test_cli_options_reach_the_demo_config(monkeypatch, tmp_path):
     parser = argparse.ArgumentParser()
     demo_command.register(parser.add_subparsers())
     args = parser.parse_args(
-        ["demo", "--data", str(tmp_path), "--method", "ssf", "--steps", "3", "--out", "o", "--seed", "5", "--threads", "1"]
+        ["demo", "--data", str(tmp_path), "--method", "ssf", "--steps", "3", "--out", "o", "--seed", "5", "--threads", "1",
+         "--rounds", "8"]
     )
     assert args.func(args) == 0
     (config,) = seen
-    assert (config.data, config.method, config.steps, config.out, config.seed, config.threads) == (
-        str(tmp_path), "ssf", 3, "o", 5, 1
+    assert (config.data, config.method, config.steps, config.out, config.seed, config.threads, config.n_rounds) == (
+        str(tmp_path), "ssf", 3, "o", 5, 1, 8
     )
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--method", "nope"])
