@@ -11,8 +11,8 @@ without a `test` split `val` becomes the test set and a fifth of the `train` ima
 out for validation instead, chosen by the seed).
 
 Never silently worse: the untouched base is evaluated on the validation data before the first update and
-every `eval_every` steps after; the checkpoint with the best validation score is kept, the base among the
-candidates (:class:`~hf_sam_peft.training.trainer.SamInteractiveTrainer`'s ``evaluate_base``). The summary
+again at the end (also every `eval_every` steps when set); the checkpoint with the best validation score is
+kept, the base among the candidates (:class:`~hf_sam_peft.training.trainer.SamInteractiveTrainer`'s ``evaluate_base``). The summary
 says plainly when fine-tuning did not beat the base, on validation and on the held-out test data.
 
 Training is µSAM's interactive objective (`SamInteractiveTrainer`) with the point steps sent through the
@@ -77,7 +77,7 @@ class DemoConfig:
     n_rounds: int = 2  # training rounds per step: initial prompt + 1 correction
     mask_prob: float = 0.5
     n_corrections: int = 7  # evaluation corrections (I_P / I_B)
-    eval_every: int = 5  # validation (and a checkpoint) every this many steps, and once before training
+    eval_every: int | None = None  # validation (+ checkpoint) every this many steps and before training; None: at the end
     tile: int = 256
     min_size: int = 25  # training objects below this size (cut by crop borders) are dropped
     max_eval_images: int | None = 4  # with data=DIR: test images scored (None: all)
@@ -94,6 +94,8 @@ class DemoConfig:
             raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}")
         for name in ("steps", "n_objects", "n_rounds", "tile", "eval_every"):
             value = getattr(self, name)
+            if name == "eval_every" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.n_corrections, int) or self.n_corrections < 0:
@@ -248,7 +250,7 @@ def _evaluate(model: torch.nn.Module, rows: list[dict[str, Any]], config: DemoCo
 def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict[str, Any]], config: DemoConfig, out: Path):
     """``(PEFT model, trainer)`` after ``config.steps`` interactive training steps (one image per step).
 
-    With validation rows: the untouched base and every ``eval_every`` steps are scored on them and the best
+    With validation rows: the untouched base, the end (and every ``eval_every`` steps) are scored and the best
     state is kept (the base included), so the returned model is never worse on validation than the base.
     """
     from hf_sam_peft.methods import apply_method
@@ -272,9 +274,9 @@ def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict
         mask_prob=config.mask_prob,
         point_multimask=False,
         eval_strategy=validate,
-        eval_steps=min(config.eval_every, config.steps),
+        eval_steps=min(config.eval_every or config.steps, config.steps),
         save_strategy=validate,
-        save_steps=min(config.eval_every, config.steps),
+        save_steps=min(config.eval_every or config.steps, config.steps),
         save_total_limit=1,
         save_only_model=True,
         load_best_model_at_end=bool(val),
