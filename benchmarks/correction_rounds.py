@@ -11,7 +11,8 @@ last checkpoint) and ``rounds.json`` into ``--out``.
     python benchmarks/correction_rounds.py --data ../shared/data/dsb2018_stage1test_fluo_nuclei --steps 75
     python benchmarks/correction_rounds.py --rounds 2 --mask-prob 0.5 --steps 25   # the old demo setting
 
-``--data`` folders: ``train`` trains (random 256² crops), ``test`` (else ``val``) is held out.
+``--data`` folders: ``train`` trains (random 256² crops), ``test`` (else ``val``) is held out and scored as
+256² tiles (the demo's ``folder_splits(..., tile=256)``), ``--max-eval-images`` of them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-prob", type=float, default=0.5, help="training mask-input probability (default 0.5)")
     parser.add_argument("--objects", type=int, default=16, help="objects per training step (default 16)")
     parser.add_argument("--lr", type=float, default=3e-4, help="learning rate (default: the demo's 3e-4)")
-    parser.add_argument("--max-eval-images", type=int, default=4, help="test images scored with --data")
+    parser.add_argument("--max-eval-images", type=int, default=4, help="test tiles scored with --data")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="correction-rounds", help="where rounds.json and rounds.png go")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None:
         splits = demo.stardist_splits(*demo.stardist_nuclei(), tile=config.tile)
     else:
-        splits = demo.folder_splits(args.data, args.max_eval_images, args.seed)
+        splits = demo.folder_splits(args.data, args.max_eval_images, args.seed, tile=config.tile)
     train = demo.training_rows(splits["train"], args.steps, config.tile, args.seed, config.min_size)
     model, _ = load_base_model("lite_medsam")
     out = Path(args.out)

@@ -45,6 +45,7 @@ __all__ = [
     "run_demo",
     "stardist_nuclei",
     "stardist_splits",
+    "tile_rows",
     "training_rows",
 ]
 
@@ -167,13 +168,16 @@ def stardist_splits(image: np.ndarray, labels: np.ndarray, tile: int = 256) -> d
 
 
 def folder_splits(
-    data: str | os.PathLike, max_eval_images: int | None = None, seed: int = 0
+    data: str | os.PathLike, max_eval_images: int | None = None, seed: int = 0, tile: int | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Rows of the user's ``train`` / ``val`` / ``test`` folders (whole images).
+    """Rows of the user's ``train`` / ``val`` / ``test`` folders.
 
     Without ``test``, ``val`` is the test set and validation rows are held out of ``train``: a fifth of the
     images (at least one, never all), chosen by a seeded permutation; a single training image leaves no
     validation (then the fine-tuned model is kept without a check against the base, and the summary says so).
+    With ``tile``, validation and test images are scored as ``tile`` tiles (:func:`tile_rows`), the scale
+    training sees (random ``tile`` crops): a whole 1024² image shrunk to LiteMedSAM's 256² input would show
+    the model objects 4× smaller than it trained on. ``max_eval_images`` then counts tiles.
     """
     from hf_sam_peft.data import iter_rows
 
@@ -184,17 +188,36 @@ def folder_splits(
     test = "test" if "test" in splits else "val" if "val" in splits else None
     if test is None:
         raise FileNotFoundError(f"data must hold a test or val split (<split>/images + <split>/labels) in {root}")
+
+    def evaluation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return (tile_rows(rows, tile) if tile else rows)[:max_eval_images]
+
     train = list(iter_rows(root, "train", min_size=0))
-    out = {"test": list(iter_rows(root, test, min_size=0, max_images=max_eval_images))}
+    out = {"test": evaluation(list(iter_rows(root, test, min_size=0)))}
     if test == "test" and "val" in splits:
-        out["train"], out["val"] = train, list(iter_rows(root, "val", min_size=0, max_images=max_eval_images))
+        out["train"], out["val"] = train, evaluation(list(iter_rows(root, "val", min_size=0)))
     elif len(train) >= 2:
         n_val = min(max(1, round(len(train) * VALIDATION_FRACTION)), len(train) - 1)
         held = set(np.random.default_rng(seed).permutation(len(train))[:n_val].tolist())
         out["train"] = [row for i, row in enumerate(train) if i not in held]
-        out["val"] = [row for i, row in enumerate(train) if i in held][:max_eval_images]
+        out["val"] = evaluation([row for i, row in enumerate(train) if i in held])
     else:
         out["train"], out["val"] = train, []
+    return out
+
+
+def tile_rows(rows: list[dict[str, Any]], tile: int) -> list[dict[str, Any]]:
+    """Non-overlapping ``tile`` x ``tile`` tiles (row-major from the top-left; a side shorter than ``tile``
+    stays whole) of each row, those holding at least one object, with consecutive instance ids."""
+    out = []
+    for row in rows:
+        height, width = row["labels"].shape
+        th, tw = min(tile, height), min(tile, width)
+        for y in range(0, height - th + 1, th):
+            for x in range(0, width - tw + 1, tw):
+                labels = row["labels"][y : y + th, x : x + tw]
+                if labels.max() > 0:
+                    out.append(_row(row["image"][y : y + th, x : x + tw], labels, f"{row['id']}_y{y}_x{x}"))
     return out
 
 
@@ -394,7 +417,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         splits = stardist_splits(*stardist_nuclei(), tile=config.tile)
         dataset, training_data = "stardist_nuclei", STARDIST_DATA_TEXT
     else:
-        splits = folder_splits(config.data, config.max_eval_images, config.seed)
+        splits = folder_splits(config.data, config.max_eval_images, config.seed, tile=config.tile)
         dataset, training_data = Path(config.data).resolve().name, f"{config.data}: train split"
     train = training_rows(splits["train"], config.steps, config.tile, config.seed, config.min_size)
     model, _ = load_base_model("lite_medsam", device=config.device)

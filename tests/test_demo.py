@@ -115,6 +115,10 @@ def test_folder_splits_fall_back_to_val_for_testing(tmp_path):
     assert [r["id"] for r in demo_module.folder_splits(tmp_path)["val"]] == [r["id"] for r in splits["val"]]
     with pytest.raises(FileNotFoundError, match="train"):
         demo_module.folder_splits(tmp_path / "val")
+    # scored at the scale training sees: 16² tiles of the 48x40 test image, those with objects
+    tiled = demo_module.folder_splits(tmp_path, tile=16)["test"]
+    assert tiled and all(r["labels"].shape == (16, 16) and r["labels"].max() > 0 for r in tiled)
+    assert len(tiled) <= 3 * 2 and len({r["id"] for r in tiled}) == len(tiled)
 
 
 def test_demo_config_validates_arguments(tmp_path):
