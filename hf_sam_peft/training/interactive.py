@@ -422,8 +422,12 @@ def interactive_loss(
     generator: torch.Generator | None = None,
     options: EfficiencyOptions | None = None,
     embedding_cache: EmbeddingCache | None = None,
+    embeddings: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """µSAM's interactive loss of one batch, averaged over rounds, and its parts (detached).
+
+    ``embeddings`` ``(B, C, h, w)``: the batch's image embeddings when the caller already has them (validation
+    scores several prompt modes on one encoder pass); by default the encoder runs here.
 
     Parts: ``dice_loss`` and ``iou_mse`` (mean over rounds), ``round_dice_loss`` ``(n_rounds,)``,
     ``n_objects`` (objects per image used). DDP-wrapped models are handled by :func:`in_single_forward`.
@@ -435,15 +439,21 @@ def interactive_loss(
         return in_single_forward(model, lambda inner: interactive_loss(
             inner, batch, mode, n_objects=n_objects, n_rounds=n_rounds, mask_prob=mask_prob,
             box_jitter=box_jitter, generator=generator, options=options, embedding_cache=embedding_cache,
+            embeddings=embeddings,
         ))
     with autocast_context(options, batch["pixel_values"].device):
-        return _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_jitter, generator, options, embedding_cache)
+        return _interactive_loss(
+            model, batch, mode, n_objects, n_rounds, mask_prob, box_jitter, generator, options, embedding_cache, embeddings
+        )
 
 
-def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_jitter, generator, options, embedding_cache):
+def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_jitter, generator, options, embedding_cache, embeddings):
     kept, targets, frames = batch_objects(batch, n_objects, generator)
-    pixel_values = batch["pixel_values"][kept.to(batch["pixel_values"].device)]
-    embeddings = encoder_embeddings(model, pixel_values, options, embedding_cache)
+    kept = kept.to(batch["pixel_values"].device)
+    if embeddings is None:
+        embeddings = encoder_embeddings(model, batch["pixel_values"][kept], options, embedding_cache)
+    else:
+        embeddings = embeddings[kept.to(embeddings.device)]
     if not targets or targets[0].shape[0] == 0:
         zero = embeddings.sum() * 0.0
         empty = torch.zeros((), device=zero.device)

@@ -88,6 +88,8 @@ from hf_sam_peft.training.collate import SamInteractiveCollator
 from hf_sam_peft.training.efficiency import (
     EfficiencyOptions,
     EmbeddingCache,
+    autocast_context,
+    encoder_embeddings,
     prepare_model,
 )
 from hf_sam_peft.training.interactive import (
@@ -434,8 +436,7 @@ class SamInteractiveTrainer(Trainer):
         if self.eval_dataset is None or self.args.eval_strategy == "no" or not self.args.metric_for_best_model:
             return
         metrics = self.evaluate()
-        key = self.args.metric_for_best_model
-        self.base_metric = float(metrics[key if key.startswith("eval_") else f"eval_{key}"])
+        self.base_metric = float(metrics[self._best_metric_key()])
         self._determine_best_metric(metrics=metrics, trial=None)
         if self.args.save_strategy != "no":
             self._save_checkpoint(self.model_wrapped, trial=None)
@@ -443,14 +444,18 @@ class SamInteractiveTrainer(Trainer):
             self.state.best_model_checkpoint = str(Path(self._get_output_dir(trial=None)) / "checkpoint-0")
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
+    def _best_metric_key(self) -> str:
+        """``metric_for_best_model`` as it appears in the evaluation metrics (``eval_`` prefixed, as the Trainer)."""
+        key = self.args.metric_for_best_model
+        return key if key.startswith("eval_") else f"eval_{key}"
+
     @property
     def best_is_base(self) -> bool | None:
         """Whether no evaluation after training steps beat the untouched model (None: the base was not evaluated)."""
         base = self.base_metric
-        if base is None:
+        if base is None and self.args.metric_for_best_model:
+            key = self._best_metric_key()
             for entry in self.state.log_history:  # a resumed run reads the first run's step-0 evaluation
-                key = self.args.metric_for_best_model or ""
-                key = key if key.startswith("eval_") else f"eval_{key}"
                 if entry.get("step") == 0 and key in entry:
                     base = float(entry[key])
                     break
@@ -613,11 +618,13 @@ class SamInteractiveTrainer(Trainer):
         weight = float(inputs["pixel_values"].shape[0])
         losses = []
         with torch.no_grad():
+            with autocast_context(self.efficiency, inputs["pixel_values"].device):  # as interactive_loss encodes
+                embeddings = encoder_embeddings(model, inputs["pixel_values"], self.efficiency, self.embedding_cache)
             for name, mode in validation_prompt_modes(generator, self.args.point_multimask).items():
-                loss, parts = interactive_loss(
+                loss, parts = interactive_loss(  # the four modes share one encoder pass
                     model, inputs, mode, n_objects=self.args.n_objects, n_rounds=1, mask_prob=0.0,
                     box_jitter=self.args.box_jitter, generator=generator, options=self.efficiency,
-                    embedding_cache=self.embedding_cache,
+                    embedding_cache=self.embedding_cache, embeddings=embeddings,
                 )
                 losses.append(loss)
                 for key in ("dice_loss", "iou_mse"):
