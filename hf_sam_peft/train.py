@@ -280,11 +280,7 @@ def train(
     check_training_settings(settings)
     method_config(recipe.method, **recipe.method_options)  # a bad method option fails before any work
     check_output_dir(output_dir, resume_from_checkpoint, overwrite)
-    if resume_from_checkpoint is True:  # fail now, not after loading data and model
-        from .training.trainer import resolve_resume_checkpoint
-
-        resume_from_checkpoint = resolve_resume_checkpoint(True, output_dir)
-    elif resume_from_checkpoint:
+    if resume_from_checkpoint:  # True or a path: resolved (and checked intact) now, not after loading data and model
         from .training.trainer import resolve_resume_checkpoint
 
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
