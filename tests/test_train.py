@@ -72,13 +72,14 @@ def test_train_command_runs_a_recipe_and_saves_a_loadable_adapter(tmp_path, caps
 
 
 def test_a_run_that_never_beats_the_base_says_so(tmp_path, capsys):
-    """A destructive learning rate: the summary says plainly that the base was kept, the adapter holds it."""
+    """Nothing beats the base (learning rate 0: evaluations tie it on any CPU): the summary says plainly that
+    the base was kept, the adapter holds it."""
     import json
 
     shared_dataset("dsb2018_stage1test_fluo_nuclei")
     out = tmp_path / "run"
     code = cli_main(["train", str(ROOT / "recipes" / "smoke_tiny.yaml"), "--output-dir", str(out), "--max-steps", "2",
-                     "--set", "n_sub_iterations=1", "--set", "learning_rate=50.0", "--set", "point_multimask=false"])
+                     "--set", "n_sub_iterations=1", "--set", "learning_rate=0.0", "--set", "point_multimask=false"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "FINE-TUNING DID NOT BEAT THE BASE" in printed
