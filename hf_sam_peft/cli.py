@@ -9,7 +9,7 @@ import warnings
 from typing import Optional, Sequence
 
 # subcommand modules, in the order `--help` lists them; each has register(subparsers)
-COMMANDS: tuple[str, ...] = ("demo", "methods", "train", "evaluate", "segment", "app", "convert", "push")
+COMMANDS: tuple[str, ...] = ("demo", "methods", "train", "study", "evaluate", "segment", "app", "convert", "push")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ RECIPE_KEYS = {
 }
 DATA_KEYS = (
     "max_images", "n_patches_per_image", "patch_shape", "min_size", "val_fraction", "with_objects_only",
-    "min_num_instances", "sampler_min_size", "augment", "max_attempts",
+    "min_num_instances", "sampler_min_size", "augment", "max_attempts", "val_split",
 )
 
 
@@ -272,6 +272,17 @@ def train(
     An output folder that already holds a run needs `resume_from_checkpoint` (continue it; True: its newest
     intact checkpoint) or `overwrite=True` (replace it).
     """
+    return train_model(recipe, resume_from_checkpoint, overwrite)[0]
+
+
+def train_model(
+    recipe: Recipe,
+    resume_from_checkpoint: Optional[str | bool] = None,
+    overwrite: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> tuple[dict[str, Any], Any]:
+    """:func:`train`, also returning the trained model (the best checkpoint's weights, as saved) and taking
+    extra `transformers.TrainerCallback`s (e.g. the study's step timer)."""
     from .methods import count_parameters, method_config
     from .training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
 
@@ -293,6 +304,8 @@ def train(
         from .data.epoch import SetEpochCallback
 
         trainer.add_callback(SetEpochCallback(train_ds))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     adapter_dir = output_dir / "adapter"
     trainable, _ = count_parameters(model)
@@ -319,7 +332,7 @@ def train(
             save_trained(model, adapter_dir, recipe, summary)
         except OSError as exc:
             raise OSError(f"could not save the adapter to {adapter_dir}: {exc.strerror or exc}") from exc
-    return summary
+    return summary, model
 
 
 def save_trained(model, adapter_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:

@@ -480,11 +480,12 @@ def holdout_split(pairs: Sequence[FilePair], val_fraction: float, seed: int) -> 
 def train_val_datasets(
     root: str | Path,
     val_fraction: float = 0.1,
-    val_split: str = "val",
+    val_split: str | None = "val",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """``{"train": RandomPatchDataset, "val": datasets.Dataset}``: val from ``<root>/<val_split>`` when that
-    folder exists, otherwise a :func:`holdout_split` of the train files (seeded by ``kwargs['seed']``).
+    folder exists, otherwise (or with ``val_split=None``, e.g. when ``val`` is the test set) a
+    :func:`holdout_split` of the train files (seeded by ``kwargs['seed']``).
 
     ``kwargs`` are :func:`build_dataset`'s options (``max_images`` applies to each split after splitting),
     plus ``max_attempts`` and ``random_train``. Training data is served as torch_em serves it (see
@@ -516,7 +517,7 @@ def train_val_datasets(
     )
     root = Path(root)
     train_pairs = find_pairs(root, "train")
-    if (root / val_split).is_dir():
+    if val_split is not None and (root / val_split).is_dir():
         val_pairs = find_pairs(root, val_split)
     else:
         train_pairs, val_pairs = holdout_split(train_pairs, val_fraction, options["seed"])

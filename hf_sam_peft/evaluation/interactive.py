@@ -138,6 +138,17 @@ def _as_predictor(model: Any) -> PromptPredictor:
 
 
 def _best_masks(predictor: PromptPredictor, prompts: dict, multimask: bool, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per object the mask with the highest predicted IoU, at the image's resolution.
+
+    A predictor with ``predict_best`` (:class:`SamPredictor`) picks the mask before upscaling (only one of
+    three masks is upscaled for a multimask answer); any other prompt predictor answers through ``predict``.
+    """
+    predict_best = getattr(predictor, "predict_best", None)
+    if callable(predict_best):
+        masks = predict_best(multimask=multimask, **prompts)
+        if tuple(masks.shape) != tuple(shape):
+            raise ValueError(f"predictor returned best masks of shape {tuple(masks.shape)}, expected {tuple(shape)}")
+        return masks.bool()
     logits, iou = predictor.predict(multimask=multimask, **prompts)
     if logits.ndim != 4 or tuple(logits.shape[-2:]) != shape[-2:] or logits.shape[0] != shape[0]:
         raise ValueError(f"predictor returned masks of shape {tuple(logits.shape)}, expected (N, K, {shape[1]}, {shape[2]})")

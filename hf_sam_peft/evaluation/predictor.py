@@ -41,12 +41,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from hf_sam_peft.sam_forward.forward import decode, encode_images, unwrap_sam
+from hf_sam_peft.evaluation.fast_decoder import ImageTokens, autocast_to, decode_objects, fast_decoder_supported, image_tokens
+from hf_sam_peft.sam_forward.forward import decode as forward_decode
+from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
 from hf_sam_peft.sam_forward.frames import Frames, Prompts
+from hf_sam_peft.sam_forward.precision import native_autocast_dtype
 from hf_sam_peft.sam_forward.preprocess import image_preprocessor
 
 __all__ = [
     "POINT_MULTIMASK_ATTRIBUTE",
+    "decode",
     "PromptPredictor",
     "SamPredictor",
     "UNETR_SUBFOLDER",
@@ -220,6 +224,28 @@ def check_prompts(
     return points, labels, boxes
 
 
+def decode(
+    model: nn.Module,
+    embeddings: torch.Tensor,
+    prompts: Prompts,
+    multimask: bool,
+    tokens: ImageTokens | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predictor's one decoder call for one image: low-res logits ``(1, N, K, h', w')`` and IoUs ``(1, N, K)``.
+
+    With ``tokens`` (:func:`~hf_sam_peft.evaluation.fast_decoder.image_tokens` of ``embeddings``) through the
+    fast decoder, else through the model's forward (:func:`hf_sam_peft.sam_forward.forward.decode`) under
+    ``autocast_dtype`` (None: the model's dtype, the plain path).
+    """
+    if tokens is None:
+        with autocast_to(embeddings.device, autocast_dtype):
+            return forward_decode(model, embeddings, prompts, multimask)
+    flat = [None if t is None else t[0][:, None] for t in (prompts.points, prompts.labels, prompts.boxes)]
+    low, iou = decode_objects(model, tokens, *flat, multimask)
+    return low[None], iou[None]
+
+
 class SamPredictor:
     """Embed an image once (no gradients), then predict masks for prompts in the original image frame.
 
@@ -231,19 +257,34 @@ class SamPredictor:
     three masks (True) or is answered through the single-mask output (False, ``K`` = 1) because the adapter
     trained points that way. None (default): what the loaded model records (:func:`point_multimask_of`,
     True when nothing is recorded).
+
+    ``fast`` (default True): decode through :mod:`hf_sam_peft.evaluation.fast_decoder` (per-image caches, float32).
+    ``bf16`` (opt-in, with ``fast``): bf16 autocast where the device runs it natively
+    (:func:`~hf_sam_peft.sam_forward.precision.native_autocast_dtype`); not within tolerance on small objects.
+    False: the plain float32 path through the model's forward (:func:`~hf_sam_peft.sam_forward.forward.decode`),
+    the reference the fast path is measured against (``benchmarks/eval_speed.py``). A decoder the fast path
+    cannot reproduce (e.g. LoRA on its attention projections) goes through the model's forward under the
+    same autocast. The image encoder runs in the model's dtype either way.
     """
 
-    def __init__(self, model: nn.Module, point_multimask: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, point_multimask: bool | None = None, fast: bool = True, bf16: bool = False) -> None:
         unwrap_sam(model)  # one-line TypeError for anything that is not SAM
         if point_multimask is not None and not isinstance(point_multimask, bool):
             raise TypeError(f"point_multimask must be True, False or None, got {point_multimask!r}")
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast must be True or False, got {fast!r}")
+        self.fast = fast
         self.point_multimask = point_multimask_of(model) if point_multimask is None else point_multimask
         self.model = model
         self.image_size = image_size_of(model)
         self.preprocess = image_preprocessor(model)
         self.device, self.dtype = model_device_dtype(model)
+        # bf16 is opt-in: on the demo tile's small nuclei it moved box-round-0 masks to a mean IoU of 0.95
+        # with the float32 masks (tolerance 0.99), see benchmarks/EVALUATION.md
+        self.autocast_dtype = native_autocast_dtype(self.device) if fast and bf16 else None
         self.embeddings: torch.Tensor | None = None
         self.frames: Frames | None = None
+        self.tokens: ImageTokens | None = None  # the fast decoder's per-image inputs (set_image)
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -255,8 +296,11 @@ class SamPredictor:
         """Preprocess (SAM's resize + pad) and embed ``image`` (H x W grey or H x W x 3)."""
         array = _as_image(image)
         pixel_values, reshaped = self.preprocess(array, self.image_size)
+        self.tokens = None  # whatever happens below, never decode against the previous image's caches
         with eval_mode(self.model):
             self.embeddings = encode_images(self.model, pixel_values[None].to(self.device, self.dtype))
+            if self.fast and fast_decoder_supported(self.model):
+                self.tokens = image_tokens(self.model, self.embeddings, self.autocast_dtype)
         self.frames = Frames(
             torch.tensor([array.shape[:2]], dtype=torch.long),
             torch.tensor([reshaped], dtype=torch.long),
@@ -283,6 +327,35 @@ class SamPredictor:
         checked where they enter (:func:`check_prompts`): points outside the image, inverted or empty boxes,
         NaN / inf, labels other than 0 / 1 and wrong shapes are one-line ValueErrors naming the argument.
         """
+        low, iou = self._decode_low_res(points, labels, boxes, multimask)
+        return self.frames.upscale(0, low), iou  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def predict_best(
+        self,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> torch.Tensor:
+        """Boolean masks ``(N, H, W)``: per object the mask with the highest predicted IoU, logits > 0.
+
+        What interactive evaluation needs per round. The fast path picks the mask at low resolution and
+        upscales only that one (upscaling is per mask, so this is exact); the plain path is
+        :meth:`predict` followed by the pick, as before.
+        """
+        if not self.fast:
+            logits, iou = self.predict(points, labels, boxes, multimask)
+            return logits[torch.arange(logits.shape[0]), iou.argmax(-1).to(logits.device)] > 0
+        low, iou = self._decode_low_res(points, labels, boxes, multimask)
+        best = low[torch.arange(low.shape[0], device=low.device), iou.argmax(-1).to(low.device)]
+        return self.frames.upscale(0, best) > 0  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def _decode_low_res(
+        self, points: Any, labels: Any, boxes: Any, multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked prompts -> low-res logits ``(N, K, h', w')`` and IoUs ``(N, K)``, float32."""
         self._check_image()
         frames = self.frames
         points, labels, boxes = check_prompts(points, labels, boxes, self.original_size)
@@ -294,9 +367,8 @@ class SamPredictor:
             prompts = Prompts(prompts.points, prompts.labels, frames.boxes(0, boxes.to(self.device)).to(self.dtype)[None])
         multimask = self.uses_multimask(multimask, boxes is not None)
         with eval_mode(self.model):
-            low, iou = decode(self.model, self.embeddings, prompts, multimask)
-        logits = frames.upscale(0, low[0].float())
-        return logits, iou[0].float()
+            low, iou = decode(self.model, self.embeddings, prompts, multimask, self.tokens, self.autocast_dtype)
+        return low[0].float(), iou[0].float()
 
     def uses_multimask(self, multimask: bool, has_box: bool = False) -> bool:
         """The output a prompt that asks for ``multimask`` is answered through: the single mask for points
@@ -310,10 +382,8 @@ class SamPredictor:
         boxes: torch.Tensor | None = None,
         multimask: bool = False,
     ) -> np.ndarray:
-        """Boolean masks ``(N, H, W)``: per object the mask with the highest predicted IoU, logits > 0."""
-        logits, iou = self.predict(points, labels, boxes, multimask)
-        best = logits[torch.arange(logits.shape[0]), iou.argmax(-1)]
-        return (best > 0).cpu().numpy()
+        """:meth:`predict_best` as a NumPy array."""
+        return self.predict_best(points, labels, boxes, multimask).cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------- loading

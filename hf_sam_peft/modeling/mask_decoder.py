@@ -15,7 +15,7 @@ attention kernels, the residuals and the LayerNorms are transformers' own module
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -77,39 +77,62 @@ class SamFusedTwoWayTransformer(SamTwoWayTransformer):
         for layer in self.layers:
             if target_embedding is not None:
                 queries += target_embedding
-            queries, keys = self._layer(layer, queries, keys, point_embeddings, positions, attention_similarity, **kwargs)
-        final = self.final_attn_token_to_image
-        key, value = _project(keys, (final.k_proj, final.v_proj))
-        (key_pos,) = _project(positions, (final.k_proj,), bias=False)
-        query = final.q_proj(queries + point_embeddings)
-        queries = queries + _attend(final, query, key + key_pos, value, None, **kwargs)
-        return self.layer_norm_final_attn(queries), keys
+            queries, keys = two_way_layer(layer, queries, keys, point_embeddings, positions, attention_similarity, **kwargs)
+        return final_token_to_image(self, queries, keys, point_embeddings, positions, **kwargs), keys
 
-    @staticmethod
-    def _layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor,
-               key_pos: torch.Tensor, attention_similarity: torch.Tensor | None,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``SamTwoWayAttentionBlock.forward`` with one projection of ``keys`` for both cross attentions."""
-        if layer.skip_first_layer_pe:
-            queries, _ = layer.self_attn(query=queries, key=queries, value=queries)
-        else:
-            query = queries + query_pos
-            queries = queries + layer.self_attn(query=query, key=query, value=queries)[0]
-        queries = layer.layer_norm1(queries)
 
-        to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        image_key, image_value, image_query = _project(keys, (to_image.k_proj, to_image.v_proj, to_token.q_proj))
-        key_shift, query_shift = _project(key_pos, (to_image.k_proj, to_token.q_proj), bias=False)
+def two_way_layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor,
+                  key_pos: torch.Tensor | None, attention_similarity: torch.Tensor | None,
+                  shifts: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  attend_image_queries: Callable[..., torch.Tensor] | None = None,
+                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``SamTwoWayAttentionBlock.forward`` with one projection of ``keys`` for both cross attentions.
 
-        query = to_image.q_proj(queries + query_pos)
-        attn_out = _attend(to_image, query, image_key + key_shift, image_value, attention_similarity, **kwargs)
-        queries = layer.layer_norm2(queries + attn_out)
-        queries = layer.layer_norm3(queries + layer.mlp(queries))
+    ``shifts``: the bias-free projections of ``key_pos`` by the token->image key and the image->token query
+    (``key_pos`` is then unused): inference computes them once per image
+    (:mod:`hf_sam_peft.evaluation.fast_decoder`), training per call. ``attend_image_queries``: the kernel of
+    the image->token attention (default :func:`_attend`, the model's kernel; inference passes its own).
+    """
+    if layer.skip_first_layer_pe:
+        queries, _ = layer.self_attn(query=queries, key=queries, value=queries)
+    else:
+        query = queries + query_pos
+        queries = queries + layer.self_attn(query=query, key=query, value=queries)[0]
+    queries = layer.layer_norm1(queries)
 
-        token_key = to_token.k_proj(queries + query_pos)
-        attn_out = _attend(to_token, image_query + query_shift, token_key, to_token.v_proj(queries), None, **kwargs)
-        keys = layer.layer_norm4(keys + attn_out)
-        return queries, keys
+    to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    image_key, image_value, image_query = _project(keys, (to_image.k_proj, to_image.v_proj, to_token.q_proj))
+    if shifts is None:
+        shifts = _project(key_pos, (to_image.k_proj, to_token.q_proj), bias=False)
+    key_shift, query_shift = shifts
+
+    query = to_image.q_proj(queries + query_pos)
+    attn_out = _attend(to_image, query, image_key + key_shift, image_value, attention_similarity, **kwargs)
+    queries = layer.layer_norm2(queries + attn_out)
+    queries = layer.layer_norm3(queries + layer.mlp(queries))
+
+    token_key = to_token.k_proj(queries + query_pos)
+    attend = _attend if attend_image_queries is None else attend_image_queries
+    attn_out = attend(to_token, image_query + query_shift, token_key, to_token.v_proj(queries), None, **kwargs)
+    keys = layer.layer_norm4(keys + attn_out)
+    return queries, keys
+
+
+def final_token_to_image(transformer: SamTwoWayTransformer, queries: torch.Tensor, keys: torch.Tensor,
+                         query_pos: torch.Tensor, key_pos: torch.Tensor | None,
+                         key_shift: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    """The transformer's last token->image attention and LayerNorm with ``keys`` projected once.
+
+    ``key_shift``: ``final_attn_token_to_image.k_proj`` of ``key_pos`` without bias (``key_pos`` then unused),
+    precomputed once per image by inference.
+    """
+    final = transformer.final_attn_token_to_image
+    key, value = _project(keys, (final.k_proj, final.v_proj))
+    if key_shift is None:
+        (key_shift,) = _project(key_pos, (final.k_proj,), bias=False)
+    query = final.q_proj(queries + query_pos)
+    queries = queries + _attend(final, query, key + key_shift, value, None, **kwargs)
+    return transformer.layer_norm_final_attn(queries)
 
 
 def set_decoder_projections(sam: nn.Module, fused: bool) -> bool:
@@ -126,4 +149,4 @@ def set_decoder_projections(sam: nn.Module, fused: bool) -> bool:
     return True
 
 
-__all__ = ["SamFusedTwoWayTransformer", "set_decoder_projections"]
+__all__ = ["SamFusedTwoWayTransformer", "final_token_to_image", "set_decoder_projections", "two_way_layer"]

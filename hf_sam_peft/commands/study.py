@@ -1,0 +1,58 @@
+"""`hf-sam-peft study STUDY.yaml`: the paper's grid of methods × datasets (× seeds, × ablation values)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "study",
+        help="run a study: methods x datasets x seeds (x ablations), with the paper's tables and plots",
+        description=(
+            "Train and score every cell of a study file (methods x datasets x seeds, plus optional ablation "
+            "values; examples in recipes/studies/): each cell trains with the interactive objective, keeps its "
+            "best checkpoint (the untouched base included), and is scored on the held-out split with Point, Box, "
+            "I_P, I_B (and AIS where the UNETR decoder trains), with its trainable parameters, time per "
+            "iteration, peak memory and wall time. Cells run one after another, each in its own process; a "
+            "finished cell is never run again, so a killed study resumes where it stopped. Writes results.csv "
+            "(one row per cell and metric), results.md (the paper's layout) and plots to the study folder."
+        ),
+    )
+    parser.add_argument("study", type=Path, help="study file (YAML), e.g. recipes/studies/lite_medsam_2d.yaml")
+    parser.add_argument("--output-dir", dest="output_dir", help="study folder (default: the file's output_dir, "
+                        "else studies/<name>)")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="run only cells whose id contains TEXT (repeatable), e.g. --only lora")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="run finished cells again (their results are replaced); needed when a cell's settings changed")
+    parser.add_argument("--threads", type=int, help="torch threads per cell (default: torch's)")
+    parser.add_argument("--list", action="store_true", help="print the cells and whether each is done, run nothing")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..study import load_study, run_study, study_folder
+    from ..study.cell import RESULT_NAME
+
+    spec = load_study(args.study)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive number, got {args.threads}")
+    if args.list:
+        folder = study_folder(spec, args.output_dir)
+        for cell in spec.cells():
+            done = (folder / "cells" / cell.cell_id / RESULT_NAME).is_file()
+            print(f"{'done' if done else 'todo'}  {cell.cell_id}")
+        return 0
+    result = run_study(
+        spec, args.output_dir, only=args.only, overwrite=args.overwrite, threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(result.files["markdown"].read_text(encoding="utf-8"))
+    print(f"ran {len(result.ran)} cells, {len(result.skipped)} already done, {len(result.failed)} failed")
+    for cell_id, message in result.failed.items():
+        print(f"  FAILED {cell_id}: {message}")
+    print("tables and plots: " + ", ".join(str(p) for p in result.files.values()))
+    return 1 if result.failed else 0

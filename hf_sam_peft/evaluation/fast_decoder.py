@@ -1,0 +1,250 @@
+"""SAM's prompt decoder for inference: what every object of an image shares is computed once per image.
+
+Interactive evaluation decodes each object 8 times (initial prompt + 7 corrections) against the same image
+embedding, and never passes a mask input. transformers' ``SamModel.forward`` (what
+:func:`hf_sam_peft.sam_forward.forward.decode` calls, training's path) redoes per call and per object what
+only depends on the image:
+
+- the dense positional encoding of the 64 x 64 grid and the image embedding + the no-mask dense embedding,
+  copied once per object (``repeat_interleave``) and transposed into token layout;
+- the first two-way layer's projections of the image tokens (token->image key and value, image->token
+  query): without a mask input the image tokens entering layer 0 are the same for every object, so their
+  projections are computed once per image (:class:`ImageTokens`) and every object's queries attend to the
+  same keys (the objects are folded into the query axis of one attention call: rows of an attention are
+  independent, so this is exact);
+- the bias-free projections of the positional encoding that every later layer adds to its keys;
+- the mask head: the hypernetwork MLPs and the mask product run only for the mask tokens that are returned
+  (1 of 4 for single-mask output), and the upscaling stays in the convolutions' channels-last layout.
+
+Everything else is the model's own modules (LayerNorms, MLPs, self-attention, upscaling convolutions, IoU
+head) and the fused projections of :mod:`hf_sam_peft.modeling.mask_decoder` (``two_way_layer``,
+``final_token_to_image``), so fine-tuned decoders (peft ``modules_to_save`` copies) run through it too.
+With a mask input (``dense``) the image tokens differ per object and layer 0 runs per object, uncached.
+
+Precision: with ``autocast_dtype`` (:class:`~hf_sam_peft.evaluation.predictor.SamPredictor` passes bf16
+where the device runs it natively, :func:`hf_sam_peft.sam_forward.precision.native_autocast_dtype`) the
+matmuls and convolutions run in bf16 with float32 accumulation, as the trainer's forward does; LayerNorms,
+softmax and the residual stream stay float32, and the low-res logits are returned as float32. The image
+encoder is not touched (its embedding is float32). A mask differs from the float32 one only where the
+logit is within bf16 rounding of 0 (boundary pixels): ``benchmarks/EVALUATION.md`` gives the measured
+agreement.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ContextManager
+
+import torch
+from torch import nn
+from transformers.models.sam.modeling_sam import SamMaskDecoder, SamTwoWayTransformer
+
+from hf_sam_peft.modeling.mask_decoder import (
+    _attend,
+    _plain_linears,
+    _project,
+    final_token_to_image,
+    two_way_layer,
+)
+from hf_sam_peft.sam_forward.forward import unwrap_sam
+
+__all__ = ["ImageTokens", "active_module", "autocast_to", "decode_objects", "fast_decoder_supported", "image_tokens"]
+
+
+def active_module(module: nn.Module) -> nn.Module:
+    """The module peft's ``ModulesToSaveWrapper`` would run (the active adapter's copy), else ``module``."""
+    copies = getattr(module, "modules_to_save", None)
+    if isinstance(copies, nn.ModuleDict) and hasattr(module, "original_module"):
+        active = [a for a in getattr(module, "active_adapters", []) if a in copies]
+        if getattr(module, "disable_adapters", False) or not active:
+            return module.original_module
+        return copies[active[0]]
+    return module
+
+
+def _decoder(sam: nn.Module) -> SamMaskDecoder:
+    return active_module(sam.mask_decoder)
+
+
+def fast_decoder_supported(model: nn.Module) -> bool:
+    """Whether :func:`decode_objects` reproduces ``model``'s decoder: transformers' ``SamMaskDecoder`` and
+    two-way transformer (or our fused one) with plain ``nn.Linear`` attention projections (an adapter
+    wrapping them, e.g. LoRA on the decoder, is decoded through the model's forward instead)."""
+    decoder = _decoder(unwrap_sam(model))
+    if type(decoder) is not SamMaskDecoder or not isinstance(decoder.transformer, SamTwoWayTransformer):
+        return False
+    transformer = decoder.transformer
+    attentions = [transformer.final_attn_token_to_image]
+    for layer in transformer.layers:
+        attentions += [layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
+    return _plain_linears(*attentions)
+
+
+@dataclass
+class ImageTokens:
+    """What every object of one image shares in the mask decoder (:func:`image_tokens`), token layout ``(1, 1, h*w, C)``."""
+
+    embeddings: torch.Tensor  # (1, C, h, w) image embedding, for mask inputs
+    keys: torch.Tensor  # image embedding + no-mask dense embedding
+    positions: torch.Tensor  # dense positional encoding
+    first_key: torch.Tensor  # layer 0 token->image key (positions included) and value, image->token query
+    first_value: torch.Tensor
+    first_query: torch.Tensor
+    shifts: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: bias-free key / query projections of positions
+    final_shift: torch.Tensor
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.embeddings.shape[-2]), int(self.embeddings.shape[-1])
+
+
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op context for None."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _tokens(grid: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, 1, h*w, C)`` contiguous (the two-way transformer's token layout)."""
+    return grid.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+
+
+@torch.no_grad()
+def image_tokens(model: nn.Module, embeddings: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> ImageTokens:
+    """Per-image decoder inputs of one image embedding ``(1, C, h, w)``; recompute them for every new image."""
+    sam = unwrap_sam(model)
+    if embeddings.ndim != 4 or embeddings.shape[0] != 1:
+        raise ValueError(f"embeddings must be one image's (1, C, h, w), got {tuple(embeddings.shape)}")
+    transformer = _decoder(sam).transformer
+    with autocast_to(embeddings.device, autocast_dtype):
+        positions = _tokens(sam.get_image_wide_positional_embeddings())
+        box = torch.zeros(1, 1, 4, device=embeddings.device, dtype=embeddings.dtype)  # any prompt: only dense is used
+        _, dense = sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=box, input_masks=None)
+        keys = _tokens(embeddings + dense)
+        shifts = [
+            _project(positions, (layer.cross_attn_token_to_image.k_proj, layer.cross_attn_image_to_token.q_proj), bias=False)
+            for layer in transformer.layers
+        ]
+        (final_shift,) = _project(positions, (transformer.final_attn_token_to_image.k_proj,), bias=False)
+        first = transformer.layers[0]
+        key, value, query = _project(
+            keys, (first.cross_attn_token_to_image.k_proj, first.cross_attn_token_to_image.v_proj,
+                   first.cross_attn_image_to_token.q_proj)
+        )
+        key_shift, query_shift = shifts[0]
+    return ImageTokens(embeddings, keys, positions, (key + key_shift).contiguous(), value.contiguous(),
+                       (query + query_shift).contiguous(), shifts, final_shift, autocast_dtype)
+
+
+def attend_few_keys(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_similarity: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+    """The image->token attention (4096 image queries, a handful of token keys) with the softmax over the
+    keys taken along a non-last axis: ``(B, heads, T, h*w)`` scores, where the CPU softmax kernel vectorises
+    over the 4096 queries instead of over rows of ~10 keys (3.5 s -> well under 1 s per 8 LiteMedSAM rounds
+    of 29 objects on one core). Same arithmetic as ``eager_attention_forward`` (float32 softmax)."""
+    if attention_similarity is not None:
+        raise ValueError("attend_few_keys takes no attention mask")
+    heads = module.num_attention_heads
+    n = max(query.shape[0], key.shape[0])
+    query, key, value = (module._separate_heads(t, heads) for t in (query, key, value))  # (B, heads, tokens, d)
+    scores = torch.matmul(key, query.transpose(-1, -2)) * module.scaling  # (B, heads, T, h*w)
+    probs = scores.softmax(dim=-2, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs.transpose(-1, -2), value)  # (B, heads, h*w, d)
+    return module.out_proj(module._recombine_heads(out.transpose(1, 2), 1).reshape(n, 1, out.shape[2], -1))
+
+
+def _first_layer_shared(layer: nn.Module, queries: torch.Tensor, query_pos: torch.Tensor,
+                        tokens: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer 0 of the two-way transformer (``two_way_layer``) for N objects whose image tokens are shared.
+
+    ``queries`` ``(N, 1, T, C)``. The token->image attention runs once with all objects' queries stacked
+    (``(1, 1, N*T, .)``) against the cached keys / values; the image->token attention uses the cached image
+    queries against each object's own tokens.
+    """
+    n, _, n_tokens, _ = queries.shape
+    if layer.skip_first_layer_pe:
+        queries, _ = layer.self_attn(query=queries, key=queries, value=queries)
+    else:
+        query = queries + query_pos
+        queries = queries + layer.self_attn(query=query, key=query, value=queries)[0]
+    queries = layer.layer_norm1(queries)
+
+    to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    query = to_image.q_proj(queries + query_pos).reshape(1, 1, n * n_tokens, -1)
+    attn_out = _attend(to_image, query, tokens.first_key, tokens.first_value, None).reshape(n, 1, n_tokens, -1)
+    queries = layer.layer_norm2(queries + attn_out)
+    queries = layer.layer_norm3(queries + layer.mlp(queries))
+
+    token_key = to_token.k_proj(queries + query_pos)
+    attn_out = attend_few_keys(to_token, tokens.first_query, token_key, to_token.v_proj(queries))
+    keys = layer.layer_norm4(tokens.keys + attn_out)
+    return queries, keys
+
+
+def _mask_head(decoder: SamMaskDecoder, queries: torch.Tensor, keys: torch.Tensor, size: tuple[int, int],
+               multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``SamMaskDecoder.forward`` after the transformer, for the returned mask tokens only.
+
+    ``keys`` ``(N, 1, h*w, C)`` are channels-last already: the upscaling convolutions take them as a
+    channels-last view (no transpose copy) and the mask product runs over that layout.
+    """
+    n = keys.shape[0]
+    height, width = size
+    grid = keys.reshape(n, height, width, -1).permute(0, 3, 1, 2)  # (N, C, h, w), channels-last memory
+    upscaled = decoder.upscale_conv1(grid)
+    upscaled = decoder.activation(decoder.upscale_layer_norm(upscaled))
+    upscaled = decoder.activation(decoder.upscale_conv2(upscaled))  # (N, c, 4h, 4w)
+    picked = range(1, decoder.num_mask_tokens) if multimask else range(1)
+    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 0, 1 + i]) for i in picked], dim=1)
+    pixels = upscaled.permute(0, 2, 3, 1).reshape(n, -1, upscaled.shape[1])  # (N, 16hw, c): free when channels-last
+    masks = (pixels @ hyper_in.transpose(1, 2).to(pixels.dtype)).transpose(1, 2)
+    masks = masks.reshape(n, len(picked), *upscaled.shape[-2:])
+    iou = decoder.iou_prediction_head(queries[:, 0, 0])[:, list(picked)]
+    return masks, iou
+
+
+@torch.no_grad()
+def decode_objects(
+    model: nn.Module,
+    tokens: ImageTokens,
+    input_points: torch.Tensor | None,
+    input_labels: torch.Tensor | None,
+    input_boxes: torch.Tensor | None,
+    multimask: bool,
+    dense: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-res mask logits ``(N, K, 4h, 4w)`` (float32) and IoU predictions ``(N, K)`` for N objects of one image.
+
+    Prompts in the model frame as ``SamModel.forward`` takes them with one object per batch entry:
+    ``input_points`` ``(N, 1, P, 2)``, ``input_labels`` ``(N, 1, P)``, ``input_boxes`` ``(N, 1, 4)``.
+    ``dense``: per-object mask-input embeddings ``(N, C, h, w)`` (``prompt_encoder.mask_embed``), which
+    disable the shared layer-0 projections. Needs :func:`fast_decoder_supported`.
+    """
+    sam = unwrap_sam(model)
+    decoder = _decoder(sam)
+    transformer = decoder.transformer
+    with autocast_to(tokens.keys.device, tokens.autocast_dtype):
+        sparse, _ = sam.prompt_encoder(input_points=input_points, input_labels=input_labels,
+                                       input_boxes=input_boxes, input_masks=None)
+        sparse = sparse[:, 0]
+        n = sparse.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        point_embeddings = torch.cat([output_tokens.expand(n, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
+        point_embeddings = point_embeddings.to(decoder.iou_token.weight.dtype)[:, None]
+        queries = point_embeddings
+        layers = list(transformer.layers)
+        if dense is None:
+            queries, keys = _first_layer_shared(layers[0], queries, point_embeddings, tokens)
+        else:
+            keys = _tokens(tokens.embeddings + dense)
+            queries, keys = two_way_layer(layers[0], queries, keys, point_embeddings, None, None, shifts=tokens.shifts[0],
+                                         attend_image_queries=attend_few_keys)
+        for layer, shifts in zip(layers[1:], tokens.shifts[1:]):
+            queries, keys = two_way_layer(layer, queries, keys, point_embeddings, None, None, shifts=shifts,
+                                         attend_image_queries=attend_few_keys)
+        queries = final_token_to_image(transformer, queries, keys, point_embeddings, None, key_shift=tokens.final_shift)
+    # the mask head in float32: its logits are thresholded at 0 on small objects' boundaries, where bf16
+    # upscaling moved masks by a pixel (LiteMedSAM demo tile, box round 0: mean IoU 0.95 vs 0.99+)
+    masks, iou = _mask_head(decoder, queries.float(), keys.float(), tokens.size, multimask)
+    return masks.float(), iou.float()

@@ -1,0 +1,160 @@
+"""`run_study`: every cell of a study, each once; a killed or failed study resumes where it stopped.
+
+Layout of the study folder::
+
+    study.yaml                     the study file as given (the last run's)
+    cells/<cell_id>/cell.json      what the cell runs (method, options, training, data, evaluation)
+    cells/<cell_id>/run/           its training run (checkpoints, adapter with model card, loss curve)
+    cells/<cell_id>/log.txt        its output
+    cells/<cell_id>/cell_result.json   written last and atomically: the cell is done
+    results.csv, results.md, *.png     the study's tables and plots (rewritten after every cell)
+
+A finished cell is never run again. A cell whose settings differ from those it finished with is an error
+(never a silent mix of two settings in one table), unless ``overwrite=True``, which runs it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from .cell import RESULT_NAME, SPEC_NAME, run_cell
+from .spec import Cell, StudySpec, load_study
+
+__all__ = ["StudyResult", "cell_settings", "run_study", "study_folder"]
+
+CELLS = "cells"
+
+
+@dataclass
+class StudyResult:
+    """What a call of :func:`run_study` did and where the tables are."""
+
+    folder: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # cell id -> last line of its error
+    records: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def study_folder(spec: StudySpec, output_dir: Optional[str | os.PathLike] = None) -> Path:
+    return Path(output_dir or spec.output_dir or Path("studies") / spec.name)
+
+
+def cell_settings(spec: StudySpec, cell: Cell) -> dict[str, Any]:
+    """Everything a cell's result depends on (its ``cell.json``)."""
+    options, training, data = spec.cell_options(cell)
+    return {
+        "study": spec.name,
+        "cell_id": cell.cell_id,
+        "dataset": cell.dataset,
+        "method": cell.method,
+        "seed": cell.seed,
+        "ablation": dict(cell.ablation),
+        "base_model": spec.base_model,
+        "method_options": options if cell.method != "base" else {},
+        "training": training,
+        "data": data if cell.method != "base" else {},
+        "ais": spec.ais,
+        "evaluation": spec.evaluation,
+    }
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _finished(folder: Path, settings: dict[str, Any], overwrite: bool) -> bool:
+    """Whether the cell folder holds a finished run of exactly these settings."""
+    result, spec = folder / RESULT_NAME, folder / SPEC_NAME
+    if not result.is_file():
+        return False
+    if spec.is_file() and _canonical(json.loads(spec.read_text(encoding="utf-8"))) == _canonical(settings):
+        return not overwrite
+    if not overwrite:
+        raise ValueError(
+            f"cell {settings['cell_id']} in {folder.parent.parent} finished with other settings than the study now "
+            "gives; pass another output folder, or overwrite=True (--overwrite) to run it again"
+        )
+    return False
+
+
+def _run_isolated(folder: Path, progress: bool, threads: Optional[int]) -> None:
+    """The cell in its own Python process (own peak memory; a crash loses this cell only); its output to log.txt."""
+    command = [sys.executable, "-m", "hf_sam_peft.study.cell", str(folder)]
+    if progress:
+        command.append("--progress")
+    if threads:
+        command += ["--threads", str(threads)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(folder / "log.txt", "a", encoding="utf-8") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        lines = (folder / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"exit status {code}")
+
+
+def run_study(
+    study: StudySpec | str | os.PathLike,
+    output_dir: Optional[str | os.PathLike] = None,
+    *,
+    only: Optional[Sequence[str]] = None,
+    overwrite: bool = False,
+    isolate: bool = True,
+    threads: Optional[int] = None,
+    progress: bool = True,
+) -> StudyResult:
+    """Run every unfinished cell of ``study`` (a :class:`StudySpec` or a study file), then write its tables.
+
+    ``only``: run just the cells whose id contains one of these strings (the tables still cover every finished
+    cell). ``isolate=False`` runs cells in this process (tests; peak memory is then the process's).
+    A failing cell is reported and the others go on; run again to retry it.
+    """
+    from ..atomic import atomic_write_text
+    from .report import write_reports
+
+    spec = load_study(study) if not isinstance(study, StudySpec) else study
+    folder = study_folder(spec, output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if spec.path is not None:
+        atomic_write_text(folder / "study.yaml", Path(spec.path).read_text(encoding="utf-8"))
+    result = StudyResult(folder=folder)
+    cells = spec.cells()
+    todo: list[tuple[Cell, Path, dict[str, Any]]] = []
+    for cell in cells:
+        cell_dir = folder / CELLS / cell.cell_id
+        settings = cell_settings(spec, cell)
+        if only and not any(part in cell.cell_id for part in only):
+            continue
+        if _finished(cell_dir, settings, overwrite):
+            result.skipped.append(cell.cell_id)
+        else:
+            todo.append((cell, cell_dir, settings))
+    bar = tqdm(todo, desc=f"study {spec.name}", unit="cell", disable=not progress)
+    for cell, cell_dir, settings in bar:
+        bar.set_postfix_str(cell.cell_id)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        (cell_dir / RESULT_NAME).unlink(missing_ok=True)  # (only reached with overwrite) not done until rerun
+        atomic_write_text(cell_dir / SPEC_NAME, json.dumps(settings, indent=2, default=str))
+        try:
+            if isolate:
+                _run_isolated(cell_dir, progress=False, threads=threads)
+            else:
+                run_cell(settings, cell_dir, progress=False)
+            result.ran.append(cell.cell_id)
+        except Exception as exc:  # a cell's failure must not lose the other cells' work
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            result.failed[cell.cell_id] = message
+            tqdm.write(f"cell {cell.cell_id} failed: {message} (see {cell_dir / 'log.txt'})")
+        result.records, result.files = write_reports(spec, folder)
+    if not todo:
+        result.records, result.files = write_reports(spec, folder)
+    return result
