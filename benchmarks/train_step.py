@@ -2,8 +2,12 @@
 
 Each (method, path) runs in its own process (so peak memory is that run's alone) on one synthetic batch of
 disc objects (``benchmarks/synthetic.py``): the image encoder once, ``--rounds`` prompt rounds, backward,
-AdamW step; time/it is the median after ``--warmup`` iterations. CPU peak memory is the process's peak RSS;
-on CUDA, peak allocated memory.
+AdamW step; time/it is the median after ``--warmup`` iterations, CPU time/it the same for the process's CPU
+time (all its threads; less sensitive than wall time to other processes on a shared machine). CPU peak memory
+is the process's peak RSS; on CUDA, peak allocated memory.
+
+Methods: a name, or ``name@lastK`` for the method's adapters in the last ``K`` encoder blocks only (its
+``layers`` option, e.g. ``lora@last6``; the lower blocks are frozen and backward stops above them).
 
 Paths: ``plain`` (every efficiency option off: float32, no checkpointing, AdamW without fused kernel),
 ``optimized`` (``EfficiencyOptions()`` defaults + fused AdamW), or ``optimized:key=value,...`` (defaults with
@@ -17,6 +21,7 @@ memory relative to it. The peer venv: ``--peer-python PYTHON``, else ``$MICRO_SA
     python benchmarks/train_step.py --model tiny --image-size 256            # CPU, seconds per method
     MICRO_SAM_VENV=../microsam-venv python benchmarks/train_step.py --model vit_b --objects 4 --methods lora,freeze_encoder,full_ft
     python benchmarks/train_step.py --model vit_b --objects 25 --batch 2 --device cuda
+    python benchmarks/train_step.py --model vit_b --methods lora,lora@last6,lora@last2 --paths optimized --peer-python ''
 """
 
 from __future__ import annotations
@@ -57,6 +62,16 @@ def build_model(model: str, image_size: int):
     return SamModel(sam_config(model))
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name@lastK`` -> (method name, ``apply_method`` overrides)."""
+    name, _, where = spec.partition("@")
+    if not where:
+        return name, {}
+    if not where.startswith("last") or not where[4:].isdigit() or int(where[4:]) < 1:
+        raise ValueError(f"method must be 'name' or 'name@lastK' (e.g. lora@last6), got {spec!r}")
+    return name, {"layers": list(range(-int(where[4:]), 0))}
+
+
 def parse_path(path: str):
     """``plain`` / ``optimized`` / ``optimized:key=value,...`` -> (EfficiencyOptions, fused optimizer)."""
     from hf_sam_peft.training.efficiency import EfficiencyOptions
@@ -88,7 +103,8 @@ def measure(method: str, path: str, opts: dict, queue) -> None:
     device = torch.device(opts["device"])
     options, fused = parse_path(path)
     try:
-        model = hf_sam_peft.apply_method(build_model(opts["model"], opts["image_size"]), method)
+        name, overrides = parse_method(method)
+        model = hf_sam_peft.apply_method(build_model(opts["model"], opts["image_size"]), name, **overrides)
     except Exception as exc:  # e.g. QLoRA without 4-bit support on this machine
         queue.put({"method": method, "path": path, "error": str(exc).splitlines()[0][:100]})
         return
@@ -103,11 +119,11 @@ def measure(method: str, path: str, opts: dict, queue) -> None:
     cache = EmbeddingCache() if options.cache_embeddings else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for step in range(opts["warmup"] + opts["steps"]):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         generator = prompt_generator(0, 0, step, device=device)
         loss, _ = interactive_loss(
             model, batch, training_prompt_mode(step), n_objects=opts["objects"], n_rounds=opts["rounds"],
@@ -120,13 +136,14 @@ def measure(method: str, path: str, opts: dict, queue) -> None:
             torch.cuda.synchronize()
         if step >= opts["warmup"]:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         losses.append(float(loss.detach()))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    queue.put({"method": method, "path": path, "time_per_it": statistics.median(times), "peak_gib": peak,
-               "trainable": trainable, "losses": losses})
+    queue.put({"method": method, "path": path, "time_per_it": statistics.median(times),
+               "cpu_per_it": statistics.median(cpu_times), "peak_gib": peak, "trainable": trainable, "losses": losses})
 
 
 def measure_peer(method: str, args, python: str) -> dict:
@@ -144,12 +161,13 @@ def measure_peer(method: str, args, python: str) -> dict:
 
 def format_row(row: dict, peer: dict | None) -> str:
     if "error" in row:
-        return f"| {row['method']} | {row['path']} | — | unavailable: {row['error']} | — | — | — |"
+        return f"| {row['method']} | {row['path']} | — | unavailable: {row['error']} | — | — | — | — |"
     ratio_t = ratio_m = "—"
     if peer is not None and "error" not in peer and row["path"] != "micro-sam":
         ratio_t = f"{row['time_per_it'] / peer['time_per_it']:.2f}×"
         ratio_m = f"{row['peak_gib'] / peer['peak_gib']:.2f}×"
-    return (f"| {row['method']} | {row['path']} | {row['trainable']:,} | {row['time_per_it']:.2f} | "
+    cpu = f"{row['cpu_per_it']:.1f}" if "cpu_per_it" in row else "—"  # (the micro-sam peer reports wall time only)
+    return (f"| {row['method']} | {row['path']} | {row['trainable']:,} | {row['time_per_it']:.2f} | {cpu} | "
             f"{row['peak_gib']:.2f} | {ratio_t} | {ratio_m} |")
 
 
@@ -165,13 +183,16 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--methods", default=",".join(ALL_METHODS),
+                        help="comma-separated names, each optionally name@lastK (adapters in the last K encoder blocks)")
     parser.add_argument("--paths", default="plain,optimized", help="';'-separated: plain;optimized;optimized:k=v,...")
     parser.add_argument("--peer-python", default=None,
                         help="python of the micro-sam venv ('' to skip; default: $MICRO_SAM_VENV/bin/python, else "
                              "../microsam-venv/bin/python beside the checkout)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    for method in args.methods.split(","):
+        parse_method(method)  # a bad spec fails before any run
     if args.peer_python is None:
         args.peer_python = default_peer_python()
     image_size = args.image_size if args.model == "tiny" else 1024
@@ -187,8 +208,9 @@ def main(argv=None) -> int:
     print(f"# {args.model}, input {image_size}², batch {args.batch}, {args.objects} objects, {args.rounds} rounds, "
           f"{device_name}; median of {args.steps} steps after {args.warmup} warm-up; ratios are ours / micro-sam's; "
           f"load average at start {os.getloadavg()[0]:.1f}")
-    print("| method | path | trainable params | time/it (s) | peak memory (GiB) | time vs micro-sam | memory vs micro-sam |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| method | path | trainable params | time/it (s) | CPU time/it (s) | peak memory (GiB) | time vs micro-sam | "
+          "memory vs micro-sam |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     sys.stdout.flush()
     ctx = mp.get_context("spawn")
     rows = []

@@ -20,7 +20,7 @@ from .tuners import (
     quantize_image_encoder,
     qv_lora_config,
 )
-from .tuners.base import find_image_encoder
+from .tuners.base import check_layers, find_image_encoder, num_encoder_layers
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,9 @@ def get_method(name: str) -> Method:
 
 
 def _config_fields(method: Method) -> set[str]:
-    cls = LoraConfig if method.build is qv_lora_config else method.build
-    return {f.name for f in dataclasses.fields(cls) if f.init} - {"peft_type"}
+    if method.build is qv_lora_config:  # peft's LoraConfig, plus our `layers` (its layers_to_transform)
+        return {f.name for f in dataclasses.fields(LoraConfig) if f.init} - {"peft_type"} | {"layers"}
+    return {f.name for f in dataclasses.fields(method.build) if f.init} - {"peft_type"}
 
 
 def _split_overrides(method: Method, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -93,9 +94,14 @@ def method_config(name: str, **overrides: Any) -> Optional[PeftConfig]:
     return None if method.build is None else _build_config(method, config_kw)
 
 
-def _build_config(method: Method, config_kw: dict[str, Any]) -> PeftConfig:
-    """The method's config; a bad option value (e.g. a negative dropout) is a one-line error naming the method."""
+def _build_config(method: Method, config_kw: dict[str, Any], num_layers: Optional[int] = None) -> PeftConfig:
+    """The method's config; a bad option value (e.g. a negative dropout) is a one-line error naming the method.
+
+    `num_layers`: the model's encoder layers, against which `layers` is checked and negative indices resolved.
+    """
     try:
+        if num_layers is not None and config_kw.get("layers") is not None:
+            config_kw = {**config_kw, "layers": check_layers(config_kw["layers"], num_layers)}
         return method.build(**config_kw)
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"method {method.name!r}: {' '.join(str(exc).split())}") from None
@@ -112,7 +118,9 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
     """Return `model` ready to train with a paper method: a `PeftModel`, or the model itself for `full_ft`.
 
     The prompt encoder and mask decoder always train. `qlora` first quantizes every image-encoder Linear to
-    4 bit (`quant_type="nf4"` or `"fp4"`).
+    4 bit (`quant_type="nf4"` or `"fp4"`). `layers` (every method with encoder adapters): which
+    `vision_encoder.layers.<i>` to adapt, an int or a list, negative counting from the end (`[-2, -1]`: the last
+    two blocks); the others stay frozen, so backward stops at the first adapted block.
     """
     method = get_method(name)
     find_image_encoder(model)
@@ -123,7 +131,8 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
         model.requires_grad_(True)
         freeze_positional_basis(model)
         return model
-    config = _build_config(method, config_kw)  # a bad option fails before the model is touched
+    # a bad option (or `layers` out of this model's range) fails before the model is touched
+    config = _build_config(method, config_kw, num_encoder_layers(model))
     if "quant_type" in model_opts:
         quantize_image_encoder(model, quant_type=model_opts["quant_type"])
     return get_peft_model(model, config, adapter_name=adapter_name)

@@ -44,7 +44,10 @@ correctness test (loss and gradients within tolerance of the plain path) in
 
 Not options here because they are already what we do: the encoder runs once per batch and its embedding is
 shared by all rounds. Adapters in the last ``k`` blocks only are a *method* change (the paper's suggestion),
-offered as :func:`last_blocks_overrides` for ``apply_method``; backward then stops at block ``L - k``.
+every encoder tuner's ``layers`` option (``apply_method(model, "lora", layers=[-2, -1])``, or
+:func:`last_blocks_overrides`); backward then stops at block ``L - k``: nothing below it requires grad, so
+autograd records no graph and keeps no activation there. :func:`prepare_model` removes the one thing that
+would force a graph through the frozen blocks, an input-requires-grad hook on the patch embedding.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
+from hf_sam_peft.sam_forward.precision import native_autocast_dtype
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 ATTENTION_KINDS = ("fused", "sdpa", "eager")
@@ -122,12 +126,7 @@ def resolve_autocast_dtype(option: str | None, device: torch.device | str) -> to
         return None
     if option != "auto":
         return AUTOCAST_DTYPES[option]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return torch.bfloat16 if native else None
-    return None
+    return native_autocast_dtype(device)
 
 
 def autocast_context(options: EfficiencyOptions | None, device: torch.device | str) -> ContextManager:
@@ -208,9 +207,38 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
     encoder = sam.vision_encoder
     if options.checkpoint_encoder and encoder_is_trainable(sam):
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # frozen blocks below the adapted ones (`layers`) build no graph: nothing to recompute, and the
+        # checkpoint wrapper would only hold their inputs for the length of the call
+        for block in encoder.layers:
+            if not any(p.requires_grad for p in block.parameters()):
+                for module in block.modules():
+                    if hasattr(module, "gradient_checkpointing"):
+                        module.gradient_checkpointing = False
     elif getattr(encoder, "gradient_checkpointing", False):
         encoder.gradient_checkpointing_disable()
+    drop_input_require_grads(sam)  # last: enabling checkpointing may add such hooks
     return model
+
+
+def drop_input_require_grads(sam: nn.Module) -> int:
+    """Remove transformers' ``enable_input_require_grads`` hooks from SAM; returns how many were removed.
+
+    peft's ``PeftModel`` adds them when the model already has gradient checkpointing on (and transformers
+    when checkpointing a model with a peft config loaded): they make the patch embedding's output require
+    grad, for LLMs whose frozen embeddings would otherwise cut the graph of reentrant checkpointing. SAM's
+    input is pixels, our checkpointing is non-reentrant, and with such a hook autograd would keep a graph and
+    the activations of every frozen block below the first adapted one (``layers``).
+    """
+    removed = 0
+    for module in sam.modules():
+        for hook in getattr(module, "_require_grads_hooks", None) or []:
+            hook.remove()
+            removed += 1
+        if hasattr(module, "_require_grads_hooks"):
+            module._require_grads_hooks = []
+            if hasattr(module, "_require_grads_hook"):
+                del module._require_grads_hook
+    return removed
 
 
 class EmbeddingCache:
@@ -283,21 +311,19 @@ def last_blocks_overrides(method: str, n_layers: int, k: int) -> dict[str, Any]:
 
     The earlier blocks then hold no trainable parameter, so autograd keeps no graph for them and backward
     stops at block ``n_layers - k``. This changes the method (fewer adapted blocks): an opt-in, not a default.
-    Example: ``apply_method(model, "lora", **last_blocks_overrides("lora", 12, 4))``.
+    Example: ``apply_method(model, "lora", **last_blocks_overrides("lora", 12, 4))``, the same as
+    ``apply_method(model, "lora", layers=[8, 9, 10, 11])``.
     """
-    from hf_sam_peft.methods import method_config
-    from hf_sam_peft.tuners.base import ENCODER_BLOCKS
+    from hf_sam_peft.methods import get_method
+    from hf_sam_peft.tuners import FreezeEncoderConfig
 
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
     if not isinstance(k, int) or not 1 <= k <= n_layers:
         raise ValueError(f"k must be an int in [1, {n_layers}], got {k!r}")
-    config = method_config(method)
-    target = getattr(config, "target_modules", None)
-    if not isinstance(target, str) or ENCODER_BLOCKS not in target:
+    if get_method(method).build in (None, FreezeEncoderConfig):
         raise ValueError(f"method {method!r} has no per-block encoder adapters to restrict")
-    blocks = "|".join(str(i) for i in range(n_layers - k, n_layers))
-    return {"target_modules": target.replace(ENCODER_BLOCKS, ENCODER_BLOCKS.replace(r"\d+", f"({blocks})"))}
+    return {"layers": list(range(n_layers - k, n_layers))}
 
 
 def optimizer_kwargs(device: torch.device | str, fused: bool = True) -> dict[str, Any]:
@@ -307,7 +333,7 @@ def optimizer_kwargs(device: torch.device | str, fused: bool = True) -> dict[str
 
 
 __all__ = [
-    "EfficiencyOptions", "EmbeddingCache", "autocast_context", "encoder_embeddings", "last_blocks_overrides",
-    "maybe_checkpoint", "optimizer_kwargs", "prepare_model", "resolve_autocast_dtype", "set_decoder_attention",
-    "set_encoder_attention",
+    "EfficiencyOptions", "EmbeddingCache", "autocast_context", "drop_input_require_grads", "encoder_embeddings",
+    "last_blocks_overrides", "maybe_checkpoint", "optimizer_kwargs", "prepare_model", "resolve_autocast_dtype",
+    "set_decoder_attention", "set_encoder_attention",
 ]

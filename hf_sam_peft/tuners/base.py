@@ -16,6 +16,7 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
+    _ExcludedModule,
     check_adapters_to_merge,
     check_target_module_exists,
 )
@@ -50,6 +51,12 @@ BLOCK_NORMS: tuple[str, ...] = ("layer_norm1", "layer_norm2", "attn.norm", "mlp.
 BLOCK_LINEARS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "mlp.fc1", "mlp.fc2")
 
 
+# `layers` (every encoder tuner): the index i of `vision_encoder.layers.<i>`, i.e. peft's `layers_to_transform` with
+# `layers_pattern="layers"` (a ViT block; a TinyViT stage). peft's regex for that pattern, within the encoder.
+LAYERS_PATTERN = "layers"
+_BLOCK_INDEX = re.compile(r"(?:^|.*?\.)vision_encoder\.layers\.(\d+)\.")
+
+
 def encoder_regex(*suffixes: str) -> str:
     """A peft `target_modules` regex matching `<block>.<suffix>` inside SAM's image encoder blocks."""
     alternatives = "|".join(re.escape(s) for s in suffixes)
@@ -60,9 +67,53 @@ def default_modules_to_save() -> list[str]:
     return list(SAM_MODULES_TO_SAVE)
 
 
+def check_layers(layers: Any, num_layers: Optional[int] = None) -> Optional[list[int]]:
+    """`layers` (an int or a list of ints; None: every block) as a sorted list of encoder layer indices.
+
+    Without `num_layers` (a config built without a model) negative indices stay as given: they count from the
+    end of the encoder (-1 = last) and are resolved against the model by `apply_method` or `get_peft_model`.
+    """
+    if layers is None:
+        return None
+    items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if (
+        not isinstance(items, (list, tuple))
+        or not items
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in items)
+    ):
+        raise ValueError(f"layers must be an int or a non-empty list of ints (encoder layer indices), got {layers!r}")
+    if num_layers is not None:
+        bad = [i for i in items if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"layers {bad} out of range for an image encoder of {num_layers} layers "
+                f"(0..{num_layers - 1}, or -{num_layers}..-1 from the end)"
+            )
+        items = [i % num_layers for i in items]
+    if len(set(items)) != len(items):
+        raise ValueError(f"layers names a block twice: {layers!r}")
+    return sorted(items)
+
+
+def num_encoder_layers(model: nn.Module) -> int:
+    """How many `vision_encoder.layers` a SAM has (ViT blocks; TinyViT stages): what `layers` indexes."""
+    return len(find_image_encoder(model).layers)
+
+
+def encoder_layer_index(key: str) -> Optional[int]:
+    """The `i` of `vision_encoder.layers.<i>.` in a module name (None outside the encoder's layers)."""
+    match = _BLOCK_INDEX.match(key)
+    return int(match.group(1)) if match else None
+
+
 @dataclass
 class SamTunerConfig(PeftConfig):
-    """Fields shared by all SAM tuner configs (a subclass sets `peft_type` and its own defaults)."""
+    """Fields shared by all SAM tuner configs (a subclass sets `peft_type` and its own defaults).
+
+    `layers`: adapt only the targets inside `vision_encoder.layers.<i>` for these i (ViT: block i; TinyViT:
+    stage i, i.e. all its `blocks.<j>`), an int or a list; negative counts from the end and is resolved against
+    the model when the adapter is injected (the saved config then holds the resolved indices). None: all.
+    """
 
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Modules of the image encoder to adapt (regex or list of names)."}
@@ -74,9 +125,23 @@ class SamTunerConfig(PeftConfig):
         default_factory=default_modules_to_save,
         metadata={"help": "Modules trained fully and saved with the adapter: SAM's prompt encoder and mask decoder."},
     )
+    # Adapters in some blocks only (the paper's suggestion: the last ones, so that backward stops at the first
+    # adapted block), as micro-sam's `attention_layers_to_update` (computational-cell-analytics/micro-sam@6fd6e50,
+    # micro_sam/models/peft_sam.py L164-201: every encoder parameter frozen, then only blocks in the list wrapped;
+    # later versions add `start_layer` for "late LoRA"). Same meaning as peft's `layers_to_transform` with
+    # `layers_pattern="layers"`, which peft ignores for a regex `target_modules` (ours), hence our own field,
+    # applied in `SamTunerModel._check_target_module_exists`.
+    layers: Optional[Union[int, list[int]]] = field(
+        default=None,
+        metadata={
+            "help": "Encoder layers to adapt: the i of `vision_encoder.layers.<i>` (a ViT block, a TinyViT stage); "
+            "an int or a list, negative counts from the end; None: all."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.layers = check_layers(self.layers)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple)):
@@ -101,14 +166,27 @@ class SamTunerModel(BaseTuner):
     # Whether the adapter's math can be folded into the base weights (AdaptFormer's branch cannot).
     mergeable: bool = True
 
+    @staticmethod
+    def _check_target_module_exists(peft_config: PeftConfig, key: str) -> Any:
+        """peft's matching, then `layers`: only modules inside the chosen `vision_encoder.layers.<i>`."""
+        found = check_target_module_exists(peft_config, key)
+        layers = getattr(peft_config, "layers", None)
+        if not found or isinstance(found, _ExcludedModule) or layers is None:
+            return found
+        return encoder_layer_index(key) in layers
+
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         find_image_encoder(model)
         if config.target_modules == DUMMY_TARGET_MODULES:
             return
-        if not any(check_target_module_exists(config, name) for name, _ in model.named_modules()):
+        # negative indices resolved once against this model, so the saved config names the blocks it adapted
+        config.layers = check_layers(config.layers, num_encoder_layers(model))
+        if not any(self._check_target_module_exists(config, name) for name, _ in model.named_modules()):
             example = next((n for n, _ in model.named_modules() if re.search(r"layers\.0\.attn\.qkv$", n)), "")
             raise ValueError(
-                f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}"
+                f"target_modules={config.target_modules!r}"
+                + (f" in layers {config.layers}" if config.layers is not None else "")
+                + f" matches no module of {type(model).__name__}"
                 + (f" (image-encoder modules are named like {example!r})" if example else "")
             )
 

@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from ..base import default_modules_to_save, encoder_regex
+from ..base import LAYERS_PATTERN, check_layers, default_modules_to_save, encoder_regex
 from .layer import QVLoraLinear, qv_lora_4bit_class
 
 
@@ -32,12 +32,32 @@ def register_qv_lora(config: LoraConfig) -> LoraConfig:
     return config
 
 
-def qv_lora_config(r: int = 32, lora_alpha: float | None = None, lora_dropout: float = 0.0, **kwargs: Any) -> LoraConfig:
-    """LoRA on the q and v slices of every encoder block's `attn.qkv`; `lora_alpha` defaults to `r` (scale 1)."""
+def qv_lora_config(
+    r: int = 32,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    layers: int | list[int] | None = None,
+    **kwargs: Any,
+) -> LoraConfig:
+    """LoRA on the q and v slices of every encoder block's `attn.qkv`; `lora_alpha` defaults to `r` (scale 1).
+
+    `layers`: only the `attn.qkv` of `vision_encoder.layers.<i>` for i in `layers` (a ViT block; a TinyViT stage),
+    as peft's `layers_to_transform` with `layers_pattern="layers"`. peft ignores (and rejects) those with a regex
+    `target_modules`, so the target becomes the name suffix `attn.qkv` (only SAM's image encoder has one; the
+    decoders are `modules_to_save`, which peft never targets). Negative indices (from the end) need the model:
+    `apply_method` resolves them; a plain `get_peft_model` would match no block for them.
+    """
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    layers = check_layers(layers)
+    if layers is not None:
+        if "target_modules" in kwargs or "layers_to_transform" in kwargs:
+            raise ValueError(
+                "layers picks blocks of the default q/v target; with your own target_modules use peft's layers_to_transform"
+            )
+        kwargs.update(target_modules=["attn.qkv"], layers_to_transform=layers, layers_pattern=LAYERS_PATTERN)
     kwargs.setdefault("target_modules", encoder_regex("attn.qkv"))
     kwargs.setdefault("modules_to_save", default_modules_to_save())
     config = LoraConfig(r=r, lora_alpha=r if lora_alpha is None else lora_alpha, lora_dropout=lora_dropout, **kwargs)
