@@ -173,10 +173,13 @@ def main(argv=None) -> int:
         point_multimask = True
     plain = SamPredictor(model, point_multimask=point_multimask, fast=False)
     fast = SamPredictor(model, point_multimask=point_multimask)
-    print(f"CPU: {cpu_model()}; torch threads: {torch.get_num_threads()}; fast-path autocast: "
+    paths = [("plain float32", plain), ("fast", fast)]
+    if native_autocast_dtype("cpu") is not None:  # the opt-in bf16 decoder, where the CPU computes bf16 natively
+        paths.append(("fast bf16", SamPredictor(model, point_multimask=point_multimask, bf16=True)))
+    print(f"CPU: {cpu_model()}; torch threads: {torch.get_num_threads()}; native bf16: "
           f"{native_autocast_dtype('cpu')}; tile {image.shape}, {int(np.unique(labels).size - 1)} objects", flush=True)
     rows = []
-    for path, predictor in (("plain float32", plain), ("fast", fast)):
+    for path, predictor in paths:
         rows.append({"model": name, "path": path, **time_rounds(predictor, image, labels, starts, args.corrections, args.batch_size)})
         print(json.dumps(rows[-1]), flush=True)
     if args.mode == "vit_b":
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
         fast.set_image(image)
         plain.set_image(image)
         agree = agreement(plain, fast, labels, starts, args.corrections, args.batch_size)
-        msa = {path: msa_of(p, image, labels, starts, args.corrections, args.batch_size) for path, p in (("plain", plain), ("fast", fast))}
+        msa = {path: msa_of(p, image, labels, starts, args.corrections, args.batch_size) for path, p in paths}
         print()
         print("| start | mean per-object IoU fast vs plain (same prompts) | min IoU | max abs low-res logit diff |")
         print("|---|---|---|---|")

@@ -45,20 +45,25 @@ class Recipe:
     path: Optional[Path] = None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate an experiment recipe; a one-line error names the file and the bad key."""
-    path = Path(path)
+def read_yaml_file(path: Path, what: str = "recipe") -> Any:
+    """A YAML file's content; a missing file, bad YAML or non-UTF-8 text is a one-line error naming it."""
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"recipe {path}: malformed YAML{where}: {problem}") from None
+        raise ValueError(f"{what} {path}: malformed YAML{where}: {problem}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"recipe {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ValueError(f"{what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate an experiment recipe; a one-line error names the file and the bad key."""
+    path = Path(path)
+    raw = read_yaml_file(path, "recipe")
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {path}: expected a mapping of keys, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(RECIPE_KEYS))

@@ -45,6 +45,7 @@ from hf_sam_peft.modeling.mask_decoder import (
     _plain_linears,
     _project,
     final_token_to_image,
+    token_self_attention,
     two_way_layer,
 )
 from hf_sam_peft.sam_forward.forward import unwrap_sam
@@ -163,12 +164,7 @@ def _first_layer_shared(layer: nn.Module, queries: torch.Tensor, query_pos: torc
     queries against each object's own tokens.
     """
     n, _, n_tokens, _ = queries.shape
-    if layer.skip_first_layer_pe:
-        queries, _ = layer.self_attn(query=queries, key=queries, value=queries)
-    else:
-        query = queries + query_pos
-        queries = queries + layer.self_attn(query=query, key=query, value=queries)[0]
-    queries = layer.layer_norm1(queries)
+    queries = token_self_attention(layer, queries, query_pos)
 
     to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     query = to_image.q_proj(queries + query_pos).reshape(1, 1, n * n_tokens, -1)

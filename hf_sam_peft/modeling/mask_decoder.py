@@ -81,6 +81,16 @@ class SamFusedTwoWayTransformer(SamTwoWayTransformer):
         return final_token_to_image(self, queries, keys, point_embeddings, positions, **kwargs), keys
 
 
+def token_self_attention(layer: nn.Module, queries: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """The first step of ``SamTwoWayAttentionBlock.forward``: the prompt tokens' self-attention and LayerNorm."""
+    if layer.skip_first_layer_pe:
+        queries, _ = layer.self_attn(query=queries, key=queries, value=queries)
+    else:
+        query = queries + query_pos
+        queries = queries + layer.self_attn(query=query, key=query, value=queries)[0]
+    return layer.layer_norm1(queries)
+
+
 def two_way_layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor,
                   key_pos: torch.Tensor | None, attention_similarity: torch.Tensor | None,
                   shifts: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -93,13 +103,7 @@ def two_way_layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, q
     (:mod:`hf_sam_peft.evaluation.fast_decoder`), training per call. ``attend_image_queries``: the kernel of
     the image->token attention (default :func:`_attend`, the model's kernel; inference passes its own).
     """
-    if layer.skip_first_layer_pe:
-        queries, _ = layer.self_attn(query=queries, key=queries, value=queries)
-    else:
-        query = queries + query_pos
-        queries = queries + layer.self_attn(query=query, key=query, value=queries)[0]
-    queries = layer.layer_norm1(queries)
-
+    queries = token_self_attention(layer, queries, query_pos)
     to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     image_key, image_value, image_query = _project(keys, (to_image.k_proj, to_image.v_proj, to_token.q_proj))
     if shifts is None:

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 __all__ = ["Cell", "EVALUATION_DEFAULTS", "StudySpec", "expand_cells", "load_study", "study_from_dict"]
 
 STUDY_KEYS = {
@@ -255,13 +253,10 @@ def study_from_dict(raw: Any, where: str = "study") -> StudySpec:
 
 def load_study(path: str | Path) -> StudySpec:
     """Read and validate a study file; errors name the file and the bad key."""
+    from ..train import read_yaml_file
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"study file {path}: malformed YAML: {' '.join(str(exc).split())}") from None
+    raw = read_yaml_file(path, "study file")
     spec = study_from_dict(raw, where=f"study file {path}")
     spec.path = path
     return spec
