@@ -204,10 +204,11 @@ def _plots(records: Sequence[dict[str, Any]], folder: Path) -> dict[str, Path]:
     if not defaults:
         return files
     colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(6.0, 1.2 * len(methods)) * len(datasets), 4.2),
+    # one row per dataset (a wide figure of side-by-side panels is unreadable with ten methods)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(max(7.0, 0.9 * len(methods) + 3.0), 2.8 * len(datasets)),
                              squeeze=False)
     width = 0.8 / max(len(methods), 1)
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes[:, 0], datasets):
         modes = _modes(defaults, dataset)
         x = np.arange(len(modes))
         for i, method in enumerate(methods):
@@ -220,8 +221,9 @@ def _plots(records: Sequence[dict[str, Any]], folder: Path) -> dict[str, Path]:
         ax.set_ylim(0, 1)
         ax.set_title(f"{dataset} ({'mSA' if metric == 'msa' else 'Dice'}; AIS: mSA)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("score")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for ax in axes[:, 0]:
+        ax.set_ylabel("score")
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     atomic_write(folder / "scores.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
