@@ -241,7 +241,8 @@ def peer_main(folder: str, starts, args) -> int:
     predictor = SamPredictor(sam.eval())
     image, labels = np.load(os.path.join(folder, "image.npy")), np.load(os.path.join(folder, "labels.npy"))
     start_time = time.perf_counter()
-    embeddings = util.precompute_image_embeddings(predictor, image, None, verbose=False)
+    # ndim=2: an (H, W, 3) image is one RGB image (micro-sam would take it for a 3-slice volume otherwise)
+    embeddings = util.precompute_image_embeddings(predictor, image, None, ndim=2, verbose=False)
     row = {"model": "ViT-B (random)", "path": "micro-sam", "encoder_s": time.perf_counter() - start_time,
            "objects": int(np.unique(labels).size - 1)}
     # batched_inference re-embeds the image every round (embedding_path=None): hand it the one embedding
