@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--bf16", action="store_true",
-        help="run the mask decoder in bf16 where the device computes it natively (about 1.3x faster on a CPU with "
+        help="run the mask decoder in bf16 where the device computes it natively (about 1.2x faster on a CPU with "
         "AMX; scores within 0.005 of float32 on the demo's tiles); default: float32",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
