@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .cell import RESULT_NAME, SPEC_NAME, run_cell
+from .cell import RESULT_NAME, RUN_FOLDER, SPEC_NAME, run_cell
 from .spec import Cell, StudySpec, load_study
 
 __all__ = ["StudyResult", "cell_settings", "run_study", "study_folder"]
@@ -73,17 +74,25 @@ def _canonical(value: Any) -> str:
 
 
 def _finished(folder: Path, settings: dict[str, Any], overwrite: bool) -> bool:
-    """Whether the cell folder holds a finished run of exactly these settings."""
+    """Whether the cell folder holds a finished run of exactly these settings.
+
+    A cell run (finished, or killed part-way) with other settings is an error without ``overwrite``; with it,
+    that run's folder is deleted here so that the cell starts again instead of resuming the old checkpoints.
+    A killed run with the same settings is kept: the cell resumes from its newest intact checkpoint.
+    """
     result, spec = folder / RESULT_NAME, folder / SPEC_NAME
-    if not result.is_file():
-        return False
-    if spec.is_file() and _canonical(json.loads(spec.read_text(encoding="utf-8"))) == _canonical(settings):
-        return not overwrite
-    if not overwrite:
+    same = spec.is_file() and _canonical(json.loads(spec.read_text(encoding="utf-8"))) == _canonical(settings)
+    started = result.is_file() or (folder / RUN_FOLDER).exists()
+    if same and result.is_file() and not overwrite:
+        return True
+    if not same and started and not overwrite:
+        state = "finished" if result.is_file() else "was started"
         raise ValueError(
-            f"cell {settings['cell_id']} in {folder.parent.parent} finished with other settings than the study now "
+            f"cell {settings['cell_id']} in {folder.parent.parent} {state} with other settings than the study now "
             "gives; pass another output folder, or overwrite=True (--overwrite) to run it again"
         )
+    if overwrite and started:
+        shutil.rmtree(folder / RUN_FOLDER, ignore_errors=True)
     return False
 
 

@@ -157,6 +157,31 @@ def test_changed_settings_are_an_error_unless_overwrite(smoke_run, tmp_path):
     assert len(cell["rounds"]["box"]["iou"]) == 3  # box + 2 corrections
 
 
+def test_overwrite_with_other_training_settings_trains_again_instead_of_resuming(tmp_path):
+    shared_dataset(NUCLEI)
+    raw = smoke_dict()
+    raw.update(methods=["freeze_encoder"], base=False)
+    run_study(study_from_dict(raw), tmp_path, isolate=False, progress=False)
+    raw["training"].update(max_steps=3, eval_steps=3, save_steps=3)
+    with pytest.raises(ValueError, match="finished with other settings"):
+        run_study(study_from_dict(raw), tmp_path, isolate=False, progress=False)
+    result = run_study(study_from_dict(raw), tmp_path, overwrite=True, isolate=False, progress=False)
+    cell = result.records[0]
+    assert cell["steps"] == 3 and cell["time_per_iteration_s"] is not None  # trained anew, not resumed at step 2
+
+
+def test_a_killed_cell_with_changed_settings_is_not_resumed_silently(tmp_path):
+    shared_dataset(NUCLEI)
+    raw = smoke_dict()
+    raw.update(methods=["freeze_encoder"], base=False)
+    run_study(study_from_dict(raw), tmp_path, isolate=False, progress=False)
+    cell_dir = tmp_path / "cells" / f"{NUCLEI}__freeze_encoder__s0"
+    (cell_dir / RESULT_NAME).unlink()  # killed after its checkpoint, before scoring
+    raw["training"]["learning_rate"] = 0.5
+    with pytest.raises(ValueError, match="was started with other settings"):
+        run_study(study_from_dict(raw), tmp_path, isolate=False, progress=False)
+
+
 def test_a_failing_cell_does_not_lose_the_others(tmp_path):
     shared_dataset(NUCLEI)
     raw = smoke_dict()
