@@ -227,10 +227,11 @@ def study_from_dict(raw: Any, where: str = "study") -> StudySpec:
         _fail(where, f"name must be letters, digits, '_', '-' or '.', got {raw['name']!r}")
     methods = _check_methods(where, raw["methods"])
     method_options = raw.get("method_options") or {}
-    all_methods = _check_methods(where, "all")
+    from ..methods import METHOD_NAMES
+
     for method, options in method_options.items():  # options of a method the study skips are kept, not an error
-        if method not in all_methods or not isinstance(options, dict):
-            _fail(where, f"method_options.{method} must be a mapping of options of a method ({', '.join(all_methods)})")
+        if method not in METHOD_NAMES or not isinstance(options, dict):
+            _fail(where, f"method_options.{method} must be a mapping of options of a method ({', '.join(METHOD_NAMES)})")
     spec = StudySpec(
         name=raw["name"],
         datasets=_check_datasets(where, raw["datasets"]),
