@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,9 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_info import isa_line  # noqa: E402
+
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,17 +45,6 @@ def default_peer_python() -> str:
     """As ``train_step.py``: ``$MICRO_SAM_VENV/bin/python``, else ``<checkout>/../microsam-venv/bin/python``."""
     venv = os.environ.get("MICRO_SAM_VENV") or os.path.join(os.path.dirname(REPOSITORY), "microsam-venv")
     return os.path.join(venv, "bin", "python")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------------------------- ours
@@ -176,7 +167,8 @@ def main(argv=None) -> int:
     paths = [("plain float32", plain), ("fast", fast)]
     if native_autocast_dtype("cpu") is not None:  # the opt-in bf16 decoder, where the CPU computes bf16 natively
         paths.append(("fast bf16", SamPredictor(model, point_multimask=point_multimask, bf16=True)))
-    print(f"CPU: {cpu_model()}; torch threads: {torch.get_num_threads()}; native bf16: "
+    print(isa_line())
+    print(f"torch threads: {torch.get_num_threads()}; native bf16: "
           f"{native_autocast_dtype('cpu')}; tile {image.shape}, {int(np.unique(labels).size - 1)} objects", flush=True)
     rows = []
     for path, predictor in paths:

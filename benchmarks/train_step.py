@@ -39,6 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_info import isa_line, isa_summary  # noqa: E402
 from synthetic import synthetic_rows  # noqa: E402
 
 ALL_METHODS = ("full_ft", "freeze_encoder", "ln_tune", "bias_tune", "attn_tune", "lora", "qlora", "adaptformer", "ssf", "fact")
@@ -208,6 +209,8 @@ def main(argv=None) -> int:
     print(f"# {args.model}, input {image_size}², batch {args.batch}, {args.objects} objects, {args.rounds} rounds, "
           f"{device_name}; median of {args.steps} steps after {args.warmup} warm-up; ratios are ours / micro-sam's; "
           f"load average at start {os.getloadavg()[0]:.1f}")
+    if not args.device.startswith("cuda"):
+        print(isa_line())
     print("| method | path | trainable params | time/it (s) | CPU time/it (s) | peak memory (GiB) | time vs micro-sam | "
           "memory vs micro-sam |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
     print(f"# load average at end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"options": opts, "device": device_name, "rows": rows}, f, indent=2)
+            json.dump({"options": opts, "device": device_name, "isa": isa_summary(), "rows": rows}, f, indent=2)
     return 0
 
 
