@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--base", default=None,
-        help="base SAM: 'lite_medsam', a model folder or Hub id, or 'tiny' (random, for development); "
+        help="base model: 'lite_medsam', a SamModel / Sam2Model folder or Hub id, or 'tiny' / 'tiny_sam2' (random, for development); "
         "default: the base the first adapter names, else lite_medsam",
     )
     parser.add_argument(

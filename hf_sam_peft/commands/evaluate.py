@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and writes it to --out (CSV or JSON; an existing file is updated, rows with the same key replaced)."
         ),
     )
-    parser.add_argument("--base", required=True, help="base SAM: a SamModel folder, a registered name, or 'tiny'")
+    parser.add_argument("--base", required=True, help="base model: a SamModel / Sam2Model folder or Hub id, or a name: lite_medsam, tiny, tiny_sam2 (random, for development)")
     parser.add_argument("--adapter", help="adapter folder or Hub repo id (omit to evaluate the base model)")
     parser.add_argument("--data", required=True, help="dataset root with <split>/images and <split>/labels")
     parser.add_argument("--split", default="val", help="split to score (default: val)")

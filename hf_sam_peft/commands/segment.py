@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="2D image files (png, tif, jpg)")
-    parser.add_argument("--base", required=True, help="base SAM: a SamModel folder, a registered name, or 'tiny'")
+    parser.add_argument("--base", required=True, help="base model: a SamModel / Sam2Model folder or Hub id, or a name: lite_medsam, tiny, tiny_sam2 (random, for development)")
     parser.add_argument("--adapter", help="adapter folder or Hub repo id")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(

