@@ -1,4 +1,8 @@
-"""The paper's ten ways to fine-tune SAM's image encoder, by name, with the paper's defaults in one table."""
+"""The paper's ten ways to fine-tune SAM's image encoder, by name, with the paper's defaults in one table.
+
+The same names and configs serve SAM (ViT), LiteMedSAM (TinyViT) and SAM 2 (transformers' `Sam2Model`, Hiera):
+the tuners find each encoder's blocks (`hf_sam_peft.tuners.base`).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,13 @@ from .tuners import (
     quantize_image_encoder,
     qv_lora_config,
 )
-from .tuners.base import check_layers, find_image_encoder, num_encoder_layers
+from .tuners.base import (
+    check_layers,
+    default_modules_to_save,
+    find_image_encoder,
+    modules_to_save_for,
+    num_encoder_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -94,33 +104,46 @@ def method_config(name: str, **overrides: Any) -> Optional[PeftConfig]:
     return None if method.build is None else _build_config(method, config_kw)
 
 
-def _build_config(method: Method, config_kw: dict[str, Any], num_layers: Optional[int] = None) -> PeftConfig:
+def _build_config(method: Method, config_kw: dict[str, Any], model: Optional[nn.Module] = None) -> PeftConfig:
     """The method's config; a bad option value (e.g. a negative dropout) is a one-line error naming the method.
 
-    `num_layers`: the model's encoder layers, against which `layers` is checked and negative indices resolved.
+    `model`: the SAM to adapt, against whose encoder `layers` is checked and negative indices resolved, and in
+    whose prompt-encoder layout `modules_to_save` is written (SAM 2's differs; peft's LoRA cannot translate it).
     """
     try:
-        if num_layers is not None and config_kw.get("layers") is not None:
-            config_kw = {**config_kw, "layers": check_layers(config_kw["layers"], num_layers)}
+        if model is not None:
+            if config_kw.get("layers") is not None:
+                config_kw = {**config_kw, "layers": check_layers(config_kw["layers"], num_encoder_layers(model))}
+            names = config_kw.get("modules_to_save", default_modules_to_save())
+            config_kw = {**config_kw, "modules_to_save": modules_to_save_for(model, names)}
         return method.build(**config_kw)
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"method {method.name!r}: {' '.join(str(exc).split())}") from None
 
 
+# SAM's and SAM 2's fixed random Fourier basis (`shared_image_embedding`, shared with the prompt encoder)
+POSITIONAL_BASIS_TYPES = frozenset({"SamPositionalEmbedding", "Sam2PositionalEmbedding"})
+
+
 def freeze_positional_basis(model: nn.Module) -> None:
-    """Keep SAM's fixed random Fourier basis (`shared_image_embedding`) frozen, as in the reference."""
+    """Keep SAM's fixed random Fourier basis (`shared_image_embedding`) frozen, as in the reference.
+
+    (transformers' SAM 2 already keeps it in a buffer; a parameter there, e.g. from a conversion, is frozen too.)
+    """
     for module in model.modules():
-        if type(module).__name__ == "SamPositionalEmbedding":
+        if type(module).__name__ in POSITIONAL_BASIS_TYPES:
             module.requires_grad_(False)
 
 
 def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **overrides: Any) -> nn.Module:
     """Return `model` ready to train with a paper method: a `PeftModel`, or the model itself for `full_ft`.
 
-    The prompt encoder and mask decoder always train. `qlora` first quantizes every image-encoder Linear to
-    4 bit (`quant_type="nf4"` or `"fp4"`). `layers` (every method with encoder adapters): which
-    `vision_encoder.layers.<i>` to adapt, an int or a list, negative counting from the end (`[-2, -1]`: the last
-    two blocks); the others stay frozen, so backward stops at the first adapted block.
+    `model`: a SAM (`SamModel`, LiteMedSAM) or SAM 2 (`Sam2Model`). The prompt encoder and mask decoder always
+    train. `qlora` first quantizes every image-encoder Linear to 4 bit (`quant_type="nf4"` or `"fp4"`). `layers`
+    (every method with encoder adapters): which `vision_encoder.layers.<i>` (SAM 2:
+    `vision_encoder.backbone.blocks.<i>`) to adapt, an int or a list, negative counting from the end (`[-2, -1]`:
+    the last two blocks); the others stay frozen, so backward stops at the first adapted block. SAM 2's
+    `no_memory_embedding` (added to the image features) trains with Full FT only, like the image encoder.
     """
     method = get_method(name)
     find_image_encoder(model)
@@ -132,7 +155,7 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
         freeze_positional_basis(model)
         return model
     # a bad option (or `layers` out of this model's range) fails before the model is touched
-    config = _build_config(method, config_kw, num_encoder_layers(model))
+    config = _build_config(method, config_kw, model)
     if "quant_type" in model_opts:
         quantize_image_encoder(model, quant_type=model_opts["quant_type"])
     return get_peft_model(model, config, adapter_name=adapter_name)
@@ -152,20 +175,35 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def parameter_table(model_type: str = "vit_b", methods: tuple[str, ...] = METHOD_NAMES) -> list[dict[str, Any]]:
-    """Trainable parameters per method for a SAM size, from configs only (built on the meta device, no weights).
+def meta_base_model(model_type: str) -> nn.Module:
+    """A SAM (`vit_b|l|h`) or SAM 2 (`sam2_hiera_tiny|small|base_plus|large`) size on the meta device: shapes only."""
+    import torch
+    from transformers import Sam2Model, SamModel
 
-    QLoRA is counted as LoRA: its 4-bit weights are frozen, so its trainable parameters are LoRA's.
+    from .modeling.sam import VIT_SIZES, sam_config
+    from .modeling.sam2 import SAM2_SIZES, sam2_config
+
+    if model_type not in VIT_SIZES and model_type not in SAM2_SIZES:
+        raise ValueError(f"model_type must be one of {', '.join([*VIT_SIZES, *SAM2_SIZES])}, got {model_type!r}")
+    with torch.device("meta"):
+        if model_type in SAM2_SIZES:
+            return Sam2Model(sam2_config(model_type))
+        return SamModel(sam_config(model_type))
+
+
+def parameter_table(model_type: str = "vit_b", methods: tuple[str, ...] = METHOD_NAMES) -> list[dict[str, Any]]:
+    """Trainable parameters per method for a SAM or SAM 2 size, from configs only (meta device, no weights).
+
+    QLoRA is counted as LoRA: its 4-bit weights are frozen, so its trainable parameters are LoRA's. The encoder
+    part is everything beyond the prompt encoder + mask decoder (Freeze Encoder's count); for SAM 2's Full FT
+    it includes `no_memory_embedding`.
     """
     import copy
 
     import torch
-    from transformers import SamModel
 
-    from .modeling.sam import sam_config
-
+    base = meta_base_model(model_type)
     with torch.device("meta"):
-        base = SamModel(sam_config(model_type))
         base_total = count_parameters(base)[1]
         # the prompt encoder + mask decoder part, trained by every method
         decoder = count_parameters(apply_method(copy.deepcopy(base), "freeze_encoder"))[0]

@@ -6,6 +6,7 @@ import argparse
 
 from ..methods import METHODS, parameter_table
 from ..modeling.sam import VIT_SIZES
+from ..modeling.sam2 import SAM2_SIZES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,14 +14,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "methods",
         help="list the ten fine-tuning methods with their trainable parameters",
         description=(
-            "Print the paper's ten fine-tuning methods with the trainable parameters each leaves in SAM "
+            "Print the paper's ten fine-tuning methods with the trainable parameters each leaves in SAM or SAM 2 "
             "(image encoder only, and in total with the prompt encoder and mask decoder, which always train). "
             "Counts come from the configs alone: no weights are downloaded or loaded."
         ),
     )
     parser.add_argument(
-        "--model", choices=sorted(VIT_SIZES), action="append",
-        help="SAM size to count for (repeatable; default: vit_b, vit_l and vit_h side by side)",
+        "--model", choices=[*sorted(VIT_SIZES), *SAM2_SIZES], action="append",
+        help="SAM or SAM 2 (2.1) size to count for (repeatable; default: vit_b, vit_l and vit_h side by side)",
     )
     parser.set_defaults(func=run)
 

@@ -32,9 +32,15 @@ from ..modeling.unetr import (
 # encoder is listed by its trainable children: its `shared_embedding` is the same module as SAM's
 # `shared_image_embedding`, a fixed random Fourier basis (a buffer in the original SAM) that must stay frozen.
 # (peft matches `modules_to_save` by name suffix and cannot wrap a ModuleList, hence the four point embeddings
-# of SAM's prompt encoder: positive, negative and the two box corners.)
+# of SAM's prompt encoder: positive, negative and the two box corners. SAM 2 keeps the four in one
+# nn.Embedding of the same name, so a list is translated to the model's layout by `modules_to_save_for`.)
+# SAM 2's mask decoder includes `conv_s0`/`conv_s1` (the high-resolution skips, applied to the image features)
+# and the object-score head: all of it trains. SAM 2's `no_memory_embedding` (a model-level parameter added to
+# the image features: the video-memory stand-in for a single image) is no module, so it stays frozen with the
+# image encoder in every method but Full FT.
+POINT_EMBED = "prompt_encoder.point_embed"
 SAM_MODULES_TO_SAVE: tuple[str, ...] = (
-    *(f"prompt_encoder.point_embed.{i}" for i in range(4)),
+    *(f"{POINT_EMBED}.{i}" for i in range(4)),
     "prompt_encoder.not_a_point_embed",
     "prompt_encoder.mask_embed",
     "prompt_encoder.no_mask_embed",
@@ -42,19 +48,31 @@ SAM_MODULES_TO_SAVE: tuple[str, ...] = (
     UNETR_MODULE_NAME,
 )
 
-# Block-level module paths of SAM image encoders: `vision_encoder.layers.<i>` in transformers' ViT, and
-# `vision_encoder.layers.<stage>.blocks.<j>` in LiteMedSAM's TinyViT (hf_sam_peft.modeling.tiny_vit).
-ENCODER_BLOCKS = r"vision_encoder\.layers\.\d+(?:\.blocks\.\d+)?"
+# Block-level module paths of SAM image encoders: `vision_encoder.layers.<i>` in transformers' ViT,
+# `vision_encoder.layers.<stage>.blocks.<j>` in LiteMedSAM's TinyViT (hf_sam_peft.modeling.tiny_vit), and
+# `vision_encoder.backbone.blocks.<i>` in SAM 2's Hiera (transformers' Sam2Model).
+ENCODER_BLOCKS = r"vision_encoder\.(?:layers\.\d+(?:\.blocks\.\d+)?|backbone\.blocks\.\d+)"
 
-# Module names inside one encoder block, for both encoders (a name absent in one encoder matches nothing there).
-BLOCK_NORMS: tuple[str, ...] = ("layer_norm1", "layer_norm2", "attn.norm", "mlp.norm")  # ViT | TinyViT
-BLOCK_LINEARS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2", "mlp.fc1", "mlp.fc2")
+# Module names inside one encoder block, for all encoders (a name absent in one encoder matches nothing there).
+BLOCK_NORMS: tuple[str, ...] = ("layer_norm1", "layer_norm2", "attn.norm", "mlp.norm")  # ViT, Hiera | TinyViT
+BLOCK_LINEARS: tuple[str, ...] = (
+    "attn.qkv", "attn.proj",
+    "mlp.lin1", "mlp.lin2",  # ViT
+    "mlp.fc1", "mlp.fc2",  # TinyViT
+    "mlp.proj_in", "mlp.proj_out",  # Hiera
+    # Hiera's first block of stages 2-4 (dim -> dim_out, pooled query) projects its residual with a block-level
+    # Linear `proj`. SAM's Bias Tune and SSF cover every Linear and LayerNorm of a block, so it is included there
+    # (micro-sam's BiasSurgery likewise trains every bias of a block); Attn Tune (attention only) and LN Tune
+    # (norms only) leave it alone.
+    "proj",
+)
 
 
-# `layers` (every encoder tuner): the index i of `vision_encoder.layers.<i>`, i.e. peft's `layers_to_transform` with
-# `layers_pattern="layers"` (a ViT block; a TinyViT stage). peft's regex for that pattern, within the encoder.
-LAYERS_PATTERN = "layers"
-_BLOCK_INDEX = re.compile(r"(?:^|.*?\.)vision_encoder\.layers\.(\d+)\.")
+# `layers` (every encoder tuner): the index i of `vision_encoder.layers.<i>` (a ViT block; a TinyViT stage) or of
+# `vision_encoder.backbone.blocks.<i>` (a Hiera block), i.e. peft's `layers_to_transform` with this
+# `layers_pattern` (peft reads it as a regex and takes the first index after it). Our regex for the same index.
+LAYERS_PATTERN = r"(?:layers|backbone\.blocks)"
+_BLOCK_INDEX = re.compile(r"(?:^|.*?\.)vision_encoder\.(?:layers|backbone\.blocks)\.(\d+)\.")
 
 
 def encoder_regex(*suffixes: str) -> str:
@@ -63,8 +81,27 @@ def encoder_regex(*suffixes: str) -> str:
     return rf"^(.*\.)?{ENCODER_BLOCKS}\.({alternatives})$"
 
 
-def default_modules_to_save() -> list[str]:
-    return list(SAM_MODULES_TO_SAVE)
+def modules_to_save_for(model: Optional[nn.Module], names: Optional[list[str]]) -> Optional[list[str]]:
+    """`names` in `model`'s prompt-encoder layout: SAM's four `point_embed.<i>` or SAM 2's one `point_embed`.
+
+    peft matches `modules_to_save` by name suffix, so no single list fits both: `prompt_encoder.point_embed` is a
+    ModuleList in SAM (which peft cannot wrap) and the embedding itself in SAM 2. Other names are kept as given.
+    """
+    point_embed = getattr(getattr(model, "prompt_encoder", None), "point_embed", None)
+    if names is None or point_embed is None:
+        return names
+    per_index = re.compile(rf"^{re.escape(POINT_EMBED)}\.\d+$")
+    if isinstance(point_embed, nn.ModuleList):  # SAM: one entry per embedding
+        expand = lambda n: [f"{POINT_EMBED}.{i}" for i in range(len(point_embed))] if n == POINT_EMBED else [n]
+        out = [m for n in names for m in expand(n)]
+    else:  # SAM 2: the one nn.Embedding
+        out = [POINT_EMBED if per_index.match(n) else n for n in names]
+    return list(dict.fromkeys(out))
+
+
+def default_modules_to_save(model: Optional[nn.Module] = None) -> list[str]:
+    """The prompt encoder's trainable parts, the mask decoder and the UNETR decoder (in `model`'s layout; SAM's)."""
+    return modules_to_save_for(model, list(SAM_MODULES_TO_SAVE))
 
 
 def check_layers(layers: Any, num_layers: Optional[int] = None) -> Optional[list[int]]:
@@ -95,13 +132,22 @@ def check_layers(layers: Any, num_layers: Optional[int] = None) -> Optional[list
     return sorted(items)
 
 
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """What `layers` indexes: `vision_encoder.layers` (ViT blocks; TinyViT stages) or SAM 2's Hiera blocks."""
+    encoder = find_image_encoder(model)
+    layers = getattr(encoder, "layers", None)
+    return layers if layers is not None else encoder.backbone.blocks
+
+
 def num_encoder_layers(model: nn.Module) -> int:
-    """How many `vision_encoder.layers` a SAM has (ViT blocks; TinyViT stages): what `layers` indexes."""
-    return len(find_image_encoder(model).layers)
+    """How many encoder layers `layers` can name (ViT or Hiera blocks; TinyViT stages)."""
+    return len(encoder_layers(model))
 
 
 def encoder_layer_index(key: str) -> Optional[int]:
-    """The `i` of `vision_encoder.layers.<i>.` in a module name (None outside the encoder's layers)."""
+    """The `i` of `vision_encoder.layers.<i>.` (or `vision_encoder.backbone.blocks.<i>.`) in a module name.
+
+    None outside the encoder's layers."""
     match = _BLOCK_INDEX.match(key)
     return int(match.group(1)) if match else None
 
@@ -111,8 +157,9 @@ class SamTunerConfig(PeftConfig):
     """Fields shared by all SAM tuner configs (a subclass sets `peft_type` and its own defaults).
 
     `layers`: adapt only the targets inside `vision_encoder.layers.<i>` for these i (ViT: block i; TinyViT:
-    stage i, i.e. all its `blocks.<j>`), an int or a list; negative counts from the end and is resolved against
-    the model when the adapter is injected (the saved config then holds the resolved indices). None: all.
+    stage i, i.e. all its `blocks.<j>`; SAM 2: `vision_encoder.backbone.blocks.<i>`), an int or a list; negative
+    counts from the end and is resolved against the model when the adapter is injected (the saved config then
+    holds the resolved indices). None: all.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -123,19 +170,23 @@ class SamTunerConfig(PeftConfig):
     )
     modules_to_save: Optional[list[str]] = field(
         default_factory=default_modules_to_save,
-        metadata={"help": "Modules trained fully and saved with the adapter: SAM's prompt encoder and mask decoder."},
+        metadata={
+            "help": "Modules trained fully and saved with the adapter: SAM's prompt encoder and mask decoder "
+            "(translated to the model's prompt-encoder layout when the adapter is injected)."
+        },
     )
     # Adapters in some blocks only (the paper's suggestion: the last ones, so that backward stops at the first
     # adapted block), as micro-sam's `attention_layers_to_update` (computational-cell-analytics/micro-sam@6fd6e50,
     # micro_sam/models/peft_sam.py L164-201: every encoder parameter frozen, then only blocks in the list wrapped;
     # later versions add `start_layer` for "late LoRA"). Same meaning as peft's `layers_to_transform` with
-    # `layers_pattern="layers"`, which peft ignores for a regex `target_modules` (ours), hence our own field,
+    # `layers_pattern=LAYERS_PATTERN`, which peft ignores for a regex `target_modules` (ours), hence our own field,
     # applied in `SamTunerModel._check_target_module_exists`.
     layers: Optional[Union[int, list[int]]] = field(
         default=None,
         metadata={
-            "help": "Encoder layers to adapt: the i of `vision_encoder.layers.<i>` (a ViT block, a TinyViT stage); "
-            "an int or a list, negative counts from the end; None: all."
+            "help": "Encoder layers to adapt: the i of `vision_encoder.layers.<i>` (a ViT block, a TinyViT stage) "
+            "or of `vision_encoder.backbone.blocks.<i>` (a SAM 2 Hiera block); an int or a list, negative counts "
+            "from the end; None: all."
         },
     )
 
@@ -149,12 +200,13 @@ class SamTunerConfig(PeftConfig):
 
 
 def find_image_encoder(model: nn.Module) -> nn.Module:
-    """The image encoder of a SAM model; a one-line error for anything else."""
+    """The image encoder of a SAM (ViT, TinyViT) or SAM 2 (Hiera) model; a one-line error for anything else."""
     encoder = getattr(model, "vision_encoder", None)
-    if encoder is None or not hasattr(encoder, "layers"):
+    blocks = getattr(getattr(encoder, "backbone", None), "blocks", None)
+    if encoder is None or not (hasattr(encoder, "layers") or isinstance(blocks, nn.ModuleList)):
         raise ValueError(
-            f"model must be a SAM model with an image encoder at `.vision_encoder` (e.g. transformers.SamModel), "
-            f"got {type(model).__name__}"
+            f"model must be a SAM model with an image encoder at `.vision_encoder` (e.g. transformers.SamModel or "
+            f"Sam2Model), got {type(model).__name__}"
         )
     return encoder
 
@@ -168,7 +220,7 @@ class SamTunerModel(BaseTuner):
 
     @staticmethod
     def _check_target_module_exists(peft_config: PeftConfig, key: str) -> Any:
-        """peft's matching, then `layers`: only modules inside the chosen `vision_encoder.layers.<i>`."""
+        """peft's matching, then `layers`: only modules inside the chosen encoder layers."""
         found = check_target_module_exists(peft_config, key)
         layers = getattr(peft_config, "layers", None)
         if not found or isinstance(found, _ExcludedModule) or layers is None:
@@ -182,7 +234,8 @@ class SamTunerModel(BaseTuner):
         # negative indices resolved once against this model, so the saved config names the blocks it adapted
         config.layers = check_layers(config.layers, num_encoder_layers(model))
         if not any(self._check_target_module_exists(config, name) for name, _ in model.named_modules()):
-            example = next((n for n, _ in model.named_modules() if re.search(r"layers\.0\.attn\.qkv$", n)), "")
+            qkv0 = re.compile(r"(layers|blocks)\.0\.attn\.qkv$")
+            example = next((n for n, _ in model.named_modules() if qkv0.search(n)), "")
             raise ValueError(
                 f"target_modules={config.target_modules!r}"
                 + (f" in layers {config.layers}" if config.layers is not None else "")
@@ -193,6 +246,9 @@ class SamTunerModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         if peft_config.target_modules is None:
             raise ValueError(f"{type(peft_config).__name__}.target_modules must name modules of the image encoder")
+        # in place, before peft wraps `modules_to_save` (every injection path: new, added or loaded adapters), so
+        # that SAM's default list also fits SAM 2 and the saved config names what was wrapped
+        peft_config.modules_to_save = modules_to_save_for(self.model, peft_config.modules_to_save)
         return peft_config
 
     def _create_and_replace(

@@ -16,6 +16,7 @@ import hf_sam_peft
 from hf_sam_peft.methods import count_parameters
 from hf_sam_peft.modeling.sam import tiny_sam_config
 from hf_sam_peft.tuners import register_qv_lora
+from hf_sam_peft.tuners.base import LAYERS_PATTERN
 from hf_sam_peft.training.efficiency import EfficiencyOptions, last_blocks_overrides, prepare_model
 from tests.tuners.helpers import assert_outputs_close, outputs, perturb_trainable
 
@@ -84,7 +85,8 @@ def test_custom_config_resolves_negative_layers_in_get_peft_model(sam4):
 def test_lora_uses_peft_layers_to_transform():
     config = hf_sam_peft.method_config("lora", layers=[6, 7])
     assert isinstance(config, LoraConfig)
-    assert (config.layers_to_transform, config.layers_pattern) == ([6, 7], "layers")
+    # peft reads layers_pattern as a regex: `vision_encoder.layers.<i>` (SAM) or `backbone.blocks.<i>` (SAM 2)
+    assert (config.layers_to_transform, config.layers_pattern) == ([6, 7], LAYERS_PATTERN)
     assert config.target_modules == {"attn.qkv"}  # a name suffix: peft ignores layers_to_transform for a regex
     # a recipe's method_options are checked with method_config before any model exists: negatives stay as given
     assert hf_sam_peft.method_config("lora", layers=[-2, -1]).layers_to_transform == [-2, -1]

@@ -1,4 +1,5 @@
-"""AdaptFormer layer: wraps SAM's `SamMLPBlock` with a parallel bottleneck branch."""
+"""AdaptFormer layer: wraps an encoder block's MLP (SAM's `SamMLPBlock`, TinyViT's, Hiera's `Sam2FeedForward`)
+with a parallel bottleneck branch."""
 
 from __future__ import annotations
 
@@ -24,13 +25,18 @@ class AdaptFormerLayer(SamTunerLayer):
             self.adaptformer_dropout = nn.ModuleDict()
             self.adaptformer_fixed_alpha: dict[str, float] = {}
         base = self.get_base_layer()
-        lin1 = getattr(base, "lin1", None) or getattr(base, "fc1", None)  # SAM ViT | TinyViT MLP
-        if not isinstance(lin1, nn.Linear):
-            raise TypeError(f"AdaptFormer targets SAM MLP blocks (with .lin1 or .fc1), got {type(base).__name__}")
-        d, p = lin1.in_features, config.projection_size
-        ref = lin1.weight
+        # first and last Linear of the MLP: SAM ViT | TinyViT | SAM 2 Hiera (its input and output width)
+        first = next((getattr(base, n) for n in ("lin1", "fc1", "proj_in") if hasattr(base, n)), None)
+        last = next((getattr(base, n) for n in ("lin2", "fc2", "proj_out") if hasattr(base, n)), None)
+        if not isinstance(first, nn.Linear) or not isinstance(last, nn.Linear):
+            raise TypeError(
+                f"AdaptFormer targets SAM MLP blocks (with .lin1/.lin2, .fc1/.fc2 or .proj_in/.proj_out), "
+                f"got {type(base).__name__}"
+            )
+        d, d_out, p = first.in_features, last.out_features, config.projection_size
+        ref = first.weight
         down = nn.Linear(d, p, device=ref.device, dtype=ref.dtype)
-        up = nn.Linear(p, d, device=ref.device, dtype=ref.dtype)
+        up = nn.Linear(p, d_out, device=ref.device, dtype=ref.dtype)
         nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
         nn.init.zeros_(down.bias)
         nn.init.zeros_(up.weight)

@@ -11,7 +11,12 @@ from ..selective import SelectiveConfig
 
 @dataclass
 class AttnTuneConfig(SelectiveConfig):
-    """Train qkv and proj (weights and biases) and the relative position tables of every encoder attention."""
+    """Train qkv and proj (weights and biases) and the relative position tables of every encoder attention.
+
+    SAM 2's Hiera attention has qkv and proj only: no relative position tables (its absolute position embeddings,
+    `pos_embed` and `pos_embed_window`, sit at the encoder's input, outside the blocks, and stay frozen), and the
+    residual `proj` of a stage's first block is not part of the attention.
+    """
 
     target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("attn"))
     trainable_parameters: list[str] = field(

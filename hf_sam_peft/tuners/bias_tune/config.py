@@ -14,7 +14,11 @@ from ..selective import SelectiveConfig
 
 @dataclass
 class BiasTuneConfig(SelectiveConfig):
-    """Train the biases of qkv, proj, lin1, lin2, layer_norm1 and layer_norm2 in each image-encoder block."""
+    """Train the biases of qkv, proj, lin1, lin2, layer_norm1 and layer_norm2 in each image-encoder block.
+
+    The same rule on SAM 2's Hiera: attn.qkv, attn.proj, mlp.proj_in, mlp.proj_out, layer_norm1/2, and the residual
+    `proj` of a stage's first block (every bias of a block, as micro-sam's BiasSurgery trains).
+    """
 
     target_modules: Optional[Union[list[str], str]] = field(
         default=encoder_regex(*BLOCK_LINEARS, *BLOCK_NORMS)

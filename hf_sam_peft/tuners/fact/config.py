@@ -14,7 +14,10 @@ class FactConfig(SamTunerConfig):
 
     `shared_factors=False` (default) keeps U (d→r) and V (r→d) per block, as the reference implementation does
     (this gives the paper's Table 5 count, L·(2dr+2r²) = 301,056 on ViT-B). `shared_factors=True` shares U and V
-    across all blocks of equal width, as the paper's text describes (2dr + L·2r²).
+    across layers, as the paper's text describes (2dr + L·2r² for one width). Encoders whose width changes
+    (TinyViT, SAM 2's Hiera) cannot share one U, V: U is shared by all blocks that read width d and V by all that
+    write width d (a Hiera stage's first block reads the previous stage's width and writes its own), i.e.
+    Σ_widths 2dr + L·2r².
     `init="identity"` (default) zero-initialises V so training starts from the pretrained model;
     `init="reference"` uses PyTorch's default Linear init for every factor as micro-sam does.
     """

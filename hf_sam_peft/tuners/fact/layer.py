@@ -1,4 +1,4 @@
-"""FacT layer on a fused qkv Linear (output = [q | k | v], each of width d)."""
+"""FacT layer on a fused qkv Linear: d → [q | k | v], each of width d_out (d_out = d but where SAM 2's Hiera widens)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from torch import nn
 from ..base import SamTunerLayer
 from .config import FactConfig
 
-# Shared factors: {(adapter_name, width): (U, V)}; owned (registered) by the first layer that creates them.
-SharedFactors = dict[tuple[str, int], tuple[nn.Parameter, nn.Parameter]]
+# Shared factors: {(adapter_name, "u" | "v", width): factor}; U (d→r) is shared by the layers that read width d,
+# V (r→d_out) by those that write width d_out. Each is owned (registered) by the first layer that creates it.
+SharedFactors = dict[tuple[str, str, int], nn.Parameter]
 
 
 def _linear_init(weight: torch.Tensor) -> torch.Tensor:
@@ -34,24 +35,27 @@ class FactLayer(SamTunerLayer):
             self.fact_dropout = nn.ModuleDict()
             self._factors: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear) or base.out_features != 3 * base.in_features:
-            raise TypeError(f"FacT targets fused qkv Linear layers (out = 3·in), got {base}")
-        d, r = base.in_features, config.r
+        if not isinstance(base, nn.Linear) or base.out_features % 3:
+            raise TypeError(f"FacT targets fused qkv Linear layers (out = 3·d_out), got {base}")
+        d, d_out, r = base.in_features, base.out_features // 3, config.r
         ref = base.weight
 
         def new(rows: int, cols: int, zero: bool = False) -> nn.Parameter:
             w = torch.empty(rows, cols, device=ref.device, dtype=ref.dtype)
             return nn.Parameter(w.zero_() if zero else _linear_init(w))
 
-        key = (adapter_name, d)
-        if shared is not None and key in shared:
-            self._factors[adapter_name] = shared[key]  # referenced, owned by another layer
-        else:
-            u, v = new(r, d), new(d, r, zero=config.init == "identity")
-            self.fact_u[adapter_name], self.fact_v[adapter_name] = u, v
-            self._factors[adapter_name] = (u, v)
+        def factor(store: nn.ParameterDict, kind: str, width: int, rows: int, cols: int, zero: bool) -> nn.Parameter:
+            key = (adapter_name, kind, width)
+            if shared is not None and key in shared:
+                return shared[key]  # referenced, owned by another layer
+            store[adapter_name] = param = new(rows, cols, zero)
             if shared is not None:
-                shared[key] = (u, v)
+                shared[key] = param
+            return param
+
+        u = factor(self.fact_u, "u", d, r, d, zero=False)
+        v = factor(self.fact_v, "v", d_out, d_out, r, zero=config.init == "identity")
+        self._factors[adapter_name] = (u, v)
         self.fact_s_q[adapter_name] = new(r, r)
         self.fact_s_v[adapter_name] = new(r, r)
         self.fact_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()

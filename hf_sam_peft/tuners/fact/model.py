@@ -11,8 +11,9 @@ from .layer import FactLayer, SharedFactors
 class FactModel(SamTunerModel):
     """Factor-tuning of q and v in each image-encoder block; mergeable.
 
-    With `shared_factors=True`, U and V are created once per adapter and width and referenced by every layer
-    (registered on the first layer only, so peft saves, loads and freezes them exactly once).
+    With `shared_factors=True`, U and V are created once per adapter and width (U by input, V by output width) and
+    referenced by every layer (registered on the first layer only, so peft saves, loads and freezes them exactly
+    once).
     """
 
     prefix: str = "fact_"

@@ -11,7 +11,8 @@ from ..selective import SelectiveConfig
 
 @dataclass
 class LNTuneConfig(SelectiveConfig):
-    """Train the two LayerNorms of each image-encoder block (ViT: layer_norm1/2; TinyViT: attn.norm, mlp.norm)."""
+    """Train the two LayerNorms of each image-encoder block (ViT, SAM 2's Hiera: layer_norm1/2; TinyViT: attn.norm,
+    mlp.norm). In Hiera's first block of a stage layer_norm1 has the previous stage's width, layer_norm2 its own."""
 
     target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex(*BLOCK_NORMS))
     trainable_parameters: list[str] = field(default_factory=lambda: ["weight", "bias"])

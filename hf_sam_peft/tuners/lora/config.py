@@ -41,11 +41,16 @@ def qv_lora_config(
 ) -> LoraConfig:
     """LoRA on the q and v slices of every encoder block's `attn.qkv`; `lora_alpha` defaults to `r` (scale 1).
 
-    `layers`: only the `attn.qkv` of `vision_encoder.layers.<i>` for i in `layers` (a ViT block; a TinyViT stage),
-    as peft's `layers_to_transform` with `layers_pattern="layers"`. peft ignores (and rejects) those with a regex
-    `target_modules`, so the target becomes the name suffix `attn.qkv` (only SAM's image encoder has one; the
-    decoders are `modules_to_save`, which peft never targets). Negative indices (from the end) need the model:
-    `apply_method` resolves them; a plain `get_peft_model` would match no block for them.
+    `layers`: only the `attn.qkv` of `vision_encoder.layers.<i>` for i in `layers` (a ViT block; a TinyViT stage;
+    SAM 2: `vision_encoder.backbone.blocks.<i>`), as peft's `layers_to_transform` with `layers_pattern` matching
+    either. peft ignores (and rejects) those with a regex `target_modules`, so the target becomes the name suffix
+    `attn.qkv` (only SAM's image encoder has one; the decoders are `modules_to_save`, which peft never targets).
+    Negative indices (from the end) need the model: `apply_method` resolves them; a plain `get_peft_model` would
+    match no block for them.
+
+    `modules_to_save` defaults to SAM's layout. peft's own LoRA tuner cannot translate it to SAM 2's prompt
+    encoder (one `point_embed` Embedding), so for a SAM 2 pass `modules_to_save=default_modules_to_save(sam2)`
+    (`apply_method` does), otherwise SAM 2's point embeddings would neither train nor be saved.
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")

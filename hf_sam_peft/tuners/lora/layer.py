@@ -3,7 +3,9 @@
 SAM's image encoder computes q, k and v with one Linear (d → 3d). The paper (and micro-sam) adapts q and v
 only, each with its own A (d→r) and B (r→d). peft's plain LoRA on `attn.qkv` would adapt q, k and v with one
 shared A; these layers keep peft's LoRA machinery (config, scaling, dropout, adapters, merge, save/load) and
-change only the shapes: `lora_A` is d→2r (rows [A_q; A_v]) and `lora_B` holds B_q and B_v as a (2, d, r) tensor.
+change only the shapes: `lora_A` is d→2r (rows [A_q; A_v]) and `lora_B` holds B_q and B_v as a (2, d_out, r)
+tensor. d_out = d in SAM's ViT; SAM 2's Hiera widens at the first block of a stage (qkv: d → 3·d_out, d_out = 2d),
+so there A reads the block's input width and B writes the q and v width d_out.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from torch import nn
 
 
 class QVLoraB(nn.Module):
-    """B_q and B_v of q/v LoRA, stored as one (2, d, r) tensor."""
+    """B_q and B_v of q/v LoRA, stored as one (2, d_out, r) tensor."""
 
-    def __init__(self, r: int, d: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, r: int, d_out: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(2, d, r, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.zeros(2, d_out, r, device=device, dtype=dtype))
         self.bias = None
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        """a = [a_q | a_v] (…, 2r) → [Δq | Δv] (…, 2d)."""
+        """a = [a_q | a_v] (…, 2r) → [Δq | Δv] (…, 2·d_out)."""
         a_q, a_v = a.chunk(2, dim=-1)
         return torch.cat([a_q @ self.weight[0].T, a_v @ self.weight[1].T], dim=-1)
 
@@ -37,14 +39,16 @@ class QVLoraMixin:
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         base = self.get_base_layer()
-        d = base.in_features
-        if base.out_features != 3 * d:
-            raise TypeError(f"q/v LoRA targets fused qkv Linear layers (out = 3·in), got in={d}, out={base.out_features}")
+        d, d_out = base.in_features, base.out_features // 3
+        if base.out_features != 3 * d_out:
+            raise TypeError(
+                f"q/v LoRA targets fused qkv Linear layers (out = 3·d_out), got in={d}, out={base.out_features}"
+            )
         if config.use_dora or config.lora_bias or config.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError("q/v LoRA supports init_lora_weights True/False/'gaussian' without DoRA or lora_bias")
         ref = self.lora_A[adapter_name].weight
         self.lora_A[adapter_name] = nn.Linear(d, 2 * r, bias=False, device=ref.device, dtype=ref.dtype)
-        self.lora_B[adapter_name] = QVLoraB(r, d, device=ref.device, dtype=ref.dtype)
+        self.lora_B[adapter_name] = QVLoraB(r, d_out, device=ref.device, dtype=ref.dtype)
         if config.init_lora_weights is True:
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
         elif config.init_lora_weights == "gaussian":

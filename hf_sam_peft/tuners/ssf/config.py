@@ -12,6 +12,10 @@ from ..base import BLOCK_LINEARS, BLOCK_NORMS, SamTunerConfig, encoder_regex
 class SSFConfig(SamTunerConfig):
     """Scale-and-shift features (Lian et al. 2022) after qkv, proj, lin1, lin2, layer_norm1 and layer_norm2.
 
+    On SAM 2's Hiera: after attn.qkv (3·d_out), attn.proj, mlp.proj_in, mlp.proj_out, layer_norm1 (d) and
+    layer_norm2 (d_out), and after the residual `proj` of a stage's first block (d → d_out): SAM's list is every
+    Linear and LayerNorm of a block, and that one is the block's only other.
+
     `init="identity"` (default) starts at γ=1, β=0, i.e. exactly the pretrained model. `init="reference"`
     reproduces micro-sam's random start γ~N(1, 0.2²), β~N(0, 0.2²), which does not start from the pretrained model.
     """
