@@ -534,3 +534,64 @@ def test_point_multimask_bad_values_and_unknown_repos(tiny_sam, tmp_path, offlin
     assert not (tmp_path / "a").exists()
     assert hub.recorded_point_multimask("org/not-in-any-cache") is None  # nothing recorded, nothing reachable
     assert hub.recorded_point_multimask({"point_multimask": False}) is False
+
+
+# ------------------------------------------------------------------------------------------ SAM 2
+
+
+@pytest.fixture
+def tiny_sam2():
+    from transformers import Sam2Model
+
+    from hf_sam_peft.modeling.sam2 import tiny_sam2_config
+
+    torch.manual_seed(0)
+    return Sam2Model(tiny_sam2_config()).eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "fact"])
+def test_sam2_adapter_round_trip_and_card(method, tiny_sam2, tmp_path):
+    """A SAM 2 adapter saves with a card that loads it with Sam2Model, and loads back to the same outputs."""
+    base_dir = tmp_path / "base"
+    tiny_sam2.save_pretrained(base_dir)
+    model = apply_method(tiny_sam2, method, r=4).eval()  # eval: FacT's dropout off
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "fact_" in name or ".V" in name):
+                p.add_(0.3 * torch.randn_like(p))  # leave the identity start: the outputs must change
+    batch = _toy_batch()
+    expected = _outputs(model, batch)
+    out = hub.save_adapter(model, tmp_path / method, base_model_id=str(base_dir))
+    provenance = hub.read_provenance(out)
+    assert provenance["base_model_type"] == "sam2"
+    assert provenance["base_model_size"]["vision_config.backbone_config"]["hidden_size"] == 16
+    card = (out / "README.md").read_text()
+    assert "from transformers import Sam2Model" in card and "SamModel" not in card.replace("Sam2Model", "")
+    loaded = hub.from_pretrained(out)
+    _assert_same_outputs(_outputs(loaded, batch), expected)
+
+
+def test_sam2_full_fine_tuning_round_trip(tiny_sam2, tmp_path):
+    from transformers import Sam2Model
+
+    model = apply_method(tiny_sam2, "full_ft")
+    with torch.no_grad():
+        model.mask_decoder.iou_prediction_head.proj_out.bias.add_(0.5)
+    batch = _toy_batch()
+    expected = _outputs(model, batch)
+    out = hub.save_adapter(model, tmp_path / "full", base_model_id="org/tiny-sam2")
+    loaded = hub.from_pretrained(out)
+    assert isinstance(loaded, Sam2Model)
+    _assert_same_outputs(_outputs(loaded, batch), expected)
+
+
+def test_sam2_adapter_on_another_hiera_size_is_a_clear_error(tiny_sam2, tmp_path):
+    from transformers import Sam2Model
+
+    from hf_sam_peft.modeling.sam2 import tiny_sam2_config
+
+    out = hub.save_adapter(apply_method(tiny_sam2, "ssf"), tmp_path / "ssf", base_model_id="org/tiny-sam2")
+    other = Sam2Model(tiny_sam2_config(hidden_size=8))
+    with pytest.raises(ValueError, match=r"does not fit this base model .*hidden_size 16 in the adapter but 8"):
+        hub.from_pretrained(out, base_model=other)

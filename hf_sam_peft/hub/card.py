@@ -81,28 +81,33 @@ def _is_hub_id(name: str | None) -> bool:
     return True
 
 
-def _alternative_text(method: str, base: str, repo_id: str, has_unetr: bool, quant_type: str | None) -> str:
-    """How to load without `hf_sam_peft.from_pretrained` (the import still registers our tuner types)."""
+def _alternative_text(
+    method: str, base: str, repo_id: str, has_unetr: bool, quant_type: str | None, model_class: str = "SamModel"
+) -> str:
+    """How to load without `hf_sam_peft.from_pretrained` (the import still registers our tuner types).
+
+    `model_class`: transformers' class of the base (`SamModel`, or `Sam2Model` for a SAM 2 base).
+    """
     if method == "full_ft":
         text = (
-            "This is a fully fine-tuned SamModel (no adapter); transformers loads it as it is:\n\n"
-            f'```python\nfrom transformers import SamModel\n\nmodel = SamModel.from_pretrained("{repo_id}")\n```'
+            f"This is a fully fine-tuned {model_class} (no adapter); transformers loads it as it is:\n\n"
+            f'```python\nfrom transformers import {model_class}\n\nmodel = {model_class}.from_pretrained("{repo_id}")\n```'
         )
     elif method in ("lora", "qlora"):
         quantize = f'hf_sam_peft.quantize_image_encoder(base, quant_type="{quant_type or "nf4"}")\n'
         text = (
             "peft does not record that this LoRA adapts only the q and v slices of the fused `qkv` projections, "
             "so load it onto the base model with `hf_sam_peft.load_adapter` (peft's `PeftModel.from_pretrained` "
-            "underneath):\n\n```python\nimport hf_sam_peft\nfrom transformers import SamModel\n\n"
-            f'base = SamModel.from_pretrained("{base}")\n{quantize if method == "qlora" else ""}'
+            f"underneath):\n\n```python\nimport hf_sam_peft\nfrom transformers import {model_class}\n\n"
+            f'base = {model_class}.from_pretrained("{base}")\n{quantize if method == "qlora" else ""}'
             f'model = hf_sam_peft.load_adapter(base, "{repo_id}")\n```'
         )
     else:
         text = (
             "With peft directly: import `hf_sam_peft` first, which registers its tuner types with peft "
             "(without it peft does not know this adapter's type):\n\n```python\nimport hf_sam_peft  # noqa: F401\n"
-            "from peft import PeftModel\nfrom transformers import SamModel\n\n"
-            f'model = PeftModel.from_pretrained(SamModel.from_pretrained("{base}"), "{repo_id}")\n```'
+            f"from peft import PeftModel\nfrom transformers import {model_class}\n\n"
+            f'model = PeftModel.from_pretrained({model_class}.from_pretrained("{base}"), "{repo_id}")\n```'
         )
     if has_unetr:
         text += (
@@ -174,7 +179,8 @@ def render_card(provenance: Mapping[str, Any], repo_id: str, template: str | os.
     if total:
         trainable_text += f" of {total:,} in the model ({100.0 * trainable / total:.2f}%)"
     trainable_text += "."
-    size = (provenance.get("base_model_size") or {}).get("vision_config")
+    sizes = provenance.get("base_model_size") or {}
+    size = sizes.get("vision_config.backbone_config") or sizes.get("vision_config")  # SAM 2: Hiera's sizes
     if size:
         trainable_text += " Image encoder: " + ", ".join(f"{k} {v}" for k, v in size.items()) + "."
 
@@ -184,10 +190,12 @@ def render_card(provenance: Mapping[str, Any], repo_id: str, template: str | os.
         f"`{base}`" if base else "Not recorded: pass `base_model=` when loading."
     )
     files = provenance.get("files") or []
+    model_class = "Sam2Model" if provenance.get("base_model_type") == "sam2" else "SamModel"
     values = {
         "front_matter": front,
         "title": f"{title} adapter for Segment Anything" if method != "full_ft" else "Fine-tuned Segment Anything",
-        "summary": f"Segment Anything (transformers `SamModel`) fine-tuned with hf-sam-peft's `{method}` method.",
+        "summary": f"Segment Anything{' 2' if model_class == 'Sam2Model' else ''} (transformers `{model_class}`) "
+        f"fine-tuned with hf-sam-peft's `{method}` method.",
         "base_model_text": base_text,
         "method_text": method_text,
         "hyperparameter_table": table,
@@ -196,7 +204,8 @@ def render_card(provenance: Mapping[str, Any], repo_id: str, template: str | os.
         "evaluation_section": evaluation,
         "repo_id": repo_id,
         "alternative_text": _alternative_text(
-            method, base or "<base SAM model>", repo_id, bool(provenance.get("unetr")), hyper.get("quant_type")
+            method, base or "<base SAM model>", repo_id, bool(provenance.get("unetr")), hyper.get("quant_type"),
+            model_class,
         ),
         "file_list": "\n".join(f"- `{f}`" for f in files) if files else "- see the repository",
         "version": provenance.get("hf_sam_peft_version", _version()),

@@ -101,8 +101,7 @@ def from_pretrained(
     the adapter's recorded `point_multimask` set on it (`hf_sam_peft.evaluation.predictor.point_multimask_of`).
     """
     from ..evaluation.predictor import set_point_multimask
-
-    from transformers import SamModel
+    from ..modeling.base_models import load_base_model
 
     if not isinstance(adapter_id, (str, os.PathLike)) or not os.fspath(adapter_id):
         raise TypeError(f"adapter_id must be a Hub repo id or a folder path, got {adapter_id!r}")
@@ -118,12 +117,12 @@ def from_pretrained(
     provenance = read_provenance(folder)
     is_adapter = (folder / ADAPTER_CONFIG_NAME).is_file()
     if not is_adapter and not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{name!r} holds neither a peft adapter ({ADAPTER_CONFIG_NAME}) nor a SamModel")
+        raise FileNotFoundError(f"{name!r} holds neither a peft adapter ({ADAPTER_CONFIG_NAME}) nor a SAM model")
 
     if not is_adapter:  # full fine-tuning: the whole model
         if base_model is not None:
-            raise ValueError(f"{name!r} is a complete SamModel, not an adapter; drop base_model")
-        model = SamModel.from_pretrained(folder)
+            raise ValueError(f"{name!r} is a complete SAM model, not an adapter; drop base_model")
+        model = load_base_model(folder)[0]  # SamModel, LiteSamModel or Sam2Model, as its config says
     else:
         if base_model is None or isinstance(base_model, (str, os.PathLike)):
             saved = read_json_file(folder / ADAPTER_CONFIG_NAME)

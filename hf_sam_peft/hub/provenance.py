@@ -50,6 +50,8 @@ _NOT_HYPERPARAMETERS = frozenset(
 _SIZE_FIELDS = {
     "vision_config": ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_dim", "image_size",
                       "patch_size", "output_channels"),
+    # SAM 2's Hiera sizes live one level down (a dotted part name is a nested sub-config)
+    "vision_config.backbone_config": ("hidden_size", "blocks_per_stage", "embed_dim_per_stage", "image_size"),
     "mask_decoder_config": ("hidden_size", "num_hidden_layers"),
 }
 
@@ -157,7 +159,9 @@ def _size_signature(sam: nn.Module) -> dict[str, dict[str, Any]]:
     config = getattr(sam, "config", None)
     out = {}
     for part, names in _SIZE_FIELDS.items():
-        sub = getattr(config, part, None)
+        sub = config
+        for attribute in part.split("."):
+            sub = getattr(sub, attribute, None)
         if sub is not None:
             out[part] = {n: _jsonable(getattr(sub, n), n) for n in names if hasattr(sub, n)}
     return out
@@ -200,6 +204,7 @@ def describe_model(
         "hyperparameters": _hyperparameters(method, config, model),
         "modules_to_save": None if config is None else _jsonable(config.modules_to_save, "modules_to_save"),
         "base_model": base_model_id,
+        "base_model_type": getattr(sam.config, "model_type", None),  # "sam", "sam2", LiteMedSAM's
         "base_model_size": _size_signature(sam),
         "trainable_parameters": trainable,
         "total_parameters": total,
