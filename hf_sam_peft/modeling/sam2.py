@@ -38,6 +38,8 @@ HIERA_SIZES: dict[str, dict] = {
 }
 # SAM 2.1 changed training and the video memory, not the image model's shapes: the same configs serve both.
 SAM2_SIZES: tuple[str, ...] = tuple(HIERA_SIZES)
+# `model_type` names the converter and the CLI accept: the sizes, and the same sizes by their SAM 2.1 names
+SAM2_MODEL_TYPES: tuple[str, ...] = SAM2_SIZES + tuple(name.replace("sam2_", "sam2.1_", 1) for name in SAM2_SIZES)
 
 
 def _hiera(hidden_size: int, num_attention_heads: int, **kwargs) -> Sam2HieraDetConfig:
