@@ -71,7 +71,12 @@ def _decoder(sam: nn.Module) -> SamMaskDecoder:
 def fast_decoder_supported(model: nn.Module) -> bool:
     """Whether :func:`decode_objects` reproduces ``model``'s decoder: transformers' ``SamMaskDecoder`` and
     two-way transformer (or our fused one) with plain ``nn.Linear`` attention projections (an adapter
-    wrapping them, e.g. LoRA on the decoder, is decoded through the model's forward instead)."""
+    wrapping them, e.g. LoRA on the decoder, is decoded through the model's forward instead).
+
+    SAM 2's ``Sam2MaskDecoder`` is not: it adds an object-score token to the output tokens, its upscaling adds
+    the two high-resolution maps, and its single-mask choice differs (``sam_forward.forward``); reproducing
+    those here would be a second copy of that decoder to keep in step with transformers. SAM 2 models decode
+    through the model's forward (the plain path), which training uses too."""
     decoder = _decoder(unwrap_sam(model))
     if type(decoder) is not SamMaskDecoder or not isinstance(decoder.transformer, SamTwoWayTransformer):
         return False

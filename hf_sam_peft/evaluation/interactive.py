@@ -130,7 +130,8 @@ def _as_predictor(model: Any) -> PromptPredictor:
     if isinstance(model, PromptPredictor):
         return model
     raise TypeError(
-        f"model must be a SamModel / PeftModel or a prompt predictor (set_image + predict), got {type(model).__name__}"
+        "model must be a SamModel / Sam2Model / PeftModel or a prompt predictor (set_image + predict), "
+        f"got {type(model).__name__}"
     )
 
 

@@ -45,6 +45,7 @@ from hf_sam_peft.evaluation.fast_decoder import ImageTokens, autocast_to, decode
 from hf_sam_peft.sam_forward.forward import decode as forward_decode
 from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
 from hf_sam_peft.sam_forward.frames import Frames, Prompts
+from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, frame_of, input_size_of, main_embedding
 from hf_sam_peft.sam_forward.precision import native_autocast_dtype
 from hf_sam_peft.sam_forward.preprocess import image_preprocessor
 
@@ -123,8 +124,8 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def image_size_of(model: nn.Module) -> int:
-    """Side of the model's square input (``vision_config.image_size``)."""
-    return int(unwrap_sam(model).config.vision_config.image_size)
+    """Side of the model's square input (SAM: ``vision_config.image_size``; SAM 2: the prompt encoder's)."""
+    return input_size_of(unwrap_sam(model))
 
 
 def _as_image(image: Any) -> np.ndarray:
@@ -226,7 +227,7 @@ def check_prompts(
 
 def decode(
     model: nn.Module,
-    embeddings: torch.Tensor,
+    embeddings: ImageEmbeddings,
     prompts: Prompts,
     multimask: bool,
     tokens: ImageTokens | None = None,
@@ -239,7 +240,7 @@ def decode(
     ``autocast_dtype`` (None: the model's dtype, the plain path).
     """
     if tokens is None:
-        with autocast_to(embeddings.device, autocast_dtype):
+        with autocast_to(main_embedding(embeddings).device, autocast_dtype):
             return forward_decode(model, embeddings, prompts, multimask)
     flat = [None if t is None else t[0][:, None] for t in (prompts.points, prompts.labels, prompts.boxes)]
     low, iou = decode_objects(model, tokens, *flat, multimask)
@@ -258,7 +259,9 @@ class SamPredictor:
     trained points that way. None (default): what the loaded model records (:func:`point_multimask_of`,
     True when nothing is recorded).
 
-    ``fast`` (default True): decode through :mod:`hf_sam_peft.evaluation.fast_decoder` (per-image caches, float32).
+    ``fast`` (default True): decode through :mod:`hf_sam_peft.evaluation.fast_decoder` (per-image caches, float32)
+    where it reproduces the model's decoder: SAM's ``SamMaskDecoder``. SAM 2's decoder (``Sam2MaskDecoder``: an
+    object-score token, high-resolution skips) always takes the plain path (see ``fast_decoder_supported``).
     ``bf16`` (opt-in, with ``fast``): bf16 autocast where the device runs it natively
     (:func:`~hf_sam_peft.sam_forward.precision.native_autocast_dtype`); not within tolerance on small objects.
     False: the plain float32 path through the model's forward (:func:`~hf_sam_peft.sam_forward.forward.decode`),
@@ -282,7 +285,7 @@ class SamPredictor:
         # bf16 is opt-in: on the demo tile's small nuclei it moved box-round-0 masks to a mean IoU of 0.95
         # with the float32 masks (tolerance 0.99), see benchmarks/EVALUATION.md
         self.autocast_dtype = native_autocast_dtype(self.device) if fast and bf16 else None
-        self.embeddings: torch.Tensor | None = None
+        self.embeddings: ImageEmbeddings | None = None
         self.frames: Frames | None = None
         self.tokens: ImageTokens | None = None  # the fast decoder's per-image inputs (set_image)
 
@@ -293,7 +296,7 @@ class SamPredictor:
 
     @torch.no_grad()
     def set_image(self, image: Any) -> None:
-        """Preprocess (SAM's resize + pad) and embed ``image`` (H x W grey or H x W x 3)."""
+        """Preprocess (the model's: SAM's resize + pad, SAM 2's square) and embed ``image`` (H x W grey or H x W x 3)."""
         array = _as_image(image)
         pixel_values, reshaped = self.preprocess(array, self.image_size)
         self.tokens = None  # whatever happens below, never decode against the previous image's caches
@@ -305,6 +308,7 @@ class SamPredictor:
             torch.tensor([array.shape[:2]], dtype=torch.long),
             torch.tensor([reshaped], dtype=torch.long),
             self.image_size,
+            frame_of(self.model),
         )
 
     def _check_image(self) -> None:

@@ -25,6 +25,16 @@ object boundary — the order of ``hf_sam_peft.training.ais.distance_targets`` a
 
 Submodule names follow torch_em's UNETR (state-dict keys checked against torch_em 0.10.9), so a
 micro-sam ``decoder_state`` (the UNETR state without ``encoder.*``) loads with ``load_state_dict``.
+
+SAM 2 (``Sam2Model``): the decoder takes the last of SAM 2's three image-embedding maps
+(:func:`hf_sam_peft.sam_forward.kinds.main_embedding`): stride 16 with ``fpn_hidden_size`` (256) channels, the
+shape of SAM's embedding (64² at 1024²), and the very tensor SAM 2's mask decoder attends to (the FPN's top
+level + ``no_memory_embedding``). So the head is the paper's architecture unchanged (same ×16 upsampling, same
+parameter counts), and joint training shares one encoder pass with the interactive objective. The two
+high-resolution maps (strides 4 and 8, already projected by the mask decoder's ``conv_s0`` / ``conv_s1``) are
+not used: feeding them as real skips would be a different head than the paper's, which has none. SAM 2's
+input frame is the stretched square, so its "resized size" is ``(S, S)``: nothing is cropped, the output is
+only resized back to the image (pass ``input_shape`` as the preprocessing returned it).
 """
 
 from __future__ import annotations
@@ -59,8 +69,13 @@ class UNETRConfig:
     # Side of SAM's square (padded) input; the output is resized to it first when the ×16 upsampling does
     # not land there (a patch size other than 16). None: use the output as it is.
     image_size: int | None = None
+    # How the image sits in that square: "pad" (SAM: longest side resized, padded at the bottom / right) or
+    # "square" (SAM 2: stretched, nothing to crop). Only used to derive `input_shape` from `original_shape`.
+    frame: str = "pad"
 
     def __post_init__(self) -> None:
+        if self.frame not in ("pad", "square"):
+            raise ValueError(f"frame must be 'pad' or 'square', got {self.frame!r}")
         self.features = tuple(int(f) for f in self.features)
         if self.upsampling not in UPSAMPLING_MODES:
             raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {self.upsampling!r}")
@@ -242,7 +257,8 @@ class UNETRDecoder(nn.Module):
     ) -> torch.Tensor:
         """Decode; then crop SAM's padding away (`input_shape`: the resized image before padding) and
         resize to `original_shape` (bilinear), as micro-sam's UNETR post-processing does. When only
-        `original_shape` is given, `input_shape` is derived by SAM's longest-side rule."""
+        `original_shape` is given, `input_shape` is derived by SAM's longest-side rule (``frame="pad"``) or
+        is the whole square (``frame="square"``, SAM 2)."""
         if not isinstance(image_embeddings, torch.Tensor) or image_embeddings.ndim != 4:
             raise ValueError("image_embeddings must be a (batch, channels, height, width) tensor")
         if image_embeddings.shape[1] != self.config.embed_dim:
@@ -269,7 +285,7 @@ class UNETRDecoder(nn.Module):
         size = self.config.image_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
-        if input_shape is None and original_shape is not None:
+        if input_shape is None and original_shape is not None and self.config.frame == "pad":
             input_shape = sam_resized_shape(original_shape, max(x.shape[-2:]))
         if input_shape is not None:
             h, w = _as_shape(input_shape, "input_shape")
@@ -329,18 +345,24 @@ def attach_unetr(
     overwrite: bool = False,
     features: Sequence[int] = UNETRConfig.features,
 ) -> UNETRDecoder:
-    """Build a decoder sized from `model`'s vision config and register it as `model.unetr_decoder`
-    (so a peft wrapper can list "unetr_decoder" in `modules_to_save`). Returns the decoder. `features`
-    other than the reference's (512, 256, 128, 64) are for quick experiments and tests only."""
-    from transformers import SamModel
+    """Build a decoder sized from `model`'s config and register it as `model.unetr_decoder` (so a peft
+    wrapper can list "unetr_decoder" in `modules_to_save`). Returns the decoder. `model`: a `SamModel`
+    (embedding channels `vision_config.output_channels`) or a `Sam2Model` (`vision_config.fpn_hidden_size`, see
+    the module docstring). `features` other than the reference's (512, 256, 128, 64) are for quick
+    experiments and tests only."""
+    from transformers import Sam2Model, SamModel
 
-    if not isinstance(model, SamModel):
-        raise TypeError(f"model must be a transformers SamModel, got {type(model).__name__}")
+    from hf_sam_peft.sam_forward.kinds import frame_of, input_size_of
+
+    if not isinstance(model, (SamModel, Sam2Model)):
+        raise TypeError(f"model must be a transformers SamModel or Sam2Model, got {type(model).__name__}")
     if hasattr(model, ATTRIBUTE_NAME) and not overwrite:
         raise ValueError(f"model already has a {ATTRIBUTE_NAME!r}; pass overwrite=True to replace it")
     vision = model.config.vision_config
+    channels = vision.fpn_hidden_size if isinstance(model, Sam2Model) else vision.output_channels
     decoder = UNETRDecoder(
-        embed_dim=vision.output_channels, upsampling=upsampling, image_size=vision.image_size, features=features
+        embed_dim=channels, upsampling=upsampling, image_size=input_size_of(model), features=features,
+        frame=frame_of(model),
     )
     reference = next(
         (p for p in model.vision_encoder.parameters() if p.is_floating_point()), None
@@ -357,10 +379,15 @@ def predict_distances(
     input_shape: Sequence[int] | None = None,
     original_shape: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Image encoder (with gradients, unlike `SamModel.get_image_embeddings`) then the UNETR decoder.
-    Works on a SamModel or a peft model wrapping one (its `modules_to_save` copy is the active one)."""
+    """Image encoder (with gradients, unlike `get_image_embeddings`) then the UNETR decoder. Works on a
+    SamModel, a Sam2Model (its stride-16 map, see the module docstring) or a peft model wrapping one (its
+    `modules_to_save` copy is the active one). The embedding is `hf_sam_peft.sam_forward.encode_images`'s,
+    the one the interactive objective decodes."""
+    from hf_sam_peft.sam_forward.forward import encode_images
+    from hf_sam_peft.sam_forward.kinds import main_embedding
+
     base = _base_model(model)
     if not hasattr(base, ATTRIBUTE_NAME):
         raise ValueError("model has no UNETR decoder: call attach_unetr(model) first")
-    embeddings = base.vision_encoder(pixel_values).last_hidden_state
+    embeddings = main_embedding(encode_images(base, pixel_values))
     return getattr(base, ATTRIBUTE_NAME)(embeddings, input_shape=input_shape, original_shape=original_shape)

@@ -1,88 +1,171 @@
 """SAM's forward, split as interactive use needs it: the image encoder once, the prompt decoder per prompt.
 
-Any ``SamModel`` or ``PeftModel`` wrapping one works (also under DDP / DataParallel: :func:`unwrap_sam`):
-prompts and masks go through the model's normal ``forward(image_embeddings=...)``; only the image encoder
-is reached directly (``SamModel.get_image_embeddings`` runs under ``no_grad`` and cannot be trained).
-Training (``hf_sam_peft.training.interactive``) and inference (``hf_sam_peft.evaluation.predictor``) both
-call :func:`encode_images` and :func:`decode`, so evaluation sees exactly what training saw.
+Any ``SamModel`` / ``Sam2Model`` or ``PeftModel`` wrapping one works (also under DDP / DataParallel:
+:func:`unwrap_sam`): prompts and masks go through the model's normal ``forward(image_embeddings=...)``; only
+the image encoder is reached directly (``get_image_embeddings`` runs under ``no_grad`` in both and cannot be
+trained). Training (``hf_sam_peft.training.interactive``) and inference (``hf_sam_peft.evaluation.predictor``)
+both call :func:`encode_images` and :func:`decode`, so evaluation sees exactly what training saw.
 
 Deliberate deviation (mechanics, not science): objects are flattened into the batch axis of the mask
-decoder (one "image" per object) instead of passing them as SAM's point batch: transformers'
-``SamMaskDecoder`` adds the dense (mask) embedding per image, so only this layout gives each object its
-own mask input. Images with and without mask input go through separate decoder calls. The arithmetic per
-object is unchanged.
+decoder (one "image" per object) instead of passing them as SAM's point batch: transformers' mask decoders
+add the dense (mask) embedding per image, so only this layout gives each object its own mask input. Images
+with and without mask input go through separate decoder calls. The arithmetic per object is unchanged.
+
+SAM 2 (``Sam2Model``, image model only), where it differs from SAM:
+
+- **Embeddings** are three maps (:mod:`hf_sam_peft.sam_forward.kinds`). :func:`encode_images` computes them as
+  ``Sam2Model.get_image_embeddings`` does, with the graph: the vision encoder (:func:`vision_features`), then
+  :func:`embeddings_from_features`: the mask decoder's ``conv_s0`` / ``conv_s1`` on the two high-resolution
+  FPN levels and ``no_memory_embedding`` added to the last. The split lets a frozen encoder run without a
+  graph while those decoder-owned convolutions (trained with the mask decoder) still get gradients.
+  :func:`decode` repeats every level per object.
+- **Single-mask output.** transformers' ``Sam2MaskDecoder`` (as the official ``sam2/modeling/sam/mask_decoder.py``)
+  with ``multimask_output=False`` returns output token 0, except in eval mode with
+  ``dynamic_multimask_via_stability`` (on in every released SAM 2 config): there, when token 0's stability
+  score (IoU of the mask thresholded at +-0.05) is below 0.98, it returns the multimask token (1-3) with the
+  highest predicted IoU instead — an inference heuristic "to ensure a valid mask for both clicking and
+  tracking". We return token 0 in training *and* evaluation by default (``dynamic_multimask=False``): µSAM's
+  protocol (its objective and its evaluation take the single-mask token), the output the objective trains
+  (the heuristic never runs in training mode, in transformers nor in the official training code), and the
+  same output for validation (which runs in eval mode) as for the training step. ``dynamic_multimask=True``
+  gives the SAM 2 predictor's semantics.
+- **Object score.** ``Sam2MaskDecoder`` also predicts an object score. The official video/training path
+  (``SAM2Base._forward_sam_heads``, ``sam2/modeling/sam2_base.py``) sets masks to ``NO_OBJ_SCORE`` = -1024
+  where the score is <= 0 (and the official training adds an object-score loss); the official image predictor
+  (``SAM2ImagePredictor._predict``, ``sam2/sam2_image_predictor.py``, which calls the mask decoder directly
+  and drops the score) and transformers' ``Sam2Model.forward`` (returns ``object_score_logits``) do not gate.
+  We do not gate, in training nor in evaluation: µSAM's objective has no object-score term (every training
+  prompt points at an object, so gating could only cut the mask loss's gradient for objects the score
+  head misjudges on the new data, with nothing in the objective to correct the head), and for evaluation
+  we follow the image predictor.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from hf_sam_peft.sam_forward.frames import Prompts
+from hf_sam_peft.sam_forward.kinds import (
+    ImageEmbeddings,
+    embedding_levels,
+    is_sam2,
+    main_embedding,
+    map_embeddings,
+    unwrap_sam,
+)
 
-__all__ = ["decode", "encode_images", "unwrap_sam"]
-
-
-def unwrap_sam(model: nn.Module) -> nn.Module:
-    """The ``SamModel`` inside ``model`` (through DDP / DataParallel ``.module`` and peft's ``get_base_model``)."""
-    inner = model
-    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        inner = inner.module
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    if not hasattr(inner, "vision_encoder") or not hasattr(inner, "mask_decoder"):
-        raise TypeError(f"model must be a SamModel or a peft model wrapping one, got {type(model).__name__}")
-    return inner
+__all__ = [
+    "decode", "embeddings_from_features", "encode_images", "single_mask_token", "unwrap_sam", "vision_features",
+]
 
 
-def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Image embeddings ``(B, C, h, w)`` with the autograd graph (unlike ``SamModel.get_image_embeddings``)."""
-    return unwrap_sam(model).vision_encoder(pixel_values).last_hidden_state
+def vision_features(model: nn.Module, pixel_values: torch.Tensor) -> ImageEmbeddings:
+    """The vision encoder's output, with its graph: SAM's image embedding ``(B, C, h, w)``, SAM 2's FPN maps
+    (high resolution first, before the mask decoder's projections). Only the vision encoder's parameters act."""
+    sam = unwrap_sam(model)
+    output = sam.vision_encoder(pixel_values)
+    if is_sam2(sam):
+        return list(output.fpn_hidden_states)
+    return output.last_hidden_state
+
+
+def embeddings_from_features(model: nn.Module, features: ImageEmbeddings) -> ImageEmbeddings:
+    """:func:`vision_features` -> the image embeddings the mask decoder takes (identity for SAM).
+
+    SAM 2: ``Sam2Model.get_image_features`` + ``get_image_embeddings`` without their flatten / reshape round
+    trip: ``conv_s0`` / ``conv_s1`` (the mask decoder's; peft's ``modules_to_save`` wrapper hands out the
+    active copy) on the first two levels, ``no_memory_embedding`` added to the last.
+    """
+    sam = unwrap_sam(model)
+    if not is_sam2(sam):
+        return features
+    levels = embedding_levels(features)
+    if len(levels) != 3:
+        raise ValueError(f"SAM 2 features must be three FPN levels, got {len(levels)}")
+    decoder = sam.mask_decoder
+    memory = sam.no_memory_embedding.reshape(1, -1, 1, 1)
+    return [decoder.conv_s0(levels[0]), decoder.conv_s1(levels[1]), levels[2] + memory.to(levels[2].dtype)]
+
+
+def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> ImageEmbeddings:
+    """Image embeddings with the autograd graph (unlike ``get_image_embeddings``): a tensor ``(B, C, h, w)``
+    for SAM, SAM 2's three maps (see the module docstring)."""
+    return embeddings_from_features(model, vision_features(model, pixel_values))
+
+
+@contextlib.contextmanager
+def single_mask_token(model: nn.Module, dynamic_multimask: bool) -> Iterator[None]:
+    """Within the block, SAM 2's single-mask output is token 0 (``dynamic_multimask=False``) or the decoder's
+    own choice (see the module docstring); a no-op for SAM. Every mask decoder in the model (peft's
+    ``modules_to_save`` copies too) is switched and restored (a model-level switch: not meant for one model
+    decoded from several threads at once with different choices)."""
+    from transformers.models.sam2.modeling_sam2 import Sam2MaskDecoder
+
+    sam = unwrap_sam(model)
+    decoders = [] if dynamic_multimask or not is_sam2(sam) else [
+        m for m in sam.mask_decoder.modules() if isinstance(m, Sam2MaskDecoder) and m.dynamic_multimask_via_stability
+    ]
+    for decoder in decoders:
+        decoder.dynamic_multimask_via_stability = False
+    try:
+        yield
+    finally:
+        for decoder in decoders:
+            decoder.dynamic_multimask_via_stability = True
 
 
 def decode(
     model: nn.Module,
-    embeddings: torch.Tensor,
+    embeddings: ImageEmbeddings,
     prompts: Prompts,
     multimask: bool,
     mask_inputs: torch.Tensor | None = None,
     use_mask: torch.Tensor | None = None,
+    dynamic_multimask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-res mask logits ``(B, N, K, h', w')`` and IoU predictions ``(B, N, K)`` from the model's forward.
 
-    ``mask_inputs`` ``(B, N, 1, h', w')`` are used for the images where ``use_mask`` ``(B,)`` is true.
+    ``embeddings``: :func:`encode_images`'s. ``mask_inputs`` ``(B, N, 1, h', w')`` are used for the images where
+    ``use_mask`` ``(B,)`` is true. ``dynamic_multimask``: SAM 2 only, see the module docstring (default:
+    token 0, µSAM's single mask).
     """
     source = prompts.boxes if prompts.boxes is not None else prompts.points
     if source is None:
         raise ValueError("prompts must hold points and/or boxes")
     batch, n_obj = source.shape[:2]
-    flat_emb = embeddings.repeat_interleave(n_obj, dim=0)
+    device = main_embedding(embeddings).device
+    flat_emb = map_embeddings(lambda t: t.repeat_interleave(n_obj, dim=0), embeddings)
     flat = {
         "input_points": None if prompts.points is None else prompts.points.flatten(0, 1)[:, None],
         "input_labels": None if prompts.labels is None else prompts.labels.flatten(0, 1)[:, None],
         "input_boxes": None if prompts.boxes is None else prompts.boxes.flatten(0, 1)[:, None],
     }
     if mask_inputs is None or use_mask is None or not bool(use_mask.any()):
-        groups = [(torch.arange(batch * n_obj, device=embeddings.device), None)]
+        groups = [(torch.arange(batch * n_obj, device=device), None)]
     else:
-        flat_use = use_mask.to(embeddings.device).repeat_interleave(n_obj)
+        flat_use = use_mask.to(device).repeat_interleave(n_obj)
         flat_masks = mask_inputs.flatten(0, 1)
         groups = [(torch.nonzero(~flat_use).flatten(), None), (torch.nonzero(flat_use).flatten(), flat_masks)]
     groups = [(index, masks) for index, masks in groups if index.numel() > 0]
     lows, ious, order = [], [], []
-    for index, masks in groups:
-        # one group of all rows (no mask input, or all images with one): no gather, no scatter in backward
-        pick = (lambda t: t) if len(groups) == 1 else (lambda t: t[index])
-        kwargs = {k: (None if v is None else pick(v)) for k, v in flat.items()}
-        out = model(
-            image_embeddings=pick(flat_emb),
-            input_masks=None if masks is None else pick(masks),
-            multimask_output=multimask,
-            **kwargs,
-        )
-        lows.append(out.pred_masks[:, 0])
-        ious.append(out.iou_scores[:, 0])
-        order.append(index)
+    with single_mask_token(model, dynamic_multimask or multimask):
+        for index, masks in groups:
+            # one group of all rows (no mask input, or all images with one): no gather, no scatter in backward
+            pick = (lambda t: t) if len(groups) == 1 else (lambda t: t[index])
+            kwargs = {k: (None if v is None else pick(v)) for k, v in flat.items()}
+            out = model(
+                image_embeddings=map_embeddings(pick, flat_emb),
+                input_masks=None if masks is None else pick(masks),
+                multimask_output=multimask,
+                **kwargs,
+            )
+            lows.append(out.pred_masks[:, 0])
+            ious.append(out.iou_scores[:, 0])
+            order.append(index)
     if len(groups) == 1:
         low, iou = lows[0], ious[0]
     else:

@@ -1,4 +1,4 @@
-"""Where each image of a batch sits in SAM's frame, and prompts in that frame.
+"""Where each image of a batch sits in the model's frame (SAM's padded one or SAM 2's square), and prompts in it.
 
 :class:`Frames` maps prompts sampled at input resolution into the model frame and upscales the decoder's
 low-res logits back to each image's input size (:mod:`hf_sam_peft.sam_forward.preprocess`);
@@ -19,11 +19,14 @@ __all__ = ["Frames", "Prompts"]
 
 @dataclass(frozen=True)
 class Frames:
-    """Where each image of a batch sits in SAM's frame: input sizes, resized sizes, padded square size."""
+    """Where each image of a batch sits in the model's frame: input sizes, resized sizes, square input size,
+    and how the image was placed there (``frame``: "pad" for SAM, "square" for SAM 2,
+    :func:`hf_sam_peft.sam_forward.kinds.frame_of`), which decides how low-res masks go back."""
 
     original_sizes: torch.Tensor  # (B, 2)
     reshaped_sizes: torch.Tensor  # (B, 2)
     image_size: int
+    frame: str = "pad"
 
     def select(self, index: torch.Tensor) -> "Frames":
         return replace(self, original_sizes=self.original_sizes[index], reshaped_sizes=self.reshaped_sizes[index])
@@ -35,7 +38,9 @@ class Frames:
         return transform_boxes(boxes, self.original_sizes[b].tolist(), self.reshaped_sizes[b].tolist())
 
     def upscale(self, b: int, low_res: torch.Tensor) -> torch.Tensor:
-        return postprocess_masks(low_res, self.image_size, self.reshaped_sizes[b].tolist(), self.original_sizes[b].tolist())
+        return postprocess_masks(
+            low_res, self.image_size, self.reshaped_sizes[b].tolist(), self.original_sizes[b].tolist(), self.frame
+        )
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""SAM's input frame: image preprocessing, prompt coordinate mapping and mask postprocessing.
+"""SAM's and SAM 2's input frames: image preprocessing, prompt coordinate mapping and mask postprocessing.
 
 One implementation of SAM's preprocessing in torch (it matches ``transformers.SamImageProcessor`` up to
 that processor's uint8 rounding of the resized image): intensities to uint8 [0, 255] by the package's one
@@ -11,6 +11,17 @@ Training (``hf_sam_peft.training.collate.SamInteractiveCollator``) and inference
 exactly what training saw. Prompts are sampled at input resolution and mapped into the model frame with
 :func:`transform_coords` / :func:`transform_boxes`; predicted low-res masks go back to the input size with
 :func:`postprocess_masks` (µSAM computes the loss there too).
+
+SAM 2 (:func:`sam2_preprocess`, picked by :func:`image_preprocessor` for a ``Sam2Model``) stretches the image
+to the ``S x S`` square without keeping its aspect ratio and without padding, as the official
+``sam2/utils/transforms.py`` (``SAM2Transforms``: ``ToTensor``, ``Resize((S, S))``, ``Normalize``) and
+transformers' ``Sam2ImageProcessor`` / ``Sam2Processor`` do. Its "resized size" is ``(S, S)``, so the
+same per-axis mapping of :func:`transform_coords` (x by ``S / W``, y by ``S / H``) is ``Sam2Processor``'s
+coordinate normalisation, and :func:`postprocess_masks` with ``frame="square"`` resizes the low-res logits
+straight to the input size (``SAM2Transforms.postprocess_masks``, ``Sam2ImageProcessor.post_process_masks``).
+Same ImageNet mean / std as SAM (SAM 2's processor applies them on the [0, 1] scale after a 1/255 rescale:
+the same numbers as :data:`PIXEL_MEAN` / :data:`PIXEL_STD` on the [0, 255] scale). The resize runs in float,
+as ``SAM2Transforms`` does (transformers' processor rounds the resized image to uint8 first).
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from hf_sam_peft.data.normalize import normalize_image
 
 __all__ = [
     "PIXEL_MEAN", "PIXEL_STD", "Preprocess", "image_preprocessor", "postprocess_masks", "preprocess_image",
-    "preprocess_shape", "transform_boxes", "transform_coords",
+    "preprocess_shape", "sam2_preprocess", "transform_boxes", "transform_coords",
 ]
 
 # ImageNet statistics on the [0, 255] scale (SAM's pixel_mean / pixel_std).
@@ -40,35 +51,52 @@ def preprocess_shape(height: int, width: int, image_size: int) -> tuple[int, int
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def _resized(image: Any, size: tuple[int, int] | None, image_size: int) -> torch.Tensor:
+    """``image`` as float ``(3, h, w)`` on the [0, 255] scale, resized (bilinear, antialiased) to ``size``
+    (None: SAM's longest side ``image_size``), ImageNet-normalised."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    tensor = torch.from_numpy(normalize_image(np.asarray(image))).to(torch.float32).permute(2, 0, 1)
+    height, width = tensor.shape[-2:]
+    new_h, new_w = preprocess_shape(height, width, image_size) if size is None else size
+    if (new_h, new_w) != (height, width):
+        tensor = F.interpolate(tensor[None], (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
 def preprocess_image(image: Any, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """One image -> SAM ``pixel_values`` ``(3, S, S)`` and its resized size ``(h, w)`` inside the padded frame.
 
     ``image``: ``H x W``, ``H x W x 1`` or ``H x W x 3`` array or tensor; intensities go through
     :func:`hf_sam_peft.data.normalize_image` (uint8 kept, other dtypes min-max scaled to [0, 255]).
     """
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    tensor = torch.from_numpy(normalize_image(np.asarray(image))).to(torch.float32).permute(2, 0, 1)
-    height, width = tensor.shape[-2:]
-    new_h, new_w = preprocess_shape(height, width, image_size)
-    if (new_h, new_w) != (height, width):
-        tensor = F.interpolate(tensor[None], (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    tensor = (tensor - mean) / std
-    return F.pad(tensor, (0, image_size - new_w, 0, image_size - new_h)), (new_h, new_w)
+    tensor = _resized(image, None, image_size)
+    new_h, new_w = tensor.shape[-2:]
+    return F.pad(tensor, (0, image_size - new_w, 0, image_size - new_h)), (int(new_h), int(new_w))
+
+
+def sam2_preprocess(image: Any, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> SAM 2 ``pixel_values`` ``(3, S, S)``: stretched to the square (module docstring); the
+    "resized size" is ``(S, S)``. Same contract and intensity handling as :func:`preprocess_image`."""
+    return _resized(image, (image_size, image_size), image_size), (image_size, image_size)
 
 
 Preprocess = Callable[[Any, int], "tuple[torch.Tensor, tuple[int, int]]"]
 
 
 def image_preprocessor(model: Any) -> Preprocess:
-    """The preprocessing a model was trained with: SAM's, or LiteMedSAM's for `LiteSamModel`s (same contract)."""
+    """The preprocessing a model was trained with: SAM's, LiteMedSAM's for `LiteSamModel`s or SAM 2's for
+    `Sam2Model`s (same contract)."""
     config = getattr(model, "config", model)
-    if getattr(config, "model_type", None) == "lite_sam":
+    model_type = getattr(config, "model_type", None)
+    if model_type == "lite_sam":
         from hf_sam_peft.modeling.lite_medsam import lite_medsam_preprocess
 
         return lite_medsam_preprocess
+    if model_type == "sam2":
+        return sam2_preprocess
     return preprocess_image
 
 
@@ -91,15 +119,20 @@ def postprocess_masks(
     image_size: int,
     reshaped_size: Sequence[int],
     original_size: Sequence[int],
+    frame: str = "pad",
 ) -> torch.Tensor:
-    """Low-res mask logits ``(..., h', w')`` -> logits at the input resolution ``(..., H, W)`` (SAM's postprocessing).
+    """Low-res mask logits ``(..., h', w')`` -> logits at the input resolution ``(..., H, W)``.
 
-    Upsample to the padded ``image_size`` frame, crop the padding, resize to the input size (bilinear).
+    ``frame="pad"`` (SAM's postprocessing): upsample to the padded ``image_size`` frame, crop the padding,
+    resize to the input size (bilinear). ``frame="square"`` (SAM 2's): one bilinear resize to the input size.
     """
+    if frame not in ("pad", "square"):
+        raise ValueError(f"frame must be 'pad' or 'square', got {frame!r}")
     lead = low_res_masks.shape[:-2]
     masks = low_res_masks.reshape(-1, 1, *low_res_masks.shape[-2:])
-    masks = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
-    masks = masks[..., : int(reshaped_size[0]), : int(reshaped_size[1])]
+    if frame == "pad":
+        masks = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : int(reshaped_size[0]), : int(reshaped_size[1])]
     target = (int(original_size[0]), int(original_size[1]))
     if tuple(masks.shape[-2:]) != target:  # same size: bilinear resize is the identity, skip its time and memory
         masks = F.interpolate(masks, target, mode="bilinear", align_corners=False)

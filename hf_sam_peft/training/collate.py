@@ -1,4 +1,4 @@
-"""The training collator: dataset rows -> SAM pixel values + labels at input size.
+"""The training collator: dataset rows -> SAM (or SAM 2) pixel values + labels at input size.
 
 SAM's preprocessing, prompt coordinate mapping and mask postprocessing live in
 :mod:`hf_sam_peft.sam_forward.preprocess` (shared with evaluation); they are re-exported here for the
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_sam_peft.sam_forward.kinds import input_size_of
 from hf_sam_peft.sam_forward.preprocess import (  # noqa: F401  (re-exported: the old import paths)
     PIXEL_MEAN,
     PIXEL_STD,
@@ -45,6 +46,8 @@ class SamInteractiveCollator:
 
     Returns ``pixel_values`` ``(B, 3, S, S)``, ``labels`` ``(B, H_max, W_max)`` (int64, zero padded),
     ``original_sizes`` and ``reshaped_input_sizes`` ``(B, 2)`` (names as ``SamProcessor`` uses them).
+    ``preprocess`` decides the frame: SAM's longest side + pad by default; :meth:`from_model` picks the
+    model's, e.g. SAM 2's stretched square, whose ``reshaped_input_sizes`` are ``(S, S)``.
     """
 
     image_size: int = 1024
@@ -58,13 +61,17 @@ class SamInteractiveCollator:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, **kwargs: Any) -> "SamInteractiveCollator":
-        """A collator for the input size of ``model`` (a ``SamModel`` or a peft model wrapping one)."""
+        """A collator for the input size and preprocessing of ``model`` (a ``SamModel``, ``Sam2Model`` or a
+        peft model wrapping one)."""
         config = getattr(model, "config", None)
         vision = getattr(config, "vision_config", None)
         if vision is None:
-            raise TypeError(f"model must be a SamModel (or wrap one) with config.vision_config, got {type(model).__name__}")
+            raise TypeError(
+                "model must be a SamModel or Sam2Model (or wrap one) with config.vision_config, "
+                f"got {type(model).__name__}"
+            )
         kwargs.setdefault("preprocess", image_preprocessor(model))
-        return cls(image_size=int(vision.image_size), **kwargs)
+        return cls(image_size=input_size_of(model), **kwargs)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:

@@ -42,6 +42,13 @@ correctness test (loss and gradients within tolerance of the plain path) in
 - ``cache_embeddings``: with a frozen encoder, embeddings are reused for identical pixel values (keyed by
   a hash of the image tensor, so augmented images are never confused).
 
+SAM 2 (``Sam2Model``): the options that act on SAM's own modules leave SAM 2's alone and change nothing there:
+``encoder_attention`` (SAM's ViT attention; Hiera's stays transformers'), ``fuse_decoder_projections``
+(``SamTwoWayTransformer`` only) and ``checkpoint_encoder`` (transformers 5.24's ``Sam2VisionModel`` declares no
+gradient-checkpointing support: a warning, and the encoder runs without it). The others apply as for SAM;
+with a frozen vision encoder the mask decoder's ``conv_s0`` / ``conv_s1`` (and ``no_memory_embedding``) still
+run with their graph (:func:`encoder_embeddings`).
+
 Not options here because they are already what we do: the encoder runs once per batch and its embedding is
 shared by all rounds. Adapters in the last ``k`` blocks only are a *method* change (the paper's suggestion),
 every encoder tuner's ``layers`` option (``apply_method(model, "lora", layers=[-2, -1])``, or
@@ -53,6 +60,7 @@ would force a graph through the frozen blocks, an input-requires-grad hook on th
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
@@ -62,9 +70,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
+from hf_sam_peft.sam_forward.forward import embeddings_from_features, encode_images, unwrap_sam, vision_features
+from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, stack_embeddings, unstack_embeddings
 from hf_sam_peft.sam_forward.precision import native_autocast_dtype
 
+logger = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 ATTENTION_KINDS = ("fused", "sdpa", "eager")
 DECODER_ATTENTION_KINDS = ("auto", "sdpa", "eager")
@@ -205,7 +215,12 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
     if options.flush_denormals and run_on.type == "cpu":
         flush_denormals()
     encoder = sam.vision_encoder
-    if options.checkpoint_encoder and encoder_is_trainable(sam):
+    checkpointable = getattr(encoder, "supports_gradient_checkpointing", False)
+    if options.checkpoint_encoder and encoder_is_trainable(sam) and not checkpointable:
+        # transformers' Sam2VisionModel declares no gradient-checkpointing support (transformers 5.24)
+        logger.warning("checkpoint_encoder: %s does not support gradient checkpointing; the encoder runs without it",
+                       type(encoder).__name__)
+    elif options.checkpoint_encoder and encoder_is_trainable(sam):
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # frozen blocks below the adapted ones (`layers`) build no graph: nothing to recompute, and the
         # checkpoint wrapper would only hold their inputs for the length of the call
@@ -242,13 +257,14 @@ def drop_input_require_grads(sam: nn.Module) -> int:
 
 
 class EmbeddingCache:
-    """Image embeddings of a *frozen* encoder, keyed by a hash of each image's pixel values (LRU, bounded)."""
+    """Outputs of a *frozen* vision encoder (:func:`~hf_sam_peft.sam_forward.vision_features`: SAM's image
+    embedding, SAM 2's FPN maps), keyed by a hash of each image's pixel values (LRU, bounded)."""
 
     def __init__(self, max_items: int = 4096) -> None:
         if not isinstance(max_items, int) or max_items < 1:
             raise ValueError(f"max_items must be a positive int, got {max_items!r}")
         self.max_items = max_items
-        self._store: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._store: OrderedDict[str, ImageEmbeddings] = OrderedDict()
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
@@ -261,14 +277,17 @@ class EmbeddingCache:
         digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
         return digest.hexdigest()
 
-    def get_or_compute(self, pixel_values: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Embeddings ``(B, C, h, w)``; images not seen before go through ``encode`` in one call."""
+    def get_or_compute(
+        self, pixel_values: torch.Tensor, encode: Callable[[torch.Tensor], ImageEmbeddings]
+    ) -> ImageEmbeddings:
+        """``encode``'s output for the batch (``(B, C, h, w)``, or a list of such maps); images not seen before
+        go through ``encode`` in one call."""
         keys = [self.key(image) for image in pixel_values]
         missing = [i for i, k in enumerate(keys) if k not in self._store]
         if missing:
-            fresh = encode(pixel_values[missing])
+            fresh = unstack_embeddings(encode(pixel_values[missing]))
             for i, emb in zip(missing, fresh):
-                self._store[keys[i]] = emb.detach()
+                self._store[keys[i]] = emb.detach() if isinstance(emb, torch.Tensor) else [e.detach() for e in emb]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         out = []
@@ -277,7 +296,7 @@ class EmbeddingCache:
             out.append(self._store[k])
         while len(self._store) > self.max_items:
             self._store.popitem(last=False)
-        return torch.stack(out)
+        return stack_embeddings(out)
 
 
 def encoder_embeddings(
@@ -285,18 +304,23 @@ def encoder_embeddings(
     pixel_values: torch.Tensor,
     options: EfficiencyOptions | None = None,
     cache: EmbeddingCache | None = None,
-) -> torch.Tensor:
-    """The image embeddings of a batch, with a graph only where the encoder trains."""
+) -> ImageEmbeddings:
+    """The image embeddings of a batch (``encode_images``'s), with a graph only where the encoder trains.
+
+    A frozen vision encoder runs under ``no_grad`` (and its outputs may be cached); what follows it in
+    ``encode_images`` (SAM 2's ``conv_s0`` / ``conv_s1`` of the mask decoder and ``no_memory_embedding``,
+    trained) always runs with its graph.
+    """
     if options is None or not options.frozen_encoder_no_grad or encoder_is_trainable(unwrap_sam(model)):
         return encode_images(model, pixel_values)
 
-    def encode(values: torch.Tensor) -> torch.Tensor:
+    def encode(values: torch.Tensor) -> ImageEmbeddings:
         with torch.no_grad():
-            return encode_images(model, values)
+            return vision_features(model, values)
 
     if options.cache_embeddings and cache is not None:
-        return cache.get_or_compute(pixel_values, encode)
-    return encode(pixel_values)
+        return embeddings_from_features(model, cache.get_or_compute(pixel_values, encode))
+    return embeddings_from_features(model, encode(pixel_values))
 
 
 def maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: torch.Tensor) -> Any:

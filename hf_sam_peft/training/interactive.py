@@ -7,7 +7,7 @@ multimask output and a jittered box with a single mask), then each further round
 negative correction point from the errors of the best mask (highest predicted IoU), keeps the box, and with
 probability ``mask_prob`` per image and round feeds the previous best low-res logits as mask input.
 
-SAM's forward itself (preprocessing, :class:`~hf_sam_peft.sam_forward.Frames` /
+SAM's forward itself (SAM and SAM 2 alike: preprocessing, :class:`~hf_sam_peft.sam_forward.Frames` /
 :class:`~hf_sam_peft.sam_forward.Prompts`, ``encode_images`` / ``decode``, ``unwrap_sam``, the seeded
 ``prompt_generator``) lives in :mod:`hf_sam_peft.sam_forward`, shared with evaluation; it is re-exported
 here for the import paths that named it in this module before.
@@ -47,6 +47,14 @@ from hf_sam_peft.prompts import (
 # SAM's shared forward; every name here stays importable from this module (the paths before issue 16)
 from hf_sam_peft.sam_forward.forward import decode, encode_images, unwrap_sam  # noqa: F401
 from hf_sam_peft.sam_forward.frames import Frames, Prompts
+from hf_sam_peft.sam_forward.kinds import (
+    ImageEmbeddings,
+    embedding_levels,
+    frame_of,
+    from_levels,
+    main_embedding,
+    map_embeddings,
+)
 from hf_sam_peft.sam_forward.preprocess import postprocess_masks, transform_boxes, transform_coords  # noqa: F401
 from hf_sam_peft.sam_forward.seeding import EVAL_STREAM, TRAIN_STREAM, prompt_generator  # noqa: F401
 from hf_sam_peft.training.efficiency import (
@@ -202,7 +210,7 @@ def _drive_rounds(
 
 
 def _round_masks(
-    model: nn.Module, embeddings: torch.Tensor, prompts: Prompts, multimask: bool,
+    model: nn.Module, embeddings: ImageEmbeddings, prompts: Prompts, multimask: bool,
     mask_inputs: torch.Tensor | None, use_mask: torch.Tensor | None, frames: Frames,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """One round's float32 low-res logits ``(B, N, K, h', w')``, IoU predictions ``(B, N, K)`` and logits
@@ -215,7 +223,7 @@ def _round_masks(
 
 def interactive_rounds(
     model: nn.Module,
-    embeddings: torch.Tensor,
+    embeddings: ImageEmbeddings,
     targets: Sequence[torch.Tensor],
     frames: Frames,
     prompts: Prompts,
@@ -286,7 +294,7 @@ def next_round_inputs(
 
 def _round_loss(
     model: nn.Module,
-    embeddings: torch.Tensor,
+    embeddings: ImageEmbeddings,
     prompts: Prompts,
     multimask: bool,
     mask_inputs: torch.Tensor | None,
@@ -305,7 +313,7 @@ def _round_loss(
 
 def checkpointed_round_losses(
     model: nn.Module,
-    embeddings: torch.Tensor,
+    embeddings: ImageEmbeddings,
     targets: Sequence[torch.Tensor],
     frames: Frames,
     prompts: Prompts,
@@ -321,10 +329,11 @@ def checkpointed_round_losses(
 
     def one_round(index, prompts, multimask, mask_inputs, use_mask):
         # the closure binds this round's inputs: backward's recomputation sees them, not a later round's
-        def run(emb):
+        def run(*levels):
+            emb = from_levels(levels, embeddings)
             return _round_loss(model, emb, prompts, multimask, mask_inputs, use_mask, frames, targets)
 
-        dice, mse, low, iou, masks = maybe_checkpoint(True, run, embeddings)
+        dice, mse, low, iou, masks = maybe_checkpoint(True, run, *embedding_levels(embeddings))
         return (dice, mse), low, iou, masks
 
     losses = list(_drive_rounds(
@@ -336,7 +345,7 @@ def checkpointed_round_losses(
 
 def backward_round_losses(
     model: nn.Module,
-    embeddings: torch.Tensor,
+    embeddings: ImageEmbeddings,
     targets: Sequence[torch.Tensor],
     frames: Frames,
     prompts: Prompts,
@@ -359,9 +368,13 @@ def backward_round_losses(
     _check_rounds(n_rounds, mask_prob)  # before touching the model
     sam = unwrap_sam(model)
     encoder_params = {id(p) for p in sam.vision_encoder.parameters()}
+    # SAM 2's conv_s0 / conv_s1 and no_memory_embedding act before the leaves (encode_images): their
+    # gradient (None here) reaches them through the surrogate's embedding term, as the encoder's does
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_params]
-    leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
-    wrt = params + ([leaf] if leaf.requires_grad else [])
+    sources = [level for level in embedding_levels(embeddings) if level.requires_grad]
+    leaves = [level.detach().requires_grad_(level.requires_grad) for level in embedding_levels(embeddings)]
+    leaf = from_levels(leaves, embeddings)
+    wrt = params + [level for level in leaves if level.requires_grad]
     sums: list[torch.Tensor | None] = [None] * len(wrt)
 
     def one_round(index, prompts, multimask, mask_inputs, use_mask):
@@ -369,7 +382,7 @@ def backward_round_losses(
         dice, mse, low, iou, masks = _round_loss(model, leaf, prompts, multimask, mask_inputs, use_mask, frames, targets)
         round_loss = (dice + mse) / n_rounds
         if round_loss.requires_grad:
-            with torch.autocast(leaf.device.type, enabled=False):  # backward outside autocast, as loss.backward()
+            with torch.autocast(leaves[0].device.type, enabled=False):  # backward outside autocast, as loss.backward()
                 grads = torch.autograd.grad(round_loss, wrt, allow_unused=True)
             sums = [s if g is None else (g if s is None else s + g) for s, g in zip(sums, grads)]
         return (dice.detach(), mse.detach()), low.detach(), iou.detach(), [m.detach() for m in masks]
@@ -378,9 +391,9 @@ def backward_round_losses(
         one_round, targets, frames, prompts,
         n_rounds=n_rounds, multimask_first=multimask_first, mask_prob=mask_prob, generator=generator,
     ))
-    sources = params + ([embeddings] if leaf.requires_grad else [])
+    sources = params + sources
     terms = [(x * g.to(x.dtype)).sum() for x, g in zip(sources, sums) if g is not None]
-    surrogate = torch.stack(terms).sum() if terms else embeddings.sum() * 0.0
+    surrogate = torch.stack(terms).sum() if terms else main_embedding(embeddings).sum() * 0.0
     return [dice for dice, _ in losses], [mse for _, mse in losses], surrogate
 
 
@@ -393,16 +406,17 @@ def _fp16_autocast() -> bool:
 
 
 def batch_objects(
-    batch: dict[str, torch.Tensor], n_objects: int | None, generator: torch.Generator | None = None
+    batch: dict[str, torch.Tensor], n_objects: int | None, generator: torch.Generator | None = None, frame: str = "pad"
 ) -> tuple[torch.Tensor, list[torch.Tensor], Frames]:
-    """Images of the batch that hold objects, their sampled object masks ``(N, H_b, W_b)`` and their frames."""
+    """Images of the batch that hold objects, their sampled object masks ``(N, H_b, W_b)`` and their frames
+    (``frame``: how the collator placed the images, :func:`hf_sam_peft.sam_forward.kinds.frame_of` the model)."""
     for key in ("pixel_values", "labels", "original_sizes", "reshaped_input_sizes"):
         if key not in batch:
             raise ValueError(f"batch must hold {key!r} (use SamInteractiveCollator), got keys {sorted(batch)}")
     sizes = batch["original_sizes"]
     labels = [batch["labels"][b, : int(h), : int(w)] for b, (h, w) in enumerate(sizes.tolist())]
     keep = torch.tensor([bool((lab != 0).any()) for lab in labels], dtype=torch.bool)
-    frames = Frames(sizes, batch["reshaped_input_sizes"], int(batch["pixel_values"].shape[-1]))
+    frames = Frames(sizes, batch["reshaped_input_sizes"], int(batch["pixel_values"].shape[-1]), frame)
     kept = torch.nonzero(keep).flatten()
     if kept.numel() == 0:
         return kept, [], frames.select(kept)
@@ -422,12 +436,13 @@ def interactive_loss(
     generator: torch.Generator | None = None,
     options: EfficiencyOptions | None = None,
     embedding_cache: EmbeddingCache | None = None,
-    embeddings: torch.Tensor | None = None,
+    embeddings: ImageEmbeddings | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """µSAM's interactive loss of one batch, averaged over rounds, and its parts (detached).
 
-    ``embeddings`` ``(B, C, h, w)``: the batch's image embeddings when the caller already has them (validation
-    scores several prompt modes on one encoder pass); by default the encoder runs here.
+    ``embeddings`` (``encode_images``'s: ``(B, C, h, w)``, or SAM 2's three maps): the batch's image embeddings
+    when the caller already has them (validation scores several prompt modes on one encoder pass); by
+    default the encoder runs here.
 
     Parts: ``dice_loss`` and ``iou_mse`` (mean over rounds), ``round_dice_loss`` ``(n_rounds,)``,
     ``n_objects`` (objects per image used). DDP-wrapped models are handled by :func:`in_single_forward`.
@@ -448,14 +463,14 @@ def interactive_loss(
 
 
 def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_jitter, generator, options, embedding_cache, embeddings):
-    kept, targets, frames = batch_objects(batch, n_objects, generator)
+    kept, targets, frames = batch_objects(batch, n_objects, generator, frame_of(model))
     kept = kept.to(batch["pixel_values"].device)
     if embeddings is None:
         embeddings = encoder_embeddings(model, batch["pixel_values"][kept], options, embedding_cache)
     else:
-        embeddings = embeddings[kept.to(embeddings.device)]
+        embeddings = map_embeddings(lambda t: t[kept.to(t.device)], embeddings)
     if not targets or targets[0].shape[0] == 0:
-        zero = embeddings.sum() * 0.0
+        zero = main_embedding(embeddings).sum() * 0.0
         empty = torch.zeros((), device=zero.device)
         return zero, {"dice_loss": empty, "iou_mse": empty, "round_dice_loss": empty.repeat(n_rounds), "n_objects": empty}
     prompts = initial_prompts(targets, frames, mode, box_jitter, generator)

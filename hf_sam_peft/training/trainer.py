@@ -2,7 +2,8 @@
 
 Build it from a dict of settings: ``SamInteractiveTrainer(model, InteractiveTrainingArguments(**settings),
 train_dataset=..., eval_dataset=...)``; the collator defaults to :class:`SamInteractiveCollator` for the
-model's input size. ``model`` is a ``SamModel`` or a ``PeftModel`` wrapping one.
+model's input size. ``model`` is a ``SamModel``, a ``Sam2Model`` (SAM 2's image model) or a ``PeftModel``
+wrapping one.
 
 What it does (DESIGN §3):
 
@@ -83,6 +84,7 @@ from transformers import (
 
 from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME as DECODER_ATTRIBUTE
 from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
+from hf_sam_peft.sam_forward.kinds import main_embedding
 from hf_sam_peft.sam_forward.seeding import EVAL_STREAM, TRAIN_STREAM, prompt_generator
 from hf_sam_peft.training.collate import SamInteractiveCollator
 from hf_sam_peft.training.efficiency import (
@@ -376,7 +378,7 @@ def decoder_loss(model: nn.Module, batch: dict[str, torch.Tensor], min_size: int
         return in_single_forward(model, lambda inner: decoder_loss(inner, batch, min_size))
     sam = unwrap_sam(model)
     decoder = getattr(sam, DECODER_ATTRIBUTE)
-    output = decoder(encode_images(model, batch["pixel_values"]))
+    output = decoder(main_embedding(encode_images(model, batch["pixel_values"])))  # SAM 2: the stride-16 map
     preds, targets = [], []
     for b, ((h, w), reshaped) in enumerate(zip(batch["original_sizes"].tolist(), batch["reshaped_input_sizes"].tolist())):
         preds.append(decoder.postprocess(output[b : b + 1], reshaped, (h, w)))
