@@ -388,7 +388,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", type=Path, help="experiment recipe (YAML), e.g. recipes/livecell.yaml")
     parser.add_argument("--method", help="fine-tuning method (overrides the recipe), e.g. lora, fact, full_ft")
-    parser.add_argument("--base-model", dest="base_model", help="base model: Hub id, folder, lite_medsam or tiny")
+    parser.add_argument("--base-model", dest="base_model", help="base model: Hub id, folder (SamModel / Sam2Model), lite_medsam, tiny or tiny_sam2")
     parser.add_argument("--output-dir", dest="output_dir", help="where checkpoints, the adapter and plots go")
     parser.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--ais", dest="ais", action="store_true", default=None, help="also train the UNETR decoder")
