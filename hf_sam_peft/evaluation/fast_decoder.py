@@ -22,7 +22,7 @@ head) and the fused projections of :mod:`hf_sam_peft.modeling.mask_decoder` (``t
 With a mask input (``dense``) the image tokens differ per object and layer 0 runs per object, uncached.
 
 Precision: with ``autocast_dtype`` (:class:`~hf_sam_peft.evaluation.predictor.SamPredictor` passes bf16
-where the device runs it natively, :func:`hf_sam_peft.sam_forward.precision.native_autocast_dtype`) the
+where the device runs it natively and faster, :func:`hf_sam_peft.sam_forward.precision.fast_autocast_dtype`) the
 matmuls and convolutions run in bf16 with float32 accumulation, as the trainer's forward does; LayerNorms,
 softmax and the residual stream stay float32, and the low-res logits are returned as float32. The image
 encoder is not touched (its embedding is float32). A mask differs from the float32 one only where the

@@ -46,7 +46,7 @@ from hf_sam_peft.sam_forward.forward import decode as forward_decode
 from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
 from hf_sam_peft.sam_forward.frames import Frames, Prompts
 from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, frame_of, input_size_of, main_embedding
-from hf_sam_peft.sam_forward.precision import native_autocast_dtype
+from hf_sam_peft.sam_forward.precision import fast_autocast_dtype
 from hf_sam_peft.sam_forward.preprocess import image_preprocessor
 
 __all__ = [
@@ -262,8 +262,8 @@ class SamPredictor:
     ``fast`` (default True): decode through :mod:`hf_sam_peft.evaluation.fast_decoder` (per-image caches, float32)
     where it reproduces the model's decoder: SAM's ``SamMaskDecoder``. SAM 2's decoder (``Sam2MaskDecoder``: an
     object-score token, high-resolution skips) always takes the plain path (see ``fast_decoder_supported``).
-    ``bf16`` (opt-in, with ``fast``): bf16 autocast where the device runs it natively
-    (:func:`~hf_sam_peft.sam_forward.precision.native_autocast_dtype`); not within tolerance on small objects.
+    ``bf16`` (opt-in, with ``fast``): bf16 autocast where the device runs it natively and faster than float32
+    (:func:`~hf_sam_peft.sam_forward.precision.fast_autocast_dtype`); not within tolerance on small objects.
     False: the plain float32 path through the model's forward (:func:`~hf_sam_peft.sam_forward.forward.decode`),
     the reference the fast path is measured against (``benchmarks/eval_speed.py``). A decoder the fast path
     cannot reproduce (e.g. LoRA on its attention projections) goes through the model's forward under the
@@ -284,7 +284,7 @@ class SamPredictor:
         self.device, self.dtype = model_device_dtype(model)
         # bf16 is opt-in: on the demo tile's small nuclei it moved box-round-0 masks to a mean IoU of 0.95
         # with the float32 masks (tolerance 0.99), see benchmarks/EVALUATION.md
-        self.autocast_dtype = native_autocast_dtype(self.device) if fast and bf16 else None
+        self.autocast_dtype = fast_autocast_dtype(self.device) if fast and bf16 else None
         self.embeddings: ImageEmbeddings | None = None
         self.frames: Frames | None = None
         self.tokens: ImageTokens | None = None  # the fast decoder's per-image inputs (set_image)

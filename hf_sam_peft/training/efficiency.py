@@ -5,8 +5,9 @@ Each option is a switch with a documented default; :meth:`EfficiencyOptions.plai
 correctness test (loss and gradients within tolerance of the plain path) in
 ``tests/training/test_efficiency.py``.
 
-- ``autocast_dtype``: bf16 autocast around the forward ("auto": where the device runs bf16 natively, i.e. a
-  CPU with AVX512-BF16/AMX or a CUDA GPU with bf16). Losses stay float32 (``losses.py`` casts).
+- ``autocast_dtype``: bf16 autocast around the forward ("auto": where the device runs bf16 natively and
+  faster than float32: a CUDA GPU with bf16, a CPU with AMX, or an AVX512-BF16 CPU where a one-off GEMM
+  timing says so, :func:`hf_sam_peft.sam_forward.precision.fast_autocast_dtype`). Losses stay float32 (``losses.py`` casts).
 - ``encoder_attention``: the encoder's attention kernel: "fused" (default; SAM's relative-position bias
   folded into queries and keys so that one maskless SDPA call, the flash kernel, does forward and backward:
   :mod:`hf_sam_peft.modeling.attention`), "eager" (materialises the ``N x N`` bias and weights) or "sdpa"
@@ -72,7 +73,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hf_sam_peft.sam_forward.forward import embeddings_from_features, encode_images, unwrap_sam, vision_features
 from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, stack_embeddings, unstack_embeddings
-from hf_sam_peft.sam_forward.precision import native_autocast_dtype
+from hf_sam_peft.sam_forward.precision import fast_autocast_dtype
 
 logger = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -130,13 +131,14 @@ class EfficiencyOptions:
 
 
 def resolve_autocast_dtype(option: str | None, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for ``device`` (``"auto"``: bf16 where the hardware runs it natively, else None)."""
+    """The autocast dtype for ``device`` (``"auto"``: bf16 where the hardware runs it natively and faster than
+    float32, else None: :func:`hf_sam_peft.sam_forward.precision.fast_autocast_dtype`)."""
     device = torch.device(device)
     if option is None:
         return None
     if option != "auto":
         return AUTOCAST_DTYPES[option]
-    return native_autocast_dtype(device)
+    return fast_autocast_dtype(device)
 
 
 def autocast_context(options: EfficiencyOptions | None, device: torch.device | str) -> ContextManager:
