@@ -9,8 +9,8 @@ beneath both.
 Why a measurement and not only the ISA (issue 19): a CPU that oneDNN reports as bf16-capable is not always
 faster in bf16. With AMX (Intel Sapphire Rapids and later) a bf16 GEMM runs ~5x a float32 one; on AMD Zen 4/5
 (AVX512-BF16, no AMX) bf16 steps were measured faster too; but on the development machine with AMX capped off
-(``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) oneDNN's AVX512-BF16 GEMM ran at 0.7x float32 (80 vs 118 GFLOP/s, one
-thread, ViT-B's MLP shape), and a ViT-B global-attention block's forward + backward took 11.3 s in bf16 vs 7.3 s
+(``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) oneDNN's AVX512-BF16 GEMM ran at 0.7-0.8x float32 (80 vs 118 GFLOP/s
+on one thread, ViT-B's MLP shape; the probe below: 0.79x), and a ViT-B global-attention block's forward + backward took 11.3 s in bf16 vs 7.3 s
 in float32 (``benchmarks/RESULTS.md``). So on a CPU without AMX, :func:`fast_autocast_dtype` times one bf16 and
 one float32 GEMM of ViT-B's MLP shape once per process (~0.3 s) and keeps bf16 only where it is clearly
 faster. The choice is logged; ``HF_SAM_PEFT_CPU_BF16=1`` / ``=0`` (or an explicit ``autocast_dtype``) overrides it
@@ -47,15 +47,20 @@ def native_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     return None
 
 
-def _has_amx() -> bool:
-    """Whether oneDNN may use AMX here: the CPU has it and ``ONEDNN_MAX_CPU_ISA`` does not cap it away."""
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's flags from /proc/cpuinfo (empty where it cannot be read). Read once: they do not change."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
+        return frozenset()
+
+
+def _has_amx() -> bool:
+    """Whether oneDNN may use AMX here: the CPU has it and ``ONEDNN_MAX_CPU_ISA`` does not cap it away."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return "amx_bf16" in flags and (cap == "ALL" or "AMX" in cap)
+    return "amx_bf16" in _cpu_flags() and (cap == "ALL" or "AMX" in cap)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,10 +107,17 @@ def fast_autocast_dtype(device: torch.device | str) -> torch.dtype | None:
         raise ValueError(f"{CPU_BF16_ENV} must be 0 or 1 (or unset: measure), got {forced!r}")
     if _has_amx():
         return native
+    return native if _bf16_pays_off() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_pays_off() -> bool:
+    """The measured choice on a CPU without AMX, made and logged once per process: training asks for its
+    autocast dtype at every step, which must cost nothing and log nothing after the first."""
     speedup = cpu_bf16_speedup()
-    chosen = native if speedup >= MIN_BF16_SPEEDUP else None
+    pays = speedup >= MIN_BF16_SPEEDUP
     logger.info(
         "CPU without AMX: bf16 GEMM runs %.2fx float32 here, so autocast is %s (set %s=0/1 to choose)",
-        speedup, "bf16" if chosen is not None else "off (float32)", CPU_BF16_ENV,
+        speedup, "bf16" if pays else "off (float32)", CPU_BF16_ENV,
     )
-    return chosen
+    return pays

@@ -16,6 +16,9 @@ def bf16_capable_cpu(monkeypatch):
     """A CPU that oneDNN reports bf16-capable, whatever this machine is; no override in the environment."""
     monkeypatch.setattr(precision, "native_autocast_dtype", lambda device: torch.bfloat16)
     monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)
+    precision._bf16_pays_off.cache_clear()  # each test measures (its stand-in) afresh
+    yield
+    precision._bf16_pays_off.cache_clear()
 
 
 def test_amx_keeps_bf16_without_timing(bf16_capable_cpu, monkeypatch):
@@ -32,6 +35,16 @@ def test_without_amx_the_measurement_decides(bf16_capable_cpu, monkeypatch, spee
     assert resolve_autocast_dtype("auto", "cpu") is expected  # training's "auto" asks the same question
     assert resolve_autocast_dtype("bf16", "cpu") is torch.bfloat16  # an explicit dtype is never second-guessed
     assert resolve_autocast_dtype(None, "cpu") is None
+
+
+def test_the_choice_is_measured_once_per_process(bf16_capable_cpu, monkeypatch):
+    """Training asks at every step: the timing (and its log line) happens at the first call only."""
+    calls = []
+    monkeypatch.setattr(precision, "_has_amx", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: calls.append(1) or 2.0)
+    for _ in range(5):
+        assert precision.fast_autocast_dtype("cpu") is torch.bfloat16
+    assert len(calls) == 1
 
 
 def test_environment_overrides_the_measurement(bf16_capable_cpu, monkeypatch):
@@ -56,11 +69,15 @@ def test_amx_is_capped_away_by_onednn(monkeypatch):
     flags = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
     monkeypatch.setattr("builtins.open", lambda *a, **k: __import__("io").StringIO(flags))
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    assert precision._has_amx()
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-    assert not precision._has_amx()
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    assert precision._has_amx()
+    precision._cpu_flags.cache_clear()  # read the stand-in /proc/cpuinfo, and forget it afterwards
+    try:
+        assert precision._has_amx()
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+        assert not precision._has_amx()
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+        assert precision._has_amx()
+    finally:
+        precision._cpu_flags.cache_clear()
 
 
 def test_the_measurement_is_a_real_ratio_and_cached():
