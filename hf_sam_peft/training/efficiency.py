@@ -72,7 +72,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hf_sam_peft.sam_forward.forward import embeddings_from_features, encode_images, unwrap_sam, vision_features
-from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, stack_embeddings, unstack_embeddings
+from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, map_embeddings, stack_embeddings, unstack_embeddings
 from hf_sam_peft.sam_forward.precision import fast_autocast_dtype
 
 logger = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class EmbeddingCache:
         if missing:
             fresh = unstack_embeddings(encode(pixel_values[missing]))
             for i, emb in zip(missing, fresh):
-                self._store[keys[i]] = emb.detach() if isinstance(emb, torch.Tensor) else [e.detach() for e in emb]
+                self._store[keys[i]] = map_embeddings(torch.Tensor.detach, emb)
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         out = []
