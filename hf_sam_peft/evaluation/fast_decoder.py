@@ -45,12 +45,16 @@ from hf_sam_peft.modeling.mask_decoder import (
     _plain_linears,
     _project,
     final_token_to_image,
+    projection_addend,
     token_self_attention,
     two_way_layer,
 )
 from hf_sam_peft.sam_forward.forward import unwrap_sam
 
-__all__ = ["ImageTokens", "active_module", "autocast_to", "decode_objects", "fast_decoder_supported", "image_tokens"]
+__all__ = [
+    "ImageTokens", "active_module", "autocast_to", "decode_objects", "fast_decoder_supported", "image_tokens",
+    "objects_per_pass",
+]
 
 
 def active_module(module: nn.Module) -> nn.Module:
@@ -97,8 +101,8 @@ class ImageTokens:
     first_key: torch.Tensor  # layer 0 token->image key (positions included) and value, image->token query
     first_value: torch.Tensor
     first_query: torch.Tensor
-    shifts: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: bias-free key / query projections of positions
-    final_shift: torch.Tensor
+    addends: list[torch.Tensor]  # per layer: biases + projected positions of the key / value / query projection
+    final_addend: torch.Tensor
     autocast_dtype: torch.dtype | None
 
     @property
@@ -128,19 +132,17 @@ def image_tokens(model: nn.Module, embeddings: torch.Tensor, autocast_dtype: tor
         box = torch.zeros(1, 1, 4, device=embeddings.device, dtype=embeddings.dtype)  # any prompt: only dense is used
         _, dense = sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=box, input_masks=None)
         keys = _tokens(embeddings + dense)
-        shifts = [
-            _project(positions, (layer.cross_attn_token_to_image.k_proj, layer.cross_attn_image_to_token.q_proj), bias=False)
-            for layer in transformer.layers
-        ]
-        (final_shift,) = _project(positions, (transformer.final_attn_token_to_image.k_proj,), bias=False)
-        first = transformer.layers[0]
-        key, value, query = _project(
-            keys, (first.cross_attn_token_to_image.k_proj, first.cross_attn_token_to_image.v_proj,
-                   first.cross_attn_image_to_token.q_proj)
-        )
-        key_shift, query_shift = shifts[0]
-    return ImageTokens(embeddings, keys, positions, (key + key_shift).contiguous(), value.contiguous(),
-                       (query + query_shift).contiguous(), shifts, final_shift, autocast_dtype)
+        addends = [projection_addend(positions, _image_linears(layer), (True, False, True)) for layer in transformer.layers]
+        final = transformer.final_attn_token_to_image
+        final_addend = projection_addend(positions, (final.k_proj, final.v_proj), (True, False))
+        key, value, query = _project(keys, _image_linears(transformer.layers[0]), addend=addends[0])
+    return ImageTokens(embeddings, keys, positions, key.contiguous(), value.contiguous(), query.contiguous(),
+                       addends, final_addend, autocast_dtype)
+
+
+def _image_linears(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """The projections of a two-way layer that read image tokens, in ``two_way_layer``'s stacked order."""
+    return layer.cross_attn_token_to_image.k_proj, layer.cross_attn_token_to_image.v_proj, layer.cross_attn_image_to_token.q_proj
 
 
 def attend_few_keys(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -205,6 +207,21 @@ def _mask_head(decoder: SamMaskDecoder, queries: torch.Tensor, keys: torch.Tenso
     return masks, iou
 
 
+# Objects decoded together per pass through the transformer and mask head. Each object carries ~8 MiB
+# float32 maps (its 256 x 256 x 32 upscaled features; 4,096 x 256 image tokens per layer); in small groups
+# these stay in cache and below glibc's largest mmap threshold (32 MiB), above which every allocation is
+# mapped and page-faulted afresh. Measured on the demo tile (LiteMedSAM, one core): 16 objects per pass
+# 23.2 s, 4: 18.2 s, 2: 16.9 s, 1: 16.4 s for the box start's 8 rounds (benchmarks/EVALUATION.md).
+_GROUP_BYTES = 16 << 20
+
+
+def objects_per_pass(size: tuple[int, int], channels: int) -> int:
+    """How many objects :func:`decode_objects` runs through the decoder at once for an ``size`` embedding
+    grid whose upscaled features (16x the grid, ``channels`` wide) are the largest per-object float32 map."""
+    per_object = 16 * size[0] * size[1] * channels * 4
+    return max(1, _GROUP_BYTES // per_object)
+
+
 @torch.no_grad()
 def decode_objects(
     model: nn.Module,
@@ -220,11 +237,12 @@ def decode_objects(
     Prompts in the model frame as ``SamModel.forward`` takes them with one object per batch entry:
     ``input_points`` ``(N, 1, P, 2)``, ``input_labels`` ``(N, 1, P)``, ``input_boxes`` ``(N, 1, 4)``.
     ``dense``: per-object mask-input embeddings ``(N, C, h, w)`` (``prompt_encoder.mask_embed``), which
-    disable the shared layer-0 projections. Needs :func:`fast_decoder_supported`.
+    disable the shared layer-0 projections. Needs :func:`fast_decoder_supported`. The objects run through
+    the decoder a few at a time (:func:`objects_per_pass`); rows are independent, so grouping does not
+    change what each object gets.
     """
     sam = unwrap_sam(model)
     decoder = _decoder(sam)
-    transformer = decoder.transformer
     with autocast_to(tokens.keys.device, tokens.autocast_dtype):
         sparse, _ = sam.prompt_encoder(input_points=input_points, input_labels=input_labels,
                                        input_boxes=input_boxes, input_masks=None)
@@ -233,18 +251,32 @@ def decode_objects(
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         point_embeddings = torch.cat([output_tokens.expand(n, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
         point_embeddings = point_embeddings.to(decoder.iou_token.weight.dtype)[:, None]
+    group = objects_per_pass(tokens.size, decoder.upscale_conv2.out_channels)
+    outputs = [
+        _decode_group(decoder, tokens, point_embeddings[i : i + group], None if dense is None else dense[i : i + group], multimask)
+        for i in range(0, n, group)
+    ]
+    masks, iou = (torch.cat(parts) for parts in zip(*outputs))
+    return masks, iou
+
+
+def _decode_group(decoder: SamMaskDecoder, tokens: ImageTokens, point_embeddings: torch.Tensor,
+                  dense: torch.Tensor | None, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_objects` after the prompt encoder, for one group of objects ``(n, 1, T, C)``."""
+    transformer = decoder.transformer
+    with autocast_to(tokens.keys.device, tokens.autocast_dtype):
         queries = point_embeddings
         layers = list(transformer.layers)
         if dense is None:
             queries, keys = _first_layer_shared(layers[0], queries, point_embeddings, tokens)
         else:
             keys = _tokens(tokens.embeddings + dense)
-            queries, keys = two_way_layer(layers[0], queries, keys, point_embeddings, None, None, shifts=tokens.shifts[0],
+            queries, keys = two_way_layer(layers[0], queries, keys, point_embeddings, None, None, addend=tokens.addends[0],
                                          attend_image_queries=attend_few_keys)
-        for layer, shifts in zip(layers[1:], tokens.shifts[1:]):
-            queries, keys = two_way_layer(layer, queries, keys, point_embeddings, None, None, shifts=shifts,
+        for layer, addend in zip(layers[1:], tokens.addends[1:]):
+            queries, keys = two_way_layer(layer, queries, keys, point_embeddings, None, None, addend=addend,
                                          attend_image_queries=attend_few_keys)
-        queries = final_token_to_image(transformer, queries, keys, point_embeddings, None, key_shift=tokens.final_shift)
+        queries = final_token_to_image(transformer, queries, keys, point_embeddings, None, addend=tokens.final_addend)
     # the mask head in float32: its logits are thresholded at 0 on small objects' boundaries, where bf16
     # upscaling moved masks by a pixel (LiteMedSAM demo tile, box round 0: mean IoU 0.95 vs 0.99+)
     masks, iou = _mask_head(decoder, queries.float(), keys.float(), tokens.size, multimask)
