@@ -147,19 +147,38 @@ def _image_linears(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
 
 def attend_few_keys(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_similarity: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
-    """The image->token attention (4096 image queries, a handful of token keys) with the softmax over the
-    keys taken along a non-last axis: ``(B, heads, T, h*w)`` scores, where the CPU softmax kernel vectorises
-    over the 4096 queries instead of over rows of ~10 keys (3.5 s -> well under 1 s per 8 LiteMedSAM rounds
-    of 29 objects on one core). Same arithmetic as ``eager_attention_forward`` (float32 softmax)."""
+    """The image->token attention (4,096 image queries ``(1 or B, 1, N, c)``, a handful of token keys and values
+    ``(B, 1, T, c)``) with its output projection, arranged for few keys (inference only; same arithmetic as
+    ``SamAttention.forward`` with eager attention, in another order):
+
+    - the scores ``(B, heads, T, N)`` per object from the image queries as they lie (a strided view per
+      head, no per-object copy of the shared queries), and the softmax over the keys taken along a non-last
+      axis, where the CPU kernel vectorises over the 4,096 queries instead of over rows of ~10 keys;
+    - the output projection folded into the values: ``out_proj(concat_h P_h V_h) = sum_h P_h (V_h W_h^T) + b``
+      is one ``(N, heads*T) @ (heads*T, c_out)`` matmul per object instead of ``P V`` and a
+      ``(N, c) @ (c, c_out)`` projection over all image tokens, and since each row of ``P_h`` sums to 1 the
+      bias rides on the values (``b / heads`` per head) instead of a pass over the output. Fewer
+      multiply-adds while ``T <= c / heads * (1 + c / (heads * T))`` (T <= 16 for SAM's decoder, the prompts
+      of interactive evaluation), no ``(N, c)`` intermediate at all.
+    """
     if attention_similarity is not None:
         raise ValueError("attend_few_keys takes no attention mask")
     heads = module.num_attention_heads
-    n = max(query.shape[0], key.shape[0])
-    query, key, value = (module._separate_heads(t, heads) for t in (query, key, value))  # (B, heads, tokens, d)
-    scores = torch.matmul(key, query.transpose(-1, -2)) * module.scaling  # (B, heads, T, h*w)
-    probs = scores.softmax(dim=-2, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(probs.transpose(-1, -2), value)  # (B, heads, h*w, d)
-    return module.out_proj(module._recombine_heads(out.transpose(1, 2), 1).reshape(n, 1, out.shape[2], -1))
+    objects, _, n_keys, channels = key.shape
+    n_queries, head_dim = query.shape[2], channels // heads
+    head_keys = (key * module.scaling).reshape(objects, n_keys, heads, head_dim).transpose(1, 2)  # (B, heads, T, d)
+    head_queries = query.reshape(query.shape[0], n_queries, heads, head_dim).permute(0, 2, 3, 1)  # (1|B, heads, d, N)
+    scores = head_keys.new_empty(objects, heads, n_keys, n_queries)
+    for i in range(objects):
+        torch.matmul(head_keys[i], head_queries[min(i, query.shape[0] - 1)], out=scores[i])
+    probs = scores.softmax(dim=-2, dtype=torch.float32)
+    out_proj = module.out_proj
+    head_weights = out_proj.weight.reshape(-1, heads, head_dim).permute(1, 2, 0)  # (heads, d, c_out)
+    head_values = value.reshape(objects, n_keys, heads, head_dim).transpose(1, 2)
+    projected = torch.matmul(head_values, head_weights) + out_proj.bias / heads  # (B, heads, T, c_out)
+    out = torch.matmul(probs.reshape(objects, heads * n_keys, n_queries).transpose(1, 2),
+                       projected.reshape(objects, heads * n_keys, -1).to(probs.dtype))
+    return out.reshape(objects, 1, n_queries, -1)
 
 
 def _first_layer_shared(layer: nn.Module, queries: torch.Tensor, query_pos: torch.Tensor,
@@ -243,7 +262,10 @@ def decode_objects(
     """
     sam = unwrap_sam(model)
     decoder = _decoder(sam)
-    with autocast_to(tokens.keys.device, tokens.autocast_dtype):
+    device = tokens.keys.device
+    # one autocast region for all groups: autocast caches its bf16 copies of the weights until the region
+    # closes, so the decoder's weights are cast once per call instead of once per group
+    with autocast_to(device, tokens.autocast_dtype):
         sparse, _ = sam.prompt_encoder(input_points=input_points, input_labels=input_labels,
                                        input_boxes=input_boxes, input_masks=None)
         sparse = sparse[:, 0]
@@ -251,33 +273,34 @@ def decode_objects(
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         point_embeddings = torch.cat([output_tokens.expand(n, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
         point_embeddings = point_embeddings.to(decoder.iou_token.weight.dtype)[:, None]
-    group = objects_per_pass(tokens.size, decoder.upscale_conv2.out_channels)
-    outputs = [
-        _decode_group(decoder, tokens, point_embeddings[i : i + group], None if dense is None else dense[i : i + group], multimask)
-        for i in range(0, n, group)
-    ]
+        group = objects_per_pass(tokens.size, decoder.upscale_conv2.out_channels)
+        outputs = [
+            _decode_group(decoder, tokens, point_embeddings[i : i + group], None if dense is None else dense[i : i + group], multimask)
+            for i in range(0, n, group)
+        ]
     masks, iou = (torch.cat(parts) for parts in zip(*outputs))
     return masks, iou
 
 
 def _decode_group(decoder: SamMaskDecoder, tokens: ImageTokens, point_embeddings: torch.Tensor,
                   dense: torch.Tensor | None, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_objects` after the prompt encoder, for one group of objects ``(n, 1, T, C)``."""
+    """:func:`decode_objects` after the prompt encoder, for one group of objects ``(n, 1, T, C)``, inside its
+    autocast region (if any)."""
     transformer = decoder.transformer
-    with autocast_to(tokens.keys.device, tokens.autocast_dtype):
-        queries = point_embeddings
-        layers = list(transformer.layers)
-        if dense is None:
-            queries, keys = _first_layer_shared(layers[0], queries, point_embeddings, tokens)
-        else:
-            keys = _tokens(tokens.embeddings + dense)
-            queries, keys = two_way_layer(layers[0], queries, keys, point_embeddings, None, None, addend=tokens.addends[0],
-                                         attend_image_queries=attend_few_keys)
-        for layer, addend in zip(layers[1:], tokens.addends[1:]):
-            queries, keys = two_way_layer(layer, queries, keys, point_embeddings, None, None, addend=addend,
-                                         attend_image_queries=attend_few_keys)
-        queries = final_token_to_image(transformer, queries, keys, point_embeddings, None, addend=tokens.final_addend)
+    queries = point_embeddings
+    layers = list(transformer.layers)
+    if dense is None:
+        queries, keys = _first_layer_shared(layers[0], queries, point_embeddings, tokens)
+    else:
+        keys = _tokens(tokens.embeddings + dense)
+        queries, keys = two_way_layer(layers[0], queries, keys, point_embeddings, None, None, addend=tokens.addends[0],
+                                      attend_image_queries=attend_few_keys)
+    for layer, addend in zip(layers[1:], tokens.addends[1:]):
+        queries, keys = two_way_layer(layer, queries, keys, point_embeddings, None, None, addend=addend,
+                                      attend_image_queries=attend_few_keys)
+    queries = final_token_to_image(transformer, queries, keys, point_embeddings, None, addend=tokens.final_addend)
     # the mask head in float32: its logits are thresholded at 0 on small objects' boundaries, where bf16
     # upscaling moved masks by a pixel (LiteMedSAM demo tile, box round 0: mean IoU 0.95 vs 0.99+)
-    masks, iou = _mask_head(decoder, queries.float(), keys.float(), tokens.size, multimask)
+    with torch.autocast(device_type=tokens.keys.device.type, enabled=False):
+        masks, iou = _mask_head(decoder, queries.float(), keys.float(), tokens.size, multimask)
     return masks.float(), iou.float()
