@@ -44,10 +44,7 @@ from hf_sam_peft.modeling.mask_decoder import (
     _attend,
     _plain_linears,
     _project,
-    final_token_to_image,
-    projection_addend,
     token_self_attention,
-    two_way_layer,
 )
 from hf_sam_peft.sam_forward.forward import unwrap_sam
 
@@ -100,9 +97,10 @@ class ImageTokens:
     positions: torch.Tensor  # dense positional encoding
     first_key: torch.Tensor  # layer 0 token->image key (positions included) and value, image->token query
     first_value: torch.Tensor
-    first_query: torch.Tensor
-    addends: list[torch.Tensor]  # per layer: biases + projected positions of the key / value / query projection
-    final_addend: torch.Tensor
+    first_query: torch.Tensor  # head-major (1, heads, d, h*w), the layout attend_few_keys reads
+    key_addends: list[torch.Tensor]  # per layer, head-major (heads, d, h*w): token->image key bias + projected positions
+    query_addends: list[torch.Tensor]  # per layer, the same for the image->token query
+    final_key_addend: torch.Tensor
     autocast_dtype: torch.dtype | None
 
     @property
@@ -132,53 +130,131 @@ def image_tokens(model: nn.Module, embeddings: torch.Tensor, autocast_dtype: tor
         box = torch.zeros(1, 1, 4, device=embeddings.device, dtype=embeddings.dtype)  # any prompt: only dense is used
         _, dense = sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=box, input_masks=None)
         keys = _tokens(embeddings + dense)
-        addends = [projection_addend(positions, _image_linears(layer), (True, False, True)) for layer in transformer.layers]
-        final = transformer.final_attn_token_to_image
-        final_addend = projection_addend(positions, (final.k_proj, final.v_proj), (True, False))
-        key, value, query = _project(keys, _image_linears(transformer.layers[0]), addend=addends[0])
-    return ImageTokens(embeddings, keys, positions, key.contiguous(), value.contiguous(), query.contiguous(),
-                       addends, final_addend, autocast_dtype)
+        layers = transformer.layers
+        key_addends = [_head_addend(layer.cross_attn_token_to_image, "k_proj", positions) for layer in layers]
+        query_addends = [_head_addend(layer.cross_attn_image_to_token, "q_proj", positions) for layer in layers]
+        final_key_addend = _head_addend(transformer.final_attn_token_to_image, "k_proj", positions)
+        to_image, to_token = layers[0].cross_attn_token_to_image, layers[0].cross_attn_image_to_token
+        key, query = _project(keys + positions, (to_image.k_proj, to_token.q_proj))
+        value = to_image.v_proj(keys)
+        query = _head_split(query, to_token.num_attention_heads).transpose(-1, -2).contiguous()  # (1, heads, d, N)
+    return ImageTokens(embeddings, keys, positions, key.contiguous(), value.contiguous(), query,
+                       key_addends, query_addends, final_key_addend, autocast_dtype)
 
 
-def _image_linears(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """The projections of a two-way layer that read image tokens, in ``two_way_layer``'s stacked order."""
-    return layer.cross_attn_token_to_image.k_proj, layer.cross_attn_token_to_image.v_proj, layer.cross_attn_image_to_token.q_proj
+def _head_addend(attention: nn.Module, name: str, positions: torch.Tensor) -> torch.Tensor:
+    """``attention.<name>`` of the positional encoding (bias included), head-major ``(heads, d, h*w)``
+    contiguous: what the folded scores (:func:`_folded_scores`) add per head."""
+    projected = getattr(attention, name)(positions)[0, 0]  # (h*w, c)
+    heads = attention.num_attention_heads
+    return projected.reshape(projected.shape[0], heads, -1).permute(1, 2, 0).contiguous()
 
 
-def attend_few_keys(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_similarity: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
-    """The image->token attention (4,096 image queries ``(1 or B, 1, N, c)``, a handful of token keys and values
-    ``(B, 1, T, c)``) with its output projection, arranged for few keys (inference only; same arithmetic as
-    ``SamAttention.forward`` with eager attention, in another order):
+def _head_split(hidden: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, 1, L, c)`` -> ``(B, heads, L, c / heads)`` (a view), as ``SamAttention._separate_heads``."""
+    b, _, length, channels = hidden.shape
+    return hidden.reshape(b, length, heads, channels // heads).transpose(1, 2)
 
-    - the scores ``(B, heads, T, N)`` per object from the image queries as they lie (a strided view per
-      head, no per-object copy of the shared queries), and the softmax over the keys taken along a non-last
-      axis, where the CPU kernel vectorises over the 4,096 queries instead of over rows of ~10 keys;
-    - the output projection folded into the values: ``out_proj(concat_h P_h V_h) = sum_h P_h (V_h W_h^T) + b``
-      is one ``(N, heads*T) @ (heads*T, c_out)`` matmul per object instead of ``P V`` and a
-      ``(N, c) @ (c, c_out)`` projection over all image tokens, and since each row of ``P_h`` sums to 1 the
-      bias rides on the values (``b / heads`` per head) instead of a pass over the output. Fewer
-      multiply-adds while ``T <= c / heads * (1 + c / (heads * T))`` (T <= 16 for SAM's decoder, the prompts
-      of interactive evaluation), no ``(N, c)`` intermediate at all.
+
+def _folded_scores(linear: nn.Linear, head_queries: torch.Tensor, image_t: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+    """Attention scores ``(B, heads, T, N)`` of a few (already scaled) queries ``(B, heads, T, d)`` against image
+    tokens ``image_t`` ``(B, C, N)`` (:func:`_image_operands`) that ``linear`` would project (``addend``: its bias and projected positions,
+    :func:`_head_addend`), without projecting them: ``q_h . (W_h x + a_h) = (q_h W_h) . x + q_h . a_h``.
+
+    ``(B, heads * T, C) @ (C, N)`` multiply-adds instead of a ``(N, C) @ (C, c)`` projection per object (fewer
+    while ``heads * T < c``: T < 16 for SAM's decoder; interactive evaluation's prompts give T = 7 to 21), and
+    no projected ``(N, c)`` tensor is written or read back.
     """
-    if attention_similarity is not None:
-        raise ValueError("attend_few_keys takes no attention mask")
+    b, heads, n_queries, head_dim = head_queries.shape
+    folded = torch.matmul(head_queries, linear.weight.reshape(heads, head_dim, -1))  # (B, heads, T, C)
+    scores = torch.matmul(folded.reshape(b, heads * n_queries, -1), image_t)
+    scores = scores.view(b, heads, n_queries, -1)
+    for i in range(b):
+        scores[i].baddbmm_(head_queries[i].to(scores.dtype), addend.to(scores.dtype))
+    return scores
+
+
+def _image_operands(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image tokens ``(B, 1, N, C)`` as the folded attentions read them: ``(B, N, C)`` and its transposed
+    view ``(B, C, N)``, cast to the autocast dtype once per layer (autocast would cast them at every matmul)."""
+    image = keys[:, 0]
+    if torch.is_autocast_enabled(image.device.type):
+        image = image.to(torch.get_autocast_dtype(image.device.type))
+    return image, image.transpose(1, 2)
+
+
+def _attend_image(module: nn.Module, query: torch.Tensor, image: tuple[torch.Tensor, torch.Tensor],
+                  key_addend: torch.Tensor) -> torch.Tensor:
+    """A token->image attention (``SamAttention`` with ``query`` ``(B, 1, T, c)`` already projected) over the raw
+    image tokens ``image`` (:func:`_image_operands`), with its key and value projections folded into the few queries:
+    scores by :func:`_folded_scores`, and ``P_h (W_h x + b_h) = (P_h x) W_h^T + b_h`` for the values (rows of
+    ``P_h`` sum to 1). Returns ``out_proj`` of the attention, ``(B, 1, T, c_out)``."""
     heads = module.num_attention_heads
-    objects, _, n_keys, channels = key.shape
-    n_queries, head_dim = query.shape[2], channels // heads
-    head_keys = (key * module.scaling).reshape(objects, n_keys, heads, head_dim).transpose(1, 2)  # (B, heads, T, d)
-    head_queries = query.reshape(query.shape[0], n_queries, heads, head_dim).permute(0, 2, 3, 1)  # (1|B, heads, d, N)
-    scores = head_keys.new_empty(objects, heads, n_keys, n_queries)
+    head_queries = _head_split(query * module.scaling, heads)
+    b, _, n_queries, head_dim = head_queries.shape
+    tokens, tokens_t = image
+    probs = _folded_scores(module.k_proj, head_queries, tokens_t, key_addend).softmax(dim=-1, dtype=torch.float32)
+    mixed = torch.matmul(probs.view(b, heads * n_queries, -1).to(tokens.dtype), tokens)  # (B, heads * T, C)
+    value_weights = module.v_proj.weight.reshape(heads, head_dim, -1).transpose(1, 2)  # (heads, C, d)
+    out = torch.matmul(mixed.view(b, heads, n_queries, -1), value_weights) + module.v_proj.bias.view(heads, 1, head_dim)
+    return module.out_proj(out.transpose(1, 2).reshape(b, 1, n_queries, heads * head_dim))
+
+
+def attend_few_keys(module: nn.Module, head_queries: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The image->token attention of layer 0 with its output projection, arranged for few keys (inference only;
+    ``SamAttention.forward``'s arithmetic with eager attention, in another order). ``head_queries``: the
+    projected image queries head-major ``(1 or B, heads, d, N)`` (:attr:`ImageTokens.first_query`), ``key`` and
+    ``value`` the objects' few projected tokens ``(B, 1, T, c)``. The scores ``(B, heads, T, N)`` are one
+    ``(T, d) @ (d, N)`` matmul per head and object, then :func:`_attend_few_keys_output`.
+    """
+    heads = module.num_attention_heads
+    head_keys = _head_split(key * module.scaling, heads)  # (B, heads, T, d)
+    objects, _, n_keys, _ = head_keys.shape
+    scores = head_keys.new_empty(objects, heads, n_keys, head_queries.shape[-1])
     for i in range(objects):
-        torch.matmul(head_keys[i], head_queries[min(i, query.shape[0] - 1)], out=scores[i])
+        torch.matmul(head_keys[i], head_queries[min(i, head_queries.shape[0] - 1)].to(head_keys.dtype), out=scores[i])
+    return _attend_few_keys_output(module, scores, value)
+
+
+def _attend_few_keys_output(module: nn.Module, scores: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """An image->token attention (4,096 image queries, a handful of token keys) from its scores
+    ``(B, heads, T, N)`` and the tokens' projected values ``(B, 1, T, c)``, with its output projection.
+    Returns ``(B, 1, N, c_out)``.
+
+    - the softmax over the keys is taken along a non-last axis, where the CPU kernel vectorises over the
+      4,096 queries instead of over rows of ~10 keys;
+    - the output projection is folded into the values: ``out_proj(concat_h P_h V_h) = sum_h P_h (V_h W_h^T) + b``
+      is one ``(N, heads*T) @ (heads*T, c_out)`` matmul per object instead of ``P V`` and a
+      ``(N, c) @ (c, c_out)`` projection over all image tokens (fewer multiply-adds while
+      ``heads * T < c + T``: T <= 18 for SAM's decoder), and since each row of ``P_h`` sums to 1 the
+      bias rides on the values (``b / heads`` per head) instead of a pass over the output.
+    """
+    objects, heads, n_keys, n_queries = scores.shape
     probs = scores.softmax(dim=-2, dtype=torch.float32)
     out_proj = module.out_proj
-    head_weights = out_proj.weight.reshape(-1, heads, head_dim).permute(1, 2, 0)  # (heads, d, c_out)
-    head_values = value.reshape(objects, n_keys, heads, head_dim).transpose(1, 2)
+    head_values = _head_split(value, heads)
+    head_weights = out_proj.weight.reshape(-1, heads, head_values.shape[-1]).permute(1, 2, 0)  # (heads, d, c_out)
     projected = torch.matmul(head_values, head_weights) + out_proj.bias / heads  # (B, heads, T, c_out)
     out = torch.matmul(probs.reshape(objects, heads * n_keys, n_queries).transpose(1, 2),
                        projected.reshape(objects, heads * n_keys, -1).to(probs.dtype))
     return out.reshape(objects, 1, n_queries, -1)
+
+
+def _later_layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor,
+                 key_addend: torch.Tensor, query_addend: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A two-way layer (``two_way_layer``: same steps, same modules) for image tokens ``keys`` ``(B, 1, N, C)``
+    that differ per object, with no projection of them: both cross attentions fold their image-side
+    projections into the object's few tokens (:func:`_attend_image`, :func:`_folded_scores`)."""
+    queries = token_self_attention(layer, queries, query_pos)
+    to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    image = _image_operands(keys)
+    queries = layer.layer_norm2(queries + _attend_image(to_image, to_image.q_proj(queries + query_pos), image, key_addend))
+    queries = layer.layer_norm3(queries + layer.mlp(queries))
+
+    head_keys = _head_split(to_token.k_proj(queries + query_pos) * to_token.scaling, to_token.num_attention_heads)
+    scores = _folded_scores(to_token.q_proj, head_keys, image[1], query_addend)  # (B, heads, T, N)
+    keys = layer.layer_norm4(keys + _attend_few_keys_output(to_token, scores, to_token.v_proj(queries)))
+    return queries, keys
 
 
 def _first_layer_shared(layer: nn.Module, queries: torch.Tensor, query_pos: torch.Tensor,
@@ -293,12 +369,12 @@ def _decode_group(decoder: SamMaskDecoder, tokens: ImageTokens, point_embeddings
         queries, keys = _first_layer_shared(layers[0], queries, point_embeddings, tokens)
     else:
         keys = _tokens(tokens.embeddings + dense)
-        queries, keys = two_way_layer(layers[0], queries, keys, point_embeddings, None, None, addend=tokens.addends[0],
-                                      attend_image_queries=attend_few_keys)
-    for layer, addend in zip(layers[1:], tokens.addends[1:]):
-        queries, keys = two_way_layer(layer, queries, keys, point_embeddings, None, None, addend=addend,
-                                      attend_image_queries=attend_few_keys)
-    queries = final_token_to_image(transformer, queries, keys, point_embeddings, None, addend=tokens.final_addend)
+        queries, keys = _later_layer(layers[0], queries, keys, point_embeddings, tokens.key_addends[0], tokens.query_addends[0])
+    for layer, key_addend, query_addend in zip(layers[1:], tokens.key_addends[1:], tokens.query_addends[1:]):
+        queries, keys = _later_layer(layer, queries, keys, point_embeddings, key_addend, query_addend)
+    final = transformer.final_attn_token_to_image
+    attn_out = _attend_image(final, final.q_proj(queries + point_embeddings), _image_operands(keys), tokens.final_key_addend)
+    queries = transformer.layer_norm_final_attn(queries + attn_out)
     # the mask head in float32: its logits are thresholded at 0 on small objects' boundaries, where bf16
     # upscaling moved masks by a pixel (LiteMedSAM demo tile, box round 0: mean IoU 0.95 vs 0.99+)
     with torch.autocast(device_type=tokens.keys.device.type, enabled=False):

@@ -29,31 +29,12 @@ from transformers.models.sam.modeling_sam import (
 )
 
 
-def _project(hidden: torch.Tensor, linears: Sequence[nn.Linear], bias: bool = True,
-             addend: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """``linear(hidden)`` for each of ``linears`` as one matmul over their stacked weights (views of one output).
-
-    ``addend``: what to add to the stacked output instead of the biases (:func:`projection_addend`: the biases
-    plus the projected positional embedding), broadcast over ``hidden``'s leading dimensions. The matmul then
-    accumulates onto it (one pass over the output) instead of copying the biases in and adding a shift after.
-    """
+def _project(hidden: torch.Tensor, linears: Sequence[nn.Linear], bias: bool = True) -> tuple[torch.Tensor, ...]:
+    """``linear(hidden)`` for each of ``linears`` as one matmul over their stacked weights (views of one output)."""
     weight = torch.cat([linear.weight for linear in linears])
-    if addend is None:
-        stacked_bias = torch.cat([linear.bias for linear in linears]) if bias else None
-        out = F.linear(hidden, weight, stacked_bias)
-    else:
-        flat = hidden.reshape(-1, *hidden.shape[-2:])
-        out = torch.baddbmm(addend.reshape(-1, *addend.shape[-2:]), flat, weight.t().expand(flat.shape[0], -1, -1))
-        out = out.reshape(*hidden.shape[:-1], -1)
+    stacked_bias = torch.cat([linear.bias for linear in linears]) if bias else None
+    out = F.linear(hidden, weight, stacked_bias)
     return out.split([linear.out_features for linear in linears], dim=-1)
-
-
-def projection_addend(positions: torch.Tensor, linears: Sequence[nn.Linear], positional: Sequence[bool]) -> torch.Tensor:
-    """The ``addend`` of :func:`_project` for image tokens: per linear ``W positions + b`` where ``positional``
-    (keys and image queries take the positional embedding), else ``b`` (values do not). It depends only on
-    the image grid, so inference computes it once per image (``hf_sam_peft.evaluation.fast_decoder``)."""
-    weight = torch.cat([linear.weight if p else torch.zeros_like(linear.weight) for linear, p in zip(linears, positional)])
-    return F.linear(positions, weight, torch.cat([linear.bias for linear in linears]))
 
 
 def _attend(module: SamAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -112,56 +93,49 @@ def token_self_attention(layer: nn.Module, queries: torch.Tensor, query_pos: tor
 
 def two_way_layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor,
                   key_pos: torch.Tensor | None, attention_similarity: torch.Tensor | None,
-                  addend: torch.Tensor | None = None,
+                  shifts: tuple[torch.Tensor, torch.Tensor] | None = None,
                   attend_image_queries: Callable[..., torch.Tensor] | None = None,
                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``SamTwoWayAttentionBlock.forward`` with one projection of ``keys`` for both cross attentions.
 
-    ``addend``: :func:`projection_addend` of ``key_pos`` for the token->image key and value and the
-    image->token query (``key_pos`` is then unused): inference computes it once per image
-    (:mod:`hf_sam_peft.evaluation.fast_decoder`); training adds the bias-free projections of ``key_pos``
-    per call. ``attend_image_queries``: the kernel of the image->token attention (default :func:`_attend`,
-    the model's kernel; inference passes its own).
+    ``shifts``: the bias-free projections of ``key_pos`` by the token->image key and the image->token query
+    (``key_pos`` is then unused): inference computes them once per image
+    (:mod:`hf_sam_peft.evaluation.fast_decoder`), training per call. ``attend_image_queries``: the kernel of
+    the image->token attention (default :func:`_attend`, the model's kernel; inference passes its own).
     """
     queries = token_self_attention(layer, queries, query_pos)
     to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-    linears = (to_image.k_proj, to_image.v_proj, to_token.q_proj)
-    if addend is None:
-        image_key, image_value, image_query = _project(keys, linears)
-        key_shift, query_shift = _project(key_pos, (to_image.k_proj, to_token.q_proj), bias=False)
-        image_key, image_query = image_key + key_shift, image_query + query_shift
-    else:
-        image_key, image_value, image_query = _project(keys, linears, addend=addend)
+    image_key, image_value, image_query = _project(keys, (to_image.k_proj, to_image.v_proj, to_token.q_proj))
+    if shifts is None:
+        shifts = _project(key_pos, (to_image.k_proj, to_token.q_proj), bias=False)
+    key_shift, query_shift = shifts
 
     query = to_image.q_proj(queries + query_pos)
-    attn_out = _attend(to_image, query, image_key, image_value, attention_similarity, **kwargs)
+    attn_out = _attend(to_image, query, image_key + key_shift, image_value, attention_similarity, **kwargs)
     queries = layer.layer_norm2(queries + attn_out)
     queries = layer.layer_norm3(queries + layer.mlp(queries))
 
     token_key = to_token.k_proj(queries + query_pos)
     attend = _attend if attend_image_queries is None else attend_image_queries
-    attn_out = attend(to_token, image_query, token_key, to_token.v_proj(queries), None, **kwargs)
+    attn_out = attend(to_token, image_query + query_shift, token_key, to_token.v_proj(queries), None, **kwargs)
     keys = layer.layer_norm4(keys + attn_out)
     return queries, keys
 
 
 def final_token_to_image(transformer: SamTwoWayTransformer, queries: torch.Tensor, keys: torch.Tensor,
                          query_pos: torch.Tensor, key_pos: torch.Tensor | None,
-                         addend: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+                         key_shift: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
     """The transformer's last token->image attention and LayerNorm with ``keys`` projected once.
 
-    ``addend``: :func:`projection_addend` of ``key_pos`` for ``final_attn_token_to_image``'s key and value
-    (``key_pos`` then unused), precomputed once per image by inference.
+    ``key_shift``: ``final_attn_token_to_image.k_proj`` of ``key_pos`` without bias (``key_pos`` then unused),
+    precomputed once per image by inference.
     """
     final = transformer.final_attn_token_to_image
-    if addend is None:
-        key, value = _project(keys, (final.k_proj, final.v_proj))
+    key, value = _project(keys, (final.k_proj, final.v_proj))
+    if key_shift is None:
         (key_shift,) = _project(key_pos, (final.k_proj,), bias=False)
-        key = key + key_shift
-    else:
-        key, value = _project(keys, (final.k_proj, final.v_proj), addend=addend)
     query = final.q_proj(queries + query_pos)
-    queries = queries + _attend(final, query, key, value, None, **kwargs)
+    queries = queries + _attend(final, query, key + key_shift, value, None, **kwargs)
     return transformer.layer_norm_final_attn(queries)
 
 
@@ -179,6 +153,4 @@ def set_decoder_projections(sam: nn.Module, fused: bool) -> bool:
     return True
 
 
-__all__ = [
-    "SamFusedTwoWayTransformer", "final_token_to_image", "projection_addend", "set_decoder_projections", "two_way_layer",
-]
+__all__ = ["SamFusedTwoWayTransformer", "final_token_to_image", "set_decoder_projections", "two_way_layer"]
