@@ -1,25 +1,31 @@
-"""SAM's prompt decoder for inference: what every object of an image shares is computed once per image.
+"""SAM's prompt decoder for inference: what every object of an image shares is computed once per image, and
+nothing is computed per image token that a handful of prompt tokens can carry instead.
 
 Interactive evaluation decodes each object 8 times (initial prompt + 7 corrections) against the same image
 embedding, and never passes a mask input. transformers' ``SamModel.forward`` (what
 :func:`hf_sam_peft.sam_forward.forward.decode` calls, training's path) redoes per call and per object what
-only depends on the image:
+only depends on the image, and projects the 4,096 image tokens of every object three times per layer:
 
-- the dense positional encoding of the 64 x 64 grid and the image embedding + the no-mask dense embedding,
-  copied once per object (``repeat_interleave``) and transposed into token layout;
-- the first two-way layer's projections of the image tokens (token->image key and value, image->token
-  query): without a mask input the image tokens entering layer 0 are the same for every object, so their
-  projections are computed once per image (:class:`ImageTokens`) and every object's queries attend to the
-  same keys (the objects are folded into the query axis of one attention call: rows of an attention are
-  independent, so this is exact);
-- the bias-free projections of the positional encoding that every later layer adds to its keys;
+- per image (:class:`ImageTokens`): the dense positional encoding and the image embedding + the no-mask
+  dense embedding in token layout; layer 0's projections of the image tokens (token->image key and value,
+  image->token query: without a mask input its image tokens are the same for every object, so every
+  object's queries attend to the same keys, folded into the query axis of one attention call: rows of an
+  attention are independent, so this is exact); and every later projection's bias + projected positional
+  encoding, head-major;
+- per object, later layers and the final attention never project the image tokens: an attention between T
+  prompt tokens and N image tokens needs ``W x`` only inside ``q . W x`` and ``P W x``, so the projection
+  moves onto the tokens (``(q W) . x``, ``(P x) W^T``; :func:`_folded_scores`, :func:`_attend_image`), and
+  the image->token output projection onto the tokens' values (:func:`_attend_few_keys_output`). With T <= 16
+  tokens (SAM's 8 heads of 16) that is fewer multiply-adds and no ``(N, c)`` tensors written and read back;
 - the mask head: the hypernetwork MLPs and the mask product run only for the mask tokens that are returned
-  (1 of 4 for single-mask output), and the upscaling stays in the convolutions' channels-last layout.
+  (1 of 4 for single-mask output), and the upscaling stays in the convolutions' channels-last layout;
+- objects go through in small groups (:func:`objects_per_pass`) whose maps stay in cache.
 
-Everything else is the model's own modules (LayerNorms, MLPs, self-attention, upscaling convolutions, IoU
-head) and the fused projections of :mod:`hf_sam_peft.modeling.mask_decoder` (``two_way_layer``,
-``final_token_to_image``), so fine-tuned decoders (peft ``modules_to_save`` copies) run through it too.
-With a mask input (``dense``) the image tokens differ per object and layer 0 runs per object, uncached.
+The order of the arithmetic differs from transformers' (float32 results agree to rounding,
+``tests/evaluation/test_fast_eval.py``); the modules are the model's own (LayerNorms, MLPs, self-attention,
+projection weights, upscaling convolutions, IoU head), so fine-tuned decoders (peft ``modules_to_save``
+copies) run through it too. With a mask input (``dense``) the image tokens differ per object and layer 0
+runs per object like the later layers.
 
 Precision: with ``autocast_dtype`` (:class:`~hf_sam_peft.evaluation.predictor.SamPredictor` passes bf16
 where the device runs it natively and faster, :func:`hf_sam_peft.sam_forward.precision.fast_autocast_dtype`) the

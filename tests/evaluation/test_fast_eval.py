@@ -207,3 +207,24 @@ def test_lite_medsam_fast_masks_agree_within_tolerance() -> None:
             prompts = {"points": r.points, "labels": r.labels, "boxes": r.boxes}
             masks = fast.predict_best(multimask=start == "point" and r.index == 0, **prompts)
             assert float(mask_iou(masks, r.masks).mean()) >= 0.99, (start, r.index)
+
+
+def test_objects_in_groups_get_what_they_get_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grouping objects per decoder pass (``objects_per_pass``) does not change any object's answer."""
+    import hf_sam_peft.evaluation.fast_decoder as fast_decoder
+
+    # SAM's 64 x 64 grid with 32 upscaled channels: 8 MiB per object, two objects per pass
+    assert fast_decoder.objects_per_pass((64, 64), 32) == 2
+    assert fast_decoder.objects_per_pass((128, 128), 32) == 1
+    model = tiny_model()
+    torch.manual_seed(2)
+    embeddings = torch.randn(1, 32, 16, 16)
+    n = 5
+    points, labels = torch.rand(n, 1, 3, 2) * 255, torch.tensor([[[1, 0, 1]]] * n)
+    tokens = image_tokens(model, embeddings)
+    together = decode_objects(model, tokens, points, labels, None, True)
+    assert fast_decoder.objects_per_pass(tokens.size, 32) >= n  # the tiny grid fits all in one pass
+    monkeypatch.setattr(fast_decoder, "_GROUP_BYTES", 1)  # one object per pass
+    alone = decode_objects(model, tokens, points, labels, None, True)
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
