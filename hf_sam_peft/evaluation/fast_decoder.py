@@ -172,11 +172,14 @@ def _folded_scores(linear: nn.Linear, head_queries: torch.Tensor, image_t: torch
     no projected ``(N, c)`` tensor is written or read back.
     """
     b, heads, n_queries, head_dim = head_queries.shape
-    folded = torch.matmul(head_queries, linear.weight.reshape(heads, head_dim, -1))  # (B, heads, T, C)
-    scores = torch.matmul(folded.reshape(b, heads * n_queries, -1), image_t)
-    scores = scores.view(b, heads, n_queries, -1)
-    for i in range(b):
-        scores[i].baddbmm_(head_queries[i].to(scores.dtype), addend.to(scores.dtype))
+    # scores in float32 whatever the autocast: bf16 scores (8 bits) move the softmax by percents (the fused
+    # attention kernels accumulate scores in float32 too); the operands may be bf16, products are exact in float32
+    with torch.autocast(device_type=image_t.device.type, enabled=False):
+        folded = torch.matmul(head_queries.float(), linear.weight.reshape(heads, head_dim, -1).float())  # (B, heads, T, C)
+        scores = torch.matmul(folded.reshape(b, heads * n_queries, -1), image_t.float())
+        scores = scores.view(b, heads, n_queries, -1)
+        for i in range(b):
+            scores[i].baddbmm_(head_queries[i].float(), addend.float())
     return scores
 
 
