@@ -54,8 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--bf16", action="store_true",
-        help="run the mask decoder in bf16 where the device computes it natively (about 1.2x faster on a CPU with "
-        "AMX; scores within 0.005 of float32 on the demo's tiles); default: float32",
+        help="run the mask decoder's transformer in bf16 where the device computes it natively (on a CPU with AMX "
+        "1.0-1.2x the float32 speed, see benchmarks/EVALUATION.md; masks move on boundary pixels: box mSA 0.276 "
+        "vs 0.282 on the demo tile); default: float32",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)

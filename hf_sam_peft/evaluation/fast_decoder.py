@@ -29,7 +29,7 @@ runs per object like the later layers.
 
 Precision: with ``autocast_dtype`` (:class:`~hf_sam_peft.evaluation.predictor.SamPredictor` passes bf16
 where the device runs it natively and faster, :func:`hf_sam_peft.sam_forward.precision.fast_autocast_dtype`) the
-matmuls and convolutions run in bf16 with float32 accumulation, as the trainer's forward does; LayerNorms,
+matmuls run in bf16 with float32 accumulation, as the trainer's forward does; attention scores, LayerNorms,
 softmax and the residual stream stay float32, and the low-res logits are returned as float32. The image
 encoder is not touched (its embedding is float32). A mask differs from the float32 one only where the
 logit is within bf16 rounding of 0 (boundary pixels): ``benchmarks/EVALUATION.md`` gives the measured
@@ -219,9 +219,10 @@ def attend_few_keys(module: nn.Module, head_queries: torch.Tensor, key: torch.Te
     heads = module.num_attention_heads
     head_keys = _head_split(key * module.scaling, heads)  # (B, heads, T, d)
     objects, _, n_keys, _ = head_keys.shape
-    scores = head_keys.new_empty(objects, heads, n_keys, head_queries.shape[-1])
-    for i in range(objects):
-        torch.matmul(head_keys[i], head_queries[min(i, head_queries.shape[0] - 1)].to(head_keys.dtype), out=scores[i])
+    scores = head_keys.new_empty(objects, heads, n_keys, head_queries.shape[-1], dtype=torch.float32)
+    with torch.autocast(device_type=scores.device.type, enabled=False):  # float32 scores, as _folded_scores
+        for i in range(objects):
+            torch.matmul(head_keys[i].float(), head_queries[min(i, head_queries.shape[0] - 1)].float(), out=scores[i])
     return _attend_few_keys_output(module, scores, value)
 
 
