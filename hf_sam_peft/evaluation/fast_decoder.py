@@ -100,7 +100,6 @@ class ImageTokens:
 
     embeddings: torch.Tensor  # (1, C, h, w) image embedding, for mask inputs
     keys: torch.Tensor  # image embedding + no-mask dense embedding
-    positions: torch.Tensor  # dense positional encoding
     first_key: torch.Tensor  # layer 0 token->image key (positions included) and value, image->token query
     first_value: torch.Tensor
     first_query: torch.Tensor  # head-major (1, heads, d, h*w), the layout attend_few_keys reads
@@ -144,7 +143,7 @@ def image_tokens(model: nn.Module, embeddings: torch.Tensor, autocast_dtype: tor
         key, query = _project(keys + positions, (to_image.k_proj, to_token.q_proj))
         value = to_image.v_proj(keys)
         query = _head_split(query, to_token.num_attention_heads).transpose(-1, -2).contiguous()  # (1, heads, d, N)
-    return ImageTokens(embeddings, keys, positions, key.contiguous(), value.contiguous(), query,
+    return ImageTokens(embeddings, keys, key.contiguous(), value.contiguous(), query,
                        key_addends, query_addends, final_key_addend, autocast_dtype)
 
 
