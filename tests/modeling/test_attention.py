@@ -85,3 +85,66 @@ def test_switching_a_whole_encoder_keeps_its_output():
         assert all(type(layer.attn) is SamVisionFusedAttention for layer in model.vision_encoder.layers)
         out = model.vision_encoder(x).last_hidden_state
     assert torch.allclose(out, ref, atol=1e-4)
+
+
+def saved_for_backward(module, x, autocast: bool = False) -> list[torch.Tensor]:
+    """The tensors autograd keeps for the backward of ``module(x)`` (parameters excluded)."""
+    saved = []
+    params = {p.data_ptr() for p in module.parameters()}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            module(x)
+    return saved
+
+
+@pytest.mark.parametrize("window_size", [0, 4])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lean_cpu_training_path_keeps_no_widened_tensor_and_matches_sdpa_autograd(window_size, autocast, monkeypatch):
+    import hf_sam_peft.modeling.attention as attention
+
+    _, fused = pair(window_size)
+    fused = fused.float()
+    side = window_size or 8
+    x = torch.randn(2, side, side, 48, requires_grad=True)
+    head_dim, wide = 16, 16 + 2 * side
+
+    # what autograd keeps: the qkv view, the unpadded output, the log-sum-exp; never a widened operand
+    lean_saved = saved_for_backward(fused, x, autocast)
+    assert lean_saved and all(t.shape[-1] != wide for t in lean_saved)
+    monkeypatch.setattr(attention, "_lean_applies", lambda query, dropout: False)
+    plain_saved = saved_for_backward(fused, x, autocast)
+    assert any(t.shape[-1] == wide for t in plain_saved)  # the autograd path keeps q', k', v' and the output
+    def nbytes(ts):
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+    assert nbytes(lean_saved) < 0.75 * nbytes(plain_saved)
+
+    def outputs_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fused(x)[0]
+        weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        return out.detach(), torch.autograd.grad((out.float() * weights).sum(), [x, *fused.parameters()])
+
+    ref_out, ref_grads = outputs_and_grads()  # still the plain autograd path
+    monkeypatch.undo()
+    out, grads = outputs_and_grads()
+    # the same kernels on the same operands: equal up to the order autograd sums the query's three uses
+    assert torch.equal(out, ref_out)
+    for ref, got in zip(ref_grads, grads):
+        assert got.dtype == ref.dtype and torch.allclose(got.float(), ref.float(), rtol=0, atol=1e-5 * ref.float().abs().max())
+    assert grads[-1].abs().max() > 0
+
+
+def test_lean_path_serves_only_cpu_training_without_dropout():
+    from hf_sam_peft.modeling.attention import _lean_applies
+
+    query = torch.zeros(1, 1, 4, 2)
+    assert _lean_applies(query, 0.0)
+    assert not _lean_applies(query, 0.1)
+    with torch.no_grad():
+        assert not _lean_applies(query, 0.0)
