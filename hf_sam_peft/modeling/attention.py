@@ -19,8 +19,9 @@ plus the ``qkv`` output for the bias terms' einsums. :class:`_LeanFlashAttention
 the unpadded output and the log-sum-exp, and rebuilds the widened operands in backward (two concatenations,
 a pad and the two small einsums; the attention itself is not recomputed). The flash kernels are called with
 the same operands as ``F.scaled_dot_product_attention`` would pass them, so outputs and gradients are those
-of the autograd path (ViT-B float32: about 140 MiB less per global block, 70 MiB per windowed block and
-image). CUDA keeps the plain SDPA call (its kernels' saved tensors differ and are not tested here).
+of the autograd path. Measured on ViT-B, float32, one 1024² image, LoRA: a global block keeps 59 instead of
+155 MiB for backward, a windowed block (25 windows) 67 instead of 92 MiB; the encoder 1.68 instead of 2.25 GiB
+(half of each under bf16 autocast). CUDA keeps the plain SDPA call (its kernels differ; not tested here).
 """
 
 from __future__ import annotations
