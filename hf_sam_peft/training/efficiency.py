@@ -105,7 +105,9 @@ class EfficiencyOptions:
     # -> 320 ms with the fused projections; ViT-B encoder forward + backward 7.2 -> 6.0 s for the layout
     fuse_decoder_projections: bool = True
     contiguous_layout: bool = True
-    # a ViT-B CPU step page-faults ~0.3-0.9 million pages (1-2 s) without it; peak RSS unchanged
+    # a ViT-B CPU step page-faults ~0.3-0.9 million pages (1-2 s) without it; the price is heap fragmentation:
+    # peak RSS 0.2-0.5 GiB higher (LoRA, no AMX, float32; a lower mmap threshold trades time back for memory,
+    # benchmarks/RESULTS.md, session 8)
     retain_freed_memory: bool = True
     # ViT-B Full FT CPU step, mean of 6: 11.78 -> 11.36 s (CPU time 22.7 -> 22.1 s); removes slow-backward spikes
     flush_denormals: bool = True
