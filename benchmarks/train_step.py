@@ -4,7 +4,8 @@ Each (method, path) runs in its own process (so peak memory is that run's alone)
 disc objects (``benchmarks/synthetic.py``): the image encoder once, ``--rounds`` prompt rounds, backward,
 AdamW step; time/it is the median after ``--warmup`` iterations, CPU time/it the same for the process's CPU
 time (all its threads; less sensitive than wall time to other processes on a shared machine). CPU peak memory
-is the process's peak RSS; on CUDA, peak allocated memory.
+is the process's peak RSS; on CUDA, peak allocated memory. ``--repeats N`` runs each method's peer and paths N
+times, interleaved, and reports the fastest time and the largest peak memory of each.
 
 Methods: a name, or ``name@lastK`` for the method's adapters in the last ``K`` encoder blocks only (its
 ``layers`` option, e.g. ``lora@last6``; the lower blocks are frozen and backward stops above them).
@@ -160,6 +161,21 @@ def measure_peer(method: str, args, python: str) -> dict:
     return {**row, "path": "micro-sam"}
 
 
+def best_of(kept: dict | None, row: dict) -> dict:
+    """Two runs of one (method, path) as one row: the faster run's times, the larger peak memory (a failed run
+    yields to a successful one)."""
+    if kept is None or "error" in kept:
+        return row
+    if "error" in row:
+        return kept
+    best = dict(min(kept, row, key=lambda r: r["time_per_it"]))
+    best["peak_gib"] = max(kept["peak_gib"], row["peak_gib"])
+    if "cpu_per_it" in kept and "cpu_per_it" in row:
+        best["cpu_per_it"] = min(kept["cpu_per_it"], row["cpu_per_it"])
+    best["runs"] = kept.get("runs", 1) + 1
+    return best
+
+
 def format_row(row: dict, peer: dict | None) -> str:
     if "error" in row:
         return f"| {row['method']} | {row['path']} | — | unavailable: {row['error']} | — | — | — | — |"
@@ -190,8 +206,13 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-python", default=None,
                         help="python of the micro-sam venv ('' to skip; default: $MICRO_SAM_VENV/bin/python, else "
                              "../microsam-venv/bin/python beside the checkout)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each method's peer and paths this many times, interleaved, and report each one's "
+                             "fastest time and largest peak memory (for machines whose speed drifts within minutes)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     for method in args.methods.split(","):
         parse_method(method)  # a bad spec fails before any run
     if args.peer_python is None:
@@ -207,7 +228,9 @@ def main(argv=None) -> int:
     use_peer = bool(args.peer_python) and os.path.exists(args.peer_python) and args.model != "tiny"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({args.threads} threads)"
     print(f"# {args.model}, input {image_size}², batch {args.batch}, {args.objects} objects, {args.rounds} rounds, "
-          f"{device_name}; median of {args.steps} steps after {args.warmup} warm-up; ratios are ours / micro-sam's; "
+          f"{device_name}; median of {args.steps} steps after {args.warmup} warm-up"
+          f"{f', fastest of {args.repeats} interleaved runs (peak memory: the largest)' if args.repeats > 1 else ''}; "
+          "ratios are ours / micro-sam's; "
           f"load average at start {os.getloadavg()[0]:.1f}")
     if not args.device.startswith("cuda"):
         print(isa_line())
@@ -218,20 +241,23 @@ def main(argv=None) -> int:
     ctx = mp.get_context("spawn")
     rows = []
     for method in args.methods.split(","):
-        peer = measure_peer(method, args, args.peer_python) if use_peer and method in PEER_METHODS else None
+        peer, ours = None, {}
+        for _ in range(args.repeats):
+            if use_peer and method in PEER_METHODS:
+                peer = best_of(peer, measure_peer(method, args, args.peer_python))
+            for path in paths:
+                queue = ctx.Queue()
+                proc = ctx.Process(target=measure, args=(method, path, opts, queue))
+                proc.start()
+                ours[path] = best_of(ours.get(path), queue.get())
+                proc.join()
         if peer is not None:
             rows.append(peer)
             print(format_row(peer, None))
-            sys.stdout.flush()
         for path in paths:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=measure, args=(method, path, opts, queue))
-            proc.start()
-            row = queue.get()
-            proc.join()
-            rows.append(row)
-            print(format_row(row, peer))
-            sys.stdout.flush()
+            rows.append(ours[path])
+            print(format_row(ours[path], peer))
+        sys.stdout.flush()
     print(f"# load average at end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
