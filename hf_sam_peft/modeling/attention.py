@@ -123,10 +123,10 @@ class _LeanFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, table_h, table_w, out, logsumexp = ctx.saved_tensors
+        *saved_inputs, out, logsumexp = ctx.saved_tensors
         scale, height, width = ctx.geometry
-        batch, heads, tokens, head_dim = query.shape
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors[:5], ctx.needs_input_grad[:5])]
+        batch, heads, tokens, head_dim = saved_inputs[0].shape
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(saved_inputs, ctx.needs_input_grad)]
         with torch.enable_grad():
             operands = _widened_operands(*inputs, scale, height, width)
         pad = (0, operands[0].shape[-1] - head_dim)
