@@ -86,7 +86,7 @@ def parse_path(path: str):
     changes, fused = {}, True
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        parsed = {"true": True, "false": False, "none": None}.get(value.lower(), value)
+        parsed = {"true": True, "false": False, "none": None}.get(value.lower(), int(value) if value.isdigit() else value)
         if key == "fused":
             fused = bool(parsed)
         else:

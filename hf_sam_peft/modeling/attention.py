@@ -26,9 +26,17 @@ of the autograd path. Measured on ViT-B, float32, one 1024² image, LoRA: a glob
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from transformers.models.sam.modeling_sam import SamVisionAttention
+
+
+# ViT-B global block (64 x 64 keys), forward + backward of the attention module, 2 CPU cores, one run each
+# (benchmarks/encoder_attention.py): float32 3.08 s untiled, 2.23 s with 16 x 16 tiles, 2.17 s with 32 x 32;
+# bf16 with AMX 1.02 / 1.08 / 0.90 s; bf16 without AMX 2.74 / 2.00 / 2.12 s. 32 is the one side that never loses.
+DEFAULT_KEY_TILE = 32
 
 
 def _key_position_codes(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -44,7 +52,14 @@ class SamVisionFusedAttention(SamVisionAttention):
     Switch an existing module with ``module.__class__ = SamVisionFusedAttention`` (see
     ``hf_sam_peft.training.efficiency.set_encoder_attention``). ``output_attentions=True`` falls back to the
     eager computation, the only one that has the weights to return.
+
+    ``key_tile``: on CPU training, the side of the square key tiles the attention is cut into (``_key_tiles``;
+    ``None``, or a side that does not divide the grid or equals it: one call over all keys).
+    ``DEFAULT_KEY_TILE`` makes each of ViT-B's global blocks 4 flash calls at head size 128 instead of one at
+    192; windowed blocks (14 x 14) stay one call. Set by ``EfficiencyOptions.encoder_key_tile``.
     """
+
+    key_tile: int | None = DEFAULT_KEY_TILE
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool | None = False) -> tuple[torch.Tensor, None]:
         if output_attentions:
@@ -63,7 +78,8 @@ class SamVisionFusedAttention(SamVisionAttention):
             if _lean_applies(query, dropout):
                 dtype = _sdpa_dtype(query)
                 query, key, value, table_h, table_w = (t.to(dtype) for t in (query, key, value, table_h, table_w))
-                out = _LeanFlashAttention.apply(query, key, value, table_h, table_w, self.scale, height, width)
+                out = _LeanFlashAttention.apply(
+                    query, key, value, table_h, table_w, self.scale, height, width, self.key_tile)
                 return self.proj(out.view(batch, height, width, heads * head_dim)), None
             operands = _widened_operands(query, key, value, table_h, table_w, self.scale, height, width)
             out = F.scaled_dot_product_attention(*operands, dropout_p=dropout, scale=1.0)[..., :head_dim]
@@ -71,11 +87,10 @@ class SamVisionFusedAttention(SamVisionAttention):
         return self.proj(out), None
 
 
-def _widened_operands(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor,
-    scale: float, height: int, width: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The maskless SDPA operands (scale 1): ``[scale*q, rel_h(q), rel_w(q)]``, ``[k, codes]``, ``[v, 0]``.
+def _relative_terms(
+    query: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, height: int, width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rel_h(q)``, ``rel_w(q)``: ``(batch, heads, tokens, height)`` and ``(..., width)`` bias terms per query.
 
     ``table_h``/``table_w``: ``get_rel_pos``'s ``(height, height, head_dim)`` / ``(width, width, head_dim)``
     tables; ``rel_h(q)[i*width + j, k] = q · table_h[i, k]`` (transformers' ``get_decomposed_rel_pos``).
@@ -84,10 +99,60 @@ def _widened_operands(
     grid = query.reshape(batch * heads, height, width, head_dim)
     rel_h = torch.einsum("bhwc,hkc->bhwk", grid, table_h).reshape(batch, heads, tokens, height)
     rel_w = torch.einsum("bhwc,wkc->bhwk", grid, table_w).reshape(batch, heads, tokens, width)
-    wide_query = torch.cat([query * scale, rel_h, rel_w], dim=-1)
-    codes = _key_position_codes(height, width, key.device, key.dtype)
-    wide_key = torch.cat([key, codes.expand(batch, heads, -1, -1)], dim=-1)
-    wide_value = F.pad(value, (0, wide_query.shape[-1] - head_dim))
+    return rel_h, rel_w
+
+
+def _widened_operands(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor,
+    scale: float, height: int, width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The maskless SDPA operands (scale 1) over all keys: ``[scale*q, rel_h(q), rel_w(q)]``, ``[k, codes]``, ``[v, 0]``."""
+    rel_h, rel_w = _relative_terms(query, table_h, table_w, height, width)
+    return _tile_operands(query * scale, key, value, rel_h, rel_w, KeyTile(slice(0, height), slice(0, width), width))
+
+
+class KeyTile(NamedTuple):
+    """A block of key rows x key columns of the ``height x width`` key grid (``width``: the grid's)."""
+
+    rows: slice
+    cols: slice
+    width: int
+
+
+def _key_tiles(height: int, width: int, side: int | None) -> list[KeyTile]:
+    """The key grid cut into ``side x side`` tiles; one tile (the whole grid) where ``side`` does not divide it.
+
+    Why tiles: a key tile's bias needs only its own rows' and columns' terms, so each tile's attention runs at
+    head size ``head_dim + side + side`` (96 for ViT-B's 64 x 64 global grid with 16 x 16 tiles) instead of
+    ``head_dim + height + width`` (192), and the tiles' outputs are merged by their log-sum-exps.
+    """
+    if side is None or height % side or width % side or (height == side and width == side):
+        return [KeyTile(slice(0, height), slice(0, width), width)]
+    return [KeyTile(slice(r, r + side), slice(c, c + side), width)
+            for r in range(0, height, side) for c in range(0, width, side)]
+
+
+def _tile_operands(
+    scaled_query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+    tile: KeyTile,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Maskless SDPA operands (scale 1) for the keys of ``tile``: ``q'·k' = scale·q·k + rel_h[q, i] + rel_w[q, j]``.
+
+    Query ``[scale*q, rel_h(q)[tile rows], rel_w(q)[tile cols]]``; key ``[k, one-hot row, one-hot col]`` (within
+    the tile); value zero-padded to the same head size (torch's flash kernels want equal q/k/v head sizes).
+    """
+    batch, heads, tokens, head_dim = key.shape
+    height = tokens // tile.width
+    n_rows, n_cols = len(range(height)[tile.rows]), len(range(tile.width)[tile.cols])
+
+    def keys_of_tile(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, heads, height, tile.width, head_dim)[:, :, tile.rows, tile.cols].reshape(
+            batch, heads, n_rows * n_cols, head_dim)
+
+    wide_query = torch.cat([scaled_query, rel_h[..., tile.rows], rel_w[..., tile.cols]], dim=-1)
+    codes = _key_position_codes(n_rows, n_cols, key.device, key.dtype)
+    wide_key = torch.cat([keys_of_tile(key), codes.expand(batch, heads, -1, -1)], dim=-1)
+    wide_value = F.pad(keys_of_tile(value), (0, n_rows + n_cols))
     return wide_query, wide_key, wide_value
 
 
@@ -106,40 +171,77 @@ def _sdpa_dtype(query: torch.Tensor) -> torch.dtype:
 class _LeanFlashAttention(torch.autograd.Function):
     """The widened maskless attention on CPU, keeping the unwidened tensors for backward (module docstring).
 
-    forward: ``(batch, heads, tokens, head_dim)`` query/key/value and the rel-pos tables, all in one dtype;
-    returns ``(batch, tokens, heads * head_dim)`` (the layout ``proj`` reads).
+    forward: ``(batch, heads, tokens, head_dim)`` query/key/value and the rel-pos tables, all in one dtype, and
+    the key tile side (``None``: one tile); returns ``(batch, tokens, heads * head_dim)`` (the layout ``proj``
+    reads). With several key tiles, each tile's output and log-sum-exp come from one flash call and are merged
+    in float32 (forward); backward calls the flash backward per tile with the merged output and log-sum-exp,
+    which is the exact gradient of the whole attention restricted to that tile's keys.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, table_h, table_w, scale: float, height: int, width: int):
+    def forward(ctx, query, key, value, table_h, table_w, scale: float, height: int, width: int, tile_side):
         batch, heads, tokens, head_dim = query.shape
+        tiles = _key_tiles(height, width, tile_side)
         with torch.autocast("cpu", enabled=False):
-            operands = _widened_operands(query, key, value, table_h, table_w, scale, height, width)
-            wide_out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*operands, scale=1.0)
-        out = wide_out[..., :head_dim].transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+            rel_h, rel_w = _relative_terms(query, table_h, table_w, height, width)
+            scaled_query = query * scale
+            out = logsumexp = None
+            for tile in tiles:
+                operands = _tile_operands(scaled_query, key, value, rel_h, rel_w, tile)
+                tile_out, tile_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*operands, scale=1.0)
+                tile_out = tile_out[..., :head_dim]
+                if out is None:
+                    out, logsumexp = (tile_out if len(tiles) == 1 else tile_out.float()), tile_lse
+                    continue
+                merged = torch.logaddexp(logsumexp, tile_lse)
+                out.mul_((logsumexp - merged).exp_().unsqueeze(-1))
+                out.add_(tile_out * (tile_lse - merged).exp_().unsqueeze(-1))
+                logsumexp = merged
+        out = out.to(query.dtype).transpose(1, 2).reshape(batch, tokens, heads * head_dim)
         ctx.save_for_backward(query, key, value, table_h, table_w, out, logsumexp)
-        ctx.geometry = (scale, height, width)
+        ctx.geometry = (scale, height, width, tile_side)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         *saved_inputs, out, logsumexp = ctx.saved_tensors
-        scale, height, width = ctx.geometry
-        batch, heads, tokens, head_dim = saved_inputs[0].shape
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(saved_inputs, ctx.needs_input_grad)]
+        scale, height, width, tile_side = ctx.geometry
+        query, key, value, table_h, table_w = saved_inputs
+        batch, heads, tokens, head_dim = query.shape
+        tiles = _key_tiles(height, width, tile_side)
+        needs = [ctx.needs_input_grad[i] for i in (0, 3, 4)]
+        sources = [t.detach().requires_grad_(need) for t, need in zip((query, table_h, table_w), needs)]
         with torch.enable_grad():
-            operands = _widened_operands(*inputs, scale, height, width)
-        pad = (0, operands[0].shape[-1] - head_dim)
+            scaled_query = sources[0] * scale
+            rel_h, rel_w = _relative_terms(*sources, height, width)
+        pad = (0, tiles[0].rows.stop - tiles[0].rows.start + tiles[0].cols.stop - tiles[0].cols.start)
 
         def widened(t: torch.Tensor) -> torch.Tensor:  # (batch, tokens, heads*head_dim) -> padded (b, h, t, wide)
             return F.pad(t.reshape(batch, tokens, heads, head_dim).transpose(1, 2), pad)
 
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            widened(grad_out), *(o.detach() for o in operands), widened(out), logsumexp, 0.0, False, scale=1.0)
-        live = [(o, g) for o, g in zip(operands, grads) if o.requires_grad]
-        wanted = [t for t in inputs if t.requires_grad]
-        found = iter(torch.autograd.grad([o for o, _ in live], wanted, [g for _, g in live], allow_unused=True))
-        return (*(next(found) if t.requires_grad else None for t in inputs), None, None, None)
+        grad_wide_out, wide_out = widened(grad_out), widened(out)
+        accumulate = torch.float32 if len(tiles) > 1 else query.dtype
+        grad_scaled = torch.zeros(query.shape, dtype=accumulate)
+        grad_rel_h = torch.zeros(rel_h.shape, dtype=accumulate)
+        grad_rel_w = torch.zeros(rel_w.shape, dtype=accumulate)
+        grad_key, grad_value = (torch.empty(batch, heads, height, width, head_dim, dtype=query.dtype) for _ in range(2))
+        for tile in tiles:
+            operands = _tile_operands(scaled_query.detach(), key, value, rel_h.detach(), rel_w.detach(), tile)
+            g_query, g_key, g_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_wide_out, *operands, wide_out, logsumexp, 0.0, False, scale=1.0)
+            n_rows = tile.rows.stop - tile.rows.start
+            grad_scaled += g_query[..., :head_dim]
+            grad_rel_h[..., tile.rows] += g_query[..., head_dim:head_dim + n_rows]
+            grad_rel_w[..., tile.cols] += g_query[..., head_dim + n_rows:]
+            for whole, part in ((grad_key, g_key), (grad_value, g_value)):
+                whole[:, :, tile.rows, tile.cols] = part[..., :head_dim].reshape(whole[:, :, tile.rows, tile.cols].shape)
+        wanted = [t for t in sources if t.requires_grad]
+        found = iter(torch.autograd.grad(
+            [scaled_query, rel_h, rel_w], wanted,
+            [g.to(query.dtype) for g in (grad_scaled, grad_rel_h, grad_rel_w)], allow_unused=True) if wanted else ())
+        grad_query, grad_table_h, grad_table_w = (next(found) if t.requires_grad else None for t in sources)
+        return (grad_query, grad_key.reshape(query.shape), grad_value.reshape(query.shape),
+                grad_table_h, grad_table_w, None, None, None, None)
 
 
 __all__ = ["SamVisionFusedAttention"]

@@ -13,6 +13,10 @@ correctness test (loss and gradients within tolerance of the plain path) in
   :mod:`hf_sam_peft.modeling.attention`; on CPU its backward keeps the unwidened operands, 0.57 GiB fewer saved
   activations for ViT-B in float32), "eager" (materialises the ``N x N`` bias and weights) or "sdpa"
   (transformers': the bias as a mask, which sends training to the slow math kernel); None: the model's.
+- ``encoder_key_tile``: (fused attention, CPU training) the side of the square key tiles a global block's
+  attention is cut into: each tile needs only its own rows' and columns' bias terms, so its flash call runs at
+  head size 64 + 2 x side instead of 64 + 64 + 64, and the tiles' outputs are merged by their log-sum-exps
+  (default 32; None: one call over all keys).
 - ``decoder_attention``: the mask decoder's attention kernel; "auto" (default): eager on CPU, where its
   attentions (4096 image tokens x a few prompt tokens) run faster as two small matmuls than as the flash
   kernel, and the model's own (sdpa) elsewhere.
@@ -72,6 +76,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hf_sam_peft.modeling.attention import DEFAULT_KEY_TILE, SamVisionFusedAttention
 from hf_sam_peft.sam_forward.forward import embeddings_from_features, encode_images, unwrap_sam, vision_features
 from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, map_embeddings, stack_embeddings, unstack_embeddings
 from hf_sam_peft.sam_forward.precision import fast_autocast_dtype
@@ -91,6 +96,9 @@ class EfficiencyOptions:
     # block's forward + backward on 2 CPU cores: 0.72 s vs 2.13 s eager; "sdpa" takes the bias as a mask that
     # needs gradients and falls back to the math kernel (LoRA step 96 s vs 24 s eager, benchmarks/RESULTS.md)
     encoder_attention: str | None = "fused"
+    # a ViT-B global block's attention forward + backward, 2 CPU cores: float32 3.08 -> 2.17 s, bf16 without AMX
+    # 2.74 -> 2.12 s, with AMX 1.02 -> 0.90 s (modeling/attention.py, DEFAULT_KEY_TILE)
+    encoder_key_tile: int | None = DEFAULT_KEY_TILE
     # off: with fused attention and per-round backward the trainable encoder's activations fit (ViT-B LoRA on
     # 2 CPU cores: 11.1 s / 4.4 GiB without, 13.1 s / 2.8 GiB with); turn it on for ViT-L/H or large batches
     checkpoint_encoder: bool = False
@@ -119,14 +127,17 @@ class EfficiencyOptions:
             raise ValueError(f"encoder_attention must be None or one of {ATTENTION_KINDS}, got {self.encoder_attention!r}")
         if self.decoder_attention not in (None, *DECODER_ATTENTION_KINDS):
             raise ValueError(f"decoder_attention must be None or one of {DECODER_ATTENTION_KINDS}, got {self.decoder_attention!r}")
+        tile = self.encoder_key_tile
+        if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 1):
+            raise ValueError(f"encoder_key_tile must be None or a positive int, got {tile!r}")
         for f in fields(self):
-            if f.name not in ("autocast_dtype", "encoder_attention", "decoder_attention") and not isinstance(getattr(self, f.name), bool):
+            if f.name not in ("autocast_dtype", "encoder_attention", "encoder_key_tile", "decoder_attention") and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
 
     @classmethod
     def plain(cls, **changes: Any) -> "EfficiencyOptions":
         """Every option off (float32, no checkpointing, no caching): the reference path, plus ``changes``."""
-        base = cls(autocast_dtype=None, encoder_attention=None, checkpoint_encoder=False, checkpoint_rounds=False,
+        base = cls(autocast_dtype=None, encoder_attention=None, encoder_key_tile=None, checkpoint_encoder=False, checkpoint_rounds=False,
                    backward_per_round=False, decoder_attention=None, frozen_encoder_no_grad=False, cache_embeddings=False,
                    fuse_decoder_projections=False, contiguous_layout=False, retain_freed_memory=False,
                    flush_denormals=False)
@@ -156,18 +167,17 @@ def encoder_is_trainable(sam: nn.Module) -> bool:
     return any(p.requires_grad for p in sam.vision_encoder.parameters())
 
 
-def set_encoder_attention(sam: nn.Module, kind: str) -> int:
-    """Switch every encoder attention module to ``kind`` ("sdpa" or "eager"); returns how many were switched.
+def set_encoder_attention(sam: nn.Module, kind: str, key_tile: int | None = DEFAULT_KEY_TILE) -> int:
+    """Switch every encoder attention module to ``kind`` ("fused", "sdpa" or "eager"); returns how many were switched.
 
     transformers picks the class at construction; the SDPA class only overrides ``forward`` (same
-    parameters), so switching the class of the existing modules is exact.
+    parameters), so switching the class of the existing modules is exact. ``key_tile``: the fused modules'
+    key tile side (``SamVisionFusedAttention.key_tile``).
     """
     from transformers.models.sam.modeling_sam import (
         SAM_VISION_ATTENTION_CLASSES,
         SamVisionAttention,
     )
-
-    from hf_sam_peft.modeling.attention import SamVisionFusedAttention
 
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
@@ -177,6 +187,8 @@ def set_encoder_attention(sam: nn.Module, kind: str) -> int:
         if isinstance(module, SamVisionAttention) and type(module) is not target:
             module.__class__ = target
             switched += 1
+        if isinstance(module, SamVisionFusedAttention):
+            module.key_tile = key_tile
     return switched
 
 
@@ -210,7 +222,7 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
     sam = unwrap_sam(model)
     run_on = torch.device(device) if device is not None else next(sam.parameters()).device
     if options.encoder_attention is not None:
-        set_encoder_attention(sam, options.encoder_attention)
+        set_encoder_attention(sam, options.encoder_attention, options.encoder_key_tile)
     if options.decoder_attention is not None:
         set_decoder_attention(sam, options.decoder_attention, run_on)
     set_decoder_projections(sam, fused=options.fuse_decoder_projections)

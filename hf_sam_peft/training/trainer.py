@@ -37,7 +37,7 @@ What it does (DESIGN §3):
   checkpoint (a one-line note for each damaged one skipped), and the recorded best checkpoint is looked up
   beside the checkpoint resumed from, so a copied or moved run folder resumes from its own files;
 - a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
-- efficiency (``autocast_dtype``, ``encoder_attention``, ``decoder_attention``, ``fuse_decoder_projections``,
+- efficiency (``autocast_dtype``, ``encoder_attention``, ``encoder_key_tile``, ``decoder_attention``, ``fuse_decoder_projections``,
   ``contiguous_layout``, ``checkpoint_encoder``, ``backward_per_round``, ``checkpoint_rounds``,
   ``frozen_encoder_no_grad``, ``cache_embeddings``, ``retain_freed_memory``, ``flush_denormals``; see
   ``hf_sam_peft.training.efficiency``) changes how a step runs, not what it computes; the model-side options
@@ -82,6 +82,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from hf_sam_peft.modeling.attention import DEFAULT_KEY_TILE
 from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME as DECODER_ATTRIBUTE
 from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
 from hf_sam_peft.sam_forward.kinds import main_embedding
@@ -126,6 +127,10 @@ class InteractiveTrainingArguments(TrainingArguments):
     )
     encoder_attention: str | None = field(
         default="fused", metadata={"help": "Encoder attention: fused (rel-pos bias inside one SDPA call), eager or sdpa."}
+    )
+    encoder_key_tile: int | None = field(
+        default=DEFAULT_KEY_TILE,
+        metadata={"help": "Fused encoder attention on CPU: side of the key tiles (narrower flash calls); None: one call."},
     )
     decoder_attention: str | None = field(
         default="auto", metadata={"help": "Mask decoder attention: auto (eager on CPU, else the model's), eager or sdpa."}
@@ -199,6 +204,7 @@ class InteractiveTrainingArguments(TrainingArguments):
         """The step's :class:`~hf_sam_peft.training.efficiency.EfficiencyOptions` from these arguments."""
         return EfficiencyOptions(
             autocast_dtype=self.autocast_dtype, encoder_attention=self.encoder_attention,
+            encoder_key_tile=self.encoder_key_tile,
             decoder_attention=self.decoder_attention, checkpoint_encoder=self.checkpoint_encoder,
             backward_per_round=self.backward_per_round, checkpoint_rounds=self.checkpoint_rounds,
             frozen_encoder_no_grad=self.frozen_encoder_no_grad, cache_embeddings=self.cache_embeddings,

@@ -7,7 +7,7 @@ import torch
 from transformers import SamModel, SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionAttention
 
-from hf_sam_peft.modeling.attention import SamVisionFusedAttention, _key_position_codes
+from hf_sam_peft.modeling.attention import SamVisionFusedAttention, _key_position_codes, _key_tiles
 from hf_sam_peft.modeling.sam import tiny_sam_config
 
 
@@ -148,3 +148,43 @@ def test_lean_path_serves_only_cpu_training_without_dropout():
     assert not _lean_applies(query, 0.1)
     with torch.no_grad():
         assert not _lean_applies(query, 0.0)
+
+
+def test_key_tiles_cover_the_grid_once():
+    def cells(tiles, height, width):
+        grid = torch.zeros(height, width, dtype=torch.int64)
+        for tile in tiles:
+            grid[tile.rows, tile.cols] += 1
+        return grid
+
+    assert len(_key_tiles(64, 64, 32)) == 4 and torch.equal(cells(_key_tiles(64, 64, 32), 64, 64), torch.ones(64, 64, dtype=torch.int64))
+    assert torch.equal(cells(_key_tiles(8, 4, 4), 8, 4), torch.ones(8, 4, dtype=torch.int64))
+    for height, width, side in [(14, 14, 32), (14, 14, 4), (8, 8, 8), (8, 8, None)]:  # windows, the whole grid, off
+        assert _key_tiles(height, width, side) == [(slice(0, height), slice(0, width), width)]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_key_tiled_attention_matches_one_call_and_keeps_no_widened_tensor(autocast):
+    """Four 4 x 4 key tiles of an 8 x 8 grid, merged by log-sum-exp, against one call over all keys."""
+    _, fused = pair(0)
+    fused = fused.float()
+    x = torch.randn(2, 8, 8, 48, requires_grad=True)
+
+    def outputs_and_grads(tile):
+        fused.key_tile = tile
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fused(x)[0]
+        weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        return out.detach().float(), torch.autograd.grad((out.float() * weights).sum(), [x, *fused.parameters()])
+
+    fused.key_tile = 4
+    assert all(t.shape[-1] not in (16 + 8, 16 + 16) for t in saved_for_backward(fused, x, autocast))
+    ref_out, ref_grads = outputs_and_grads(None)
+    out, grads = outputs_and_grads(4)
+    # float32: the same sums in another order; bf16: each tile's output is rounded to bf16 before the merge
+    tol = 2e-2 if autocast else 1e-5
+    assert not torch.equal(out, ref_out)  # the tiled path ran
+    assert (out - ref_out).abs().max() <= tol * ref_out.abs().max()
+    for ref, got in zip(ref_grads, grads):
+        assert got.dtype == ref.dtype and (got - ref).abs().max() <= tol * ref.abs().max()
+    assert grads[-1].abs().max() > 0

@@ -101,6 +101,8 @@ FLOAT32_OPTIONS = {
     "backward_per_round_full_ft": ("full_ft", EfficiencyOptions.plain(backward_per_round=True)),
     "backward_per_round_frozen": ("freeze_encoder", EfficiencyOptions.plain(backward_per_round=True)),
     "sdpa_attention": ("full_ft", EfficiencyOptions.plain(encoder_attention="sdpa")),
+    # the tiny encoder's 16 x 16 global grid in four 8 x 8 key tiles
+    "encoder_key_tile": ("full_ft", EfficiencyOptions.plain(encoder_attention="fused", encoder_key_tile=8)),
     "frozen_encoder_no_grad": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True)),
     "cache_embeddings": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True, cache_embeddings=True)),
     "fuse_decoder_projections": ("full_ft", EfficiencyOptions.plain(fuse_decoder_projections=True)),
@@ -194,6 +196,9 @@ def test_prepare_model_and_attention_switch():
     assert torch.allclose(sdpa, eager, atol=1e-5)
     prepare_model(model, EfficiencyOptions())
     assert not sam.vision_encoder.gradient_checkpointing  # off by default
+    assert {layer.attn.key_tile for layer in sam.vision_encoder.layers} == {EfficiencyOptions().encoder_key_tile}
+    prepare_model(model, EfficiencyOptions(encoder_key_tile=None))
+    assert {layer.attn.key_tile for layer in sam.vision_encoder.layers} == {None}
     prepare_model(model, EfficiencyOptions(checkpoint_encoder=True))
     assert sam.vision_encoder.gradient_checkpointing
     frozen = prepare_model(tiny_model("freeze_encoder"), EfficiencyOptions(checkpoint_encoder=True))
@@ -279,6 +284,9 @@ def test_option_validation():
         EfficiencyOptions(decoder_attention="fused")
     with pytest.raises(TypeError, match="checkpoint_rounds"):
         EfficiencyOptions(checkpoint_rounds="yes")
+    for tile in (0, 2.5, True):
+        with pytest.raises(ValueError, match="encoder_key_tile"):
+            EfficiencyOptions(encoder_key_tile=tile)
     with pytest.raises(ValueError, match="max_items"):
         EmbeddingCache(max_items=0)
     assert resolve_autocast_dtype(None, "cpu") is None
