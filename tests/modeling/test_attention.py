@@ -140,14 +140,19 @@ def test_lean_cpu_training_path_keeps_no_widened_tensor_and_matches_sdpa_autogra
     assert grads[-1].abs().max() > 0
 
 
-def test_lean_path_serves_only_cpu_training_without_dropout():
+def test_lean_path_serves_the_cpu_without_dropout_and_no_grad_runs_the_same_forward():
     from hf_sam_peft.modeling.attention import _lean_applies
 
     query = torch.zeros(1, 1, 4, 2)
     assert _lean_applies(query, 0.0)
     assert not _lean_applies(query, 0.1)
+    _, fused = pair(0)
+    fused.key_tile = 4
+    x = torch.randn(1, 8, 8, 48, dtype=torch.float64)
     with torch.no_grad():
-        assert not _lean_applies(query, 0.0)
+        assert _lean_applies(query, 0.0)
+        inference = fused(x)[0]
+    assert torch.equal(inference, fused(x.requires_grad_(True))[0].detach())
 
 
 def test_key_tiles_cover_the_grid_once():
