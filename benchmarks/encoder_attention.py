@@ -2,7 +2,8 @@
 
 One global-attention block (64 x 64 tokens) and one windowed block (25 windows of 14 x 14) of SAM ViT-B's
 encoder, built from transformers' ``SamVisionAttention`` with random weights, switched to each kernel the
-training options offer (``EfficiencyOptions.encoder_attention``: "fused", "eager", "sdpa"), run under bf16
+training options offer (``EfficiencyOptions.encoder_attention``: "fused", "eager", "sdpa"; "fused:S" /
+"fused:none" set the fused kernel's key tile side, ``EfficiencyOptions.encoder_key_tile``), run under bf16
 autocast where the CPU computes bf16 natively (as training does) and in float32. Prints the CPU line
 (``cpu_info.py``) so that runs under ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY`` caps can be compared:
 
@@ -35,14 +36,17 @@ def attention_module(window: int):
 
 
 def time_kernel(kind: str, window: int, batch: int, dtype: torch.dtype | None, repeats: int) -> tuple[float, float]:
-    """Median forward and backward seconds of ``kind`` on ``batch`` grids of ``window``²."""
+    """Median forward and backward seconds of ``kind`` (``fused:S``: key tile side S) on ``batch`` grids of ``window``²."""
+    from hf_sam_peft.modeling.attention import DEFAULT_KEY_TILE
     from hf_sam_peft.training.efficiency import set_encoder_attention
 
+    kind, _, tile = kind.partition(":")
+    key_tile = DEFAULT_KEY_TILE if not tile else None if tile == "none" else int(tile)
     torch.manual_seed(0)
     module = attention_module(window).train()
     holder = torch.nn.Module()
     holder.vision_encoder = torch.nn.ModuleList([module])
-    set_encoder_attention(holder, kind)
+    set_encoder_attention(holder, kind, key_tile)
     x = torch.randn(batch, window, window, 768, requires_grad=True)
     forward, backward = [], []
     for i in range(repeats + 1):
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kinds", default="fused,eager,sdpa")
+    parser.add_argument("--kinds", default="fused,fused:none,eager,sdpa",
+                        help="comma-separated: fused (default key tile), fused:S / fused:none (key tile side), eager, sdpa")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from hf_sam_peft.sam_forward.precision import native_autocast_dtype

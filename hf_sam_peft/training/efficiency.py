@@ -35,7 +35,8 @@ correctness test (loss and gradients within tolerance of the plain path) in
   are flushed to zero on every thread torch computes with, instead of taking the CPU's slow microcode path
   (process-wide, see :func:`hf_sam_peft.training.cpu_runtime.flush_denormals`).
 - ``checkpoint_encoder``: activation checkpointing of the encoder blocks (recomputed in backward; only when
-  the encoder has trainable parameters).
+  the encoder has trainable parameters). "auto" (default): on where the step's activations can only be float32,
+  a CPU without native bf16 (AVX2; :func:`resolve_checkpoint_encoder`), off elsewhere.
 - ``backward_per_round``: each prompt round's loss is differentiated as soon as the round is done (into
   the decoder-side parameters and the image embeddings) and its graph freed; the encoder's backward runs
   once, from the summed embedding gradient, when the training loop calls ``loss.backward()``. One round's
@@ -79,7 +80,7 @@ from torch.utils.checkpoint import checkpoint
 from hf_sam_peft.modeling.attention import DEFAULT_KEY_TILE, SamVisionFusedAttention
 from hf_sam_peft.sam_forward.forward import embeddings_from_features, encode_images, unwrap_sam, vision_features
 from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, map_embeddings, stack_embeddings, unstack_embeddings
-from hf_sam_peft.sam_forward.precision import fast_autocast_dtype
+from hf_sam_peft.sam_forward.precision import fast_autocast_dtype, native_autocast_dtype
 
 logger = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -99,9 +100,12 @@ class EfficiencyOptions:
     # a ViT-B global block's attention forward + backward, 2 CPU cores: float32 3.08 -> 2.17 s, bf16 without AMX
     # 2.74 -> 2.12 s, with AMX 1.02 -> 0.90 s (modeling/attention.py, DEFAULT_KEY_TILE)
     encoder_key_tile: int | None = DEFAULT_KEY_TILE
-    # off: with fused attention and per-round backward the trainable encoder's activations fit (ViT-B LoRA on
-    # 2 CPU cores: 11.1 s / 4.4 GiB without, 13.1 s / 2.8 GiB with); turn it on for ViT-L/H or large batches
-    checkpoint_encoder: bool = False
+    # "auto": off where bf16 is native (with fused attention and per-round backward the trainable encoder's
+    # activations fit: ViT-B LoRA on 2 CPU cores, AMX, 11.1 s / 4.4 GiB without, 13.1 s / 2.8 GiB with); on
+    # where it is not (AVX2): the activations are float32, twice bf16's bytes (ViT-B Full FT, AVX2 cap: peak
+    # 5.90 -> 3.51 GiB, CPU time 59.8 -> 70.4 s per step; benchmarks/RESULTS.md, session 9). Turn it on for
+    # ViT-L/H or large batches.
+    checkpoint_encoder: bool | str = "auto"
     checkpoint_rounds: bool = True
     backward_per_round: bool = True
     # eager on CPU: the decoder's attentions are 4096 image tokens x a handful of prompt tokens, where the
@@ -127,11 +131,14 @@ class EfficiencyOptions:
             raise ValueError(f"encoder_attention must be None or one of {ATTENTION_KINDS}, got {self.encoder_attention!r}")
         if self.decoder_attention not in (None, *DECODER_ATTENTION_KINDS):
             raise ValueError(f"decoder_attention must be None or one of {DECODER_ATTENTION_KINDS}, got {self.decoder_attention!r}")
+        if self.checkpoint_encoder not in (True, False, "auto"):
+            raise ValueError(f"checkpoint_encoder must be True, False or 'auto', got {self.checkpoint_encoder!r}")
         tile = self.encoder_key_tile
         if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 1):
             raise ValueError(f"encoder_key_tile must be None or a positive int, got {tile!r}")
         for f in fields(self):
-            if f.name not in ("autocast_dtype", "encoder_attention", "encoder_key_tile", "decoder_attention") and not isinstance(getattr(self, f.name), bool):
+            if f.name not in ("autocast_dtype", "encoder_attention", "encoder_key_tile", "decoder_attention",
+                              "checkpoint_encoder") and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
 
     @classmethod
@@ -153,6 +160,29 @@ def resolve_autocast_dtype(option: str | None, device: torch.device | str) -> to
     if option != "auto":
         return AUTOCAST_DTYPES[option]
     return fast_autocast_dtype(device)
+
+
+def checkpoint_option(value: bool | str) -> bool | str:
+    """``checkpoint_encoder`` from a bool or a command-line string ("true" / "false" / "auto", any case)."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "auto": "auto"}
+    if not isinstance(value, str) or value.lower() not in words:
+        raise ValueError(f"checkpoint_encoder must be true, false or 'auto', got {value!r}")
+    return words[value.lower()]
+
+
+def resolve_checkpoint_encoder(option: bool | str, device: torch.device | str) -> bool:
+    """``checkpoint_encoder`` for a step on ``device``: "auto" is on for a CPU without native bf16.
+
+    There the step cannot use bf16 autocast (emulated bf16 is slower than float32), so the encoder's saved
+    activations are float32; recomputing them in backward halves the step's peak memory for a small part of
+    its time (measured in ``benchmarks/RESULTS.md``).
+    """
+    if option != "auto":
+        return bool(option)
+    device = torch.device(device)
+    return device.type == "cpu" and native_autocast_dtype(device) is None
 
 
 def autocast_context(options: EfficiencyOptions | None, device: torch.device | str) -> ContextManager:
@@ -233,11 +263,12 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
         flush_denormals()
     encoder = sam.vision_encoder
     checkpointable = getattr(encoder, "supports_gradient_checkpointing", False)
-    if options.checkpoint_encoder and encoder_is_trainable(sam) and not checkpointable:
+    checkpoint_encoder = resolve_checkpoint_encoder(options.checkpoint_encoder, run_on)
+    if checkpoint_encoder and encoder_is_trainable(sam) and not checkpointable:
         # transformers' Sam2VisionModel declares no gradient-checkpointing support (transformers 5.24)
         logger.warning("checkpoint_encoder: %s does not support gradient checkpointing; the encoder runs without it",
                        type(encoder).__name__)
-    elif options.checkpoint_encoder and encoder_is_trainable(sam):
+    elif checkpoint_encoder and encoder_is_trainable(sam):
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # frozen blocks below the adapted ones (`layers`) build no graph: nothing to recompute, and the
         # checkpoint wrapper would only hold their inputs for the length of the call
@@ -374,7 +405,7 @@ def optimizer_kwargs(device: torch.device | str, fused: bool = True) -> dict[str
 
 
 __all__ = [
-    "EfficiencyOptions", "EmbeddingCache", "autocast_context", "drop_input_require_grads", "encoder_embeddings",
-    "last_blocks_overrides", "maybe_checkpoint", "optimizer_kwargs", "prepare_model", "resolve_autocast_dtype",
-    "set_decoder_attention", "set_encoder_attention",
+    "EfficiencyOptions", "EmbeddingCache", "autocast_context", "checkpoint_option", "drop_input_require_grads",
+    "encoder_embeddings", "last_blocks_overrides", "maybe_checkpoint", "optimizer_kwargs", "prepare_model",
+    "resolve_autocast_dtype", "resolve_checkpoint_encoder", "set_decoder_attention", "set_encoder_attention",
 ]

@@ -92,6 +92,7 @@ from hf_sam_peft.training.efficiency import (
     EfficiencyOptions,
     EmbeddingCache,
     autocast_context,
+    checkpoint_option,
     encoder_embeddings,
     prepare_model,
 )
@@ -147,8 +148,11 @@ class InteractiveTrainingArguments(TrainingArguments):
     flush_denormals: bool = field(
         default=True, metadata={"help": "CPU: flush denormal floats (< 1.2e-38) to zero on torch's threads (process-wide)."}
     )
-    checkpoint_encoder: bool = field(
-        default=False, metadata={"help": "Recompute trainable encoder blocks in backward (less memory, ~20% slower)."}
+    # str (not bool | str): HfArgumentParser would parse the field as a bool and reject "auto"
+    checkpoint_encoder: str = field(
+        default="auto",
+        metadata={"help": "Recompute the trainable encoder blocks in backward (less memory, slower): true, false, "
+                          "or auto (on for CPUs without native bf16)."},
     )
     backward_per_round: bool = field(
         default=True, metadata={"help": "Differentiate each round's loss at once and free its graph (no recompute)."}
@@ -205,7 +209,8 @@ class InteractiveTrainingArguments(TrainingArguments):
         return EfficiencyOptions(
             autocast_dtype=self.autocast_dtype, encoder_attention=self.encoder_attention,
             encoder_key_tile=self.encoder_key_tile,
-            decoder_attention=self.decoder_attention, checkpoint_encoder=self.checkpoint_encoder,
+            decoder_attention=self.decoder_attention,
+            checkpoint_encoder=checkpoint_option(self.checkpoint_encoder),
             backward_per_round=self.backward_per_round, checkpoint_rounds=self.checkpoint_rounds,
             frozen_encoder_no_grad=self.frozen_encoder_no_grad, cache_embeddings=self.cache_embeddings,
             fuse_decoder_projections=self.fuse_decoder_projections,

@@ -18,8 +18,10 @@ from hf_sam_peft.training.efficiency import (
     last_blocks_overrides,
     prepare_model,
     resolve_autocast_dtype,
+    resolve_checkpoint_encoder,
     set_encoder_attention,
 )
+from hf_sam_peft.sam_forward.precision import native_autocast_dtype
 from hf_sam_peft.training.interactive import (
     interactive_loss,
     prompt_generator,
@@ -194,8 +196,10 @@ def test_prepare_model_and_attention_switch():
         assert set_encoder_attention(sam, "eager") == len(sam.vision_encoder.layers)
         eager = sam.vision_encoder(x).last_hidden_state
     assert torch.allclose(sdpa, eager, atol=1e-5)
-    prepare_model(model, EfficiencyOptions())
-    assert not sam.vision_encoder.gradient_checkpointing  # off by default
+    prepare_model(model, EfficiencyOptions(checkpoint_encoder=False))
+    assert not sam.vision_encoder.gradient_checkpointing
+    prepare_model(model, EfficiencyOptions())  # "auto": on where the CPU has no native bf16
+    assert sam.vision_encoder.gradient_checkpointing == (native_autocast_dtype("cpu") is None)
     assert {layer.attn.key_tile for layer in sam.vision_encoder.layers} == {EfficiencyOptions().encoder_key_tile}
     prepare_model(model, EfficiencyOptions(encoder_key_tile=None))
     assert {layer.attn.key_tile for layer in sam.vision_encoder.layers} == {None}
@@ -284,6 +288,8 @@ def test_option_validation():
         EfficiencyOptions(decoder_attention="fused")
     with pytest.raises(TypeError, match="checkpoint_rounds"):
         EfficiencyOptions(checkpoint_rounds="yes")
+    with pytest.raises(ValueError, match="checkpoint_encoder"):
+        EfficiencyOptions(checkpoint_encoder="yes")
     for tile in (0, 2.5, True):
         with pytest.raises(ValueError, match="encoder_key_tile"):
             EfficiencyOptions(encoder_key_tile=tile)
@@ -311,3 +317,25 @@ def test_trainer_arguments_carry_the_options(tmp_path):
     trainer = SamInteractiveTrainer(tiny_model("lora"), args)
     assert unwrap_sam(trainer.model).vision_encoder.gradient_checkpointing
     assert trainer.embedding_cache is not None
+
+
+def test_checkpoint_encoder_auto_follows_native_bf16(monkeypatch, tmp_path):
+    """"auto" checkpoints the trainable encoder exactly where a CPU step's activations must stay float32."""
+    import hf_sam_peft.training.efficiency as efficiency
+    from hf_sam_peft.training.trainer import InteractiveTrainingArguments
+
+    for native, expected in ((torch.bfloat16, False), (None, True)):
+        monkeypatch.setattr(efficiency, "native_autocast_dtype", lambda device, native=native: native)
+        assert resolve_checkpoint_encoder("auto", "cpu") is expected
+        sam = unwrap_sam(prepare_model(tiny_model("lora"), EfficiencyOptions()))
+        assert sam.vision_encoder.gradient_checkpointing is expected
+        frozen = unwrap_sam(prepare_model(tiny_model("freeze_encoder"), EfficiencyOptions()))
+        assert not frozen.vision_encoder.gradient_checkpointing  # nothing trains there
+    assert resolve_checkpoint_encoder("auto", "meta") is False  # only CPUs
+    assert resolve_checkpoint_encoder(True, "cpu") is True and resolve_checkpoint_encoder(False, "cpu") is False
+    # the trainer's command-line strings
+    for text, option in (("auto", "auto"), ("True", True), ("false", False)):
+        args = InteractiveTrainingArguments(output_dir=str(tmp_path), checkpoint_encoder=text, report_to=[])
+        assert args.efficiency_options().checkpoint_encoder == option
+    with pytest.raises(ValueError, match="checkpoint_encoder"):
+        InteractiveTrainingArguments(output_dir=str(tmp_path), checkpoint_encoder="sometimes", report_to=[])
