@@ -102,9 +102,10 @@ class EfficiencyOptions:
     encoder_key_tile: int | None = DEFAULT_KEY_TILE
     # "auto": off where bf16 is native (with fused attention and per-round backward the trainable encoder's
     # activations fit: ViT-B LoRA on 2 CPU cores, AMX, 11.1 s / 4.4 GiB without, 13.1 s / 2.8 GiB with); on
-    # where it is not (AVX2): the activations are float32, twice bf16's bytes (ViT-B Full FT, AVX2 cap: peak
-    # 5.90 -> 3.51 GiB, CPU time 59.8 -> 70.4 s per step; benchmarks/RESULTS.md, session 9). Turn it on for
-    # ViT-L/H or large batches.
+    # where it is not (AVX2): the activations are float32, twice bf16's bytes (ViT-B, AVX2 cap, one run each:
+    # Full FT peak 5.90 -> 3.51 GiB at CPU time 70.0 -> 70.4 s per step, LoRA 4.86 -> 2.93 GiB at 58.4 -> 64.4 s;
+    # benchmarks/RESULTS.md, session 9). Not on AVX512-BF16 CPUs that train in float32 because it is faster
+    # there: without AMX it cost LoRA 31% (26.9 -> 35.2 s). Turn it on for ViT-L/H or large batches.
     checkpoint_encoder: bool | str = "auto"
     checkpoint_rounds: bool = True
     backward_per_round: bool = True
