@@ -130,6 +130,11 @@ class KeyTile(NamedTuple):
     cols: slice
     width: int
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the tile: the one-hot code widths its key operand appends."""
+        return self.rows.stop - self.rows.start, self.cols.stop - self.cols.start
+
 
 def _key_tiles(height: int, width: int, side: int | None) -> list[KeyTile]:
     """The key grid cut into ``side x side`` tiles; one tile (the whole grid) where ``side`` does not divide it.
@@ -155,7 +160,7 @@ def _tile_operands(
     """
     batch, heads, tokens, head_dim = key.shape
     height = tokens // tile.width
-    n_rows, n_cols = len(range(height)[tile.rows]), len(range(tile.width)[tile.cols])
+    n_rows, n_cols = tile.shape
 
     def keys_of_tile(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(batch, heads, height, tile.width, head_dim)[:, :, tile.rows, tile.cols].reshape(
@@ -230,22 +235,20 @@ class _LeanFlashAttention(torch.autograd.Function):
         with torch.enable_grad():
             scaled_query = sources[0] * scale
             rel_h, rel_w = _relative_terms(*sources, height, width)
-        pad = (0, tiles[0].rows.stop - tiles[0].rows.start + tiles[0].cols.stop - tiles[0].cols.start)
+        pad = (0, sum(tiles[0].shape))  # every tile has the same shape
 
         def widened(t: torch.Tensor) -> torch.Tensor:  # (batch, tokens, heads*head_dim) -> padded (b, h, t, wide)
             return F.pad(t.reshape(batch, tokens, heads, head_dim).transpose(1, 2), pad)
 
         grad_wide_out, wide_out = widened(grad_out), widened(out)
         accumulate = torch.float32 if len(tiles) > 1 else query.dtype
-        grad_scaled = torch.zeros(query.shape, dtype=accumulate)
-        grad_rel_h = torch.zeros(rel_h.shape, dtype=accumulate)
-        grad_rel_w = torch.zeros(rel_w.shape, dtype=accumulate)
-        grad_key, grad_value = (torch.empty(batch, heads, height, width, head_dim, dtype=query.dtype) for _ in range(2))
+        grad_scaled, grad_rel_h, grad_rel_w = (query.new_zeros(t.shape, dtype=accumulate) for t in (query, rel_h, rel_w))
+        grad_key, grad_value = (query.new_empty(batch, heads, height, width, head_dim) for _ in range(2))
         for tile in tiles:
             operands = _tile_operands(scaled_query.detach(), key, value, rel_h.detach(), rel_w.detach(), tile)
             g_query, g_key, g_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_wide_out, *operands, wide_out, logsumexp, 0.0, False, scale=1.0)
-            n_rows = tile.rows.stop - tile.rows.start
+            n_rows = tile.shape[0]
             grad_scaled += g_query[..., :head_dim]
             grad_rel_h[..., tile.rows] += g_query[..., head_dim:head_dim + n_rows]
             grad_rel_w[..., tile.cols] += g_query[..., head_dim + n_rows:]
