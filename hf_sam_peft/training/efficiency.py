@@ -13,7 +13,7 @@ correctness test (loss and gradients within tolerance of the plain path) in
   :mod:`hf_sam_peft.modeling.attention`; on CPU its backward keeps the unwidened operands, 0.57 GiB fewer saved
   activations for ViT-B in float32), "eager" (materialises the ``N x N`` bias and weights) or "sdpa"
   (transformers': the bias as a mask, which sends training to the slow math kernel); None: the model's.
-- ``encoder_key_tile``: (fused attention, CPU training) the side of the square key tiles a global block's
+- ``encoder_key_tile``: (fused attention, CPU) the side of the square key tiles a global block's
   attention is cut into: each tile needs only its own rows' and columns' bias terms, so its flash call runs at
   head size 64 + 2 x side instead of 64 + 64 + 64, and the tiles' outputs are merged by their log-sum-exps
   (default 32; None: one call over all keys).
@@ -145,8 +145,8 @@ class EfficiencyOptions:
     @classmethod
     def plain(cls, **changes: Any) -> "EfficiencyOptions":
         """Every option off (float32, no checkpointing, no caching): the reference path, plus ``changes``."""
-        base = cls(autocast_dtype=None, encoder_attention=None, encoder_key_tile=None, checkpoint_encoder=False, checkpoint_rounds=False,
-                   backward_per_round=False, decoder_attention=None, frozen_encoder_no_grad=False, cache_embeddings=False,
+        base = cls(autocast_dtype=None, encoder_attention=None, encoder_key_tile=None, checkpoint_encoder=False,
+                   checkpoint_rounds=False, backward_per_round=False, decoder_attention=None, frozen_encoder_no_grad=False, cache_embeddings=False,
                    fuse_decoder_projections=False, contiguous_layout=False, retain_freed_memory=False,
                    flush_denormals=False)
         return replace(base, **changes)
@@ -177,8 +177,8 @@ def resolve_checkpoint_encoder(option: bool | str, device: torch.device | str) -
     """``checkpoint_encoder`` for a step on ``device``: "auto" is on for a CPU without native bf16.
 
     There the step cannot use bf16 autocast (emulated bf16 is slower than float32), so the encoder's saved
-    activations are float32; recomputing them in backward halves the step's peak memory for a small part of
-    its time (measured in ``benchmarks/RESULTS.md``).
+    activations are float32; recomputing them in backward cut a ViT-B step's peak memory by 40% for at most a
+    tenth more CPU time (``benchmarks/RESULTS.md``).
     """
     if option != "auto":
         return bool(option)
