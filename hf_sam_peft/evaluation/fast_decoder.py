@@ -48,8 +48,10 @@ from transformers.models.sam.modeling_sam import SamMaskDecoder, SamTwoWayTransf
 
 from hf_sam_peft.modeling.mask_decoder import (
     _attend,
+    _attentions,
     _plain_linears,
     _project,
+    token_layout,
     token_self_attention,
 )
 from hf_sam_peft.sam_forward.forward import unwrap_sam
@@ -87,11 +89,7 @@ def fast_decoder_supported(model: nn.Module) -> bool:
     decoder = _decoder(unwrap_sam(model))
     if type(decoder) is not SamMaskDecoder or not isinstance(decoder.transformer, SamTwoWayTransformer):
         return False
-    transformer = decoder.transformer
-    attentions = [transformer.final_attn_token_to_image]
-    for layer in transformer.layers:
-        attentions += [layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
-    return _plain_linears(*attentions)
+    return _plain_linears(*_attentions(decoder.transformer))
 
 
 @dataclass
@@ -120,7 +118,7 @@ def autocast_to(device: torch.device, dtype: torch.dtype | None) -> ContextManag
 
 def _tokens(grid: torch.Tensor) -> torch.Tensor:
     """``(B, C, h, w)`` -> ``(B, 1, h*w, C)`` contiguous (the two-way transformer's token layout)."""
-    return grid.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+    return token_layout(grid).contiguous()
 
 
 @torch.no_grad()

@@ -11,11 +11,19 @@ Projections are linear, so ``W(keys + pos) + b = (W keys + b) + W pos``. This mo
 layer with the three weights stacked (one cast, one matmul) and adds the projected positional embedding
 (half as wide, and the same for every round's prompts) to the key and query parts. The token side, the
 attention kernels, the residuals and the LayerNorms are transformers' own modules, called as before.
+
+The projected positional embedding depends only on the projection weights and SAM's image-wide positional
+encoding (a buffer), so it is the same for every object and every prompt round of a training step. Within
+:func:`shared_position_shifts` (the training step) it is projected once, for one image, and broadcast over
+objects and rounds: per ViT-B step with 4 objects and 8 rounds that drops 24 projections of 16,384 tokens
+(forward and weight gradient) and the 24 copies of the positions they saved for backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +57,14 @@ def _attend(module: SamAttention, query: torch.Tensor, key: torch.Tensor, value:
     return module.out_proj(module._recombine_heads(out, point_batch_size))
 
 
+def _attentions(transformer: SamTwoWayTransformer) -> list[SamAttention]:
+    """The cross attentions of ``transformer`` that see the image tokens (those the fused forward projects)."""
+    attentions = [transformer.final_attn_token_to_image]
+    for layer in transformer.layers:
+        attentions += [layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
+    return attentions
+
+
 def _plain_linears(*modules: SamAttention) -> bool:
     """True when every projection is a plain ``nn.Linear`` (not an adapter wrapper whose ``weight`` is not all)."""
     return all(type(getattr(m, name)) is nn.Linear for m in modules for name in ("q_proj", "k_proj", "v_proj"))
@@ -65,20 +81,108 @@ class SamFusedTwoWayTransformer(SamTwoWayTransformer):
     def forward(self, point_embeddings: torch.Tensor, image_embeddings: torch.Tensor,
                 image_positional_embeddings: torch.Tensor, attention_similarity: torch.Tensor | None,
                 target_embedding: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        attentions = [self.final_attn_token_to_image]
-        for layer in self.layers:
-            attentions += [layer.cross_attn_token_to_image, layer.cross_attn_image_to_token]
-        if image_embeddings is None or not _plain_linears(*attentions):
+        if image_embeddings is None or not _plain_linears(*_attentions(self)):
             return super().forward(point_embeddings, image_embeddings, image_positional_embeddings,
                                    attention_similarity, target_embedding, **kwargs)
-        keys = image_embeddings.flatten(2).transpose(1, 2).unsqueeze(1)
-        positions = image_positional_embeddings.flatten(2).transpose(1, 2).unsqueeze(1)
+        # contiguous once: a transposed view would be copied by the first projection and again by layer 0's
+        # LayerNorm (the residual add keeps the transposed layout)
+        keys = token_layout(image_embeddings).contiguous()
+        positions = token_layout(image_positional_embeddings)
+        shared: SharedPositions | None = getattr(self, "_shared_positions", None)
+        shifts = shared.shifts if shared is not None and shared.matches(positions) else None
         queries = point_embeddings
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if target_embedding is not None:
                 queries += target_embedding
-            queries, keys = two_way_layer(layer, queries, keys, point_embeddings, positions, attention_similarity, **kwargs)
-        return final_token_to_image(self, queries, keys, point_embeddings, positions, **kwargs), keys
+            queries, keys = two_way_layer(layer, queries, keys, point_embeddings, positions, attention_similarity,
+                                          shifts=None if shifts is None else shifts.layers[index], **kwargs)
+        final_shift = None if shifts is None else shifts.final
+        return final_token_to_image(self, queries, keys, point_embeddings, positions, final_shift, **kwargs), keys
+
+
+def token_layout(grid: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, 1, h*w, C)`` (a view): the two-way transformer's token layout."""
+    return grid.flatten(2).transpose(1, 2).unsqueeze(1)
+
+
+@dataclass
+class PositionShifts:
+    """The bias-free projections of the positional encoding that the cross attentions add to their image-side
+    operands: per layer (token->image key, image->token query), then the final token->image key; each
+    ``(B, 1, h*w, c)``, ``B`` = 1 broadcasting over objects."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    final: torch.Tensor
+
+    @classmethod
+    def project(cls, transformer: SamTwoWayTransformer, positions: torch.Tensor) -> PositionShifts:
+        """The shifts of ``positions`` (token layout ``(B, 1, h*w, C)``) through ``transformer``'s weights."""
+        layers = [
+            _project(positions, (layer.cross_attn_token_to_image.k_proj, layer.cross_attn_image_to_token.q_proj), bias=False)
+            for layer in transformer.layers
+        ]
+        (final,) = _project(positions, (transformer.final_attn_token_to_image.k_proj,), bias=False)
+        return cls([(key, query) for key, query in layers], final)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for pair in self.layers for t in pair] + [self.final]
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor]) -> PositionShifts:
+        """Inverse of :meth:`tensors`."""
+        *pairs, final = tensors
+        return cls([(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)], final)
+
+
+@dataclass
+class SharedPositions:
+    """Position shifts computed once and used by every decoder call whose positional encoding equals ``source``.
+
+    ``graph``: the shifts with their autograd graph (into the projection weights). ``shifts``: what the decoder
+    adds, ``graph`` itself or, for round-wise backward, detached leaves whose gradients the caller collects and
+    sends into ``graph`` once (as ``backward_round_losses`` does for the image embeddings).
+    """
+
+    source: torch.Tensor  # (1, 1, h*w, C) token layout, no graph
+    graph: PositionShifts
+    shifts: PositionShifts
+
+    def matches(self, positions: torch.Tensor) -> bool:
+        """Whether ``positions`` ``(B, 1, h*w, C)`` is ``source`` in every row (else the call projects its own)."""
+        return (positions.dtype == self.source.dtype and positions.shape[1:] == self.source.shape[1:]
+                and torch.equal(positions, self.source.expand_as(positions)))
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The detached shifts (``detach=True``) paired with :meth:`PositionShifts.tensors` of ``graph``."""
+        return self.shifts.tensors()
+
+
+@contextlib.contextmanager
+def shared_position_shifts(sam: nn.Module, detach: bool = False) -> Iterator[SharedPositions | None]:
+    """Within the block, ``sam``'s fused two-way transformer projects SAM's image-wide positional encoding once
+    and reuses it for every object and call (yields the :class:`SharedPositions`, or None where ``sam``'s
+    decoder is not a :class:`SamFusedTwoWayTransformer` with plain projections: nothing changes then).
+
+    Enter it where autocast and grad mode are as for the decoder calls inside (the shifts are computed on
+    entry). ``detach``: the decoder adds detached leaves (``SharedPositions.leaves``), for callers that
+    differentiate each call separately and free its graph. Same values as per-call projection (rows of a matmul
+    are independent; float summation order may differ), same gradients up to summation order.
+    """
+    transformer = sam.mask_decoder.transformer
+    if not isinstance(transformer, SamFusedTwoWayTransformer) or not _plain_linears(*_attentions(transformer)):
+        yield None
+        return
+    # with its graph: transformers' Fourier basis is a parameter (frozen by our methods, trainable if unfrozen)
+    positions = token_layout(sam.get_image_wide_positional_embeddings())
+    graph = PositionShifts.project(transformer, positions)
+    shifts = graph
+    if detach:
+        shifts = PositionShifts.from_tensors([t.detach().requires_grad_(t.requires_grad) for t in graph.tensors()])
+    transformer._shared_positions = SharedPositions(positions.detach(), graph, shifts)
+    try:
+        yield transformer._shared_positions
+    finally:
+        del transformer._shared_positions
 
 
 def token_self_attention(layer: nn.Module, queries: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
@@ -153,4 +257,7 @@ def set_decoder_projections(sam: nn.Module, fused: bool) -> bool:
     return True
 
 
-__all__ = ["SamFusedTwoWayTransformer", "final_token_to_image", "set_decoder_projections", "two_way_layer"]
+__all__ = [
+    "PositionShifts", "SamFusedTwoWayTransformer", "SharedPositions", "final_token_to_image", "set_decoder_projections",
+    "shared_position_shifts", "token_layout", "two_way_layer",
+]

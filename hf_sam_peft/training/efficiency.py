@@ -23,7 +23,9 @@ correctness test (loss and gradients within tolerance of the plain path) in
 - ``fuse_decoder_projections``: the mask decoder's two-way transformer projects the image tokens once per
   layer (key and value of the token→image attention and query of the image→token attention as one matmul)
   and adds the projected positional embedding after the projection (linearity) instead of forming
-  ``keys + positions`` twice per layer at full width: :mod:`hf_sam_peft.modeling.mask_decoder`.
+  ``keys + positions`` twice per layer at full width: :mod:`hf_sam_peft.modeling.mask_decoder`. The projected
+  positional embedding (the same for every object and round) is computed once per training step
+  (``shared_position_shifts``; not with ``checkpoint_rounds``, whose recomputation runs after the step's forward).
 - ``contiguous_layout``: the encoder's patch embedding (a permuted view whose channel is the slowest
   dimension, inherited by the whole residual stream) and the decoder-side convolutions (channels-last under
   CPU bf16 autocast) hand on contiguous outputs, so the elementwise ops after them stay vectorised:

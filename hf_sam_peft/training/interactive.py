@@ -31,13 +31,15 @@ output, the corrections and mask inputs between rounds); each only says what one
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, ContextManager, TypeVar
 
 import torch
 from torch import nn
 
+from hf_sam_peft.modeling.mask_decoder import SharedPositions, shared_position_shifts
 from hf_sam_peft.prompts import (
     boxes_from_masks,
     correction_points,
@@ -52,6 +54,7 @@ from hf_sam_peft.sam_forward.kinds import (
     embedding_levels,
     frame_of,
     from_levels,
+    is_sam2,
     main_embedding,
     map_embeddings,
 )
@@ -354,6 +357,7 @@ def backward_round_losses(
     multimask_first: bool,
     mask_prob: float = 0.0,
     generator: torch.Generator | None = None,
+    shared: SharedPositions | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Per-round ``(dice, mse)`` (detached) as :func:`checkpointed_round_losses` gives them, plus a *surrogate*.
 
@@ -364,6 +368,10 @@ def backward_round_losses(
     gradients) has exactly those gradients, so ``surrogate.backward()`` (inside whatever scaling the training
     loop applies) fills ``p.grad`` and runs the encoder's backward once. Gradients equal the single-backward
     path's up to float summation order.
+
+    ``shared``: the decoder's position shifts (:func:`~hf_sam_peft.modeling.mask_decoder.shared_position_shifts`
+    with ``detach=True``), made once for all rounds: they are differentiated like the embeddings, and their
+    graph into the projection weights is run once, by the surrogate.
     """
     _check_rounds(n_rounds, mask_prob)  # before touching the model
     sam = unwrap_sam(model)
@@ -375,6 +383,10 @@ def backward_round_losses(
     leaves = [level.detach().requires_grad_(level.requires_grad) for level in embedding_levels(embeddings)]
     leaf = from_levels(leaves, embeddings)
     wrt = params + [level for level in leaves if level.requires_grad]
+    if shared is not None:
+        shifts = [(graph, leaf) for graph, leaf in zip(shared.graph.tensors(), shared.leaves()) if leaf.requires_grad]
+        wrt += [leaf for _, leaf in shifts]
+        sources += [graph for graph, _ in shifts]
     sums: list[torch.Tensor | None] = [None] * len(wrt)
 
     def one_round(index, prompts, multimask, mask_inputs, use_mask):
@@ -395,6 +407,13 @@ def backward_round_losses(
     terms = [(x * g.to(x.dtype)).sum() for x, g in zip(sources, sums) if g is not None]
     surrogate = torch.stack(terms).sum() if terms else main_embedding(embeddings).sum() * 0.0
     return [dice for dice, _ in losses], [mse for _, mse in losses], surrogate
+
+
+def _shared_positions(model: nn.Module, enabled: bool, detach: bool = False) -> ContextManager[SharedPositions | None]:
+    """:func:`~hf_sam_peft.modeling.mask_decoder.shared_position_shifts` of SAM models where ``enabled``, else a
+    no-op yielding None (SAM 2's decoder projects its positions per call)."""
+    sam = unwrap_sam(model)
+    return shared_position_shifts(sam, detach) if enabled and not is_sam2(sam) else contextlib.nullcontext()
 
 
 def _fp16_autocast() -> bool:
@@ -476,18 +495,23 @@ def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_ji
     prompts = initial_prompts(targets, frames, mode, box_jitter, generator)
     kwargs = dict(n_rounds=n_rounds, multimask_first=mode.multimask, mask_prob=mask_prob, generator=generator)
     surrogate = None
+    # position shifts once per step (fused decoder), not under checkpointed rounds: their recomputation in
+    # backward runs after this block and must save what the forward saved
+    share = options is not None and options.fuse_decoder_projections
     if options is not None and options.backward_per_round and torch.is_grad_enabled() and not _fp16_autocast():
-        dice_per_round, mse_per_round, surrogate = backward_round_losses(
-            model, embeddings, targets, frames, prompts, **kwargs
-        )
-    elif options is not None and options.checkpoint_rounds:
+        with _shared_positions(model, share, detach=True) as shared:
+            dice_per_round, mse_per_round, surrogate = backward_round_losses(
+                model, embeddings, targets, frames, prompts, shared=shared, **kwargs
+            )
+    elif options is not None and options.checkpoint_rounds and torch.is_grad_enabled():
         dice_per_round, mse_per_round = checkpointed_round_losses(model, embeddings, targets, frames, prompts, **kwargs)
     else:
         dice_per_round, mse_per_round = [], []
-        for output in interactive_rounds(model, embeddings, targets, frames, prompts, **kwargs):
-            dice, mse = batch_round_loss(output.masks, output.iou_predictions, targets)
-            dice_per_round.append(dice)
-            mse_per_round.append(mse)
+        with _shared_positions(model, share):
+            for output in interactive_rounds(model, embeddings, targets, frames, prompts, **kwargs):
+                dice, mse = batch_round_loss(output.masks, output.iou_predictions, targets)
+                dice_per_round.append(dice)
+                mse_per_round.append(mse)
     dice = torch.stack(dice_per_round)
     mse = torch.stack(mse_per_round)
     loss = (dice + mse).mean()

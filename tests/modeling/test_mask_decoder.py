@@ -10,6 +10,8 @@ from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 from hf_sam_peft.modeling.mask_decoder import (
     SamFusedTwoWayTransformer,
     set_decoder_projections,
+    shared_position_shifts,
+    token_layout,
 )
 from hf_sam_peft.modeling.sam import tiny_sam_config
 
@@ -54,6 +56,8 @@ def outputs_and_grads(model: SamModel, inputs: dict) -> tuple[list[torch.Tensor]
     weights = torch.linspace(-1, 1, out.pred_masks.numel(), dtype=out.pred_masks.dtype)
     loss = (out.pred_masks.flatten() * weights).sum() + out.iou_scores.square().sum()
     params = [p for p in model.mask_decoder.parameters() if p.requires_grad]
+    basis = model.shared_image_embedding.positional_embedding  # a parameter in transformers, trainable in tiny_sam
+    params += [basis] if basis.requires_grad else []
     return [out.pred_masks.detach(), out.iou_scores.detach()], list(torch.autograd.grad(loss, [emb, *params]))
 
 
@@ -92,3 +96,65 @@ def test_wrapped_projection_falls_back_to_transformers_forward():
     set_decoder_projections(model, fused=True)
     out, _ = outputs_and_grads(peft_model, inputs)  # the adapter's contribution is kept
     _assert_close(out, ref_out)
+
+
+def test_shared_position_shifts_give_the_per_call_outputs_and_gradients():
+    model = tiny_sam()
+    inputs = prompts(model)
+    set_decoder_projections(model, fused=True)
+    ref_out, ref_grads = outputs_and_grads(model, inputs)
+    with shared_position_shifts(model) as shared:
+        assert shared is not None
+        used = []
+        matches = shared.matches
+        shared.matches = lambda positions: used.append(matches(positions)) or used[-1]
+        out, grads = outputs_and_grads(model, inputs)
+        assert used == [True]  # the model's own positions: the shared projections were used
+        assert all(t.shape[0] == 1 for t in shared.shifts.tensors())  # one image, broadcast over objects
+    assert not hasattr(model.mask_decoder.transformer, "_shared_positions")
+    _assert_close(out, ref_out)
+    _assert_close(grads, ref_grads, shared_scale=True)
+
+
+def test_shared_position_shifts_fall_back_for_other_positions_and_unfused_decoders():
+    model = tiny_sam()
+    with shared_position_shifts(model) as shared:  # transformers' own transformer: nothing to share
+        assert shared is None
+    set_decoder_projections(model, fused=True)
+    transformer = model.mask_decoder.transformer
+    inputs = prompts(model, objects=2)
+    tokens = torch.randn(2, 1, 5, transformer.config.hidden_size, dtype=torch.float64)
+    positions = model.get_image_wide_positional_embeddings().repeat(2, 1, 1, 1)
+    other = positions + 0.5
+    with torch.no_grad():
+        reference = transformer(tokens, inputs["image_embeddings"], other, None)
+        with shared_position_shifts(model) as shared:
+            assert shared.matches(token_layout(positions)) and not shared.matches(token_layout(other))
+            got = transformer(tokens, inputs["image_embeddings"], other, None)
+    _assert_close(list(got), list(reference))
+    with pytest.raises(RuntimeError, match="boom"), shared_position_shifts(model):
+        raise RuntimeError("boom")
+    assert not hasattr(transformer, "_shared_positions")
+
+
+def test_detached_shifts_carry_the_gradient_into_the_projection_weights():
+    model = tiny_sam()
+    set_decoder_projections(model, fused=True)
+    inputs = prompts(model)
+    _, ref_grads = outputs_and_grads(model, inputs)
+    params = [p for p in model.mask_decoder.parameters() if p.requires_grad]
+    params.append(model.shared_image_embedding.positional_embedding)
+    with shared_position_shifts(model, detach=True) as shared:
+        leaves, graph = shared.leaves(), shared.graph.tensors()
+        assert all(leaf.grad_fn is None and leaf.requires_grad for leaf in leaves)
+        emb = inputs["image_embeddings"].clone().requires_grad_(True)
+        out = model(**{**inputs, "image_embeddings": emb})
+        weights = torch.linspace(-1, 1, out.pred_masks.numel(), dtype=out.pred_masks.dtype)
+        loss = (out.pred_masks.flatten() * weights).sum() + out.iou_scores.square().sum()
+        grads = torch.autograd.grad(loss, [emb, *params, *leaves], allow_unused=True)
+    emb_grad, param_grads, leaf_grads = grads[0], grads[1:1 + len(params)], grads[1 + len(params):]
+    # the shifts' gradients sent through their graph once complete the projection weights' gradients
+    via_shifts = torch.autograd.grad(graph, params, leaf_grads, allow_unused=True)
+    total = [(g if g is not None else torch.zeros_like(p)) + (v if v is not None else 0)
+             for p, g, v in zip(params, param_grads, via_shifts)]
+    _assert_close([emb_grad, *total], ref_grads, shared_scale=True)

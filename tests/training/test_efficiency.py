@@ -108,6 +108,10 @@ FLOAT32_OPTIONS = {
     "frozen_encoder_no_grad": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True)),
     "cache_embeddings": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True, cache_embeddings=True)),
     "fuse_decoder_projections": ("full_ft", EfficiencyOptions.plain(fuse_decoder_projections=True)),
+    # the position shifts shared by all rounds as leaves differentiated per round (backward_round_losses)
+    "fuse_decoder_projections_per_round": (
+        "full_ft", EfficiencyOptions.plain(fuse_decoder_projections=True, backward_per_round=True)
+    ),
     "contiguous_layout": ("full_ft", EfficiencyOptions.plain(contiguous_layout=True)),
     "retain_freed_memory": ("lora", EfficiencyOptions.plain(retain_freed_memory=True)),
     "flush_denormals": ("lora", EfficiencyOptions.plain(flush_denormals=True)),
