@@ -39,6 +39,10 @@ correctness test (loss and gradients within tolerance of the plain path) in
 - ``checkpoint_encoder``: activation checkpointing of the encoder blocks (recomputed in backward; only when
   the encoder has trainable parameters). "auto" (default): on where the step's activations can only be float32,
   a CPU without native bf16 (AVX2; :func:`resolve_checkpoint_encoder`), off elsewhere.
+- ``encoder_mlp_recompute``: (SAM's ViT, encoder not checkpointed) the MLPs' 4x-wide activations are rebuilt in
+  backward instead of kept: "activation" the GELU output from its input, "hidden" also that input from the
+  block's (one more matmul per block). "auto" (default): "hidden" for float32 CPU steps (no AMX), where the
+  activations are float32, off elsewhere (:func:`resolve_mlp_recompute`; :mod:`hf_sam_peft.modeling.mlp`).
 - ``backward_per_round``: each prompt round's loss is differentiated as soon as the round is done (into
   the decoder-side parameters and the image embeddings) and its graph freed; the encoder's backward runs
   once, from the summed embedding gradient, when the training loop calls ``loss.backward()``. One round's
@@ -52,7 +56,7 @@ correctness test (loss and gradients within tolerance of the plain path) in
   a hash of the image tensor, so augmented images are never confused).
 
 SAM 2 (``Sam2Model``): the options that act on SAM's own modules leave SAM 2's alone and change nothing there:
-``encoder_attention`` (SAM's ViT attention; Hiera's stays transformers'), ``fuse_decoder_projections``
+``encoder_attention`` and ``encoder_mlp_recompute`` (SAM's ViT modules; Hiera's stay transformers'), ``fuse_decoder_projections``
 (``SamTwoWayTransformer`` only) and ``checkpoint_encoder`` (transformers 5.24's ``Sam2VisionModel`` declares no
 gradient-checkpointing support: a warning, and the encoder runs without it). The others apply as for SAM;
 with a frozen vision encoder the mask decoder's ``conv_s0`` / ``conv_s1`` (and ``no_memory_embedding``) still
@@ -88,6 +92,7 @@ logger = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 ATTENTION_KINDS = ("fused", "sdpa", "eager")
 DECODER_ATTENTION_KINDS = ("auto", "sdpa", "eager")
+MLP_RECOMPUTE_KINDS = ("auto", "activation", "hidden")
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,11 @@ class EfficiencyOptions:
     # benchmarks/RESULTS.md, session 9). Not on AVX512-BF16 CPUs that train in float32 because it is faster
     # there: without AMX it cost LoRA 31% (26.9 -> 35.2 s). Turn it on for ViT-L/H or large batches.
     checkpoint_encoder: bool | str = "auto"
+    # "auto": "hidden" for a float32 CPU step whose encoder is not checkpointed (no AMX: bf16 is not faster
+    # there), else off. ViT-B encoder on 2 CPU cores without AMX, float32, graph / backward (session 10, one
+    # run each): LoRA 1.68 -> 1.26 GiB at 10.0 -> 11.4 s; Full FT 2.38 -> 1.82 GiB ("activation", 13.3 ->
+    # 14.0 s) or -> 1.26 GiB ("hidden", -> 14.5 s)
+    encoder_mlp_recompute: str | None = "auto"
     checkpoint_rounds: bool = True
     backward_per_round: bool = True
     # eager on CPU: the decoder's attentions are 4096 image tokens x a handful of prompt tokens, where the
@@ -134,6 +144,8 @@ class EfficiencyOptions:
             raise ValueError(f"encoder_attention must be None or one of {ATTENTION_KINDS}, got {self.encoder_attention!r}")
         if self.decoder_attention not in (None, *DECODER_ATTENTION_KINDS):
             raise ValueError(f"decoder_attention must be None or one of {DECODER_ATTENTION_KINDS}, got {self.decoder_attention!r}")
+        if self.encoder_mlp_recompute not in (None, *MLP_RECOMPUTE_KINDS):
+            raise ValueError(f"encoder_mlp_recompute must be None or one of {MLP_RECOMPUTE_KINDS}, got {self.encoder_mlp_recompute!r}")
         if self.checkpoint_encoder not in (True, False, "auto"):
             raise ValueError(f"checkpoint_encoder must be True, False or 'auto', got {self.checkpoint_encoder!r}")
         tile = self.encoder_key_tile
@@ -141,13 +153,14 @@ class EfficiencyOptions:
             raise ValueError(f"encoder_key_tile must be None or a positive int, got {tile!r}")
         for f in fields(self):
             if f.name not in ("autocast_dtype", "encoder_attention", "encoder_key_tile", "decoder_attention",
-                              "checkpoint_encoder") and not isinstance(getattr(self, f.name), bool):
+                              "checkpoint_encoder", "encoder_mlp_recompute") and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
 
     @classmethod
     def plain(cls, **changes: Any) -> "EfficiencyOptions":
         """Every option off (float32, no checkpointing, no caching): the reference path, plus ``changes``."""
         base = cls(autocast_dtype=None, encoder_attention=None, encoder_key_tile=None, checkpoint_encoder=False,
+                   encoder_mlp_recompute=None,
                    checkpoint_rounds=False, backward_per_round=False, decoder_attention=None, frozen_encoder_no_grad=False, cache_embeddings=False,
                    fuse_decoder_projections=False, contiguous_layout=False, retain_freed_memory=False,
                    flush_denormals=False)
@@ -175,6 +188,11 @@ def checkpoint_option(value: bool | str) -> bool | str:
     return words[value.lower()]
 
 
+def none_option(value: str | None) -> str | None:
+    """A ``str | None`` option from the command line, where None can only be spelt: "none" / "off" (any case) -> None."""
+    return None if isinstance(value, str) and value.lower() in ("none", "off") else value
+
+
 def resolve_checkpoint_encoder(option: bool | str, device: torch.device | str) -> bool:
     """``checkpoint_encoder`` for a step on ``device``: "auto" is on for a CPU without native bf16.
 
@@ -186,6 +204,18 @@ def resolve_checkpoint_encoder(option: bool | str, device: torch.device | str) -
         return bool(option)
     device = torch.device(device)
     return device.type == "cpu" and native_autocast_dtype(device) is None
+
+
+def resolve_mlp_recompute(options: EfficiencyOptions, device: torch.device | str) -> str | None:
+    """``encoder_mlp_recompute`` for a step on ``device``: "auto" is "hidden" where the step trains in float32 on
+    a CPU (no native or no faster bf16) and the encoder is not checkpointed (which recomputes whole blocks)."""
+    option = options.encoder_mlp_recompute
+    if option != "auto":
+        return option
+    device = torch.device(device)
+    float32 = resolve_autocast_dtype(options.autocast_dtype, device) is None
+    checkpointed = resolve_checkpoint_encoder(options.checkpoint_encoder, device)
+    return "hidden" if device.type == "cpu" and float32 and not checkpointed else None
 
 
 def autocast_context(options: EfficiencyOptions | None, device: torch.device | str) -> ContextManager:
@@ -250,6 +280,7 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
     """
     from hf_sam_peft.modeling.layout import set_contiguous_layout
     from hf_sam_peft.modeling.mask_decoder import set_decoder_projections
+    from hf_sam_peft.modeling.mlp import set_mlp_recompute
     from hf_sam_peft.training.cpu_runtime import flush_denormals, retain_freed_memory
 
     sam = unwrap_sam(model)
@@ -282,6 +313,8 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
                         module.gradient_checkpointing = False
     elif getattr(encoder, "gradient_checkpointing", False):
         encoder.gradient_checkpointing_disable()
+    recompute = None if checkpoint_encoder else resolve_mlp_recompute(options, run_on)
+    set_mlp_recompute(encoder, enabled=recompute is not None, recompute_hidden=recompute == "hidden")
     drop_input_require_grads(sam)  # last: enabling checkpointing may add such hooks
     return model
 
@@ -409,6 +442,6 @@ def optimizer_kwargs(device: torch.device | str, fused: bool = True) -> dict[str
 
 __all__ = [
     "EfficiencyOptions", "EmbeddingCache", "autocast_context", "checkpoint_option", "drop_input_require_grads",
-    "encoder_embeddings", "last_blocks_overrides", "maybe_checkpoint", "optimizer_kwargs", "prepare_model",
-    "resolve_autocast_dtype", "resolve_checkpoint_encoder", "set_decoder_attention", "set_encoder_attention",
+    "encoder_embeddings", "last_blocks_overrides", "maybe_checkpoint", "none_option", "optimizer_kwargs", "prepare_model",
+    "resolve_autocast_dtype", "resolve_checkpoint_encoder", "resolve_mlp_recompute", "set_decoder_attention", "set_encoder_attention",
 ]

@@ -38,7 +38,7 @@ What it does (DESIGN §3):
   beside the checkpoint resumed from, so a copied or moved run folder resumes from its own files;
 - a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
 - efficiency (``autocast_dtype``, ``encoder_attention``, ``encoder_key_tile``, ``decoder_attention``, ``fuse_decoder_projections``,
-  ``contiguous_layout``, ``checkpoint_encoder``, ``backward_per_round``, ``checkpoint_rounds``,
+  ``contiguous_layout``, ``checkpoint_encoder``, ``encoder_mlp_recompute``, ``backward_per_round``, ``checkpoint_rounds``,
   ``frozen_encoder_no_grad``, ``cache_embeddings``, ``retain_freed_memory``, ``flush_denormals``; see
   ``hf_sam_peft.training.efficiency``) changes how a step runs, not what it computes; the model-side options
   are applied to ``model`` when the trainer is built.
@@ -94,6 +94,7 @@ from hf_sam_peft.training.efficiency import (
     autocast_context,
     checkpoint_option,
     encoder_embeddings,
+    none_option,
     prepare_model,
 )
 from hf_sam_peft.training.interactive import (
@@ -154,6 +155,11 @@ class InteractiveTrainingArguments(TrainingArguments):
         metadata={"help": "Recompute the trainable encoder blocks in backward (less memory, slower): true, false, "
                           "or auto (on for CPUs without native bf16)."},
     )
+    encoder_mlp_recompute: str | None = field(
+        default="auto",
+        metadata={"help": "Rebuild the encoder MLPs' wide activations in backward (less memory): activation, hidden, "
+                          "or auto (hidden for float32 CPU steps without encoder checkpointing); None: keep them."},
+    )
     backward_per_round: bool = field(
         default=True, metadata={"help": "Differentiate each round's loss at once and free its graph (no recompute)."}
     )
@@ -207,10 +213,11 @@ class InteractiveTrainingArguments(TrainingArguments):
     def efficiency_options(self) -> EfficiencyOptions:
         """The step's :class:`~hf_sam_peft.training.efficiency.EfficiencyOptions` from these arguments."""
         return EfficiencyOptions(
-            autocast_dtype=self.autocast_dtype, encoder_attention=self.encoder_attention,
+            autocast_dtype=none_option(self.autocast_dtype), encoder_attention=none_option(self.encoder_attention),
             encoder_key_tile=self.encoder_key_tile,
-            decoder_attention=self.decoder_attention,
+            decoder_attention=none_option(self.decoder_attention),
             checkpoint_encoder=checkpoint_option(self.checkpoint_encoder),
+            encoder_mlp_recompute=none_option(self.encoder_mlp_recompute),
             backward_per_round=self.backward_per_round, checkpoint_rounds=self.checkpoint_rounds,
             frozen_encoder_no_grad=self.frozen_encoder_no_grad, cache_embeddings=self.cache_embeddings,
             fuse_decoder_projections=self.fuse_decoder_projections,

@@ -19,6 +19,7 @@ from hf_sam_peft.training.efficiency import (
     prepare_model,
     resolve_autocast_dtype,
     resolve_checkpoint_encoder,
+    resolve_mlp_recompute,
     set_encoder_attention,
 )
 from hf_sam_peft.sam_forward.precision import native_autocast_dtype
@@ -113,6 +114,8 @@ FLOAT32_OPTIONS = {
         "full_ft", EfficiencyOptions.plain(fuse_decoder_projections=True, backward_per_round=True)
     ),
     "contiguous_layout": ("full_ft", EfficiencyOptions.plain(contiguous_layout=True)),
+    "encoder_mlp_recompute_hidden": ("full_ft", EfficiencyOptions.plain(encoder_mlp_recompute="hidden")),
+    "encoder_mlp_recompute_activation": ("full_ft", EfficiencyOptions.plain(encoder_mlp_recompute="activation")),
     "retain_freed_memory": ("lora", EfficiencyOptions.plain(retain_freed_memory=True)),
     "flush_denormals": ("lora", EfficiencyOptions.plain(flush_denormals=True)),
     "all_but_autocast": ("lora", EfficiencyOptions(autocast_dtype=None)),
@@ -343,3 +346,30 @@ def test_checkpoint_encoder_auto_follows_native_bf16(monkeypatch, tmp_path):
         assert args.efficiency_options().checkpoint_encoder == option
     with pytest.raises(ValueError, match="checkpoint_encoder"):
         InteractiveTrainingArguments(output_dir=str(tmp_path), checkpoint_encoder="sometimes", report_to=[])
+
+
+def test_encoder_mlp_recompute_auto_is_on_for_float32_cpu_steps_without_checkpointing(monkeypatch, tmp_path):
+    import hf_sam_peft.training.efficiency as efficiency
+    from hf_sam_peft.modeling.mlp import SamRecomputedMLPBlock
+    from hf_sam_peft.training.trainer import InteractiveTrainingArguments
+
+    # (native bf16, bf16 faster than float32) -> "auto": AMX, AVX512-BF16 without AMX, AVX2
+    for native, fast, expected in ((torch.bfloat16, torch.bfloat16, None), (torch.bfloat16, None, "hidden"), (None, None, None)):
+        monkeypatch.setattr(efficiency, "native_autocast_dtype", lambda device, native=native: native)
+        monkeypatch.setattr(efficiency, "fast_autocast_dtype", lambda device, fast=fast: fast)
+        assert resolve_mlp_recompute(EfficiencyOptions(), "cpu") == expected
+        sam = unwrap_sam(prepare_model(tiny_model("lora"), EfficiencyOptions()))
+        recomputed = [type(layer.mlp) is SamRecomputedMLPBlock for layer in sam.vision_encoder.layers]
+        assert all(recomputed) if expected else not any(recomputed)
+    # explicit float32 where bf16 would be chosen; an explicit choice; not on other devices
+    monkeypatch.setattr(efficiency, "native_autocast_dtype", lambda device: torch.bfloat16)
+    assert resolve_mlp_recompute(EfficiencyOptions(autocast_dtype=None), "cpu") == "hidden"
+    assert resolve_mlp_recompute(EfficiencyOptions(autocast_dtype=None, checkpoint_encoder=True), "cpu") is None
+    assert resolve_mlp_recompute(EfficiencyOptions(encoder_mlp_recompute="activation"), "cpu") == "activation"
+    assert resolve_mlp_recompute(EfficiencyOptions(autocast_dtype=None), "meta") is None
+    with pytest.raises(ValueError, match="encoder_mlp_recompute"):
+        EfficiencyOptions(encoder_mlp_recompute="always")
+    # the trainer's command-line strings: "none" is None
+    for text, option in (("none", None), ("hidden", "hidden"), ("auto", "auto")):
+        args = InteractiveTrainingArguments(output_dir=str(tmp_path), encoder_mlp_recompute=text, report_to=[])
+        assert args.efficiency_options().encoder_mlp_recompute == option
