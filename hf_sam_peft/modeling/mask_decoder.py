@@ -117,10 +117,9 @@ class PositionShifts:
     @classmethod
     def project(cls, transformer: SamTwoWayTransformer, positions: torch.Tensor) -> PositionShifts:
         """The shifts of ``positions`` (token layout ``(B, 1, h*w, C)``) through ``transformer``'s weights."""
-        layers = [
-            _project(positions, (layer.cross_attn_token_to_image.k_proj, layer.cross_attn_image_to_token.q_proj), bias=False)
-            for layer in transformer.layers
-        ]
+        projections = [(layer.cross_attn_token_to_image.k_proj, layer.cross_attn_image_to_token.q_proj)
+                       for layer in transformer.layers]
+        layers = [_project(positions, pair, bias=False) for pair in projections]
         (final,) = _project(positions, (transformer.final_attn_token_to_image.k_proj,), bias=False)
         return cls([(key, query) for key, query in layers], final)
 

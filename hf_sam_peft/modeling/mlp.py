@@ -2,12 +2,12 @@
 
 Each ViT block's MLP widens 768 channels to 3,072: ``lin2(act(lin1(x)))``. Autograd keeps the GELU's input
 ``h = lin1(x)`` and, where ``lin2``'s weight trains, its input ``a = act(h)``: 48 MiB each per ViT-B block in
-float32 (4,096 tokens x 3,072), the largest activations a block keeps (LoRA: 0.58 of 1.68 GiB). Both are cheap
-functions of tensors that are kept anyway or are 4x narrower:
+float32 (4,096 tokens x 3,072), the largest activations a block keeps (ViT-B LoRA: 0.56 of the encoder's
+1.68 GiB). Both are cheap functions of tensors that are kept anyway or are 4x narrower:
 
 - ``a`` is recomputed from ``h`` (one elementwise GELU, ~50 ms per ViT-B block on 2 CPU cores);
-- ``h`` is recomputed from the block input ``x`` (one ``lin1`` matmul, ~0.1 s; ``x`` is 12 MiB and kept
-  already where ``lin1``'s weight trains).
+- ``h`` is recomputed from the block input ``x`` (one ``lin1`` matmul, ~0.1 s; ``x``, 12 MiB, is kept by
+  autograd anyway where ``lin1``'s weight trains).
 
 :class:`SamRecomputedMLPBlock` does this with ``torch.autograd.graph.saved_tensors_hooks``: what autograd would
 save for ``h`` and ``a`` is replaced by a recipe, and unpacking the recipe in backward reruns ``lin1`` / ``act``

@@ -384,8 +384,9 @@ def backward_round_losses(
     leaf = from_levels(leaves, embeddings)
     wrt = params + [level for level in leaves if level.requires_grad]
     if shared is not None:
-        shifts = [(graph, leaf) for graph, leaf in zip(shared.graph.tensors(), shared.leaves()) if leaf.requires_grad]
-        wrt += [leaf for _, leaf in shifts]
+        pairs = zip(shared.graph.tensors(), shared.leaves())
+        shifts = [(graph, detached) for graph, detached in pairs if detached.requires_grad]
+        wrt += [detached for _, detached in shifts]
         sources += [graph for graph, _ in shifts]
     sums: list[torch.Tensor | None] = [None] * len(wrt)
 
