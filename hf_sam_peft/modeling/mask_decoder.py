@@ -13,7 +13,8 @@ layer with the three weights stacked (one cast, one matmul) and adds the project
 attention kernels, the residuals and the LayerNorms are transformers' own modules, called as before.
 
 The projected positional embedding depends only on the projection weights and SAM's image-wide positional
-encoding (a buffer), so it is the same for every object and every prompt round of a training step. Within
+encoding (a fixed Fourier basis: a buffer in SAM, a parameter our methods freeze in transformers), so it is the
+same for every object and every prompt round of a training step. Within
 :func:`shared_position_shifts` (the training step) it is projected once, for one image, and broadcast over
 objects and rounds: per ViT-B step with 4 objects and 8 rounds that drops 24 projections of 16,384 tokens
 (forward and weight gradient) and the 24 copies of the positions they saved for backward.
@@ -121,7 +122,7 @@ class PositionShifts:
                        for layer in transformer.layers]
         layers = [_project(positions, pair, bias=False) for pair in projections]
         (final,) = _project(positions, (transformer.final_attn_token_to_image.k_proj,), bias=False)
-        return cls([(key, query) for key, query in layers], final)
+        return cls(layers, final)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for pair in self.layers for t in pair] + [self.final]
