@@ -207,15 +207,17 @@ def resolve_checkpoint_encoder(option: bool | str, device: torch.device | str) -
 
 
 def resolve_mlp_recompute(options: EfficiencyOptions, device: torch.device | str) -> str | None:
-    """``encoder_mlp_recompute`` for a step on ``device``: "auto" is "hidden" where the step trains in float32 on
-    a CPU (no native or no faster bf16) and the encoder is not checkpointed (which recomputes whole blocks)."""
+    """``encoder_mlp_recompute`` for a step on ``device``: None wherever the encoder is checkpointed (that
+    recomputes whole blocks); else "auto" is "hidden" where the step trains in float32 on a CPU (no native or
+    no faster bf16)."""
+    device = torch.device(device)
+    if resolve_checkpoint_encoder(options.checkpoint_encoder, device):
+        return None
     option = options.encoder_mlp_recompute
     if option != "auto":
         return option
-    device = torch.device(device)
     float32 = resolve_autocast_dtype(options.autocast_dtype, device) is None
-    checkpointed = resolve_checkpoint_encoder(options.checkpoint_encoder, device)
-    return "hidden" if device.type == "cpu" and float32 and not checkpointed else None
+    return "hidden" if device.type == "cpu" and float32 else None
 
 
 def autocast_context(options: EfficiencyOptions | None, device: torch.device | str) -> ContextManager:
@@ -313,7 +315,7 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
                         module.gradient_checkpointing = False
     elif getattr(encoder, "gradient_checkpointing", False):
         encoder.gradient_checkpointing_disable()
-    recompute = None if checkpoint_encoder else resolve_mlp_recompute(options, run_on)
+    recompute = resolve_mlp_recompute(options, run_on)
     set_mlp_recompute(encoder, enabled=recompute is not None, recompute_hidden=recompute == "hidden")
     drop_input_require_grads(sam)  # last: enabling checkpointing may add such hooks
     return model

@@ -54,7 +54,6 @@ from hf_sam_peft.sam_forward.kinds import (
     embedding_levels,
     frame_of,
     from_levels,
-    is_sam2,
     main_embedding,
     map_embeddings,
 )
@@ -411,10 +410,9 @@ def backward_round_losses(
 
 
 def _shared_positions(model: nn.Module, enabled: bool, detach: bool = False) -> ContextManager[SharedPositions | None]:
-    """:func:`~hf_sam_peft.modeling.mask_decoder.shared_position_shifts` of SAM models where ``enabled``, else a
-    no-op yielding None (SAM 2's decoder projects its positions per call)."""
-    sam = unwrap_sam(model)
-    return shared_position_shifts(sam, detach) if enabled and not is_sam2(sam) else contextlib.nullcontext()
+    """:func:`~hf_sam_peft.modeling.mask_decoder.shared_position_shifts` where ``enabled``, else a no-op yielding
+    None (as it yields for decoders other than SAM's fused one, e.g. SAM 2's, which project per call)."""
+    return shared_position_shifts(unwrap_sam(model), detach) if enabled else contextlib.nullcontext()
 
 
 def _fp16_autocast() -> bool:
