@@ -46,8 +46,9 @@ from transformers.models.sam.modeling_sam import SamVisionAttention
 
 
 # ViT-B global block (64 x 64 keys), forward + backward of the attention module, 2 CPU cores, one run each
-# (the measurement of benchmarks/encoder_attention.py; benchmarks/RESULTS.md, session 9): float32 3.08 s untiled, 2.23 s with 16 x 16 tiles, 2.17 s with 32 x 32;
-# bf16 with AMX 1.02 / 1.08 / 0.90 s; bf16 without AMX 2.74 / 2.00 / 2.12 s. 32 is the one side that never loses.
+# (the measurement of benchmarks/encoder_attention.py; benchmarks/RESULTS.md, session 9): float32 3.08 s
+# untiled, 2.23 s with 16 x 16 tiles, 2.17 s with 32 x 32; bf16 with AMX 1.02 / 1.08 / 0.90 s; bf16 without
+# AMX 2.74 / 2.00 / 2.12 s. 32 is the one side that never loses.
 DEFAULT_KEY_TILE = 32
 
 
@@ -65,8 +66,8 @@ class SamVisionFusedAttention(SamVisionAttention):
     ``hf_sam_peft.training.efficiency.set_encoder_attention``). ``output_attentions=True`` falls back to the
     eager computation, the only one that has the weights to return.
 
-    ``key_tile``: on the CPU (training and ``no_grad``), the side of the square key tiles the attention is cut into (``_key_tiles``;
-    ``None``, or a side that does not divide the grid or equals it: one call over all keys).
+    ``key_tile``: on the CPU (training and ``no_grad``), the side of the square key tiles the attention is cut
+    into (``_key_tiles``; ``None``, or a side that does not divide the grid or equals it: one call over all keys).
     ``DEFAULT_KEY_TILE`` makes each of ViT-B's global blocks 4 flash calls at head size 128 instead of one at
     192; windowed blocks (14 x 14) stay one call. Set by ``EfficiencyOptions.encoder_key_tile``.
     """
