@@ -14,8 +14,10 @@ setup(
     include_package_data=True,
     package_data={"hf_sam_peft": ["**/*.py", "**/*.md", "**/*.yaml"], "hf_sam_peft.model_cards": ["*.md"]},
     install_requires=[
-        "torch>=2.4,<2.15",
-        "transformers>=5.0,<6",
+        # tested: torch 2.6.0 / 2.11.0 / 2.13.0, transformers 5.20.0 / 5.24.0 (transformers 5 needs torch 2.6;
+        # SubConfigSpec, which LiteMedSAM's config uses, is from transformers 5.20)
+        "torch>=2.6,<2.15",
+        "transformers>=5.20,<6",
         "peft>=0.21,<0.22",  # our tuners use peft internals checked against 0.21
         "accelerate>=1.0",
         "datasets>=3.0",

@@ -31,11 +31,14 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue as queues
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -121,11 +124,8 @@ def measure(method: str, path: str, opts: dict, queue) -> None:
     cache = EmbeddingCache() if options.cache_embeddings else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, cpu_times, losses = [], [], []
-    for step in range(opts["warmup"] + opts["steps"]):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
+
+    def train_step(step: int) -> torch.Tensor:
         generator = prompt_generator(0, 0, step, device=device)
         loss, _ = interactive_loss(
             model, batch, training_prompt_mode(step), n_objects=opts["objects"], n_rounds=opts["rounds"],
@@ -134,6 +134,14 @@ def measure(method: str, path: str, opts: dict, queue) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    times, cpu_times, losses = [], [], []
+    for step in range(opts["warmup"] + opts["steps"]):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = train_step(step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= opts["warmup"]:
@@ -144,8 +152,45 @@ def measure(method: str, path: str, opts: dict, queue) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    if opts.get("profile"):  # after the timed steps (and the peak memory reading): the profiler's cost stays out
+        write_profile(opts["profile"], method, path, device, lambda: train_step(opts["warmup"] + opts["steps"]))
     queue.put({"method": method, "path": path, "time_per_it": statistics.median(times),
                "cpu_per_it": statistics.median(cpu_times), "peak_gib": peak, "trainable": trainable, "losses": losses})
+
+
+def write_profile(folder: str, method: str, path: str, device: torch.device, step: Callable[[], object]) -> str:
+    """Profile one more training step and write its operator table (self time, top 40) to
+    ``folder/profile_<method>_<path>.txt``; returns the file's path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"profile_{method}_{path}").strip("-") + ".txt"
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, name)
+    with open(target, "w") as f:
+        f.write(f"# {method}, {path}, {device}: one training step, operators by self time\n")
+        f.write(prof.key_averages().table(sort_by=sort_by, row_limit=40))
+    return target
+
+
+def result_of(proc, queue, method: str, path: str) -> dict:
+    """The measuring process's row, or an error row once it has died without one (an import error or a crash
+    there must end the table's row, not hang the benchmark)."""
+    while True:
+        try:
+            return queue.get(timeout=2)
+        except queues.Empty:
+            if not proc.is_alive():
+                try:
+                    return queue.get(timeout=2)  # a row sent just before exiting
+                except queues.Empty:
+                    return {"method": method, "path": path,
+                            "error": f"the measuring process died (exit code {proc.exitcode}); see its traceback above"}
 
 
 def measure_peer(method: str, args, python: str) -> dict:
@@ -210,6 +255,9 @@ def main(argv=None) -> int:
                         help="run each method's peer and paths this many times, interleaved, and report each one's "
                              "fastest time and largest peak memory (for machines whose speed drifts within minutes)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after the timed steps, profile one more step of each of our runs and write its "
+                             "operator table to DIR/profile_<method>_<path>.txt (the timings exclude it)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -222,7 +270,7 @@ def main(argv=None) -> int:
     opts = dict(
         model=args.model, image_size=image_size, data_size=args.data_size, batch=args.batch,
         objects=args.objects, rounds=args.rounds, steps=args.steps, warmup=args.warmup, threads=args.threads,
-        device=args.device,
+        device=args.device, profile=args.profile,
     )
     paths = [p for p in args.paths.replace(";", "\n").replace(",plain", "\nplain").replace(",optimized", "\noptimized").split("\n") if p]
     use_peer = bool(args.peer_python) and os.path.exists(args.peer_python) and args.model != "tiny"
@@ -249,7 +297,7 @@ def main(argv=None) -> int:
                 queue = ctx.Queue()
                 proc = ctx.Process(target=measure, args=(method, path, opts, queue))
                 proc.start()
-                ours[path] = best_of(ours.get(path), queue.get())
+                ours[path] = best_of(ours.get(path), result_of(proc, queue, method, path))
                 proc.join()
         if peer is not None:
             rows.append(peer)

@@ -91,7 +91,8 @@ class LiteSamConfig(SamConfig):
         "prompt_encoder_config": SubConfigSpec(SamPromptEncoderConfig, init_kwargs={"image_size": 256, "patch_size": 4}),
         # segment_anything's two-way transformer norms use torch's eps 1e-5 (transformers' default is 1e-6)
         "mask_decoder_config": SubConfigSpec(SamMaskDecoderConfig, init_kwargs={"layer_norm_eps": 1e-5}),
-        "vision_config": LiteSamVisionConfig,
+        # a spec, not the bare class: transformers < 5.22 does not wrap bare classes (SubConfigSpec is from 5.20)
+        "vision_config": SubConfigSpec(LiteSamVisionConfig),
     }
 
     def __post_init__(self, **kwargs):

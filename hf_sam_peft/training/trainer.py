@@ -132,7 +132,8 @@ class InteractiveTrainingArguments(TrainingArguments):
     )
     encoder_key_tile: int | None = field(
         default=DEFAULT_KEY_TILE,
-        metadata={"help": "Fused encoder attention on CPU: side of the key tiles (narrower flash calls); None: one call."},
+        metadata={"help": "Fused encoder attention on CPU: side of the key tiles (narrower flash calls); 0 or None: "
+                          "one call over all keys (0 is how the command line spells None)."},
     )
     decoder_attention: str | None = field(
         default="auto", metadata={"help": "Mask decoder attention: auto (eager on CPU, else the model's), eager or sdpa."}
@@ -214,7 +215,7 @@ class InteractiveTrainingArguments(TrainingArguments):
         """The step's :class:`~hf_sam_peft.training.efficiency.EfficiencyOptions` from these arguments."""
         return EfficiencyOptions(
             autocast_dtype=none_option(self.autocast_dtype), encoder_attention=none_option(self.encoder_attention),
-            encoder_key_tile=self.encoder_key_tile,
+            encoder_key_tile=None if self.encoder_key_tile == 0 else self.encoder_key_tile,
             decoder_attention=none_option(self.decoder_attention),
             checkpoint_encoder=checkpoint_option(self.checkpoint_encoder),
             encoder_mlp_recompute=none_option(self.encoder_mlp_recompute),

@@ -44,7 +44,9 @@ def test_preprocessing_matches_sam_image_processor(name, image_size):
         pad_size={"height": image_size, "width": image_size},
     )[0]
     mine = postprocess_masks(low_res[0], image_size, ours["reshaped_input_sizes"][0], ours["original_sizes"][0])
-    assert torch.allclose(mine, post, atol=1e-5)
+    # same bilinear maths; torch's kernels for (1, 3, h, w) (the processor's layout) and (3, 1, h, w) (ours) may
+    # round differently: torch 2.6 on one thread differs by 3.5e-5 on these logits of scale ~4
+    assert torch.allclose(mine, post, atol=1e-4)
 
 
 # ---- encode once, decode per prompt ---------------------------------------------------------------------

@@ -373,3 +373,18 @@ def test_encoder_mlp_recompute_auto_is_on_for_float32_cpu_steps_without_checkpoi
     for text, option in (("none", None), ("hidden", "hidden"), ("auto", "auto")):
         args = InteractiveTrainingArguments(output_dir=str(tmp_path), encoder_mlp_recompute=text, report_to=[])
         assert args.efficiency_options().encoder_mlp_recompute == option
+
+
+def test_encoder_key_tile_from_the_command_line(tmp_path):
+    """HfArgumentParser parses ``int | None`` as an int: 0 is how the command line turns the key tiles off."""
+    from transformers import HfArgumentParser
+
+    from hf_sam_peft.training.trainer import InteractiveTrainingArguments
+
+    parser = HfArgumentParser(InteractiveTrainingArguments)
+    for text, tile in (("0", None), ("16", 16)):
+        (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--encoder_key_tile", text,
+                                                      "--report_to", "none"])
+        assert args.efficiency_options().encoder_key_tile == tile
+    with pytest.raises(ValueError, match="encoder_key_tile"):
+        InteractiveTrainingArguments(output_dir=str(tmp_path), encoder_key_tile=-1, report_to=[])

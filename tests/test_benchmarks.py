@@ -1,0 +1,62 @@
+"""The benchmark driver's plumbing (benchmarks/train_step.py): a measuring process that dies yields an error row
+instead of hanging the table, and ``--profile`` writes one operator table per run."""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import os
+import sys
+
+import torch
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_train_step():
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(BENCHMARKS, "train_step.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(BENCHMARKS)
+
+
+def _dies(queue) -> None:
+    os._exit(3)
+
+
+def _answers(queue) -> None:
+    queue.put({"method": "lora", "path": "optimized", "time_per_it": 1.0})
+
+
+def test_a_dead_measuring_process_gives_an_error_row():
+    train_step = load_train_step()
+    ctx = mp.get_context("spawn")
+    rows = []
+    for target in (_dies, _answers):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=target, args=(queue,))
+        proc.start()
+        rows.append(train_step.result_of(proc, queue, "lora", "optimized"))
+        proc.join()
+    died, answered = rows
+    assert died["method"] == "lora" and "exit code 3" in died["error"] and "time_per_it" not in died
+    assert answered == {"method": "lora", "path": "optimized", "time_per_it": 1.0}
+
+
+def test_profile_writes_one_operator_table(tmp_path):
+    train_step = load_train_step()
+    weight = torch.randn(8, 8, requires_grad=True)
+
+    def step():
+        loss = (torch.randn(4, 8) @ weight).square().sum()
+        loss.backward()
+        return loss
+
+    target = train_step.write_profile(str(tmp_path / "profiles"), "lora@last2", "optimized:autocast_dtype=none", torch.device("cpu"), step)
+    assert os.path.basename(target) == "profile_lora-last2_optimized-autocast_dtype-none.txt"
+    text = open(target).read()
+    assert text.startswith("# lora@last2, optimized:autocast_dtype=none, cpu") and "aten::mm" in text
