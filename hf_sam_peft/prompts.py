@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hf_sam_peft.row_loops import row_by_row
+
 # µSAM: negatives for the initial point prompts avoid a band of this width around the object.
 NEGATIVE_MARGIN = 10
 # µSAM: fallback region for correction negatives is the object's box widened by this many pixels.
@@ -90,13 +92,17 @@ Region = torch.Tensor | Callable[[], torch.Tensor]
 
 
 def _row_counts(masks: torch.Tensor) -> torch.Tensor:
-    """``count_nonzero(masks, dim=-1)`` for a 2-D bool tensor, one row at a time.
+    """``count_nonzero(masks, dim=-1)`` for a 2-D bool tensor; on a CPU one row at a time (:mod:`hf_sam_peft.row_loops`).
 
-    Why: the ``dim=`` reduction widens the whole boolean map to int64 first (4 × 1024² pixels: 15 ms on 2 CPU
-    cores), while a whole-row count runs on the bytes (0.5 ms for the same four rows).
+    Why: there the ``dim=`` reduction widens the whole boolean map to int64 first (4 × 1024² pixels: 15 ms on 2
+    CPU cores), while a whole-row count runs on the bytes (0.5 ms for the same four rows). On a GPU the loop
+    would launch one kernel per row (700 per training step of 2 images x 25 objects x 8 rounds) for one
+    reduction's work. Same integer counts either way.
     """
     if masks.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=masks.device)
+    if not row_by_row(masks):
+        return torch.count_nonzero(masks, dim=-1)
     return torch.stack([torch.count_nonzero(row) for row in masks])
 
 

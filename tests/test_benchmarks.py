@@ -1,5 +1,5 @@
-"""The benchmark driver's plumbing (benchmarks/train_step.py): a measuring process that dies yields an error row
-instead of hanging the table, and ``--profile`` writes one operator table per run."""
+"""The benchmarks' plumbing: train_step.py (a measuring process that dies yields an error row instead of hanging the
+table; ``--profile`` writes one operator table per run) and host_syncs.py (op counts of one step)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,19 @@ import torch
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-def load_train_step():
+def load_benchmark(name: str):
     sys.path.insert(0, BENCHMARKS)
     try:
-        spec = importlib.util.spec_from_file_location("bench_train_step", os.path.join(BENCHMARKS, "train_step.py"))
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
     finally:
         sys.path.remove(BENCHMARKS)
+
+
+def load_train_step():
+    return load_benchmark("train_step")
 
 
 def _dies(queue) -> None:
@@ -60,3 +64,13 @@ def test_profile_writes_one_operator_table(tmp_path):
     assert os.path.basename(target) == "profile_lora-last2_optimized-autocast_dtype-none.txt"
     text = open(target).read()
     assert text.startswith("# lora@last2, optimized:autocast_dtype=none, cpu") and "aten::mm" in text
+
+
+def test_host_syncs_counts_a_step_and_the_gpu_forms_dispatch_fewer_ops():
+    host_syncs = load_benchmark("host_syncs")
+    cpu = host_syncs.count_step("lora", "optimized", "tiny", 1, 4, 2, 0)
+    gpu = host_syncs.count_step("lora", "optimized", "tiny", 1, 4, 2, 0, gpu_loops=True)
+    assert 0 < gpu.ops < cpu.ops
+    # the same prompts are drawn either way: the same host reads, from our prompt sampling among others
+    assert cpu.reads == gpu.reads and cpu.reads["aten::nonzero"] > 0
+    assert any(where.startswith("prompts.py:") for where in gpu.sources)

@@ -202,6 +202,29 @@ def test_single_pick_is_uniform_over_the_first_nonempty_region_and_builds_fallba
         _pick_one([torch.zeros(2, 5, dtype=torch.bool)], gen())
 
 
+def test_row_counts_per_row_and_in_one_reduction_agree():
+    """The CPU's row-by-row count and the one-reduction count GPUs get: the same integers, and the same picks."""
+    from hf_sam_peft.prompts import _pick_one, _row_counts
+    from hf_sam_peft.row_loops import force_row_by_row, row_by_row
+
+    masks = torch.rand(25, 64 * 64, generator=gen(5)) < torch.linspace(0, 1, 25)[:, None]
+    masks[3] = False
+    expected = masks.sum(-1)
+    assert row_by_row(masks)  # the default on a CPU
+    picks = {}
+    for per_row in (True, False):
+        with force_row_by_row(per_row):
+            assert row_by_row(masks) is per_row
+            assert torch.equal(_row_counts(masks), expected)
+            assert _row_counts(masks[:0]).shape == (0,)
+            picks[per_row] = _pick_one([masks, torch.ones_like(masks)], gen(6))
+    assert torch.equal(picks[True], picks[False])
+    assert row_by_row(masks)  # restored
+    with pytest.raises(TypeError, match="enabled"):
+        with force_row_by_row("yes"):
+            pass
+
+
 # ------------------------------------------------------------------------------------------ centre points
 
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from hf_sam_peft.row_loops import row_by_row
+
 EPS = 1e-7
 
 
@@ -43,13 +45,24 @@ def mask_iou(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, 
 class _SigmoidDiceSums(torch.autograd.Function):
     """``(Σ σ(x)·t, Σ σ(x)², Σ [σ(x) > 0.5]·t, Σ [σ(x) > 0.5])`` over the last two dims of ``x`` ``(N, K, H, W)``.
 
-    Mask by mask, so that each full-resolution map is read while it sits in cache (memory bandwidth, not
-    arithmetic, bounds these sums on a CPU), and without saving probability maps: backward recomputes
-    ``σ`` from the logits. The counts carry no gradient.
+    Without saving probability maps: backward recomputes ``σ`` from the logits. The counts carry no gradient.
+    On a CPU mask by mask, so that each full-resolution map is read while it sits in cache (memory bandwidth,
+    not arithmetic, bounds these sums there); elsewhere in one batched pass, since on a GPU the loop would
+    launch ~20 kernels per mask (:mod:`hf_sam_peft.row_loops`).
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor):  # target: (N, H, W) float 0/1
+        ctx.row_by_row = row_by_row(logits)
+        ctx.save_for_backward(logits, target)
+        if not ctx.row_by_row:
+            probs = torch.sigmoid(logits.flatten(2))
+            t = target.flatten(1)[:, None]
+            predicted = (probs > 0.5).to(probs.dtype)
+            inter, squares = (probs * t).sum(-1), (probs * probs).sum(-1)
+            overlap, counts = (predicted * t).sum(-1), predicted.sum(-1)
+            ctx.mark_non_differentiable(overlap, counts)
+            return inter, squares, overlap, counts
         n_obj, n_masks = logits.shape[:2]
         sums = logits.new_empty(4, n_obj, n_masks)
         for n in range(n_obj):
@@ -61,7 +74,6 @@ class _SigmoidDiceSums(torch.autograd.Function):
                 sums[1, n, k] = torch.dot(probs, probs)
                 sums[2, n, k] = torch.dot(predicted, t)
                 sums[3, n, k] = predicted.sum()
-        ctx.save_for_backward(logits, target)
         inter, squares, overlap, counts = sums.unbind(0)
         ctx.mark_non_differentiable(overlap, counts)
         return inter, squares, overlap, counts
@@ -69,6 +81,10 @@ class _SigmoidDiceSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_inter, grad_squares, _grad_overlap, _grad_counts):
         logits, target = ctx.saved_tensors
+        if not ctx.row_by_row:
+            probs = torch.sigmoid(logits)
+            weights = grad_inter[..., None, None] * target[:, None] + 2.0 * grad_squares[..., None, None] * probs
+            return weights * probs * (1.0 - probs), None
         grad = torch.empty_like(logits)
         for n in range(logits.shape[0]):
             for k in range(logits.shape[1]):

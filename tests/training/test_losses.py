@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_sam_peft.row_loops import force_row_by_row
 from hf_sam_peft.training.losses import batch_round_loss, dice_loss, mask_and_iou_loss, mask_iou
 
 BIG = 30.0  # a logit whose sigmoid is 1 to float precision
@@ -66,8 +67,15 @@ def test_batch_round_loss_is_mean_over_images_of_any_size():
         batch_round_loss(logits[:1], ious, targets)
 
 
-def test_fused_sums_match_the_reference_formulas_and_their_gradients():
-    """mask_and_iou_loss's one-pass sums give dice_loss(σ(x), t) / mask_iou(σ(x), t) and the same gradient."""
+@pytest.mark.parametrize("per_mask", [True, False], ids=["mask-by-mask (CPU)", "batched (GPU)"])
+def test_fused_sums_match_the_reference_formulas_and_their_gradients(per_mask):
+    """mask_and_iou_loss's one-pass sums give dice_loss(σ(x), t) / mask_iou(σ(x), t) and the same gradient,
+    in both forms (hf_sam_peft.row_loops)."""
+    with force_row_by_row(per_mask):
+        check_fused_sums()
+
+
+def check_fused_sums():
     from hf_sam_peft.training.losses import _SigmoidDiceSums
 
     gen = torch.Generator().manual_seed(1)

@@ -1,0 +1,40 @@
+"""Where a Python loop over rows beats one batched kernel: on a CPU, not on a GPU. One rule for the package.
+
+Some hot reductions are written as a loop over objects / masks / rows (``prompts._row_counts``,
+``training.losses._SigmoidDiceSums``): on a CPU each row's full-resolution map is then read while it sits in
+cache (memory bandwidth, not arithmetic, bounds these sums) and no wide temporary is made. On a GPU the same loop
+launches a handful of kernels per row: ~11,000 extra op dispatches per training step of 2 images x 25 objects x
+8 rounds (``benchmarks/host_syncs.py``), each costing host time, where one batched kernel does the same work. Both
+forms compute the same sums; the batched one may add in another order (float rounding only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+_forced: bool | None = None
+
+
+def row_by_row(tensor: torch.Tensor) -> bool:
+    """Whether to loop over rows for ``tensor``: on a CPU, unless :func:`force_row_by_row` says otherwise."""
+    return tensor.device.type == "cpu" if _forced is None else _forced
+
+
+@contextmanager
+def force_row_by_row(enabled: bool | None) -> Iterator[None]:
+    """Within the block, take (True) or skip (False) the row loops on every device (None: by device).
+
+    For tests of both forms, and for counting a GPU step's operations on a CPU (``benchmarks/host_syncs.py
+    --gpu-loops``). Process-wide, not thread-local.
+    """
+    global _forced
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+    previous, _forced = _forced, enabled
+    try:
+        yield
+    finally:
+        _forced = previous

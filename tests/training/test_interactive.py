@@ -1,0 +1,73 @@
+"""The interactive step's plumbing: per-round gradient sums, and the batched forms a GPU takes (row_loops)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import SamModel
+
+from hf_sam_peft import apply_method
+from hf_sam_peft.modeling.sam import tiny_sam_config
+from hf_sam_peft.row_loops import force_row_by_row
+from hf_sam_peft.training.collate import SamInteractiveCollator
+from hf_sam_peft.training.efficiency import EfficiencyOptions, prepare_model
+from hf_sam_peft.training.interactive import (
+    accumulate_gradients,
+    interactive_loss,
+    prompt_generator,
+    training_prompt_mode,
+)
+
+
+def test_accumulate_gradients_is_the_plain_sum_with_none_as_zero():
+    gen = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    a16, b16 = torch.randn(7, generator=gen).bfloat16(), torch.randn(7, generator=gen).bfloat16()
+    expanded = torch.randn(1, 3, generator=gen).expand(5, 3)  # autograd can hand out such views
+    before = expanded.clone()
+    sums = [a32, None, a16, None, expanded]
+    grads = [b32, b16, b16, None, a32]
+    out = accumulate_gradients(sums, grads)
+    assert torch.equal(out[0], a32 + b32) and out[1] is b16 and torch.equal(out[2], a16 + b16)
+    assert out[2].dtype == torch.bfloat16 and out[3] is None and torch.equal(out[4], expanded + a32)
+    assert torch.equal(expanded, before)  # out of place: nothing it was given changes
+    assert accumulate_gradients([], []) == []
+    with pytest.raises(ValueError, match="as long"):
+        accumulate_gradients([a32], [])
+
+
+def step_losses_and_grads(step: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = apply_method(SamModel(tiny_sam_config(image_size=128)), "lora").train()
+    options = EfficiencyOptions(autocast_dtype=None)
+    prepare_model(model, options, device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.zeros(128, 128, dtype=torch.int64)
+    for i in range(6):  # six rectangles
+        y, x = divmod(i, 3)
+        labels[10 + 40 * y: 40 + 40 * y, 8 + 40 * x: 30 + 40 * x + i] = i + 1
+    image = (torch.rand(128, 128, 3, generator=gen) * 60 + (labels > 0)[..., None] * 120).to(torch.uint8)
+    batch = SamInteractiveCollator.from_model(model)([{"image": image.numpy(), "labels": labels.numpy()}])
+    loss, _ = interactive_loss(model, batch, training_prompt_mode(step), n_objects=4, n_rounds=3,
+                               generator=prompt_generator(0, 0, step), options=options)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return [float(loss.detach())], grads
+
+
+@pytest.mark.parametrize("step", [0, 1], ids=["point start", "box start"])
+def test_the_gpu_forms_of_the_row_loops_give_the_same_step(step):
+    """A training step with the CPU's row loops and with the batched forms a GPU takes: the same prompts (same
+    integer counts), the same loss and gradients up to float32 summation order."""
+    with force_row_by_row(True):
+        loss_rows, grads_rows = step_losses_and_grads(step)
+    with force_row_by_row(False):
+        loss_batched, grads_batched = step_losses_and_grads(step)
+    assert loss_rows == pytest.approx(loss_batched, rel=1e-5)
+    assert grads_rows.keys() == grads_batched.keys() and grads_rows
+    # some gradients are float noise around zero (~1e-15: a bias ahead of a norm): an absolute floor from the
+    # largest gradient of the step, a relative bound from each tensor's own
+    floor = max(grad.abs().max() for grad in grads_rows.values())
+    for name, grad in grads_rows.items():
+        bound = 1e-4 * grad.abs().max() + 1e-6 * floor
+        assert (grad - grads_batched[name]).abs().max() <= bound, name
