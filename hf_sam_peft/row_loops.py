@@ -2,10 +2,10 @@
 
 Some hot reductions are written as a loop over objects / masks / rows (``prompts._row_counts``,
 ``training.losses._SigmoidDiceSums``): on a CPU each row's full-resolution map is then read while it sits in
-cache (memory bandwidth, not arithmetic, bounds these sums) and no wide temporary is made. On a GPU the same loop
-launches a handful of kernels per row: ~11,000 extra op dispatches per training step of 2 images x 25 objects x
-8 rounds (``benchmarks/host_syncs.py``), each costing host time, where one batched kernel does the same work. Both
-forms compute the same sums; the batched one may add in another order (float rounding only).
+cache (memory bandwidth, not arithmetic, bounds these sums) and no wide temporary is made. On a GPU the same
+loops dispatch a handful of ops per row, ~23,000 in all per training step of 2 images x 25 objects x 8 rounds
+(``benchmarks/host_syncs.py``: 43,925 -> 20,765 ops), each costing host time, where one batched kernel does the
+same work. Both forms compute the same sums; the batched one may add in another order (float rounding only).
 """
 
 from __future__ import annotations
