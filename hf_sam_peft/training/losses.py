@@ -55,12 +55,16 @@ class _SigmoidDiceSums(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor):  # target: (N, H, W) float 0/1
         ctx.row_by_row = row_by_row(logits)
         ctx.save_for_backward(logits, target)
-        if not ctx.row_by_row:
-            probs = torch.sigmoid(logits.flatten(2))
-            t = target.flatten(1)[:, None]
-            predicted = (probs > 0.5).to(probs.dtype)
-            inter, squares = (probs * t).sum(-1), (probs * probs).sum(-1)
-            overlap, counts = (predicted * t).sum(-1), predicted.sum(-1)
+        if not ctx.row_by_row:  # batched; dot products as bmm, so no full-size product is materialised
+            n_obj, n_masks, pixels = logits.shape[0], logits.shape[1], logits[0, 0].numel()
+            probs = torch.sigmoid(logits.reshape(n_obj, n_masks, pixels))
+            t = target.reshape(n_obj, pixels, 1)
+            inter = torch.bmm(probs, t).squeeze(-1)
+            rows = probs.reshape(n_obj * n_masks, 1, pixels)
+            squares = torch.bmm(rows, rows.transpose(1, 2)).reshape(n_obj, n_masks)
+            predicted = probs > 0.5
+            overlap = torch.count_nonzero(predicted & (t.transpose(1, 2) > 0.5), dim=-1).to(probs.dtype)
+            counts = torch.count_nonzero(predicted, dim=-1).to(probs.dtype)
             ctx.mark_non_differentiable(overlap, counts)
             return inter, squares, overlap, counts
         n_obj, n_masks = logits.shape[:2]
@@ -81,10 +85,11 @@ class _SigmoidDiceSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_inter, grad_squares, _grad_overlap, _grad_counts):
         logits, target = ctx.saved_tensors
-        if not ctx.row_by_row:
+        if not ctx.row_by_row:  # (g_inter·t + 2·g_squares·σ)·σ·(1 - σ), in place on two full-size tensors
             probs = torch.sigmoid(logits)
-            weights = grad_inter[..., None, None] * target[:, None] + 2.0 * grad_squares[..., None, None] * probs
-            return weights * probs * (1.0 - probs), None
+            grad = probs * (2.0 * grad_squares[..., None, None])
+            grad.addcmul_(grad_inter[..., None, None], target[:, None]).mul_(probs)
+            return grad.mul_(probs.neg_().add_(1.0)), None
         grad = torch.empty_like(logits)
         for n in range(logits.shape[0]):
             for k in range(logits.shape[1]):
