@@ -27,8 +27,8 @@ def row_by_row(tensor: torch.Tensor) -> bool:
 def force_row_by_row(enabled: bool | None) -> Iterator[None]:
     """Within the block, take (True) or skip (False) the row loops on every device (None: by device).
 
-    For tests of both forms, and for counting a GPU step's operations on a CPU (``benchmarks/host_syncs.py
-    --gpu-loops``). Process-wide, not thread-local.
+    For tests of both forms, and for counting a GPU step's operations on a CPU (``benchmarks/host_syncs.py``).
+    Process-wide, not thread-local.
     """
     global _forced
     if enabled is not None and not isinstance(enabled, bool):

@@ -55,16 +55,17 @@ class _SigmoidDiceSums(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor):  # target: (N, H, W) float 0/1
         ctx.row_by_row = row_by_row(logits)
         ctx.save_for_backward(logits, target)
-        if not ctx.row_by_row:  # batched; dot products as bmm, so no full-size product is materialised
+        if not ctx.row_by_row:
+            # batched, one full-size temporary at a time; elementwise products and sums in the logits' dtype
+            # (float32), not bmm, which autocast would run in bf16 and a GPU may run in TF32
             n_obj, n_masks, pixels = logits.shape[0], logits.shape[1], logits[0, 0].numel()
-            probs = torch.sigmoid(logits.reshape(n_obj, n_masks, pixels))
-            t = target.reshape(n_obj, pixels, 1)
-            inter = torch.bmm(probs, t).squeeze(-1)
-            rows = probs.reshape(n_obj * n_masks, 1, pixels)
-            squares = torch.bmm(rows, rows.transpose(1, 2)).reshape(n_obj, n_masks)
-            predicted = probs > 0.5
-            overlap = torch.count_nonzero(predicted & (t.transpose(1, 2) > 0.5), dim=-1).to(probs.dtype)
-            counts = torch.count_nonzero(predicted, dim=-1).to(probs.dtype)
+            with torch.autocast(logits.device.type, enabled=False):
+                probs = torch.sigmoid(logits.reshape(n_obj, n_masks, pixels))
+                t = target.reshape(n_obj, 1, pixels)
+                inter, squares = (probs * t).sum(-1), probs.square().sum(-1)
+                predicted = probs > 0.5
+                overlap = torch.count_nonzero(predicted & (t > 0.5), dim=-1).to(probs.dtype)
+                counts = torch.count_nonzero(predicted, dim=-1).to(probs.dtype)
             ctx.mark_non_differentiable(overlap, counts)
             return inter, squares, overlap, counts
         n_obj, n_masks = logits.shape[:2]

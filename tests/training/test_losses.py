@@ -98,3 +98,20 @@ def check_fused_sums():
     # and the hand-written backward is the true derivative
     small = logits.detach()[:1, :, :3, :3].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: _SigmoidDiceSums.apply(x, target[:1, :3, :3].double())[:2], (small,))
+
+
+def test_fused_sums_keep_float32_under_bf16_autocast():
+    """Both forms give float32 sums inside a bf16 autocast region (as the training step runs them): the same
+    numbers as without autocast, to float32 summation order."""
+    from hf_sam_peft.training.losses import _SigmoidDiceSums
+
+    gen = torch.Generator().manual_seed(2)
+    logits = 3 * torch.randn(5, 3, 64, 48, generator=gen)
+    target = (torch.rand(5, 64, 48, generator=gen) > 0.5).float()
+    for per_mask in (True, False):
+        with force_row_by_row(per_mask):
+            plain = _SigmoidDiceSums.apply(logits, target)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                under = _SigmoidDiceSums.apply(logits, target)
+        for a, b in zip(plain, under):
+            assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-5), per_mask
