@@ -9,7 +9,9 @@
 #   bash benchmarks/offline_wheels.sh DIR [PYTHON_VERSION]     # PYTHON_VERSION of the GPU node: default 3.12
 #   PACKAGES="transformers peft" bash benchmarks/offline_wheels.sh DIR
 #
-# About 15 MB for the default set. Then, on the node: WHEELS=DIR bash benchmarks/gpu_table.sh
+# About 15 MB for the default set. Then, on the node: WHEELS=DIR bash benchmarks/gpu_table.sh (its first step imports
+# everything and prints the versions, so a missing or too old package shows before any run; datasets needs
+# pyarrow >= 24: where the node's is older, add pyarrow to PACKAGES, ~45 MB).
 set -euo pipefail
 DEST="${1:?usage: offline_wheels.sh DIR [PYTHON_VERSION]}"
 PYVER="${2:-3.12}"
