@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--top", type=int, default=12, help="how many source lines to list")
     args = parser.parse_args(argv)
-    print(f"# {args.method}, {args.path}, {args.model}, batch {args.batch}, {args.objects} objects, {args.rounds} rounds")
+    print(f"# {args.method}, {args.path}, {args.model}, batch {args.batch}, {args.objects} objects, "
+          f"{args.rounds} rounds")
     print("| step (prompt mode) | loops | ops dispatched | host reads | by op |")
     print("|---|---|---:|---:|---|")
     sources: collections.Counter[str] = collections.Counter()

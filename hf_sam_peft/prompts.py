@@ -92,7 +92,8 @@ Region = torch.Tensor | Callable[[], torch.Tensor]
 
 
 def _row_counts(masks: torch.Tensor) -> torch.Tensor:
-    """``count_nonzero(masks, dim=-1)`` for a 2-D bool tensor; on a CPU one row at a time (:mod:`hf_sam_peft.row_loops`).
+    """``count_nonzero(masks, dim=-1)`` for a 2-D bool tensor; on a CPU one row at a time
+    (:mod:`hf_sam_peft.row_loops`).
 
     Why: there the ``dim=`` reduction widens the whole boolean map to int64 first (4 × 1024² pixels: 15 ms on 2
     CPU cores), while a whole-row count runs on the bytes (0.5 ms for the same four rows). On a GPU the loop

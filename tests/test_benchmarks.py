@@ -24,10 +24,6 @@ def load_benchmark(name: str):
         sys.path.remove(BENCHMARKS)
 
 
-def load_train_step():
-    return load_benchmark("train_step")
-
-
 def _dies(queue) -> None:
     os._exit(3)
 
@@ -37,7 +33,7 @@ def _answers(queue) -> None:
 
 
 def test_a_dead_measuring_process_gives_an_error_row():
-    train_step = load_train_step()
+    train_step = load_benchmark("train_step")
     ctx = mp.get_context("spawn")
     rows = []
     for target in (_dies, _answers):
@@ -52,7 +48,7 @@ def test_a_dead_measuring_process_gives_an_error_row():
 
 
 def test_profile_writes_one_operator_table(tmp_path):
-    train_step = load_train_step()
+    train_step = load_benchmark("train_step")
     weight = torch.randn(8, 8, requires_grad=True)
 
     def step():
@@ -60,7 +56,8 @@ def test_profile_writes_one_operator_table(tmp_path):
         loss.backward()
         return loss
 
-    target = train_step.write_profile(str(tmp_path / "profiles"), "lora@last2", "optimized:autocast_dtype=none", torch.device("cpu"), step)
+    target = train_step.write_profile(str(tmp_path / "profiles"), "lora@last2", "optimized:autocast_dtype=none",
+                                      torch.device("cpu"), step)
     assert os.path.basename(target) == "profile_lora-last2_optimized-autocast_dtype-none.txt"
     text = open(target).read()
     assert text.startswith("# lora@last2, optimized:autocast_dtype=none, cpu") and "aten::mm" in text

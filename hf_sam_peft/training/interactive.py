@@ -409,7 +409,9 @@ def backward_round_losses(
     return [dice for dice, _ in losses], [mse for _, mse in losses], surrogate
 
 
-def accumulate_gradients(sums: Sequence[torch.Tensor | None], grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+def accumulate_gradients(
+    sums: Sequence[torch.Tensor | None], grads: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
     """``sums + grads`` item by item, None counting as zero, out of place (``grads`` may alias autograd's buffers).
 
     The additions go in one multi-tensor call: on a GPU one kernel per dtype instead of one per tensor (~950
@@ -417,8 +419,13 @@ def accumulate_gradients(sums: Sequence[torch.Tensor | None], grads: Sequence[to
     """
     if len(sums) != len(grads):
         raise ValueError(f"sums and grads must be as long, got {len(sums)} and {len(grads)}")
-    out = [s if g is None else (g if s is None else None) for s, g in zip(sums, grads)]
-    both = [i for i, item in enumerate(out) if item is None and sums[i] is not None]
+    out = list(sums)
+    both = []
+    for i, (total, grad) in enumerate(zip(sums, grads)):
+        if grad is not None and total is None:
+            out[i] = grad
+        elif grad is not None:
+            both.append(i)
     if both:
         for i, total in zip(both, torch._foreach_add([sums[i] for i in both], [grads[i] for i in both])):
             out[i] = total
