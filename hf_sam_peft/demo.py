@@ -32,16 +32,20 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 __all__ = [
     "DEMO_INSTALL_MESSAGE",
+    "LAYOUTS",
+    "DataLayout",
     "DemoConfig",
     "DemoResult",
+    "choose_layout",
     "folder_splits",
+    "resize_rows",
     "run_demo",
     "stardist_nuclei",
     "stardist_splits",
@@ -64,6 +68,13 @@ STARDIST_DATA_TEXT = (
 VALIDATION_FRACTION = 0.2  # of the train images, held out for validation when `data` has no test split
 # the demo's LoRA is smaller than the paper's r=32: the demo trains for a few minutes only
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {"lora": {"r": 16}, "qlora": {"r": 16}}
+LAYOUTS = ("tiles", "resize")
+"""How the demo serves a folder: ``tiles`` (random crops for training, tiles for scoring: microscopy, many
+small objects) or ``resize`` (whole images resized to the model's input: medical images, as the reference
+serves them; see :mod:`hf_sam_peft.data.resize`)."""
+# the automatic choice: whole images when a typical image holds few, large objects (an organ, a head, a polyp)
+RESIZE_MAX_OBJECTS = 8  # median objects per training image
+RESIZE_MIN_AREA = 0.01  # median object area, as a fraction of its image
 
 
 @dataclass
@@ -80,7 +91,8 @@ class DemoConfig:
     n_corrections: int = 7  # evaluation corrections (I_P / I_B)
     eval_every: int | None = None  # validation (+ checkpoint) every this many steps and before training; None: at the end
     tile: int = 256
-    min_size: int = 25  # training objects below this size (cut by crop borders) are dropped
+    layout: str | None = None  # "tiles", "resize" or None: chosen from the data (choose_layout)
+    min_size: int = 25  # training objects below this size (cut by crop borders) are dropped (tiles)
     max_eval_images: int | None = 4  # with data=DIR: test images scored (None: all)
     out: str = "hf-sam-peft-demo"
     seed: int = 0
@@ -107,6 +119,10 @@ class DemoConfig:
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
         if self.max_eval_images is not None and (not isinstance(self.max_eval_images, int) or self.max_eval_images < 1):
             raise ValueError(f"max_eval_images must be a positive int or None, got {self.max_eval_images!r}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS} or None (chosen from the data), got {self.layout!r}")
+        if self.data is None and self.layout == "resize":
+            raise ValueError("layout='resize' needs data=DIR: the built-in nuclei are tiled (many small objects)")
         if self.data is not None and not Path(self.data).is_dir():
             raise FileNotFoundError(f"data must be a folder with <split>/images and <split>/labels, got {self.data!r}")
 
@@ -168,7 +184,8 @@ def stardist_splits(image: np.ndarray, labels: np.ndarray, tile: int = 256) -> d
 
 
 def folder_splits(
-    data: str | os.PathLike, max_eval_images: int | None = None, seed: int = 0, tile: int | None = None
+    data: str | os.PathLike, max_eval_images: int | None = None, seed: int = 0, tile: int | None = None,
+    label_mode: str = "instances",
 ) -> dict[str, list[dict[str, Any]]]:
     """Rows of the user's ``train`` / ``val`` / ``test`` folders.
 
@@ -178,6 +195,7 @@ def folder_splits(
     With ``tile``, validation and test images are scored as ``tile`` tiles (:func:`tile_rows`), the scale
     training sees (random ``tile`` crops): a whole 1024² image shrunk to LiteMedSAM's 256² input would show
     the model objects 4× smaller than it trained on. ``max_eval_images`` then counts tiles.
+    ``label_mode="semantic"`` keeps each row's class map (``semantic``) beside its instances.
     """
     from hf_sam_peft.data import iter_rows
 
@@ -192,10 +210,13 @@ def folder_splits(
     def evaluation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return (tile_rows(rows, tile) if tile else rows)[:max_eval_images]
 
-    train = list(iter_rows(root, "train", min_size=0))
-    out = {"test": evaluation(list(iter_rows(root, test, min_size=0)))}
+    def read(split: str) -> list[dict[str, Any]]:
+        return list(iter_rows(root, split, min_size=0, label_mode=label_mode))
+
+    train = read("train")
+    out = {"test": evaluation(read(test))}
     if test == "test" and "val" in splits:
-        out["train"], out["val"] = train, evaluation(list(iter_rows(root, "val", min_size=0)))
+        out["train"], out["val"] = train, evaluation(read("val"))
     elif len(train) >= 2:
         n_val = min(max(1, round(len(train) * VALIDATION_FRACTION)), len(train) - 1)
         held = set(np.random.default_rng(seed).permutation(len(train))[:n_val].tolist())
@@ -219,6 +240,83 @@ def tile_rows(rows: list[dict[str, Any]], tile: int) -> list[dict[str, Any]]:
                 if labels.max() > 0:
                     out.append(_row(row["image"][y : y + th, x : x + tw], labels, f"{row['id']}_y{y}_x{x}"))
     return out
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Which layout the demo uses for a folder, and why (printed as one line)."""
+
+    layout: str
+    reason: str
+
+    @property
+    def label_mode(self) -> str:
+        """Whole (medical) images are scored per class, as the reference scores medical sets; tiles per object."""
+        return "semantic" if self.layout == "resize" else "instances"
+
+    def line(self, size: int | None = None) -> str:
+        if self.layout == "resize":
+            what = f"resize: whole images, longest side to {size or 'the model input'} px and padded; Dice per class"
+        else:
+            what = "tiles: random crops for training, tiles for scoring; mSA per object"
+        return f"data layout: {what} ({self.reason})"
+
+
+def choose_layout(rows: list[dict[str, Any]], requested: str | None = None) -> DataLayout:
+    """``requested`` when given; else ``resize`` when a typical training image holds at most
+    :data:`RESIZE_MAX_OBJECTS` objects whose median area is at least :data:`RESIZE_MIN_AREA` of the image (an
+    organ or a lesion: cutting it into tiles shows the model slivers), ``tiles`` otherwise (many small
+    objects, e.g. cells, which a whole image shrunk to the model input would make smaller still)."""
+    if requested is not None:
+        if requested not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {requested!r}")
+        return DataLayout(requested, f"--{requested} given")
+    if not rows:
+        raise ValueError("rows must hold at least one training image to choose a layout from")
+    counts, areas = [], []
+    for row in rows:
+        labels = np.asarray(row["labels"])
+        sizes = np.bincount(labels.ravel())[1:]
+        sizes = sizes[sizes > 0]
+        counts.append(len(sizes))
+        areas.extend((sizes / labels.size).tolist())
+    n_objects, area = float(np.median(counts)), float(np.median(areas)) if areas else 0.0
+    stats = f"median {n_objects:g} objects per training image, median object {100 * area:.1f}% of its image"
+    if n_objects <= RESIZE_MAX_OBJECTS and area >= RESIZE_MIN_AREA:
+        return DataLayout("resize", f"{stats}: few large objects; --tiles to cut tiles instead")
+    return DataLayout("tiles", f"{stats}: many small objects; --resize for whole images instead")
+
+
+def resize_rows(rows: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """Whole rows resized to ``size x size`` (:class:`~hf_sam_peft.data.resize.LongestSideResize`: the
+    reference's ``resize_inputs``): images bilinear, instances and classes nearest neighbour, padded."""
+    from hf_sam_peft.data import to_instances
+    from hf_sam_peft.data.resize import LongestSideResize
+
+    out = []
+    for row in rows:
+        resize = LongestSideResize(np.asarray(row["labels"]).shape, size)
+        labels = resize.labels(np.asarray(row["labels"]))
+        new = {"image": resize.image(np.asarray(row["image"])), "id": row["id"]}
+        # nearest neighbour can split a thin object: relabel as the builder does (connected components)
+        new["labels"] = to_instances(labels, 0)
+        if "semantic" in row:
+            new["semantic"] = np.where(new["labels"] > 0, resize.labels(np.asarray(row["semantic"])), 0).astype(np.int32)
+        out.append(new)
+    return out
+
+
+def whole_training_rows(rows: list[dict[str, Any]], n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` training rows from whole (resized) images: seeded shuffled passes over ``rows``, no augmentation
+    (peft-sam's medical loaders pass ``transform=_transform_identity``); rows without objects are left out."""
+    usable = [row for row in rows if np.asarray(row["labels"]).max() > 0]
+    if not usable:
+        raise ValueError("the training images hold no labelled objects")
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        out.extend(usable[i] for i in rng.permutation(len(usable)))
+    return out[:n]
 
 
 def training_rows(
@@ -255,15 +353,22 @@ def training_rows(
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def _evaluate(model: torch.nn.Module, rows: list[dict[str, Any]], config: DemoConfig) -> dict[str, Any]:
+def _evaluate(
+    model: torch.nn.Module, rows: list[dict[str, Any]], config: DemoConfig, resize_to: int | None = None
+) -> dict[str, Any]:
+    """Interactive scores on ``rows``; with ``resize_to`` each image is resized whole to the model's input
+    and the masks mapped back, so scores are at the original size (:class:`ResizedPredictor`)."""
     from hf_sam_peft.evaluation.interactive import evaluate_interactive
-
     from hf_sam_peft.evaluation.predictor import SamPredictor
+    from hf_sam_peft.evaluation.resized import ResizedPredictor
 
     # points go through the single-mask output, the one the demo trains (and records in the adapter)
+    predictor: Any = SamPredictor(model, point_multimask=False)
+    if resize_to is not None:
+        predictor = ResizedPredictor(predictor, resize_to)
     return evaluate_interactive(
-        SamPredictor(model, point_multimask=False), rows, n_corrections=config.n_corrections, seed=config.seed,
-        keep_segmentations=True, progress=config.progress,
+        predictor, rows, n_corrections=config.n_corrections, seed=config.seed, keep_segmentations=True,
+        progress=config.progress,
     )
 
 
@@ -333,6 +438,14 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
     best_step: int | None = None  # the kept checkpoint's step (0: the base); None without validation
     best_is_base: bool | None = None  # validation: nothing beat the untouched base (None: no validation)
+    layout: DataLayout | None = None  # tiles or resize, and why
+    dataset: str = "stardist nuclei"
+    selection: str | None = None  # the trainer's one-line account of which checkpoint was kept
+
+    @property
+    def metric(self) -> str:
+        """The headline metric: Dice (per class) for whole medical images, mSA for tiles of many objects."""
+        return "dice" if self.layout is not None and self.layout.layout == "resize" else "msa"
 
     def rounds_table(self) -> str:
         """Mean IoU per object, per round (0 = first prompt, then one per correction), base and fine-tuned."""
@@ -341,33 +454,42 @@ class DemoResult:
         return format_rounds({"base": self.base, "fine-tuned": self.tuned})
 
     def summary(self) -> str:
-        """The gains the demo is about (box mSA ratio, point IoU, I_B), then plainly any loss against the base."""
-        box_b, box_t = self.base["msa"]["box"], self.tuned["msa"]["box"]
+        """The gains the demo is about (box score ratio, point, I_B), then plainly any loss against the base."""
+        metric = self.metric
+        name = {"msa": "mSA", "dice": "Dice"}[metric]
+        box_b, box_t = self.base[metric]["box"], self.tuned[metric]["box"]
         ratio = box_t / box_b if box_b > 0 else float("inf")
+        point = "iou" if metric == "msa" else "dice"
         lines = [
-            f"box mSA {box_b:.3f} -> {box_t:.3f} ({ratio:.2f}x); "
-            f"point IoU {self.base['iou']['point']:.3f} -> {self.tuned['iou']['point']:.3f}; "
-            f"I_B mSA {self.base['msa']['ib']:.3f} -> {self.tuned['msa']['ib']:.3f}"
+            f"box {name} {box_b:.3f} -> {box_t:.3f} ({ratio:.2f}x); "
+            f"point {'IoU' if point == 'iou' else 'Dice'} {self.base[point]['point']:.3f} -> "
+            f"{self.tuned[point]['point']:.3f}; "
+            f"I_B {name} {self.base[metric]['ib']:.3f} -> {self.tuned[metric]['ib']:.3f}"
         ]
         if self.best_is_base is None:
             lines.append("no validation data: the last step was kept without a check against the base")
         elif self.best_is_base:
             lines.append(
                 "fine-tuning did not beat the base on the validation data: the adapter keeps the base's weights"
+                " (it is the base, not a fine-tune)"
             )
         else:
             lines.append(f"kept the checkpoint of step {self.best_step}, the best on the validation data")
+        if self.selection:
+            lines.append(self.selection)
         worse = [
-            f"{mode} mSA {self.base['msa'][key]:.3f} -> {self.tuned['msa'][key]:.3f}"
+            f"{mode} {name} {self.base[metric][key]:.3f} -> {self.tuned[metric][key]:.3f}"
             for mode, key in (("Box", "box"), ("Point", "point"), ("I_B", "ib"), ("I_P", "ip"))
-            if self.tuned["msa"][key] < self.base["msa"][key] - 1e-9
+            if self.tuned[metric][key] < self.base[metric][key] - 1e-9
         ]
         if worse:
             lines.append("WORSE than the base on the held-out test data: " + "; ".join(worse))
         return "\n".join(lines)
 
 
-def _overlay(path: Path, row: dict[str, Any], base: dict[str, Any], tuned: dict[str, Any]) -> Path:
+def _overlay(
+    path: Path, row: dict[str, Any], base: dict[str, Any], tuned: dict[str, Any], dataset: str, metric: str = "msa"
+) -> Path:
     from hf_sam_peft.visualization import overlay_figure
 
     panels, scores = {}, {}
@@ -376,9 +498,10 @@ def _overlay(path: Path, row: dict[str, Any], base: dict[str, Any], tuned: dict[
             key = f"{name} ({start})"
             panels[key] = result["segmentations"][start][0][0]
             image_scores = result["images"][0][start]
-            scores[key] = f"mSA {image_scores['msa'][0]:.3f}, IoU {image_scores['iou'][0]:.3f}"
+            first = f"Dice {image_scores['dice'][0]:.3f}" if metric == "dice" else f"mSA {image_scores['msa'][0]:.3f}"
+            scores[key] = f"{first}, IoU {image_scores['iou'][0]:.3f}"
     figure = overlay_figure(
-        row["image"], panels, row["labels"], title="LiteMedSAM on held-out nuclei: one box or one point per nucleus",
+        row["image"], panels, row["labels"], title=f"LiteMedSAM on held-out {dataset}: one box or one point per object",
         scores=scores, panel_size=3.2,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,25 +509,31 @@ def _overlay(path: Path, row: dict[str, Any], base: dict[str, Any], tuned: dict[
     return path
 
 
-def _round_curves(path: Path, base: dict[str, Any], tuned: dict[str, Any], config: DemoConfig) -> Path:
+def _round_curves(path: Path, base: dict[str, Any], tuned: dict[str, Any], config: DemoConfig, dataset: str) -> Path:
     from hf_sam_peft.visualization import round_curves_figure
 
     figure = round_curves_figure(
         {"base": base, f"+ {config.method}, {config.steps} steps": tuned},
-        title=f"held-out test data: does each correction help? ({config.n_rounds} training rounds)",
+        title=f"{dataset}, held-out test data: does each correction help? ({config.n_rounds} training rounds)",
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path
 
 
-def run_demo(config: DemoConfig | None = None) -> DemoResult:
-    """Load LiteMedSAM, score it on the held-out data, fine-tune, score again, write adapter/table/overlay."""
+def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] | None = None) -> DemoResult:
+    """Load LiteMedSAM, score it on the held-out data, fine-tune, score again, write adapter/table/overlay.
+
+    ``report`` receives progress lines meant for a person as they happen (the data layout chosen and why;
+    the CLI passes ``print``).
+    """
     from hf_sam_peft.evaluation.results import ResultsTable
     from hf_sam_peft.hub import save_adapter
     from hf_sam_peft.modeling.base_models import load_base_model
+    from hf_sam_peft.sam_forward.kinds import input_size_of
 
     config = config or DemoConfig()
+    say = report or (lambda line: None)
     check_demo_extra(need_stardist=config.data is None)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -412,42 +541,64 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     out = Path(config.out)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-
-    if config.data is None:
-        splits = stardist_splits(*stardist_nuclei(), tile=config.tile)
-        dataset, training_data = "stardist_nuclei", STARDIST_DATA_TEXT
-    else:
-        splits = folder_splits(config.data, config.max_eval_images, config.seed, tile=config.tile)
-        dataset, training_data = Path(config.data).resolve().name, f"{config.data}: train split"
-    train = training_rows(splits["train"], config.steps, config.tile, config.seed, config.min_size)
     model, _ = load_base_model("lite_medsam", device=config.device)
+    size = input_size_of(model)
+
+    resize_to = None
+    if config.data is None:
+        layout = DataLayout("tiles", "the built-in nuclei: many small objects")
+        splits = stardist_splits(*stardist_nuclei(), tile=config.tile)
+        dataset, training_data = "stardist nuclei", STARDIST_DATA_TEXT
+        train = training_rows(splits["train"], config.steps, config.tile, config.seed, config.min_size)
+    else:
+        dataset = Path(config.data).resolve().name
+        probe = folder_splits(config.data, 1, config.seed)["train"] if config.layout is None else []
+        layout = choose_layout(probe, config.layout)
+        if layout.layout == "resize":
+            resize_to = size
+            splits = folder_splits(config.data, config.max_eval_images, config.seed, label_mode="semantic")
+            # training and validation see the resized images; test images stay whole, the predictor resizes them
+            train = whole_training_rows(resize_rows(splits["train"], size), config.steps, config.seed)
+            splits["val"] = resize_rows(splits["val"], size)
+            training_data = f"{config.data}: train split, whole images resized to {size} px"
+        else:
+            splits = folder_splits(config.data, config.max_eval_images, config.seed, tile=config.tile)
+            train = training_rows(splits["train"], config.steps, config.tile, config.seed, config.min_size)
+            training_data = f"{config.data}: train split, random {config.tile} px crops"
+    say(layout.line(size))
     seconds["load"] = time.perf_counter() - start
 
     tick = time.perf_counter()
-    base = _evaluate(model, splits["test"], config)
+    base = _evaluate(model, splits["test"], config, resize_to)
     seconds["evaluate_base"] = time.perf_counter() - tick
     tick = time.perf_counter()
     tuned_model, trainer = finetune(model, train, splits["val"], config, out)
     seconds["train"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    tuned = _evaluate(tuned_model, splits["test"], config)
+    tuned = _evaluate(tuned_model, splits["test"], config, resize_to)
     seconds["evaluate_tuned"] = time.perf_counter() - tick
 
     table = ResultsTable()
     table.add_evaluation(dataset, "base", "", base, metrics=("msa", "dice", "iou"))
     table.add_evaluation(dataset, config.method, "adapter", tuned, metrics=("msa", "dice", "iou"))
     results_path = table.write(out / "results.csv")
+    best_is_base = trainer.best_is_base
     settings = {k: v for k, v in asdict(config).items() if k not in ("out", "progress", "device", "data")}
+    settings.update(layout=layout.layout, best_is_base=best_is_base)
+    if resize_to is not None:
+        settings["resize_to"] = resize_to
     adapter_dir = save_adapter(
         tuned_model, out / "adapter", base_model_id="lite_medsam", method=config.method,
         training_data=training_data, metrics=table.to_records(), extra=settings, overwrite=True,
         point_multimask=False,
     )
-    overlay_path = _overlay(out / "overlay.png", splits["test"][0], base, tuned)
-    rounds_path = _round_curves(out / "rounds.png", base, tuned, config)
+    metric = "dice" if layout.layout == "resize" else "msa"
+    overlay_path = _overlay(out / "overlay.png", splits["test"][0], base, tuned, dataset, metric)
+    rounds_path = _round_curves(out / "rounds.png", base, tuned, config, dataset)
     seconds["total"] = time.perf_counter() - start
-    best_is_base = trainer.best_is_base
     best_step = None if best_is_base is None else (0 if best_is_base else trainer.state.best_global_step)
+    selection = getattr(trainer, "selection_summary", None)
     return DemoResult(
-        base, tuned, table, adapter_dir, overlay_path, results_path, rounds_path, seconds, best_step, best_is_base
+        base, tuned, table, adapter_dir, overlay_path, results_path, rounds_path, seconds, best_step, best_is_base,
+        layout, dataset, selection() if callable(selection) else None,
     )

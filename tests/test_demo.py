@@ -184,7 +184,7 @@ def test_cli_options_reach_the_demo_config(monkeypatch, tmp_path):
         def rounds_table(self):
             return "rounds"
 
-    monkeypatch.setattr(demo_module, "run_demo", lambda config: seen.append(config) or Result())
+    monkeypatch.setattr(demo_module, "run_demo", lambda config, report=None: seen.append(config) or Result())
     parser = argparse.ArgumentParser()
     demo_command.register(parser.add_subparsers())
     args = parser.parse_args(

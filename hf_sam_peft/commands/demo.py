@@ -26,6 +26,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data", help="your own data: a folder with <split>/images + <split>/labels (train on train, test on test or val)"
     )
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--resize", dest="layout", action="store_const", const="resize",
+        help="whole images, longest side resized to the model input and padded, scored per class by Dice (how the "
+        "reference serves medical images); default: chosen from --data (few large objects per image -> resize)",
+    )
+    layout.add_argument(
+        "--tiles", dest="layout", action="store_const", const="tiles",
+        help="random crops for training and tiles for scoring, mSA per object (microscopy: many small objects)",
+    )
     parser.add_argument("--method", choices=METHOD_NAMES, default="lora", help="fine-tuning method (default: lora, r=16)")
     parser.add_argument("--steps", type=int, default=defaults["steps"].default, help="training steps, one image each (default: %(default)s)")
     parser.add_argument(
@@ -48,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = DemoConfig(
         data=args.data, method=args.method, steps=args.steps, n_rounds=args.rounds, out=args.out, seed=args.seed,
-        threads=args.threads, device=args.device, progress=not args.no_progress,
+        threads=args.threads, device=args.device, progress=not args.no_progress, layout=args.layout,
     )
-    result = run_demo(config)
+    result = run_demo(config, report=print)
     print(result.table.format())
     print("mean IoU per object after each round (round 0: the first prompt; then one correction per round):")
     print(result.rounds_table())
@@ -59,5 +69,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {result.results_path}")
     print(f"overlay: {result.overlay_path}")
     print(f"per-round curves: {result.rounds_path}")
-    print(f"time: {result.seconds['total']:.0f} s")
+    seconds = result.seconds
+    if "evaluate_base" in seconds and "evaluate_tuned" in seconds:
+        print(
+            f"time: {seconds['total']:.0f} s (evaluate base {seconds['evaluate_base']:.1f} s, train "
+            f"{seconds.get('train', 0.0):.1f} s, evaluate fine-tuned {seconds['evaluate_tuned']:.1f} s)"
+        )
+    else:
+        print(f"time: {seconds['total']:.0f} s")
     return 0

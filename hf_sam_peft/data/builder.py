@@ -37,6 +37,7 @@ from .io import DataError, check_finite, image_dtype_of, spatial_shape_of
 from .labels import count_objects, to_instances
 from .normalize import normalize_image
 from .patches import crop, grid_positions, random_position
+from .resize import LongestSideResize
 from .sampling import AUGMENTATIONS, MAX_SAMPLING_ATTEMPTS, RandomPatchDataset, min_instance_ok
 
 LABEL_MODES = ("instances", "semantic")
@@ -57,6 +58,7 @@ def _check_options(
     min_num_instances: int | None = None,
     sampler_min_size: int | None = None,
     augment: str | None = None,
+    resize_inputs: bool = False,
 ) -> tuple[int, int] | None:
     """Validate the public options once; returns the patch shape as a tuple."""
     if patch_shape is not None:
@@ -74,6 +76,16 @@ def _check_options(
         raise ValueError(f"augment: expected one of {AUGMENTATIONS} (or None), got {augment!r}")
     if n_patches_per_image is not None and patch_shape is None:
         raise ValueError("n_patches_per_image: needs a patch_shape (whole images are one row each)")
+    if not isinstance(resize_inputs, bool):
+        raise TypeError(f"resize_inputs: expected True or False, got {resize_inputs!r}")
+    if resize_inputs:
+        if patch_shape is None or patch_shape[0] != patch_shape[1]:
+            raise ValueError(
+                f"resize_inputs: needs a square patch_shape (the side each image's longest side is resized to), "
+                f"got {patch_shape!r}"
+            )
+        if n_patches_per_image is not None:
+            raise ValueError("n_patches_per_image: not used with resize_inputs (each image is one whole row)")
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label_mode: expected one of {LABEL_MODES}, got {label_mode!r}")
     if label_transform is not None and not callable(label_transform):
@@ -90,8 +102,15 @@ def _make_row(
     label_mode: str,
     label_transform: Callable | None,
     source: Path | str,
+    resize_to: int | None = None,
 ) -> dict[str, Any]:
-    """Cut, relabel and normalise one patch (or the whole slice when ``position`` is None)."""
+    """Cut, relabel and normalise one patch (or the whole slice when ``position`` is None).
+
+    ``resize_to``: the whole slice, normalised, then resized to a ``resize_to`` square (longest side scaled,
+    centred zero padding, labels nearest neighbour: :class:`~hf_sam_peft.data.resize.LongestSideResize`);
+    ``label_transform`` then runs on the resized labels, as torch_em composes its resize before a dataset's
+    own label transform (``update_kwargs_for_resize_trafo``).
+    """
     if position is not None:
         window = tuple(slice(p, p + s) for p, s in zip(position, patch_shape))
         image, labels = image[window], labels[window]
@@ -102,6 +121,9 @@ def _make_row(
         labels = crop(labels, (0, 0), patch_shape)
     else:
         image = normalize_image(image)
+        if resize_to is not None:
+            resize = LongestSideResize(labels.shape[:2], resize_to)
+            image, labels = resize.image(image), resize.labels(labels)
     if label_transform is not None:
         transformed = np.asarray(label_transform(labels))
         if transformed.shape != labels.shape or not np.issubdtype(transformed.dtype, np.integer):
@@ -127,10 +149,11 @@ def _make_row_at(
     min_size: int,
     label_mode: str,
     label_transform: Callable | None,
+    resize_to: int | None = None,
 ) -> dict[str, Any]:
     """:func:`_make_row` with the dataset's options bound by keyword (a picklable ``functools.partial``
     for DataLoader workers)."""
-    return _make_row(image, labels, position, patch_shape, min_size, label_mode, label_transform, source)
+    return _make_row(image, labels, position, patch_shape, min_size, label_mode, label_transform, source, resize_to)
 
 
 def _keep(labels: np.ndarray, min_objects: int, min_num_instances: int | None, sampler_min_size: int | None) -> bool:
@@ -172,9 +195,12 @@ def _iter_rows(
     flat: bool = False,
     min_num_instances: int | None = None,
     sampler_min_size: int | None = None,
+    resize_inputs: bool = False,
     **_cache_key: Any,
 ) -> Iterator[dict[str, Any]]:
-    """Rows of all pairs in order: slices of volumes, then patches per slice (grid or seeded random)."""
+    """Rows of all pairs in order: slices of volumes, then patches per slice (grid or seeded random), or
+    one resized whole slice each with ``resize_inputs``."""
+    resize_to = patch_shape[0] if resize_inputs else None
     for pair in pairs:
         image, labels = load_pair(pair)
         for z, image_2d, labels_2d in iter_slices(image, labels):
@@ -182,12 +208,14 @@ def _iter_rows(
             # One generator per slice, seeded by (seed, id): rows do not depend on which other files are read.
             rng = np.random.default_rng([seed, zlib.crc32(base_id.encode())])
             positions = (
-                [None] if patch_shape is None else _positions(labels_2d.shape, patch_shape, n_patches_per_image, rng)
+                [None] if patch_shape is None or resize_inputs
+                else _positions(labels_2d.shape, patch_shape, n_patches_per_image, rng)
             )
             n_accepted = 0
             for position in positions:
                 row = _make_row(
-                    image_2d, labels_2d, position, patch_shape, min_size, label_mode, label_transform, pair.image_path
+                    image_2d, labels_2d, position, patch_shape, min_size, label_mode, label_transform, pair.image_path,
+                    resize_to,
                 )
                 if with_objects_only and not _keep(row["labels"], min_objects, min_num_instances, sampler_min_size):
                     continue
@@ -218,17 +246,19 @@ def iter_rows(
     min_objects: int = 1,
     min_num_instances: int | None = None,
     sampler_min_size: int | None = None,
+    resize_inputs: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """The rows :func:`build_dataset` would hold, as plain dicts of numpy arrays, without a cache
     (e.g. to evaluate on whole images of different sizes)."""
     patch_shape = _check_options(
         patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform,
-        min_num_instances, sampler_min_size,
+        min_num_instances, sampler_min_size, resize_inputs=resize_inputs,
     )
     pairs = find_pairs(root, split)[:max_images]
     yield from _iter_rows(
         pairs, patch_shape, min_size, with_objects_only, min_objects, n_patches_per_image, seed, label_mode,
         label_transform, min_num_instances=min_num_instances, sampler_min_size=sampler_min_size,
+        resize_inputs=resize_inputs,
     )
 
 
@@ -307,6 +337,7 @@ def _build(
     description: str,
     min_num_instances: int | None = None,
     sampler_min_size: int | None = None,
+    resize_inputs: bool = False,
 ) -> datasets.Dataset:
     """Generate and cache the table for a list of pairs (shared by build_dataset and train_val_datasets)."""
     row_shape = patch_shape
@@ -321,6 +352,8 @@ def _build(
     )
     if min_num_instances is not None or sampler_min_size is not None:  # keeps older cache keys unchanged
         gen_kwargs.update(min_num_instances=min_num_instances, sampler_min_size=sampler_min_size)
+    if resize_inputs:  # likewise
+        gen_kwargs.update(resize_inputs=True)
     try:
         dataset = _generate(_iter_rows, _features(row_shape, label_mode), gen_kwargs, cache_dir)
     except ValueError as err:
@@ -352,6 +385,7 @@ def build_dataset(
     min_num_instances: int | None = None,
     sampler_min_size: int | None = None,
     augment: str | None = None,
+    resize_inputs: bool = False,
 ) -> datasets.Dataset:
     """Build a dataset of fixed 2D rows from ``<root>/<split>/images`` + ``<root>/<split>/labels``
     (validation and evaluation data; training data comes from :func:`train_val_datasets`, drawn anew).
@@ -375,17 +409,20 @@ def build_dataset(
     - ``augment``: accepted (and checked) so that a recipe's :func:`dataset_kwargs` pass through unchanged;
       fixed rows are never augmented.
     - ``max_images``: only the first files by sorted id (volumes count as one).
+    - ``resize_inputs``: instead of patches, every image / slice whole, resized to a square ``patch_shape``
+      (longest side scaled, centred zero padding, labels nearest neighbour), as peft-sam serves its medical
+      sets (see :mod:`hf_sam_peft.data.resize`); ``patch_shape`` must be square.
     """
     patch_shape = _check_options(
         patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform,
-        min_num_instances, sampler_min_size, augment,
+        min_num_instances, sampler_min_size, augment, resize_inputs,
     )
     pairs = find_pairs(root, split)[:max_images]
     return _build(
         pairs, patch_shape=patch_shape, min_size=min_size, with_objects_only=with_objects_only,
         min_objects=min_objects, n_patches_per_image=n_patches_per_image, seed=seed, label_mode=label_mode,
         label_transform=label_transform, cache_dir=cache_dir, description=f"{Path(root) / split}",
-        min_num_instances=min_num_instances, sampler_min_size=sampler_min_size,
+        min_num_instances=min_num_instances, sampler_min_size=sampler_min_size, resize_inputs=resize_inputs,
     )
 
 
@@ -447,16 +484,18 @@ def training_dataset(
     max_attempts: int = MAX_SAMPLING_ATTEMPTS,
     cache_dir: str | Path | None = None,
     name: str = "dataset",
+    resize_inputs: bool = False,
 ) -> RandomPatchDataset:
-    """A :class:`RandomPatchDataset` over ``pairs`` (whole raw slices cached as an HF table)."""
+    """A :class:`RandomPatchDataset` over ``pairs`` (whole raw slices cached as an HF table); with
+    ``resize_inputs`` each sample is a whole slice resized to the square ``patch_shape`` (no random crop)."""
     from functools import partial
 
     make_row = partial(
         _make_row_at, patch_shape=patch_shape, min_size=int(min_size), label_mode=label_mode,
-        label_transform=label_transform,
+        label_transform=label_transform, resize_to=patch_shape[0] if resize_inputs else None,
     )
     return RandomPatchDataset(
-        _build_slices(pairs, cache_dir), patch_shape=patch_shape, make_row=make_row,
+        _build_slices(pairs, cache_dir), patch_shape=None if resize_inputs else patch_shape, make_row=make_row,
         n_patches_per_image=n_patches_per_image, min_num_instances=min_num_instances,
         sampler_min_size=sampler_min_size, min_objects=min_objects, augment=augment, seed=seed,
         max_attempts=max_attempts, name=name,
@@ -495,7 +534,8 @@ def train_val_datasets(
     rows are fixed (:func:`build_dataset`: grid or seeded positions, the same object filter, no flips).
     ``with_objects_only`` applies to validation rows only: every training patch passes the rule (and holds
     ``min_objects``), since a patch without objects cannot be prompted. ``random_train=False`` gives fixed
-    training rows too (the previous behaviour).
+    training rows too (the previous behaviour). ``resize_inputs`` serves every split as whole images resized
+    to the square ``patch_shape`` (the reference's medical loaders), the same transform for both splits.
     """
     if "split" in kwargs:
         raise ValueError("split: not accepted here; train_val_datasets builds 'train' and 'val' itself")
@@ -503,6 +543,7 @@ def train_val_datasets(
         patch_shape=None, min_size=25, with_objects_only=True, n_patches_per_image=None, seed=0, max_images=None,
         label_transform=None, label_mode="instances", min_objects=1, cache_dir=None, min_num_instances=None,
         sampler_min_size=None, augment=None, max_attempts=MAX_SAMPLING_ATTEMPTS, random_train=True,
+        resize_inputs=False,
     )
     unknown = set(kwargs) - set(options)
     if unknown:
@@ -513,7 +554,7 @@ def train_val_datasets(
     options["patch_shape"] = _check_options(
         options["patch_shape"], options["min_size"], options["min_objects"], options["n_patches_per_image"],
         options["seed"], max_images, options["label_mode"], options["label_transform"],
-        options["min_num_instances"], options["sampler_min_size"], augment,
+        options["min_num_instances"], options["sampler_min_size"], augment, options["resize_inputs"],
     )
     root = Path(root)
     train_pairs = find_pairs(root, "train")
@@ -534,5 +575,6 @@ def train_val_datasets(
             n_patches_per_image=options["n_patches_per_image"], augment="flips" if augment is None else augment,
             seed=options["seed"], label_mode=options["label_mode"], label_transform=options["label_transform"],
             max_attempts=max_attempts, cache_dir=cache_dir, name=f"{root} (train)",
+            resize_inputs=options["resize_inputs"],
         )
     return {"train": train, "val": val}

@@ -10,6 +10,9 @@ Training-data keys (peft-sam ``peft_sam/dataset/get_data_loaders.py``; see :mod:
   count (MOTUM 50, AMD-SD 10, Mice TumSeg 25 in peft-sam). Default: none.
 - ``augment``: ``flips`` (torch_em's default 2D augmentation, peft-sam's microscopy loaders) or ``none``
   (peft-sam's ``_transform_identity`` for medical sets). Default from ``modality``: flips for microscopy.
+- ``resize_inputs``: serve each image whole, longest side resized to the square ``patch_shape`` and padded,
+  labels nearest neighbour (:mod:`hf_sam_peft.data.resize`), as peft-sam's medical loaders do
+  (``resize_inputs=True`` in ``_fetch_medical_loaders``); microscopy sets sample patches. Default false.
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ _OPTIONAL = {
     "min_num_instances": int,
     "sampler_min_size": int,
     "augment": str,
+    "resize_inputs": bool,
 }
 _METRICS = ("msa", "dice")
 _BUILD_KEYS = (
     "root", "patch_shape", "label_mode", "min_size", "n_patches_per_image", "min_num_instances", "sampler_min_size",
-    "augment",
+    "augment", "resize_inputs",
 )
 
 

@@ -63,8 +63,11 @@ from hf_sam_peft.sam_forward.seeding import prompt_generator
 __all__ = [
     "START_MODES",
     "ObjectRound",
+    "SCORING",
     "assemble_instances",
+    "class_dice",
     "evaluate_interactive",
+    "format_per_class",
     "iter_object_rounds",
     "segment_from_labels",
     "validate_row",
@@ -230,17 +233,31 @@ def assemble_instances(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> n
     return lookup[components].reshape(shape)
 
 
-def _dice(masks: list[np.ndarray], object_classes: np.ndarray, ground_truth: np.ndarray) -> float:
-    """Foreground Dice of the union of masks, or the mean per-class Dice when objects carry classes."""
+def class_dice(masks: list[np.ndarray], object_classes: np.ndarray, ground_truth: np.ndarray) -> dict[int, float]:
+    """Dice per class present among the objects: the union of the class's predicted masks (flat pixel
+    indices) against ``ground_truth == class``.
+
+    medico-sam's per-class evaluation (``medico_sam/evaluation/evaluation.py``,
+    ``_run_evaluation_per_semantic_class``): each class is prompted object by object (connected components of
+    its mask, ``medico_sam/evaluation/inference.py``), the class's prediction is the union of those objects'
+    masks (``pred > 0``) and is scored against the class's mask. Classes absent from an image are skipped.
+    """
     shape = ground_truth.shape
-    scores = []
+    scores = {}
     for cls in np.unique(object_classes):
         predicted = np.zeros(ground_truth.size, dtype=bool)
         for mask, c in zip(masks, object_classes):
             if c == cls:
                 predicted[mask] = True
-        scores.append(dice_score(predicted.reshape(shape), ground_truth == cls))
-    return float(np.mean(scores))
+        scores[int(cls)] = float(dice_score(predicted.reshape(shape), ground_truth == cls))
+    return scores
+
+
+def _dice(masks: list[np.ndarray], object_classes: np.ndarray, ground_truth: np.ndarray) -> float:
+    """Foreground Dice of the union of masks, or the mean per-class Dice when objects carry classes
+    (averaged per image here, then over images by the caller: peft-sam's
+    ``evaluate_interactive_medical_datasets.py``, ``run_evaluation_over_images_per_class``)."""
+    return float(np.mean(list(class_dice(masks, object_classes, ground_truth).values())))
 
 
 @dataclass
@@ -326,6 +343,45 @@ def _iter_rows(dataset_or_rows: Any) -> tuple[Iterable[Any], int | None]:
     return dataset_or_rows, total
 
 
+SCORING = {
+    "instances": "instances: mSA of the assembled instances; Dice of all objects' union vs all ground truth",
+    "semantic": "semantic classes: Dice per class (union of the class's object masks vs the class's mask), "
+    "averaged over the classes in each image, then over images; mSA over the class regions as objects",
+}
+"""What each value of a result's ``"scoring"`` means (printed beside results tables)."""
+
+
+def _per_class_summary(images: list[dict[str, Any]], starts: Sequence[str]) -> dict[str, dict[int, float]]:
+    """``{"point"|"box"|"ip"|"ib": {class: Dice averaged over the images that hold the class}}``."""
+    out: dict[str, dict[int, float]] = {}
+    for start in starts:
+        first, last = SUMMARY_KEYS[start]
+        classes = sorted({cls for image in images for cls in image[start]["dice_per_class"]})
+        for key, index in ((first, 0), (last, -1)):
+            out[key] = {
+                cls: float(np.mean([image[start]["dice_per_class"][cls][index] for image in images
+                                    if cls in image[start]["dice_per_class"]]))
+                for cls in classes
+            }
+    return out
+
+
+def format_per_class(result: dict[str, Any], digits: int = 3) -> str:
+    """A small table of per-class Dice (rows: classes; columns: Point, Box, I_P, I_B), or "" without classes."""
+    summary = result.get("dice_per_class")
+    if not summary:
+        return ""
+    titles = {"point": "Point", "box": "Box", "ip": "I_P", "ib": "I_B"}
+    columns = [key for key in titles if key in summary]
+    classes = sorted({cls for key in columns for cls in summary[key]})
+    lines = ["| class | " + " | ".join(f"{titles[k]} Dice" for k in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for cls in classes:
+        values = [f"{summary[k][cls]:.{digits}f}" if cls in summary[k] else "" for k in columns]
+        lines.append(f"| {cls} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def evaluate_interactive(
     model: nn.Module | PromptPredictor,
     dataset_or_rows: Any,
@@ -339,7 +395,9 @@ def evaluate_interactive(
     """Interactive evaluation of a SAM (or any prompt predictor) on rows ``{"image", "labels"[, "semantic", "id"]}``.
 
     Returns ``{"msa"|"dice"|"iou": {"point", "box", "ip", "ib"}, "rounds": {start: {metric: [per round]}},
-    "images": [per-image results], "n_images", "n_objects", "n_corrections", "seed", "batch_size"}``, plus
+    "images": [per-image results], "n_images", "n_objects", "n_corrections", "seed", "batch_size",
+    "scoring"}`` (``"semantic"`` when rows carry a ``semantic`` class map, see :data:`SCORING`; then also
+    ``"dice_per_class": {"point"|"box"|"ip"|"ib": {class: Dice}}``), plus
     ``"segmentations": {start: [(round 0, last round) instance images per image]}`` with ``keep_segmentations``.
     Images without objects are skipped (counted in ``"n_skipped"``).
     """
@@ -370,13 +428,19 @@ def evaluate_interactive(
             generator = prompt_generator(seed, _STREAMS[start], index)
             rounds = _run_image(predictor, labels, object_ids, start, n_corrections, batch_size, generator)
             scores = {metric: [] for metric in METRICS}
+            per_class: dict[int, list[float]] = {}
             assembled = []
             for masks, ious in zip(rounds.masks, rounds.ious):
                 instances = assemble_instances(masks, labels.shape)
                 assembled.append(instances)
                 scores["msa"].append(float(mean_segmentation_accuracy(instances, labels)))
-                scores["dice"].append(_dice(masks, classes, class_map))
+                dice_by_class = class_dice(masks, classes, class_map)
+                scores["dice"].append(float(np.mean(list(dice_by_class.values()))))
+                for cls, value in dice_by_class.items():
+                    per_class.setdefault(cls, []).append(value)
                 scores["iou"].append(float(np.mean(ious)))
+            if semantic is not None:
+                scores["dice_per_class"] = per_class
             result[start] = scores
             if keep_segmentations:
                 segmentations[start].append((assembled[0], assembled[-1]))
@@ -394,6 +458,10 @@ def evaluate_interactive(
         for metric in METRICS:
             out[metric][first] = out["rounds"][start][metric][0]
             out[metric][last] = out["rounds"][start][metric][-1]
+    semantic_images = [image for image in per_image if "dice_per_class" in image[starts[0]]]
+    out["scoring"] = "semantic" if semantic_images else "instances"
+    if semantic_images:
+        out["dice_per_class"] = _per_class_summary(semantic_images, starts)
     out.update(
         images=per_image,
         n_images=len(per_image),
