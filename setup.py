@@ -36,13 +36,15 @@ setup(
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "app": ["gradio>=5"],
+        # NIfTI (.nii / .nii.gz) images and labels, e.g. the medical volumes MOTUM and Mice TumSeg; imported lazily
+        "nifti": ["nibabel>=5"],
         # segment-anything (the original SAM code) is the converter's reference in tests; playwright drives
         # Debian's chromium in the app's browser test (no browser download); hydra-core and iopath are what the
         # SAM 2 reference (`sam2`, installed with --no-deps: its torchvision pin would pull another torch) imports,
         # setuptools is what building its sdist without isolation needs
         "test": [
             "pytest>=7", "pytest-timeout>=2", "bitsandbytes>=0.45", "segment-anything>=1.0", "gradio>=5",
-            "playwright>=1.40", "hydra-core>=1.3", "iopath>=0.1.10", "setuptools>=61",
+            "playwright>=1.40", "hydra-core>=1.3", "iopath>=0.1.10", "setuptools>=61", "nibabel>=5",
         ],
     },
     entry_points={"console_scripts": ["hf-sam-peft=hf_sam_peft.cli:main"]},

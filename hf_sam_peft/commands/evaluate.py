@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import add_resize_argument
 from ..evaluation.results import METRIC_NAMES, ResultsTable
 
 MODES = ("interactive", "ais", "all")
@@ -51,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--label-mode", choices=("instances", "semantic"), default="instances",
         help="semantic: labels are class maps, Dice is averaged over classes (medical data)",
     )
+    add_resize_argument(parser)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--bf16", action="store_true",
@@ -89,8 +91,9 @@ def _details(result: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.ais import NO_DECODER_MESSAGE, evaluate_ais
-    from ..evaluation.interactive import evaluate_interactive
-    from ..evaluation.predictor import SamPredictor, has_unetr, load_model, point_multimask_of
+    from ..evaluation.interactive import SCORING, evaluate_interactive, format_per_class
+    from ..evaluation.predictor import SamPredictor, has_unetr, image_size_of, load_model, point_multimask_of
+    from ..evaluation.resized import resized_if
     from ..evaluation.results import check_results_file
 
     # before the model is loaded: a finished evaluation is never lost for want of a place to write it
@@ -103,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
     interactive = ais = None
     if args.mode in ("interactive", "all"):
         # the adapter's recorded point_multimask (set on the model by load_model) decides how a click is answered
+        predictor = resized_if(SamPredictor(model, bf16=args.bf16), args.resize, image_size_of(model))
         interactive = evaluate_interactive(
-            SamPredictor(model, bf16=args.bf16), rows, n_corrections=args.n_corrections, seed=args.seed, batch_size=args.batch_size,
+            predictor, rows, n_corrections=args.n_corrections, seed=args.seed, batch_size=args.batch_size,
             progress=progress,
         )
     if args.mode in ("ais", "all"):
@@ -127,8 +131,14 @@ def run(args: argparse.Namespace) -> int:
         merged = ResultsTable.read(out).merge(table) if out.is_file() else table
         details = {
             "dataset": dataset, "split": args.split, "point_multimask": point_multimask_of(model),
-            "interactive": _details(interactive), "ais": _details(ais),
+            "interactive": _details(interactive), "ais": _details(ais), "resize": args.resize,
         }
         merged.write(out, details=details)
     print(table.format())
+    if interactive is not None:
+        print(f"scoring: {SCORING[interactive['scoring']]}")
+        per_class = format_per_class(interactive)
+        if per_class:
+            print("Dice per class:")
+            print(per_class)
     return 0

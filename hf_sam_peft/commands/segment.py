@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from . import add_resize_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -32,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="watershed parameter override for AIS, e.g. min_size=100 (repeatable)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="objects per mask-decoder call (default: 16)")
+    add_resize_argument(parser)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.set_defaults(func=run)
 
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluation.ais import NO_DECODER_MESSAGE, segment_ais
     from ..evaluation.interactive import segment_from_labels
-    from ..evaluation.predictor import SamPredictor, has_unetr, load_model
+    from ..evaluation.predictor import SamPredictor, has_unetr, image_size_of, load_model
+    from ..evaluation.resized import resized_if
     from ..evaluation.results import check_output_folder
     from ..visualization import save_overlay
 
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if not with_ais and args.labels is None:
         raise ValueError(f"{NO_DECODER_MESSAGE}; or pass --boxes-from LABELS to segment from ground-truth boxes")
     # answers prompts through the outputs the adapter trained (its recorded point_multimask, set by load_model)
-    predictor = SamPredictor(model) if args.labels is not None else None
+    predictor = resized_if(SamPredictor(model), args.resize, image_size_of(model)) if args.labels is not None else None
 
     for index, image_path in enumerate(args.images):
         stem = Path(image_path).stem

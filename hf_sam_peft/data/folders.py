@@ -1,4 +1,5 @@
-"""The on-disk layout: ``<root>/<split>/images/<id>.<png|tif>`` with ``<root>/<split>/labels/<id>.<tif|png>``."""
+"""The on-disk layout: ``<root>/<split>/images/<id>.<png|tif|nii|nii.gz>`` with
+``<root>/<split>/labels/<id>.<tif|png|nii|nii.gz>``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,22 @@ from typing import Iterator
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, LABEL_SUFFIXES, DataError, check_link, load_image, load_labels
+from .io import (
+    IMAGE_SUFFIXES,
+    LABEL_SUFFIXES,
+    DataError,
+    check_link,
+    file_id,
+    is_nifti,
+    load_image,
+    load_labels,
+    nifti_geometry,
+    suffix_of,
+)
+
+# Voxel-to-world affines of an image and its labels must agree to this (mm, in practice): far below any voxel
+# size, far above the float32 rounding of sform / qform that two tools writing one grid differ by.
+AFFINE_ATOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -21,15 +37,15 @@ class FilePair:
 
 
 def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Path]]:
-    """Data files by stem; a dangling or looping symlink named like a data file is an error naming it
-    (never a silently smaller dataset)."""
+    """Data files by id (:func:`~hf_sam_peft.data.io.file_id`: ``case1.nii.gz`` -> ``case1``); a dangling or
+    looping symlink named like a data file is an error naming it (never a silently smaller dataset)."""
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in suffixes:
+        if path.name.startswith(".") or suffix_of(path) not in suffixes:
             continue
         check_link(path)
         if path.is_file():
-            found.setdefault(path.stem, []).append(path)
+            found.setdefault(file_id(path), []).append(path)
     return found
 
 
@@ -72,15 +88,49 @@ def find_pairs(root: str | Path, split: str = "train") -> list[FilePair]:
     return pairs
 
 
+def check_nifti_pair(pair: FilePair) -> None:
+    """A one-line :class:`DataError` naming both files when a NIfTI image and its NIfTI labels do not lie on
+    one voxel grid: different spatial shapes, or affines differing by more than :data:`AFFINE_ATOL`. Reads the
+    headers only, so a mismatch is found before a volume is decompressed. (The reference, torch_em's
+    ``SegmentationDataset``, asserts equal shapes only; an affine mismatch means the labels were resampled or
+    cropped differently, and slice z of one would not be slice z of the other.)"""
+    (image_shape, image_affine), (label_shape, label_affine) = (
+        nifti_geometry(pair.image_path), nifti_geometry(pair.label_path)
+    )
+    image_xyz, label_xyz = ((tuple(shape[:3]) + (1, 1))[:3] for shape in (image_shape, label_shape))
+    if image_xyz != label_xyz:
+        raise DataError(
+            f"NIfTI image {pair.image_path} and labels {pair.label_path} differ in shape: (x, y, z) "
+            f"{'x'.join(map(str, image_xyz))} vs {'x'.join(map(str, label_xyz))}"
+        )
+    if not np.allclose(image_affine, label_affine, rtol=0.0, atol=AFFINE_ATOL):
+        worst = float(np.abs(image_affine - label_affine).max())
+        raise DataError(
+            f"NIfTI image {pair.image_path} and labels {pair.label_path} differ in affine (voxel-to-world, by up to "
+            f"{worst:.4g} > {AFFINE_ATOL:g}): image {np.round(image_affine[:3], 4).tolist()} vs labels "
+            f"{np.round(label_affine[:3], 4).tolist()}"
+        )
+
+
 def load_pair(pair: FilePair) -> tuple[np.ndarray, np.ndarray]:
-    """Read a pair; the image is laid out to match the labels (``H x W[x3]`` or ``Z x H x W[x3]``)."""
+    """Read a pair; the image is laid out to match the labels (``H x W[x3]`` or ``Z x H x W[x3]``).
+
+    This is where a pair is checked: NIfTI pairs first by :func:`check_nifti_pair` (shape and affine, naming
+    both files), then every pair by :func:`~hf_sam_peft.data.io.load_image` (image shape vs label shape)."""
+    if is_nifti(pair.image_path) and is_nifti(pair.label_path):
+        check_nifti_pair(pair)
     labels = load_labels(pair.label_path)
     image = load_image(pair.image_path, spatial_shape=labels.shape)
     return image, labels
 
 
 def iter_slices(image: np.ndarray, labels: np.ndarray) -> Iterator[tuple[int | None, np.ndarray, np.ndarray]]:
-    """Yield ``(z, image_2d, labels_2d)``: one item with ``z=None`` for 2D data, one per slice for volumes."""
+    """Yield ``(z, image_2d, labels_2d)``: one item with ``z=None`` for 2D data, one per slice for volumes.
+
+    Every slice is yielded, also those without labels (common in NIfTI volumes: a tumour spans few slices).
+    They are rows of the training table, where the sampler rejects them (``RandomPatchDataset`` with
+    torch_em's MinInstanceSampler rule, as the reference rejects them); fixed rows drop them by the object
+    filter (``with_objects_only``); evaluation skips rows without objects."""
     if labels.ndim == 2:
         yield None, image, labels
         return

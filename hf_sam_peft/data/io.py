@@ -1,7 +1,20 @@
-"""Reading image and label files (tif / png) into validated numpy arrays.
+"""Reading image and label files (tif / png / NIfTI) into validated numpy arrays.
 
 Every problem with a file is raised as :class:`DataError` (a ``ValueError``) whose message names the file,
 so that a bad sample in a folder of thousands can be found without a debugger.
+
+NIfTI (``.nii``, ``.nii.gz``) needs the optional ``nibabel`` (``pip install "hf-sam-peft[nifti]"``), imported
+only when such a file is read. Axes: nibabel gives ``(x, y, z)``; we return ``(z, y, x)``, all axes reversed,
+which is what the reference trains on. torch_em reads MOTUM and Mice TumSeg volumes with ``raw_key="data"``
+(``torch_em/data/datasets/medical/motum.py`` and ``mice_tumseg.py``, ``default_segmentation_dataset``), i.e.
+through elf's ``NiftiDataset`` (constantinpape/elf ``elf/io/nifti_wrapper.py`` at 4527ab44, l. 73-81:
+``shape`` is ``self._data.shape[::-1]`` and ``__getitem__`` reads ``dataobj[key[::-1]].T``); peft-sam then
+samples ``patch_shape=(1, 512, 512)`` with ``ndim=2``, so the slice axis is the first one of that reversed
+volume, nibabel's z, and each slice is ``(y, x)`` = ``H x W`` (torch_em ``SegmentationDataset._get_sample``
+squeezes axis 0). Extra axes (time / channels, nibabel's 4th on) go last, channel-last as everywhere here;
+singleton ones are dropped. Voxels are used in stored order: like the reference we never reorient to RAS,
+the affine serves only to check that an image and its labels share one grid (:func:`nifti_geometry`).
+Intensities are nibabel's scaled values (``scl_slope`` / ``scl_inter`` applied), so a scaled file is float.
 """
 
 from __future__ import annotations
@@ -9,17 +22,107 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg") + NIFTI_SUFFIXES
+LABEL_SUFFIXES = (".tif", ".tiff", ".png") + NIFTI_SUFFIXES
 _TIFF_SUFFIXES = (".tif", ".tiff")
+_VOLUME_SUFFIXES = _TIFF_SUFFIXES + NIFTI_SUFFIXES  # formats whose 3D arrays are volumes, not colour images
+NIFTI_INSTALL_HINT = 'pip install "hf-sam-peft[nifti]"'
 
 
 class DataError(ValueError):
     """A dataset file or folder is missing, unreadable or inconsistent."""
+
+
+def suffix_of(path: str | Path) -> str:
+    """The data suffix of a file name, lower-case; ``.nii.gz`` is one suffix (``Path.suffix`` says ``.gz``)."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") and len(name) > len(".nii.gz") else Path(name).suffix
+
+
+def file_id(path: str | Path) -> str:
+    """The file name without its data suffix (``case1.nii.gz`` -> ``case1``): the id that pairs files."""
+    name = Path(path).name
+    return name[: len(name) - len(suffix_of(path))]
+
+
+def is_nifti(path: str | Path) -> bool:
+    """Whether the file name says NIfTI (``.nii`` / ``.nii.gz``, any case)."""
+    return suffix_of(path) in NIFTI_SUFFIXES
+
+
+def _nibabel(path: Path) -> Any:
+    """nibabel, imported lazily (an optional dependency); a one-line DataError with the install hint if absent."""
+    try:
+        import nibabel
+    except ImportError:
+        raise DataError(f"{path} is a NIfTI file, which needs nibabel: {NIFTI_INSTALL_HINT}") from None
+    return nibabel
+
+
+def _open_nifti(path: Path) -> Any:
+    """The nibabel image of ``path``: only the header is read here, voxels stay on disk until asked for
+    (``mmap=False``: returned arrays are ordinary writable memory, no open file behind them)."""
+    check_link(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    nibabel = _nibabel(path)
+    try:
+        return nibabel.load(path, mmap=False)
+    except Exception as err:  # not NIfTI, truncated header, ...
+        raise DataError(f"could not read {path}: {type(err).__name__}: {err}") from err
+
+
+def _nifti_axes(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(singleton axes to drop, order of the rest)`` mapping nibabel's ``(x, y, z, ...)`` to our
+    ``(z, y, x, ...)``: the spatial axes reversed (see the module notes), extra axes kept last, singleton extra
+    axes (e.g. ``x, y, z, 1``) dropped."""
+    drop = tuple(i for i in range(3, len(shape)) if shape[i] == 1)
+    ndim = len(shape) - len(drop)
+    spatial = min(ndim, 3)
+    return drop, tuple(range(spatial - 1, -1, -1)) + tuple(range(3, ndim))
+
+
+def nifti_shape(shape_xyz: Sequence[int]) -> tuple[int, ...]:
+    """A nibabel shape ``(x, y, z, ...)`` in our axis order (``(z, y, x, ...)``, as :func:`load_image` returns)."""
+    drop, order = _nifti_axes(shape_xyz)
+    kept = [int(s) for i, s in enumerate(shape_xyz) if i not in drop]
+    return tuple(kept[i] for i in order)
+
+
+def _read_nifti(path: Path) -> np.ndarray:
+    """All voxels of a NIfTI file in our axis order (``(z, y, x[, c])``)."""
+    image = _open_nifti(path)
+    try:
+        array = np.asanyarray(image.dataobj)  # scl_slope / scl_inter applied, as nibabel defines the values
+    except Exception as err:  # truncated or corrupt voxel data
+        raise DataError(f"could not read {path}: {type(err).__name__}: {err}") from err
+    drop, order = _nifti_axes(array.shape)
+    # NIfTI voxels are stored x-fastest (Fortran order), so the full reversal is C-contiguous already
+    return np.ascontiguousarray(np.squeeze(array, axis=drop).transpose(order))
+
+
+def nifti_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(shape, affine)`` from the header only: the shape in nibabel's order ``(x, y, z, ...)`` and the 4 x 4
+    voxel-to-world affine, to check that an image and its labels lie on one grid."""
+    image = _open_nifti(Path(path))
+    return tuple(int(s) for s in image.shape), np.asarray(image.affine, dtype=np.float64)
+
+
+def _nifti_dtype(path: Path) -> np.dtype:
+    """The dtype nibabel's scaled read returns, from the header: scaling by ``scl_slope`` / ``scl_inter``
+    promotes the stored dtype exactly as applying it to an empty array of that dtype does."""
+    proxy = _open_nifti(path).dataobj  # first: the install hint when nibabel is missing
+    from nibabel.volumeutils import apply_read_scaling
+
+    slope, inter = np.asanyarray(getattr(proxy, "slope", 1.0)), np.asanyarray(getattr(proxy, "inter", 0.0))
+    if np.can_cast(inter, slope.dtype):  # as nibabel's ArrayProxy._get_scaled casts them before scaling
+        inter = inter.astype(slope.dtype)
+    return apply_read_scaling(np.zeros(0, dtype=proxy.dtype), slope, inter).dtype
 
 
 def check_link(path: Path) -> None:
@@ -47,6 +150,8 @@ def check_finite(array: np.ndarray, path: str | Path) -> np.ndarray:
 
 def _read_array(path: Path, *, drop_alpha: bool) -> np.ndarray:
     """Decode a file to an array as stored; PIL's RGBA/LA drop alpha, palettes are expanded only for images."""
+    if is_nifti(path):
+        return _read_nifti(path)
     check_link(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
@@ -122,7 +227,8 @@ def load_image(path: str | Path, spatial_shape: Sequence[int] | None = None) -> 
     files (``3 x H x W``, ``Z x 3 x H x W``) are transposed. Without ``spatial_shape`` a ``3 x H x W`` file is
     read as RGB; pass the label map's shape to read it as a 3-slice volume instead (no ambiguity then). PNG
     alpha channels are dropped and palette PNGs expanded to RGB; bool (bilevel) files become uint8 0 / 1.
-    Float images holding NaN or inf are rejected (``<path>: image holds NaN or inf values``).
+    Float images holding NaN or inf are rejected (``<path>: image holds NaN or inf values``). NIfTI files
+    come as ``(z, y, x)`` (nibabel's axes reversed; see the module notes), a 4th axis as channels.
     """
     path = Path(path)
     array = _read_array(path, drop_alpha=True)
@@ -136,8 +242,9 @@ def load_labels(path: str | Path) -> np.ndarray:
     """Read a 2D or 3D label map (instance ids or semantic classes; 0 = background) as an integer array.
 
     Any integer dtype is kept; bool becomes uint8; float maps are accepted only when every value is a whole
-    number. Negative values, non-integral floats and multi-channel (colour) label images are rejected.
-    Singleton axes (``1 x H x W``, ``H x W x 1``) are squeezed.
+    number (common in NIfTI: float32 masks holding 0.0 / 1.0). Negative values, non-integral floats (e.g.
+    labels resampled with linear interpolation) and multi-channel (colour) label images are rejected.
+    Singleton axes (``1 x H x W``, ``H x W x 1``) are squeezed. NIfTI label volumes come as ``(z, y, x)``.
     """
     path = Path(path)
     labels = _read_array(path, drop_alpha=False)
@@ -145,11 +252,14 @@ def load_labels(path: str | Path) -> np.ndarray:
         labels = labels[0] if labels.shape[0] == 1 else labels[..., 0]
     if labels.ndim not in (2, 3):
         raise DataError(f"label file {path} has shape {labels.shape}; expected H x W or Z x H x W")
-    if labels.ndim == 3 and path.suffix.lower() not in _TIFF_SUFFIXES:
+    if labels.ndim == 3 and suffix_of(path) not in _VOLUME_SUFFIXES:
         raise DataError(f"label file {path} is a colour image {labels.shape}; labels must be one channel")
     if np.issubdtype(labels.dtype, np.floating):
         if not np.all(np.isfinite(labels)) or not np.array_equal(labels, np.round(labels)):
-            raise DataError(f"label file {path} holds non-integer float values; labels must be integer ids")
+            bad = labels[~np.isfinite(labels) | (labels != np.round(labels))].flat[0]
+            raise DataError(
+                f"label file {path} holds non-integer float values (e.g. {bad}); labels must be integer ids"
+            )
         labels = labels.astype(np.int64)
     elif not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"label file {path} has dtype {labels.dtype}; expected integer ids")
@@ -159,11 +269,14 @@ def load_labels(path: str | Path) -> np.ndarray:
 
 
 def spatial_shape_of(path: str | Path) -> tuple[int, ...]:
-    """Shape of a label file from its header (no pixel decoding), singleton axes squeezed as in load_labels."""
+    """Shape of a label file from its header (no pixel decoding), singleton axes squeezed as in load_labels
+    (NIfTI in our ``(z, y, x)`` order)."""
     path = Path(path)
     check_link(path)
     try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
+        if is_nifti(path):
+            shape = nifti_shape(nifti_geometry(path)[0])
+        elif path.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
@@ -173,6 +286,8 @@ def spatial_shape_of(path: str | Path) -> tuple[int, ...]:
 
             with Image.open(path) as img:
                 shape = (img.height, img.width)
+    except DataError:
+        raise
     except Exception as err:
         raise DataError(f"could not read {path}: {type(err).__name__}: {err}") from err
     if len(shape) >= 3 and 1 in (shape[0], shape[-1]):
@@ -191,7 +306,9 @@ def image_dtype_of(path: str | Path) -> np.dtype:
     path = Path(path)
     check_link(path)
     try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
+        if is_nifti(path):
+            dtype = _nifti_dtype(path)
+        elif path.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
@@ -204,6 +321,8 @@ def image_dtype_of(path: str | Path) -> np.dtype:
             if mode not in _PIL_MODE_DTYPES:
                 raise ValueError(f"unsupported PIL mode {mode!r}")
             dtype = np.dtype(_PIL_MODE_DTYPES[mode])
+    except DataError:
+        raise
     except Exception as err:
         raise DataError(f"could not read {path}: {type(err).__name__}: {err}") from err
     return np.dtype(np.uint8) if dtype == bool else dtype

@@ -85,3 +85,15 @@ class ResizedPredictor:
     def predict_masks(self, points: Any = None, labels: Any = None, boxes: Any = None, multimask: bool = False) -> np.ndarray:
         """:meth:`predict_best` as a NumPy array."""
         return self.predict_best(points, labels, boxes, multimask).cpu().numpy()
+
+
+def resized_if(predictor: Any, resize: int | None, model_input_size: int) -> Any:
+    """``predictor`` itself (``resize`` None), or wrapped in a :class:`ResizedPredictor` to ``resize`` px
+    (``resize`` 0: the model's own input size, e.g. 1024 for SAM, 256 for LiteMedSAM). The command-line
+    ``--resize [SIZE]`` of ``evaluate`` and ``segment``."""
+    if resize is None:
+        return predictor
+    if isinstance(resize, bool) or not isinstance(resize, int) or resize < 0:
+        raise ValueError(f"resize: expected None, 0 (the model's input size) or a positive int, got {resize!r}")
+    return ResizedPredictor(predictor, resize or model_input_size)
+

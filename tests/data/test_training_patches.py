@@ -113,7 +113,8 @@ def test_flips_for_microscopy_none_for_medical(tmp_path):
         else:
             raise AssertionError("served image is not a flip of the source")
     assert seen == {(False, False), (True, False), (False, True), (True, True)}
-    hc18 = recipe_splits(HC18, tmp_path / "hc18", max_images=1, n_patches_per_image=12)["train"]
+    # patches of a medical set (its recipe resizes whole images; patches here to see every crop unflipped)
+    hc18 = recipe_splits(HC18, tmp_path / "hc18", max_images=1, n_patches_per_image=12, resize_inputs=False)["train"]
     assert hc18.augment == "none"
     base = hc18.slices[0]
     raw = np.asarray(base["image"]).reshape(tuple(base["image_shape"]))
@@ -122,6 +123,12 @@ def test_flips_for_microscopy_none_for_medical(tmp_path):
         y, x = (int(v) for v in POSITION.match(row["id"]).group("y", "x"))
         np.testing.assert_array_equal(row["image"][..., 0], raw[y : y + 512, x : x + 512])  # never flipped
     assert default_augment("fluorescence microscopy") == "flips" and default_augment("ultrasound") == "none"
+    # as the recipe serves it: the whole image, resized, never flipped (the same row on every fetch)
+    whole = recipe_splits(HC18, tmp_path / "hc18_whole", max_images=1)["train"]
+    assert whole.augment == "none" and len(whole) == 1
+    first, again = whole[0], whole[0]
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert first["image"].shape == (512, 512, 3) and first["id"] == whole.slice_ids[0]
 
 
 def test_min_size_removes_small_objects(tmp_path):
