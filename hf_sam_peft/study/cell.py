@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from transformers import TrainerCallback
 
-__all__ = ["RESULT_NAME", "SPEC_NAME", "StepTimer", "evaluation_rows", "peak_memory_gib", "run_cell"]
+__all__ = ["RESULT_NAME", "SPEC_NAME", "StepTimer", "evaluation_resize", "evaluation_rows", "peak_memory_gib", "run_cell"]
 
 SPEC_NAME = "cell.json"
 RESULT_NAME = "cell_result.json"
@@ -63,7 +63,8 @@ def evaluation_rows(dataset: str, evaluation: dict[str, Any]) -> tuple[list[dict
     ``patch="auto"``: instance sets are cut into the dataset's ``patch_shape`` grid (the scale the training
     patches have; with LiteMedSAM's 256² input a whole 1024² image would show objects 4× smaller than in
     training), semantic (medical) sets are scored as whole images (peft-sam's medical loaders resize whole
-    images, ``peft_sam/dataset/get_data_loaders.py``). Ground truth as stored (``min_size=0``).
+    images, ``peft_sam/dataset/get_data_loaders.py``), through the recipe's resize when it has
+    ``resize_inputs`` (:func:`evaluation_resize`). Ground truth as stored (``min_size=0``).
     """
     from ..data import iter_rows, load_dataset_recipe
 
@@ -86,6 +87,17 @@ def evaluation_rows(dataset: str, evaluation: dict[str, Any]) -> tuple[list[dict
     return out, recipe.get("metric", "msa")
 
 
+def evaluation_resize(dataset: str, evaluation: dict[str, Any]) -> int | None:
+    """The square side a cell's whole images are resized to before the model sees them (the same transform
+    as the dataset's training rows), or None: ``patch="auto"`` and a recipe with ``resize_inputs``."""
+    from ..data import load_dataset_recipe
+
+    recipe = load_dataset_recipe(dataset)
+    if evaluation["patch"] == "auto" and recipe.get("resize_inputs"):
+        return int(recipe["patch_shape"][0])
+    return None
+
+
 def _train(cell: dict[str, Any], folder: Path, timer: StepTimer):
     from ..train import Recipe, existing_run, train_model
     from ..training.trainer import list_checkpoints
@@ -95,6 +107,9 @@ def _train(cell: dict[str, Any], folder: Path, timer: StepTimer):
     # checkpoints are chosen on a part of train held out for validation, never on the split the cell is scored on
     if data.get("val_split", "val") == cell["evaluation"]["split"]:
         data["val_split"] = None
+    # a study's patch count is for the datasets that sample patches; resized whole images are one row each
+    if evaluation_resize(cell["dataset"], {"patch": "auto"}) is not None:
+        data.pop("n_patches_per_image", None)
     recipe = Recipe(
         name=f"{cell['study']}-{cell['cell_id']}", dataset=cell["dataset"], base_model=cell["base_model"],
         method=cell["method"], method_options=dict(cell["method_options"]), ais=cell["ais"], data=data,
@@ -115,6 +130,7 @@ def run_cell(cell: dict[str, Any], folder: str | Path, progress: bool = False) -
     from ..evaluation.ais import evaluate_ais
     from ..evaluation.interactive import evaluate_interactive
     from ..evaluation.predictor import SamPredictor, has_unetr, load_base, set_point_multimask
+    from ..evaluation.resized import resized_if
     from ..methods import count_parameters
 
     folder = Path(folder)
@@ -139,8 +155,11 @@ def run_cell(cell: dict[str, Any], folder: str | Path, progress: bool = False) -
     rows, table_metric = evaluation_rows(cell["dataset"], evaluation)
     eval_start = time.perf_counter()
     with torch.no_grad():
+        predictor = resized_if(
+            SamPredictor(model, bf16=evaluation.get("bf16", False)), evaluation_resize(cell["dataset"], evaluation), 0
+        )
         interactive = evaluate_interactive(
-            SamPredictor(model, bf16=evaluation.get("bf16", False)), rows, n_corrections=evaluation["n_corrections"], seed=evaluation["seed"],
+            predictor, rows, n_corrections=evaluation["n_corrections"], seed=evaluation["seed"],
             batch_size=evaluation["batch_size"], progress=progress,
         )
         ais = None
@@ -161,6 +180,9 @@ def run_cell(cell: dict[str, Any], folder: str | Path, progress: bool = False) -
         "rounds": interactive["rounds"],
         "ais": None if ais is None else {k: ais[k] for k in ("msa", "sa50", "sa75")},
         "n_images": interactive["n_images"],
+        "scoring": interactive["scoring"],
+        "dice_per_class": interactive.get("dice_per_class"),
+        "resize": evaluation_resize(cell["dataset"], evaluation),
         "n_objects": interactive["n_objects"],
         "trainable_parameters": trainable,
         "total_parameters": count_parameters(model)[1],
