@@ -326,6 +326,7 @@ def train_model(
         "best_metric": trainer.state.best_metric,
         "base_metric": trainer.base_metric,
         "best_is_base": trainer.best_is_base,
+        "selection": trainer.selection_summary(),
         "point_multimask": args.point_multimask,
         "adapter": str(adapter_dir),
         "loss_curve": str(output_dir / "loss_curve.png"),
@@ -349,21 +350,28 @@ def save_trained(model, adapter_dir: Path, recipe: Recipe, summary: dict[str, An
     save_adapter(
         model, adapter_dir, base_model_id=recipe.base_model, method=recipe.method,
         training_data=f"{dataset} (recipe {recipe.name})",
-        extra={**recipe.training, "steps": summary["steps"], "best_metric": summary["best_metric"]},
+        extra={**recipe.training, "steps": summary["steps"], "best_metric": summary["best_metric"],
+               "best_is_base": summary.get("best_is_base")},
         overwrite=True, point_multimask=summary.get("point_multimask"),
     )
     atomic_write_text(adapter_dir / "training_summary.json", json.dumps(summary, indent=2, default=str))
 
 
 def _base_verdict(summary: dict[str, Any]) -> list[str]:
-    """A plain line when fine-tuning did not beat the untouched base on validation (empty otherwise)."""
+    """The best-checkpoint selection line (trainer.selection_summary()) and a plain line when fine-tuning did not
+    beat the untouched base on validation."""
+    selection = [f"  selection: {summary['selection']}"] if summary.get("selection") else []
     if summary.get("best_is_base"):
         base = summary.get("base_metric")
-        return [
-            "  FINE-TUNING DID NOT BEAT THE BASE: no evaluation after training improved on the base's validation "
-            + (f"metric {base:.4f}" if base is not None else "metric")
-            + "; the adapter holds the untouched base (step 0). Try more steps, another learning rate or method."
+        why = "no evaluation after training qualified (see selection)" if selection else (
+            "no evaluation after training improved on the base's validation "
+            + (f"metric {base:.4f}" if base is not None else "metric"))
+        return selection + [
+            f"  FINE-TUNING DID NOT BEAT THE BASE (best_is_base): {why}; the adapter holds the untouched base "
+            "(step 0), not a fine-tune. Try more steps, another learning rate or method."
         ]
+    if selection:
+        return selection
     if summary.get("best_is_base") is None and summary.get("best_metric") is None:
         return ["  no validation ran: the last state was kept without a check against the base"]
     return []

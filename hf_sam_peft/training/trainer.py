@@ -17,6 +17,20 @@ What it does (DESIGN §3):
 - the untouched model is a candidate: with ``evaluate_base`` (default) the first ``train()`` evaluates
   before any update and saves that state as ``checkpoint-0``, so the kept "best" checkpoint is never worse
   on validation than the base (``trainer.base_metric``, ``trainer.best_is_base``);
+- never worse on any prompt mode (``never_worse_margin``, default 0.005): an evaluation after training steps
+  is eligible as best only if its ``eval_dice_<mode>`` is at least the base's minus the margin for every
+  validation mode the base was scored on; among the eligible ones (and the base) the best ``eval_metric``
+  (the mean) wins, as before. A fine-tune that gains on one mode by losing another (box Dice 0.80 -> 0.56)
+  is not kept. Rejected evaluations are listed in ``trainer.rejected_evaluations`` (the worst mode of
+  each), and ``trainer.selection_summary()`` says in one line what was kept and why. The rule lives in the
+  Trainer's best-metric decision (``_determine_best_metric``): it decides which evaluation counts as
+  best (``state.best_metric``, ``state.best_global_step``, hence ``state.best_model_checkpoint``);
+  transformers' own ``load_best_model_at_end`` then loads that checkpoint at the end and checkpoint
+  rotation keeps it. With ``load_best_model_at_end=False`` the last state is kept whatever the rule
+  says: the rule only reports (``best_is_base``, ``selection_summary()``). The rule needs the base's
+  per-mode scores: without a base evaluation (``evaluate_base=False``, no eval dataset, no
+  ``metric_for_best_model``) it is not applied and the mean alone decides; ``never_worse_margin=None``
+  switches it off (transformers' behaviour, the mean alone);
 - defaults: AdamW (weight decay 0.01), lr 1e-5, ``ReduceLROnPlateau(factor=0.9, patience=10)`` on
   ``eval_metric`` after every evaluation (per epoch by default) through transformers' own
   ``reduce_lr_on_plateau`` scheduler type, optional early stopping (``EarlyStoppingCallback``), the best and
@@ -53,6 +67,8 @@ Deliberate deviations from µSAM:
   the training may not even use;
 - the untouched base is a best-checkpoint candidate (µSAM starts its best metric at infinity): a
   fine-tune never ends worse than its start on the validation metric without saying so;
+- a checkpoint worse than the base on any validation prompt mode by more than ``never_worse_margin`` Dice
+  is never the best one (µSAM picks by the mean alone);
 - joint training requires ``gradient_accumulation_steps == 1`` (two optimizer steps per batch do not
   compose with accumulated gradients);
 - the training log adds ``dice_loss``, ``iou_mse`` (and ``ais_loss``) averaged since the last log, from
@@ -109,6 +125,22 @@ CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint wit
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 logger = logging.getLogger(__name__)
 VALIDATION_MODES = ("point", "box", "points", "box_points")
+
+
+def mode_dice(metrics: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """``{mode: Dice}`` of the validation prompt modes scored in ``metrics`` (``<prefix>_dice_<mode>`` keys)."""
+    return {m: float(metrics[f"{prefix}_dice_{m}"]) for m in VALIDATION_MODES if f"{prefix}_dice_{m}" in metrics}
+
+
+def worst_mode(candidate: dict[str, float], base: dict[str, float]) -> tuple[str, float, float] | None:
+    """``(mode, base Dice, candidate Dice)`` of the mode scored in both where ``candidate`` falls furthest below
+    ``base`` (a NaN candidate counts as the worst); None when they share no mode."""
+    shared = [m for m in VALIDATION_MODES if m in candidate and m in base]
+    if not shared:
+        return None
+    nan = [m for m in shared if np.isnan(candidate[m])]
+    mode = nan[0] if nan else max(shared, key=lambda m: base[m] - candidate[m])
+    return mode, base[mode], candidate[mode]
 
 
 @dataclass
@@ -174,6 +206,11 @@ class InteractiveTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Evaluate before the first update and keep the untouched model as a best-checkpoint candidate."},
     )
+    never_worse_margin: float | None = field(
+        default=0.005,
+        metadata={"help": "A checkpoint is eligible as best only if its Dice on every validation prompt mode is at "
+                          "least the base's minus this margin (needs evaluate_base); None: the mean alone decides."},
+    )
     # the paper's defaults
     max_grad_norm: float = 0.0  # torch_em / micro-sam never clip gradients (transformers' default: 1.0)
     learning_rate: float = 1e-5
@@ -203,6 +240,11 @@ class InteractiveTrainingArguments(TrainingArguments):
             raise ValueError(f"box_jitter must be >= 0, got {self.box_jitter!r}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience must be a positive int or None, got {self.early_stopping_patience!r}")
+        margin = self.never_worse_margin
+        if margin is not None:
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:  # NaN fails too
+                raise ValueError(f"never_worse_margin must be a number >= 0 or None, got {margin!r}")
+            self.never_worse_margin = float(margin)
         self.efficiency_options()  # validates the efficiency fields
         if self.train_decoder and self.gradient_accumulation_steps != 1:
             raise ValueError("train_decoder needs gradient_accumulation_steps == 1 (two optimizer steps per batch)")
@@ -450,6 +492,9 @@ class SamInteractiveTrainer(Trainer):
         self._eval_index = 0
         self._eval_sums: dict[str, float] = defaultdict(float)
         self.base_metric: float | None = None
+        self._base_dice: dict[str, float] | None = None
+        self.rejected_evaluations: list[dict[str, Any]] = []  # {step, mode, base, candidate}: the worst mode
+        self._candidate_steps: list[int] = []  # evaluations after training steps that the rule looked at
 
     # ---- the base as a candidate ----------------------------------------------------------------------
 
@@ -458,6 +503,7 @@ class SamInteractiveTrainer(Trainer):
             return
         metrics = self.evaluate()
         self.base_metric = float(metrics[self._best_metric_key()])
+        self._base_dice = mode_dice(metrics) or None
         self._determine_best_metric(metrics=metrics, trial=None)
         if self.args.save_strategy != "no":
             self._save_checkpoint(self.model_wrapped, trial=None)
@@ -472,7 +518,10 @@ class SamInteractiveTrainer(Trainer):
 
     @property
     def best_is_base(self) -> bool | None:
-        """Whether no evaluation after training steps beat the untouched model (None: the base was not evaluated)."""
+        """Whether no evaluation after training steps beat the untouched model (None: the base was not evaluated).
+
+        Under the never-worse rule an evaluation that lost a validation mode never beats it: True also when a
+        fine-tune was better in the mean but worse than the base on some mode by more than the margin."""
         base = self.base_metric
         if base is None and self.args.metric_for_best_model:
             key = self._best_metric_key()
@@ -483,6 +532,123 @@ class SamInteractiveTrainer(Trainer):
         if base is None or self.state.best_metric is None:
             return None
         return not (np.less if not self.args.greater_is_better else np.greater)(self.state.best_metric, base)
+
+    # ---- never worse than the base on any validation prompt mode -------------------------------------
+
+    @property
+    def base_dice(self) -> dict[str, float] | None:
+        """The untouched model's validation Dice per prompt mode, ``{mode: Dice}`` (None: the base was not
+        evaluated); a resumed run reads them from the first run's step-0 evaluation in ``state.log_history``."""
+        if self._base_dice is not None:
+            return dict(self._base_dice)
+        for entry in self.state.log_history:
+            if entry.get("step") == 0:
+                found = mode_dice(entry)
+                if found:
+                    return found
+        return None
+
+    def _never_worse_base(self) -> dict[str, float] | None:
+        """The base's per-mode Dice when the never-worse rule applies (margin set, base evaluated), else None."""
+        if self.args.never_worse_margin is None:
+            return None
+        return self.base_dice
+
+    def _rejection(self, metrics: dict[str, Any], step: int) -> dict[str, Any] | None:
+        """``{step, mode, base, candidate}`` (its worst mode) if the rule rejects this evaluation, else None."""
+        base = self._never_worse_base()
+        found = None if base is None else worst_mode(mode_dice(metrics), base)
+        if found is None:
+            return None
+        mode, base_dice, candidate = found
+        if candidate >= base_dice - self.args.never_worse_margin:
+            return None
+        return {"step": int(step), "mode": mode, "base": base_dice, "candidate": candidate}
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        """``Trainer._determine_best_metric`` with the never-worse rule in front (module docstring).
+
+        Overrides a private Trainer method, checked against transformers 5.25.0:
+        ``_determine_best_metric(self, metrics, trial) -> bool``, called by ``_maybe_log_save_evaluate`` right
+        after each evaluation during training; it updates ``state.best_metric`` and ``state.best_global_step``
+        (which ``_save_checkpoint`` turns into ``state.best_model_checkpoint``) and returns True for a new
+        best (``save_strategy="best"`` saves on it). An evaluation after training steps that is worse than
+        the base on some validation mode by more than ``never_worse_margin`` Dice is recorded in
+        ``rejected_evaluations`` and returns False without touching the state; every other one (and the
+        base's own, at step 0) goes to transformers' comparison of ``metric_for_best_model``. Not applied
+        without the base's per-mode scores (``evaluate_base=False``, no eval dataset) or with
+        ``never_worse_margin=None``.
+        """
+        if self.state.global_step > 0:
+            self._candidate_steps.append(self.state.global_step)
+            rejection = self._rejection(metrics, self.state.global_step)
+            if rejection is not None:
+                self.rejected_evaluations.append(rejection)
+                if self.args.should_log:
+                    logger.info(
+                        f"step {rejection['step']} is not a best-checkpoint candidate: {rejection['mode']} Dice "
+                        f"{rejection['base']:.3f} -> {rejection['candidate']:.3f} (base -> this evaluation)"
+                    )
+                return False
+        return super()._determine_best_metric(metrics=metrics, trial=trial)
+
+    def _recover_selection(self) -> None:
+        """On resume: the rule's record of the evaluations in the resumed ``state.log_history``."""
+        if not self.args.metric_for_best_model:
+            return
+        key = self._best_metric_key()
+        for entry in self.state.log_history:
+            step = entry.get("step", 0)
+            if step > 0 and key in entry:
+                self._candidate_steps.append(int(step))
+                rejection = self._rejection(entry, step)
+                if rejection is not None:
+                    self.rejected_evaluations.append(rejection)
+
+    def selection_summary(self) -> str | None:
+        """One line: which evaluation counts as best and why (None: no validation ran), e.g.
+        ``kept checkpoint-12: no validation mode worse than the base by more than 0.005 Dice`` or
+        ``no checkpoint qualified: every fine-tuned checkpoint was worse than the base on at least one
+        validation mode (step 10: box Dice 0.802 -> 0.564); the best checkpoint is the base``."""
+        if self.state.best_metric is None or not self.args.metric_for_best_model:
+            return None
+        margin = self.args.never_worse_margin
+        verb = "kept" if self.args.load_best_model_at_end else "best"
+        if self.state.best_model_checkpoint:
+            name = Path(self.state.best_model_checkpoint).name
+        else:
+            name = f"the step-{self.state.best_global_step} evaluation" if self.state.best_global_step else "the best evaluation"
+        if self.best_is_base:
+            rejected, evaluated = self.rejected_evaluations, len(self._candidate_steps)
+            if rejected:
+                worst = max(rejected, key=lambda r: (np.isnan(r["candidate"]), r["base"] - r["candidate"]))
+                example = (f"step {worst['step']}: {worst['mode']} Dice {worst['base']:.3f} -> "
+                           f"{worst['candidate']:.3f}")
+                if len(rejected) >= evaluated:
+                    lead = "every fine-tuned checkpoint was worse than the base on at least one validation mode"
+                    example = example if len(rejected) == 1 else f"worst at {example}"
+                else:
+                    lead = (f"{len(rejected)} of {evaluated} fine-tuned checkpoints were worse than the base on a "
+                            f"validation mode by more than {margin:g} Dice, the others did not improve on its mean")
+                text = f"no checkpoint qualified: {lead} ({example}); the best checkpoint is the base"
+            elif evaluated:
+                text = ("no checkpoint qualified: no fine-tuned checkpoint improved on the base's mean validation "
+                        "metric; the best checkpoint is the base")
+            else:
+                text = "no fine-tuned checkpoint was evaluated; the best checkpoint is the base"
+            if margin is None:
+                text += " (never-worse rule off)"
+        elif margin is None:
+            text = f"{verb} {name} by the mean validation metric alone (never-worse rule off)"
+        elif self._never_worse_base() is None:
+            text = (f"{verb} {name} by the mean validation metric alone (never-worse rule not applied: the base "
+                    "was not evaluated)")
+        else:
+            text = f"{verb} {name}: no validation mode worse than the base by more than {margin:g} Dice"
+        if not self.args.load_best_model_at_end:
+            text += (f"; load_best_model_at_end=False: the last state (step {self.state.global_step}) was kept, "
+                     "the rule only reports")
+        return text
 
     # ---- checkpoints: atomic saves, damaged-checkpoint fallback, relocatable runs ---------------------
 
@@ -501,8 +667,10 @@ class SamInteractiveTrainer(Trainer):
         result = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
+        self._base_dice, self.rejected_evaluations, self._candidate_steps = None, [], []
         if resume_from_checkpoint is not None:
             self.state.best_model_checkpoint = self._relocated_best(resume_from_checkpoint)
+            self._recover_selection()  # the base's per-mode scores come from log_history (base_dice)
         return result
 
     def _relocated_best(self, resumed: str) -> str | None:

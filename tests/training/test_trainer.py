@@ -3,6 +3,8 @@ forward: tests/sam_forward)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -446,3 +448,204 @@ def test_a_copied_run_resumes_from_its_own_best_checkpoint(dsb, tmp_path):
     best = Path(trainer.state.best_model_checkpoint)
     assert best.parent == copy and best.is_dir()
     assert {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()} == untouched
+
+
+# ---- never worse than the base on any validation prompt mode ---------------------------------------------
+
+MODES = ("point", "box", "points", "box_points")
+
+
+def scores(metric: float, **dice: float) -> dict[str, float]:
+    """Crafted evaluation metrics: the mean Dice loss (``eval_metric``) and per-mode Dice."""
+    return {"eval_metric": metric, **{f"eval_dice_{m}": v for m, v in dice.items()}}
+
+
+BASE_SCORES = scores(0.40, point=0.60, box=0.802, points=0.55, box_points=0.65)
+
+
+def deciding_trainer(tmp_path, with_base: bool = True, **overrides) -> SamInteractiveTrainer:
+    """A trainer (no training) whose base evaluation at step 0 is ``BASE_SCORES``, as ``_evaluate_base`` leaves
+    it: logged at step 0 and passed through the best-metric decision."""
+    settings = dict(eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True)
+    args = training_args(tmp_path, **{**settings, **overrides})
+    trainer = SamInteractiveTrainer(tiny_lora_sam(), args, eval_dataset=[{}])
+    if with_base:
+        trainer.state.log_history.append({**BASE_SCORES, "step": 0})
+        assert trainer._determine_best_metric(BASE_SCORES, None) is True
+        trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-0")
+    return trainer
+
+
+def decide(trainer, step: int, metrics: dict[str, float]) -> bool:
+    trainer.state.global_step = step
+    new_best = trainer._determine_best_metric(metrics, None)
+    if new_best:  # as _save_checkpoint records it
+        trainer.state.best_model_checkpoint = str(Path(trainer.args.output_dir) / f"checkpoint-{step}")
+    return new_best
+
+
+def test_never_worse_rule_keeps_the_base_over_a_better_mean_that_loses_a_mode(tmp_path):
+    trainer = deciding_trainer(tmp_path)
+    # better mean (0.30 < 0.40), but box Dice 0.802 -> 0.564: rejected
+    assert decide(trainer, 10, scores(0.30, point=0.75, box=0.564, points=0.70, box_points=0.80)) is False
+    assert trainer.state.best_metric == 0.40 and trainer.state.best_global_step == 0
+    assert trainer.best_is_base is True and trainer.state.best_model_checkpoint.endswith("checkpoint-0")
+    assert trainer.rejected_evaluations == [{"step": 10, "mode": "box", "base": 0.802, "candidate": 0.564}]
+    assert trainer.selection_summary() == (
+        "no checkpoint qualified: every fine-tuned checkpoint was worse than the base on at least one validation "
+        "mode (step 10: box Dice 0.802 -> 0.564); the best checkpoint is the base"
+    )
+    # just beyond the margin (0.005) on one mode is enough; the worst mode is the one recorded
+    assert decide(trainer, 12, scores(0.20, point=0.594, box=0.90, points=0.90, box_points=0.64)) is False
+    assert trainer.rejected_evaluations[-1] == {"step": 12, "mode": "box_points", "base": 0.65, "candidate": 0.64}
+    assert decide(trainer, 14, scores(0.20, point=0.5949, box=0.90, points=0.90, box_points=0.90)) is False
+    assert trainer.best_is_base is True
+    summary = trainer.selection_summary()
+    assert summary.startswith("no checkpoint qualified: every fine-tuned checkpoint was worse than the base")
+    assert "(worst at step 10: box Dice 0.802 -> 0.564)" in summary and len(trainer.rejected_evaluations) == 3
+
+
+def test_never_worse_rule_takes_the_best_mean_within_the_margin(tmp_path):
+    trainer = deciding_trainer(tmp_path)
+    assert decide(trainer, 10, scores(0.30, point=0.75, box=0.564, points=0.70, box_points=0.80)) is False
+    within = scores(0.35, **{m: BASE_SCORES[f"eval_dice_{m}"] - 0.004 for m in MODES})  # every mode within 0.005
+    assert decide(trainer, 12, within) is True
+    assert decide(trainer, 14, scores(0.38, point=0.61, box=0.81, points=0.56, box_points=0.66)) is False  # worse mean
+    assert decide(trainer, 16, scores(0.10, point=0.99, box=0.70, points=0.99, box_points=0.99)) is False  # loses box
+    assert trainer.state.best_metric == 0.35 and trainer.state.best_global_step == 12
+    assert trainer.best_is_base is False and trainer.state.best_model_checkpoint.endswith("checkpoint-12")
+    assert [r["step"] for r in trainer.rejected_evaluations] == [10, 16]
+    assert trainer.selection_summary() == "kept checkpoint-12: no validation mode worse than the base by more than 0.005 Dice"
+    # a wider margin admits step 16 (box 0.802 -> 0.70)
+    wide = deciding_trainer(tmp_path / "wide", never_worse_margin=0.2)
+    assert decide(wide, 16, scores(0.10, point=0.99, box=0.70, points=0.99, box_points=0.99)) is True
+    assert wide.selection_summary() == "kept checkpoint-16: no validation mode worse than the base by more than 0.2 Dice"
+    assert wide.rejected_evaluations == []
+    reporting = deciding_trainer(tmp_path / "report", load_best_model_at_end=False)
+    decide(reporting, 10, scores(0.30, point=0.75, box=0.564, points=0.70, box_points=0.80))
+    assert reporting.best_is_base is True
+    assert reporting.selection_summary().endswith(
+        "; load_best_model_at_end=False: the last state (step 10) was kept, the rule only reports")
+
+
+@pytest.mark.parametrize("how", ["margin_none", "no_base"])
+def test_without_the_rule_the_decision_is_transformers_own(tmp_path, how):
+    """``never_worse_margin=None``, or no base evaluation: each decision and the state match ``Trainer``'s own."""
+    from transformers import Trainer
+
+    overrides = {"never_worse_margin": None} if how == "margin_none" else {}
+    ours = deciding_trainer(tmp_path / "ours", with_base=how == "margin_none", **overrides)
+    plain = deciding_trainer(tmp_path / "plain", with_base=how == "margin_none", **overrides)
+    sequence = [
+        (10, scores(0.30, point=0.75, box=0.564, points=0.70, box_points=0.80)),
+        (12, scores(0.35, point=0.60, box=0.80, points=0.55, box_points=0.65)),
+        (14, scores(0.20, point=0.10, box=0.99, points=0.99, box_points=0.99)),
+        (16, scores(0.25, point=0.99, box=0.99, points=0.99, box_points=0.99)),
+    ]
+    for step, metrics in sequence:
+        plain.state.global_step = step
+        expected = Trainer._determine_best_metric(plain, metrics, None)
+        assert decide(ours, step, metrics) is expected
+        assert (ours.state.best_metric, ours.state.best_global_step) == (plain.state.best_metric, plain.state.best_global_step)
+    assert ours.state.best_global_step == 14 and ours.rejected_evaluations == []
+    assert ours.best_is_base is (False if how == "margin_none" else None)
+    reason = "never-worse rule off" if how == "margin_none" else "never-worse rule not applied: the base was not evaluated"
+    assert ours.selection_summary() == f"kept checkpoint-14 by the mean validation metric alone ({reason})"
+
+
+def test_never_worse_margin_validation(tmp_path):
+    assert training_args(tmp_path).never_worse_margin == 0.005
+    assert training_args(tmp_path, never_worse_margin=None).never_worse_margin is None
+    assert training_args(tmp_path, never_worse_margin=0).never_worse_margin == 0.0
+    for bad in (-0.01, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="never_worse_margin"):
+            training_args(tmp_path, never_worse_margin=bad)
+
+
+class ForgedScores(SamInteractiveTrainer):
+    """Real training, crafted validation scores after training steps: each is better than the base in the mean
+    (by 0.01 per step: the last is best by the mean) and moved from the base's Dice by ``offsets`` per mode, so
+    the choice does not hang on a CPU's last bits."""
+
+    def __init__(self, *args, offsets: dict[str, float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.offsets = offsets
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        step = self.state.global_step
+        base = next((e for e in self.state.log_history if e.get("step") == 0 and "eval_metric" in e), None)
+        if step > 0 and base is not None:
+            output.metrics["eval_metric"] = base["eval_metric"] - 0.01 * step
+            for mode in MODES:
+                output.metrics[f"eval_dice_{mode}"] = base[f"eval_dice_{mode}"] + self.offsets.get(mode, 0.0)
+        return output
+
+
+def forged_run(dsb, output_dir, max_steps=4, resume=None, offsets=None, **overrides):
+    settings = dict(
+        n_sub_iterations=2, max_steps=max_steps, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+        save_steps=2, save_total_limit=1, load_best_model_at_end=True, learning_rate=0.1,
+    )
+    args = training_args(output_dir, **{**settings, **overrides})
+    model = tiny_lora_sam()
+    before = trained_state(model)
+    trainer = ForgedScores(model, args, train_dataset=dsb["train"], eval_dataset=dsb["val"],
+                           offsets={"box": -0.05} if offsets is None else offsets)
+    trainer.train(resume_from_checkpoint=resume)
+    after = trained_state(trainer.model)
+    return trainer, all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_real_run_that_loses_a_mode_ends_on_the_base(dsb, tmp_path):
+    """A huge learning rate moves the weights; every evaluation after training is better in the mean but loses
+    0.05 box Dice: transformers' load_best_model_at_end brings back checkpoint-0, rotation kept it."""
+    trainer, equal_to_base = forged_run(dsb, tmp_path / "rule")
+    assert trainer.best_is_base is True and equal_to_base
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-0")
+    # rotation kept checkpoint-0 through the saves at steps 2 and 4; the end of train() drops the non-best latest
+    assert sorted(p.name for p in (tmp_path / "rule").glob("checkpoint-*")) == ["checkpoint-0"]
+    assert [(r["step"], r["mode"]) for r in trainer.rejected_evaluations] == [(2, "box"), (4, "box")]
+    assert trainer.selection_summary().startswith("no checkpoint qualified: every fine-tuned checkpoint was worse")
+    # the same run without the rule keeps the last (best-mean) fine-tune: the weights are not the base's
+    plain, plain_equal = forged_run(dsb, tmp_path / "plain", never_worse_margin=None)
+    assert plain.best_is_base is False and not plain_equal
+    assert plain.state.best_model_checkpoint.endswith("checkpoint-4")
+    # within the margin on every mode, the best mean is kept
+    within, within_equal = forged_run(dsb, tmp_path / "within", offsets={m: -0.004 for m in MODES})
+    assert within.best_is_base is False and not within_equal and within.rejected_evaluations == []
+    assert within.selection_summary() == "kept checkpoint-4: no validation mode worse than the base by more than 0.005 Dice"
+
+
+def test_resume_keeps_the_base_per_mode_scores(dsb, tmp_path):
+    """A resumed run (a new trainer) judges its evaluations against the first run's base, read from the step-0
+    entry of log_history, and recovers the earlier rejections."""
+    first, _ = forged_run(dsb, tmp_path, max_steps=4, save_total_limit=None)  # checkpoint-4 stays to resume from
+    base = first.base_dice
+    assert set(base) == set(MODES) and base == {m: first.state.log_history[0][f"eval_dice_{m}"] for m in MODES}
+    resumed, equal_to_base = forged_run(dsb, tmp_path, max_steps=6, resume=True, save_total_limit=None)
+    assert resumed._initial_global_step == 4
+    assert resumed.base_metric is None and resumed.base_dice == base  # not evaluated again: recovered
+    assert [r["step"] for r in resumed.rejected_evaluations] == [2, 4, 6]
+    assert resumed.rejected_evaluations[-1] == {"step": 6, "mode": "box", "base": base["box"],
+                                                "candidate": pytest.approx(base["box"] - 0.05)}
+    assert resumed.best_is_base is True and equal_to_base
+    assert resumed.state.best_model_checkpoint.endswith("checkpoint-0")
+
+
+def test_the_train_summary_prints_the_selection(tmp_path):
+    from hf_sam_peft.train import format_summary
+
+    summary = {
+        "recipe": "r", "method": "lora", "base_model": "tiny", "ais": False, "trainable_parameters": 10, "steps": 4,
+        "train_loss": 0.5, "best_checkpoint": "out/checkpoint-0", "best_metric": 0.4, "base_metric": 0.4,
+        "best_is_base": True, "adapter": "out/adapter", "loss_curve": "out/loss_curve.png",
+        "selection": "no checkpoint qualified: every fine-tuned checkpoint was worse than the base on at least one "
+                     "validation mode (step 2: box Dice 0.802 -> 0.564); the best checkpoint is the base",
+    }
+    printed = format_summary(summary)
+    assert f"  selection: {summary['selection']}" in printed.splitlines()
+    assert "FINE-TUNING DID NOT BEAT THE BASE (best_is_base)" in printed and "not a fine-tune" in printed
+    kept = format_summary({**summary, "best_is_base": False, "best_checkpoint": "out/checkpoint-4",
+                           "selection": "kept checkpoint-4: no validation mode worse than the base by more than 0.005 Dice"})
+    assert "  selection: kept checkpoint-4" in kept and "DID NOT BEAT" not in kept
