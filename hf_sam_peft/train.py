@@ -116,6 +116,9 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
         recipe.training["use_cpu"] = device == "cpu"
     if args.ais is not None:
         recipe.ais = args.ais
+    resize = getattr(args, "resize_inputs", None)
+    if resize is not None:
+        recipe.data["resize_inputs"] = resize
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -401,6 +404,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--ais", dest="ais", action="store_true", default=None, help="also train the UNETR decoder")
     parser.add_argument("--no-ais", dest="ais", action="store_false", help="interactive objective only")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--resize", dest="resize_inputs", action="store_true", default=None,
+        help="serve whole images, longest side resized to the dataset's patch side and padded (the reference's "
+        "resize_inputs for medical sets; overrides the dataset recipe)",
+    )
+    layout.add_argument(
+        "--patches", dest="resize_inputs", action="store_false",
+        help="sample random patches of the dataset's patch shape instead (microscopy; overrides the recipe)",
+    )
     parser.add_argument(
         "--set", action="append", metavar="KEY=VALUE",
         help="override a training argument (e.g. --set learning_rate=1e-4) or data./method_options. keys",

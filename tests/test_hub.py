@@ -280,6 +280,15 @@ def test_card_metrics_as_rows_and_lora_snippet(tiny_sam, tmp_path):
     assert f'hf_sam_peft.from_pretrained("{tmp_path / "lora"}")' in card  # local folder: the snippet uses it
 
 
+def test_card_says_when_validation_kept_the_base(tiny_sam, tmp_path):
+    model = apply_method(tiny_sam, "lora", r=4)
+    kept = hub.save_adapter(model, tmp_path / "base", base_model_id="org/tiny-sam", extra={"best_is_base": True})
+    card = (kept / "README.md").read_text()
+    assert "**Not a fine-tune:**" in card and "fine-tuned with" not in card
+    tuned = hub.save_adapter(model, tmp_path / "tuned", base_model_id="org/tiny-sam", extra={"best_is_base": False})
+    assert "Not a fine-tune" not in (tuned / "README.md").read_text()
+
+
 def test_save_adapter_is_atomic_and_refuses_to_overwrite(trained, tmp_path, monkeypatch):
     out = tmp_path / "adapter"
     out.mkdir()

@@ -286,3 +286,29 @@ def test_full_disk_while_saving_is_one_line_and_resume_skips_the_damage(tmp_path
     code, printed, err = run_cli(capsys, "--output-dir", str(out), "--resume", *FAST)
     assert code == 0, err
     assert "steps: 4" in printed and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_medical_recipe_trains_on_resized_whole_images_and_patches_on_request(tmp_path, capsys):
+    import argparse
+
+    from hf_sam_peft.train import add_arguments, apply_overrides, build_datasets
+
+    shared_dataset("hc18_fetal_head_ultrasound")
+    recipe_path = tmp_path / "hc18.yaml"
+    recipe_path.write_text(
+        (ROOT / "recipes" / "smoke_tiny.yaml").read_text().replace(
+            "dataset: dsb2018_stage1test_fluo_nuclei", "dataset: hc18_fetal_head_ultrasound"
+        )
+    )
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flags, whole in (([], True), (["--patches"], False), (["--resize"], True)):
+        recipe = apply_overrides(load_recipe(recipe_path), parser.parse_args([str(recipe_path), *flags]))
+        train, val, _ = build_datasets(recipe)
+        sample = train[0]
+        assert sample["image"].shape == (512, 512, 3)
+        assert ("_y" not in sample["id"]) == whole, flags  # a whole resized image has no patch position
+    out = tmp_path / "run"
+    assert cli_main(["train", str(recipe_path), "--output-dir", str(out), "--max-steps", "2", "--set", "n_sub_iterations=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "adapter saved to" in printed and "selection:" in printed

@@ -191,11 +191,17 @@ def render_card(provenance: Mapping[str, Any], repo_id: str, template: str | os.
     )
     files = provenance.get("files") or []
     model_class = "Sam2Model" if provenance.get("base_model_type") == "sam2" else "SamModel"
+    summary = (f"Segment Anything{' 2' if model_class == 'Sam2Model' else ''} (transformers `{model_class}`) "
+               f"fine-tuned with hf-sam-peft's `{method}` method.")
+    if (provenance.get("extra") or {}).get("best_is_base") is True:
+        # validation kept the untouched base (no checkpoint was as good on every prompt mode): say so first
+        summary = (f"**Not a fine-tune:** no `{method}` checkpoint was at least as good as the base on every "
+                   "validation prompt mode, so this adapter holds the untouched base weights "
+                   f"(`best_is_base: true`). " + summary.replace(" fine-tuned with", " set up for"))
     values = {
         "front_matter": front,
         "title": f"{title} adapter for Segment Anything" if method != "full_ft" else "Fine-tuned Segment Anything",
-        "summary": f"Segment Anything{' 2' if model_class == 'Sam2Model' else ''} (transformers `{model_class}`) "
-        f"fine-tuned with hf-sam-peft's `{method}` method.",
+        "summary": summary,
         "base_model_text": base_text,
         "method_text": method_text,
         "hyperparameter_table": table,
