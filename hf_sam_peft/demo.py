@@ -264,9 +264,13 @@ class DataLayout:
 
 def choose_layout(rows: list[dict[str, Any]], requested: str | None = None) -> DataLayout:
     """``requested`` when given; else ``resize`` when a typical training image holds at most
-    :data:`RESIZE_MAX_OBJECTS` objects whose median area is at least :data:`RESIZE_MIN_AREA` of the image (an
-    organ or a lesion: cutting it into tiles shows the model slivers), ``tiles`` otherwise (many small
-    objects, e.g. cells, which a whole image shrunk to the model input would make smaller still)."""
+    :data:`RESIZE_MAX_OBJECTS` label values whose median area is at least :data:`RESIZE_MIN_AREA` of the image
+    (an organ, a lesion, a tissue class: cutting it into tiles shows the model slivers), ``tiles`` otherwise
+    (many small objects, e.g. cells, which a whole image shrunk to the model input would make smaller still).
+
+    Label *values* are counted as the files store them (the rows' ``semantic`` column when present): in an
+    instance map each object has its own value, in a class map each class one, however many pieces it has.
+    """
     if requested is not None:
         if requested not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {requested!r}")
@@ -275,15 +279,16 @@ def choose_layout(rows: list[dict[str, Any]], requested: str | None = None) -> D
         raise ValueError("rows must hold at least one training image to choose a layout from")
     counts, areas = [], []
     for row in rows:
-        labels = np.asarray(row["labels"])
+        labels = np.asarray(row["semantic"] if "semantic" in row else row["labels"])
         sizes = np.bincount(labels.ravel())[1:]
         sizes = sizes[sizes > 0]
         counts.append(len(sizes))
         areas.extend((sizes / labels.size).tolist())
     n_objects, area = float(np.median(counts)), float(np.median(areas)) if areas else 0.0
-    stats = f"median {n_objects:g} objects per training image, median object {100 * area:.1f}% of its image"
+    stats = (f"median {n_objects:g} labels per training image, each covering a median {100 * area:.1f}% of its "
+             "image")
     if n_objects <= RESIZE_MAX_OBJECTS and area >= RESIZE_MIN_AREA:
-        return DataLayout("resize", f"{stats}: few large objects; --tiles to cut tiles instead")
+        return DataLayout("resize", f"{stats}: few large objects or classes; --tiles to cut tiles instead")
     return DataLayout("tiles", f"{stats}: many small objects; --resize for whole images instead")
 
 
@@ -552,7 +557,7 @@ def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] | N
         train = training_rows(splits["train"], config.steps, config.tile, config.seed, config.min_size)
     else:
         dataset = Path(config.data).resolve().name
-        probe = folder_splits(config.data, 1, config.seed)["train"] if config.layout is None else []
+        probe = folder_splits(config.data, 1, config.seed, label_mode="semantic")["train"] if config.layout is None else []
         layout = choose_layout(probe, config.layout)
         if layout.layout == "resize":
             resize_to = size

