@@ -458,6 +458,20 @@ class DemoResult:
 
         return format_rounds({"base": self.base, "fine-tuned": self.tuned})
 
+    def per_class_table(self, digits: int = 3) -> str:
+        """Dice per class, base and fine-tuned (rows: model, class; columns: Point, Box, I_P, I_B), or "" when
+        the data was scored per object (tiles)."""
+        if "dice_per_class" not in self.base or "dice_per_class" not in self.tuned:
+            return ""
+        keys = ("point", "box", "ip", "ib")
+        lines = ["| model | class | Point | Box | I_P | I_B |", "|---|---|---|---|---|---|"]
+        for name, result in (("base", self.base), ("fine-tuned", self.tuned)):
+            per_class = result["dice_per_class"]
+            for cls in sorted({c for key in keys for c in per_class.get(key, {})}):
+                values = [f"{per_class[key][cls]:.{digits}f}" if cls in per_class.get(key, {}) else "" for key in keys]
+                lines.append(f"| {name} | {cls} | " + " | ".join(values) + " |")
+        return "\n".join(lines)
+
     def summary(self) -> str:
         """The gains the demo is about (box score ratio, point, I_B), then plainly any loss against the base."""
         metric = self.metric

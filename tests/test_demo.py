@@ -184,6 +184,9 @@ def test_cli_options_reach_the_demo_config(monkeypatch, tmp_path):
         def rounds_table(self):
             return "rounds"
 
+        def per_class_table(self):
+            return ""
+
     monkeypatch.setattr(demo_module, "run_demo", lambda config, report=None: seen.append(config) or Result())
     parser = argparse.ArgumentParser()
     demo_command.register(parser.add_subparsers())
@@ -316,6 +319,7 @@ def test_short_medical_demo_resizes_whole_images_and_scores_them_at_full_size(tm
     assert result.base["segmentations"]["box"][0][0].shape == (540, 800)
     assert "box Dice" in result.summary() and "point Dice" in result.summary() and "mSA" not in result.summary()
     assert result.selection is not None
+    assert "| base | 1 |" in result.per_class_table() and "| fine-tuned | 1 |" in result.per_class_table()
     with Image.open(result.overlay_path) as png:
         assert png.format == "PNG"
     settings = json.loads((result.adapter_dir / "hf_sam_peft.json").read_text())

@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     print(result.table.format())
     print("mean IoU per object after each round (round 0: the first prompt; then one correction per round):")
     print(result.rounds_table())
+    per_class = result.per_class_table()
+    if per_class:
+        print("Dice per class (each class prompted object by object, scored at the original size):")
+        print(per_class)
     print(result.summary())
     print(f"adapter + model card: {result.adapter_dir}")
     print(f"results: {result.results_path}")
