@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.interactive import segment_from_labels
     from ..evaluation.predictor import SamPredictor, has_unetr, image_size_of, load_model
     from ..evaluation.resized import resized_if
+    from ..data.io import file_id
     from ..evaluation.results import check_output_folder
     from ..visualization import save_overlay
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     params = _parse_params(args.param)
     stems: set[str] = set()
     for image_path in args.images:
-        stem = Path(image_path).stem
+        stem = file_id(image_path)  # "x.nii.gz" -> "x", as datasets pair files
         if stem in stems:
             raise ValueError(f"two images share the name {stem!r}; outputs would overwrite each other")
         stems.add(stem)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = resized_if(SamPredictor(model), args.resize, image_size_of(model)) if args.labels is not None else None
 
     for index, image_path in enumerate(args.images):
-        stem = Path(image_path).stem
+        stem = file_id(image_path)  # "x.nii.gz" -> "x", as datasets pair files
         labels = _load_2d(args.labels[index], labels=True) if args.labels is not None else None
         image = _load_2d(image_path, shape=None if labels is None else labels.shape)
         if labels is not None and image.shape[:2] != labels.shape:

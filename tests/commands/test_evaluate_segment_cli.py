@@ -347,3 +347,34 @@ def test_non_finite_images_in_evaluate_and_segment_name_the_file(tmp_path, capsy
     line = one_error_line(capsys, ["segment", "--base", "tiny", str(image_path), "--boxes-from", str(label_path),
                                    "--out", str(tmp_path / "seg")])
     assert line.endswith(f"error: {image_path}: image holds NaN or inf values")
+
+
+def test_resize_feeds_whole_images_and_answers_at_the_original_size(workspace, tmp_path, capsys, monkeypatch):
+    """`--resize`: the model sees each image whole in a square (the reference's medical transform), scores and
+    written label images are at the file's own size; semantic labels print a per-class Dice table."""
+    from hf_sam_peft.evaluation import resized
+
+    root, data = workspace["root"], workspace["data"]
+    seen: list[int] = []
+    original = resized.ResizedPredictor.set_image
+
+    def spy(self, image):
+        seen.append(self.target)
+        return original(self, image)
+
+    monkeypatch.setattr(resized.ResizedPredictor, "set_image", spy)
+    out = tmp_path / "r.json"
+    assert cli.main(["evaluate", "--base", "tiny", "--adapter", str(root / "no_decoder"), "--data", str(data),
+                     "--mode", "interactive", "--n-corrections", "0", "--resize", "--label-mode", "semantic",
+                     "--metric", "dice", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert seen and set(seen) == {256}  # the tiny model's input size
+    assert "scoring: semantic classes" in printed and "Dice per class" in printed
+    assert json.loads(out.read_text())["details"]["resize"] == 0
+    images = sorted(str(p) for p in (data / "val" / "images").iterdir())
+    labels = sorted(str(p) for p in (data / "val" / "labels").iterdir())
+    assert cli.main(["segment", "--base", "tiny", "--adapter", str(root / "no_decoder"), *images, "--boxes-from",
+                     *labels, "--out", str(tmp_path / "seg"), "--resize", "128"]) == 0
+    assert 128 in seen
+    for stem, label_path in zip(("img0", "img1"), labels):
+        assert tifffile.imread(tmp_path / "seg" / f"{stem}_boxes.tif").shape == tifffile.imread(label_path).shape
