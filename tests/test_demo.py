@@ -290,6 +290,38 @@ def test_short_demo_end_to_end(tmp_path):
     with Image.open(result.rounds_path) as png:
         assert png.format == "PNG"
     assert json.loads((result.adapter_dir / "hf_sam_peft.json").read_text())["point_multimask"] is False
+    # both evaluations are timed in wall and CPU seconds (the CLI compares them and flags a busy machine)
+    for name in ("evaluate_base", "evaluate_tuned"):
+        assert result.seconds[name] > 0 and result.seconds[f"{name}_cpu"] > 0
+
+
+def test_base_is_evaluated_after_the_same_warm_up_and_cpu_settings_as_the_tuned_model(monkeypatch):
+    """The base, evaluated first, finds the process as training leaves it for the fine-tuned model: CPU
+    runtime settings applied and the evaluation's shapes run once, before its timer starts."""
+    from hf_sam_peft.evaluation import predictor as predictor_module
+    from hf_sam_peft.modeling.lite_medsam import LiteSamModel, tiny_lite_sam_config
+    from hf_sam_peft.training import cpu_runtime
+
+    calls: list[str] = []
+    monkeypatch.setattr(cpu_runtime, "retain_freed_memory", lambda: calls.append("memory") or True)
+    monkeypatch.setattr(cpu_runtime, "flush_denormals", lambda: calls.append("denormals") or True)
+    original = predictor_module.warm_up
+    monkeypatch.setattr(predictor_module, "warm_up", lambda p: calls.append("warm_up") or original(p, n_objects=2))
+    model = LiteSamModel(tiny_lite_sam_config()).eval()
+    demo_module._prepare_fair_timing(model)
+    assert calls == ["memory", "denormals", "warm_up"]
+    assert not model.training
+
+
+def test_contention_note_flags_an_evaluation_starved_of_cpu():
+    from hf_sam_peft.commands.demo import contention_note
+
+    quiet = {"evaluate_base": 10.0, "evaluate_base_cpu": 19.0, "evaluate_tuned": 10.0, "evaluate_tuned_cpu": 18.5}
+    assert contention_note(quiet, threads=2) is None
+    busy = dict(quiet, evaluate_base=67.0, evaluate_base_cpu=30.0)
+    note = contention_note(busy, threads=2)
+    assert note is not None and "evaluate base" in note and "0.4 of 2" in note and "\n" not in note
+    assert contention_note({"evaluate_base": 0.5, "evaluate_base_cpu": 0.1}, threads=2) is None  # too short to judge
 
 
 def test_short_medical_demo_resizes_whole_images_and_scores_them_at_full_size(tmp_path):

@@ -79,6 +79,34 @@ def run(args: argparse.Namespace) -> int:
             f"time: {seconds['total']:.0f} s (evaluate base {seconds['evaluate_base']:.1f} s, train "
             f"{seconds.get('train', 0.0):.1f} s, evaluate fine-tuned {seconds['evaluate_tuned']:.1f} s)"
         )
+        import torch
+
+        note = contention_note(seconds, torch.get_num_threads())
+        if note:
+            print(note)
     else:
         print(f"time: {seconds['total']:.0f} s")
     return 0
+
+
+def contention_note(seconds: dict[str, float], threads: int) -> str | None:
+    """One line when an evaluation got much less CPU than its threads could use (another process competing).
+
+    Why: the base/fine-tuned times are compared; on a busy machine OpenMP threads spin waiting for a core,
+    and wall time then says more about the neighbours than about the model (seen: 67 s for one tile that
+    takes 7.5 s on a quiet machine). CPU time over wall time below 0.6 × threads flags it (a quiet run keeps near
+    ``threads``: idle OpenMP workers spin, and count, between operations; single-threaded resizing lowers it some).
+    """
+    worst = None
+    for name in ("evaluate_base", "evaluate_tuned"):
+        wall, cpu = seconds.get(name), seconds.get(f"{name}_cpu")
+        if wall and cpu is not None and wall > 1.0:
+            share = cpu / wall
+            if share < 0.6 * threads and (worst is None or share < worst[1]):
+                worst = (name, share)
+    if worst is None:
+        return None
+    return (
+        f"note: {worst[0].replace('_', ' ')} used {worst[1]:.1f} of {threads} CPU threads on average; "
+        "the machine was busy, so compare these times with care"
+    )
