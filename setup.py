@@ -1,8 +1,15 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# one version: hf_sam_peft.__version__ (what `hf-sam-peft --version` prints)
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("hf_sam_peft").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 setup(
     name="hf-sam-peft",
-    version="0.1.0",
+    version=VERSION,
     description="Parameter-efficient fine-tuning of Segment Anything (SAM) with transformers + peft",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -12,7 +19,11 @@ setup(
     packages=find_packages(include=["hf_sam_peft", "hf_sam_peft.*"]) + ["hf_sam_peft.model_cards"],
     package_dir={"hf_sam_peft.model_cards": "model_cards"},
     include_package_data=True,
-    package_data={"hf_sam_peft": ["**/*.py", "**/*.md", "**/*.yaml"], "hf_sam_peft.model_cards": ["*.md"]},
+    # recipes/ (training, datasets/, studies/, accelerate/) is package data: found the same way from a wheel
+    package_data={
+        "hf_sam_peft": ["**/*.py", "**/*.md", "**/*.yaml", "recipes/*.yaml", "recipes/*/*.yaml"],
+        "hf_sam_peft.model_cards": ["*.md"],
+    },
     install_requires=[
         # tested: torch 2.6.0 / 2.11.0 / 2.13.0, transformers 5.20.0 / 5.24.0 (transformers 5 needs torch 2.6;
         # SubConfigSpec, which LiteMedSAM's config uses, is from transformers 5.20)
@@ -41,10 +52,11 @@ setup(
         # segment-anything (the original SAM code) is the converter's reference in tests; playwright drives
         # Debian's chromium in the app's browser test (no browser download); hydra-core and iopath are what the
         # SAM 2 reference (`sam2`, installed with --no-deps: its torchvision pin would pull another torch) imports,
-        # setuptools is what building its sdist without isolation needs
+        # setuptools is what building its sdist without isolation needs, and builds our wheel in
+        # tests/test_wheel_install.py (70.1: bdist_wheel without the `wheel` package)
         "test": [
             "pytest>=7", "pytest-timeout>=2", "bitsandbytes>=0.45", "segment-anything>=1.0", "gradio>=5",
-            "playwright>=1.40", "hydra-core>=1.3", "iopath>=0.1.10", "setuptools>=61", "nibabel>=5",
+            "playwright>=1.40", "hydra-core>=1.3", "iopath>=0.1.10", "setuptools>=70.1", "nibabel>=5",
         ],
     },
     entry_points={"console_scripts": ["hf-sam-peft=hf_sam_peft.cli:main"]},

@@ -6,14 +6,25 @@ for a plain write. `tempfile.mkstemp` / `mkdtemp` would create 0o600 / 0o700 ins
 that private mode to the final path. The umask is never read or changed: `os.umask(0)`-then-restore would
 briefly give every other thread of the process a zero umask, and /proc/self/status is Linux-only.
 Replacing an existing file keeps that file's permission bits, as writing it in place with `open(path, "w")` would.
+
+A full disk (ENOSPC / EDQUOT, also when a writer reports it in its own exception type, as safetensors' Rust
+writer or torch's stream writer do) removes the temporary file or folder and raises :class:`NoSpaceLeft`,
+one line: ``no space left writing FILE; nothing was changed`` (true: the old content is untouched).
+
+`atomic_folder` replaces an existing folder by two renames (old away, new in). A process killed between them
+leaves the folder only in its hidden ``.NAME.XXXX.old/folder``; :func:`recover_folder`, called by every
+`atomic_folder` and by the adapter loaders, puts it back before anything reads or replaces the folder.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import secrets
 import shutil
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +34,90 @@ _FILE_FLAGS = (
     | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 )
 _ATTEMPTS = 100
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+# how writers that wrap the OS error in their own exception say it: the OS text, Rust's io::ErrorKind
+_NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "storagefull", "os error 28")
+
+
+class NoSpaceLeft(OSError):
+    """The disk (or quota) filled up while writing `filename`; nothing was changed (errno ENOSPC)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.message = f"no space left writing {os.fspath(path)}; nothing was changed"
+        super().__init__(self.message)
+        self.errno = errno.ENOSPC
+        self.filename = os.fspath(path)
+
+    def __str__(self) -> str:  # OSError's own would be "[Errno 28] None: 'PATH'"
+        return self.message
+
+    def __reduce__(self):
+        return type(self), (self.filename,)
+
+
+def is_no_space(exc: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """Whether `exc` (or an exception it was raised from) is a full disk or quota.
+
+    A writer that says nothing recognisable (torch's ``file write failed``) counts when `folder`'s file system
+    has no space left for this user now.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_SPACE_ERRNOS:
+            return True
+        if any(text in str(current).lower() for text in _NO_SPACE_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    if folder is not None and isinstance(exc, (OSError, RuntimeError)):
+        try:
+            return os.statvfs(folder).f_bavail == 0
+        except (OSError, AttributeError):
+            return False
+    return False
+
+
+def _no_space_as_error(create: Callable[[], Path], path: Path) -> Path:
+    """`create()` (a temporary file or folder), a full disk there being :class:`NoSpaceLeft` for `path`."""
+    try:
+        return create()
+    except OSError as exc:
+        if is_no_space(exc):
+            raise NoSpaceLeft(path) from exc
+        raise
+
+
+def _backups(out_dir: Path) -> list[Path]:
+    """The hidden `.NAME.XXXX.old` folders `atomic_folder` moves a replaced folder into, oldest first."""
+    found = [Path(p) for p in glob.glob(os.path.join(glob.escape(str(out_dir.parent)), f".{glob.escape(out_dir.name)}.*.old"))]
+    return sorted((p for p in found if p.is_dir() and not p.is_symlink()), key=lambda p: p.stat().st_mtime_ns)
+
+
+def recover_folder(out_dir: str | os.PathLike) -> bool:
+    """Undo a replacement of `out_dir` that a kill interrupted; True when the folder was put back.
+
+    Killed between `atomic_folder`'s two renames, `out_dir` is missing and its previous content sits in
+    ``.NAME.XXXX.old/folder``: it is renamed back (a note on stderr says so; the save did not finish, so the
+    folder is what it was before it) and the unfinished new one, ``.NAME.XXXX.tmp``, removed. Killed after
+    the second rename, the old copy is left over beside the new folder: it is removed, as the save would have
+    done.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.name or not out_dir.parent.is_dir():
+        return False
+    backups = [b for b in _backups(out_dir) if (b / "folder").is_dir()]
+    if not backups:
+        return False
+    recovered = False
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        os.replace(backups[-1] / "folder", out_dir)
+        print(f"note: recovered {out_dir} from an interrupted save (it was left in {backups[-1]})", file=sys.stderr)
+        recovered = True
+    for backup in backups:
+        shutil.rmtree(backup.with_name(backup.name[: -len(".old")] + ".tmp"), ignore_errors=True)
+        shutil.rmtree(backup, ignore_errors=True)
+    return recovered
 
 
 def _temporary_name(parent: Path, name: str, suffix: str) -> Path:
@@ -61,7 +156,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_file(path.parent, path.name, ".tmp")
+    tmp = _no_space_as_error(lambda: _create_file(path.parent, path.name, ".tmp"), path)
     try:
         write(str(tmp))
         try:
@@ -69,8 +164,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         except FileNotFoundError:
             pass  # a new file: keep the mode the umask gave it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if not isinstance(exc, NoSpaceLeft) and is_no_space(exc, path.parent):
+            raise NoSpaceLeft(path) from exc
         raise
     return path
 
@@ -84,20 +181,28 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield an empty temporary folder beside `out_dir`; on success it replaces `out_dir` by renames.
 
     A non-empty existing `out_dir` is an error unless `overwrite`; a file at `out_dir` always is. The folder
-    gets the permissions `os.mkdir(out_dir)` would give it (0o777 less the umask).
+    gets the permissions `os.mkdir(out_dir)` would give it (0o777 less the umask). A full disk while the
+    body writes is :class:`NoSpaceLeft` naming `out_dir` (the old folder is untouched).
     """
     out_dir = Path(out_dir)
+    recover_folder(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir must be a folder, but {out_dir} is a file")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"out_dir {out_dir} exists and is not empty; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_folder(out_dir.parent, out_dir.name, ".tmp")
+    tmp = _no_space_as_error(lambda: _create_folder(out_dir.parent, out_dir.name, ".tmp"), out_dir)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except BaseException as exc:
+            if is_no_space(exc, out_dir.parent):
+                raise NoSpaceLeft(out_dir) from exc
+            raise
         old = None
         if out_dir.exists():
-            old = _create_folder(out_dir.parent, out_dir.name, ".old")
+            old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")  # the same token: recover_folder pairs them
+            os.mkdir(old, 0o777)
             os.replace(out_dir, old / "folder")
         os.replace(tmp, out_dir)
         if old is not None:

@@ -9,25 +9,30 @@ import warnings
 from typing import Optional, Sequence
 
 # subcommand modules, in the order `--help` lists them; each has register(subparsers)
-COMMANDS: tuple[str, ...] = ("demo", "methods", "train", "study", "evaluate", "segment", "app", "convert", "push")
+COMMANDS: tuple[str, ...] = (
+    "demo", "methods", "recipes", "train", "study", "evaluate", "segment", "app", "convert", "push",
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "hf-sam-peft") -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="hf-sam-peft",
+        prog=prog,
         description="Parameter-efficient fine-tuning of Segment Anything (SAM) with transformers + peft.",
         epilog="Run 'hf-sam-peft <command> --help' for the options of a command.",
     )
+    parser.add_argument("--version", action="version", version=f"hf-sam-peft {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>", dest="command")
     for name in COMMANDS:
         importlib.import_module(f"hf_sam_peft.commands.{name}").register(sub)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "hf-sam-peft") -> int:
     # deprecation chatter between peft and transformers is not actionable for CLI users
     warnings.filterwarnings("ignore", category=FutureWarning)
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()

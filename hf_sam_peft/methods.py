@@ -1,7 +1,9 @@
-"""The paper's ten ways to fine-tune SAM's image encoder, by name, with the paper's defaults in one table.
+"""The paper's ten ways to fine-tune SAM's image encoder, and ten of peft's own, by name, with defaults in one table.
 
 The same names and configs serve SAM (ViT), LiteMedSAM (TinyViT) and SAM 2 (transformers' `Sam2Model`, Hiera):
-the tuners find each encoder's blocks (`hf_sam_peft.tuners.base`).
+the tuners find each encoder's blocks (`hf_sam_peft.tuners.base`). `METHOD_NAMES` are the paper's ten (what a
+study runs by default); `PEFT_METHOD_NAMES` are peft's tuners placed where the paper's LoRA sits
+(`hf_sam_peft.tuners.native`); `ALL_METHOD_NAMES` both.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from .tuners import (
     quantize_image_encoder,
     qv_lora_config,
 )
+from .tuners.native import NATIVE_BUILDERS, check_fits, leaf_modules_to_save
 from .tuners.base import (
     check_layers,
     default_modules_to_save,
+    encoder_layers,
     find_image_encoder,
     modules_to_save_for,
     num_encoder_layers,
@@ -39,7 +43,7 @@ class Method:
 
     name: str
     title: str
-    kind: str  # "full", "selective" or "additive"
+    kind: str  # "full", "selective", "additive" (the paper's) or "peft" (peft's own tuners, unchanged)
     build: Optional[Callable[..., PeftConfig]]  # None: no peft config (full fine-tuning)
     defaults: dict[str, Any] = field(default_factory=dict)
     # options that act on the base model rather than the adapter config
@@ -66,18 +70,29 @@ METHODS: dict[str, Method] = {
         Method("fact", "FacT", "additive", FactConfig, dict(r=16, dropout=0.1, shared_factors=False, init="identity")),
     ]
 }
-METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)  # the paper's ten
+
+_PEFT_TITLES = {
+    "dora": "DoRA", "vera": "VeRA", "ia3": "IA3", "oft": "OFT", "boft": "BOFT", "loha": "LoHa", "lokr": "LoKr",
+    "adalora": "AdaLoRA", "hra": "HRA", "fourierft": "FourierFT",
+}
+METHODS.update({name: Method(name, _PEFT_TITLES[name], "peft", NATIVE_BUILDERS[name]) for name in _PEFT_TITLES})
+PEFT_METHOD_NAMES: tuple[str, ...] = tuple(_PEFT_TITLES)
+ALL_METHOD_NAMES: tuple[str, ...] = METHOD_NAMES + PEFT_METHOD_NAMES
 
 
 def get_method(name: str) -> Method:
     if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}; got {name!r}")
+        raise ValueError(f"method must be one of {', '.join(ALL_METHOD_NAMES)}; got {name!r}")
     return METHODS[name]
 
 
 def _config_fields(method: Method) -> set[str]:
     if method.build is qv_lora_config:  # peft's LoraConfig, plus our `layers` (its layers_to_transform)
         return {f.name for f in dataclasses.fields(LoraConfig) if f.init} - {"peft_type"} | {"layers"}
+    native = getattr(method.build, "config_class", None)
+    if native is not None:  # peft's config, plus where it sits: `target` (block Linears) and `layers`
+        return {f.name for f in dataclasses.fields(native) if f.init} - {"peft_type"} | {"layers", "target"}
     return {f.name for f in dataclasses.fields(method.build) if f.init} - {"peft_type"}
 
 
@@ -86,9 +101,9 @@ def _split_overrides(method: Method, overrides: dict[str, Any]) -> tuple[dict[st
     model_opts = {k: overrides[k] for k in overrides if k in method.model_options}
     config_kw = {k: v for k, v in overrides.items() if k not in model_opts}
     if method.build is None:
-        if config_kw:
-            raise ValueError(f"method 'full_ft' takes no options, got {sorted(config_kw)}")
-        return {}, model_opts
+        if set(config_kw) - {"layers"}:
+            raise ValueError(f"method 'full_ft' takes only the option 'layers', got {sorted(config_kw)}")
+        return config_kw, model_opts
     valid = _config_fields(method)
     unknown = sorted(set(config_kw) - valid)
     if unknown:
@@ -114,8 +129,11 @@ def _build_config(method: Method, config_kw: dict[str, Any], model: Optional[nn.
         if model is not None:
             if config_kw.get("layers") is not None:
                 config_kw = {**config_kw, "layers": check_layers(config_kw["layers"], num_encoder_layers(model))}
-            names = config_kw.get("modules_to_save", default_modules_to_save())
-            config_kw = {**config_kw, "modules_to_save": modules_to_save_for(model, names)}
+            names = modules_to_save_for(model, config_kw.get("modules_to_save", default_modules_to_save()))
+            if method.kind == "peft":
+                check_fits(method.name, model)
+                names = leaf_modules_to_save(model, names)
+            config_kw = {**config_kw, "modules_to_save": names}
         return method.build(**config_kw)
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"method {method.name!r}: {' '.join(str(exc).split())}") from None
@@ -140,10 +158,13 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
 
     `model`: a SAM (`SamModel`, LiteMedSAM) or SAM 2 (`Sam2Model`). The prompt encoder and mask decoder always
     train. `qlora` first quantizes every image-encoder Linear to 4 bit (`quant_type="nf4"` or `"fp4"`). `layers`
-    (every method with encoder adapters): which `vision_encoder.layers.<i>` (SAM 2:
+    (every method, Full FT included): which `vision_encoder.layers.<i>` (SAM 2:
     `vision_encoder.backbone.blocks.<i>`) to adapt, an int or a list, negative counting from the end (`[-2, -1]`:
-    the last two blocks); the others stay frozen, so backward stops at the first adapted block. SAM 2's
+    the last two blocks); the others stay frozen, so backward stops at the first adapted block (Full FT with
+    `layers` trains those blocks whole, the patch embedding and neck stay frozen). SAM 2's
     `no_memory_embedding` (added to the image features) trains with Full FT only, like the image encoder.
+    peft's own methods (`PEFT_METHOD_NAMES`) take their peft config's options plus `target` and `layers`
+    (`hf_sam_peft.tuners.native`).
     """
     method = get_method(name)
     find_image_encoder(model)
@@ -151,14 +172,23 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
         raise TypeError("model is already a PeftModel; pass the base SamModel (or use model.add_adapter)")
     config_kw, model_opts = _split_overrides(method, overrides)
     if method.build is None:
+        layers = check_layers(config_kw.get("layers"), num_encoder_layers(model))
         model.requires_grad_(True)
+        if layers is not None:  # only these encoder blocks (and everything outside the encoder) train
+            find_image_encoder(model).requires_grad_(False)
+            blocks = encoder_layers(model)
+            for index in layers:
+                blocks[index].requires_grad_(True)
         freeze_positional_basis(model)
         return model
     # a bad option (or `layers` out of this model's range) fails before the model is touched
     config = _build_config(method, config_kw, model)
     if "quant_type" in model_opts:
         quantize_image_encoder(model, quant_type=model_opts["quant_type"])
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    try:
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    except ValueError as exc:  # e.g. peft finding an option that does not fit a layer's shape: name the method
+        raise ValueError(f"method {method.name!r}: {' '.join(str(exc).split())}") from None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -191,13 +221,18 @@ def meta_base_model(model_type: str) -> nn.Module:
         return SamModel(sam_config(model_type))
 
 
-def parameter_table(model_type: str = "vit_b", methods: tuple[str, ...] = METHOD_NAMES) -> list[dict[str, Any]]:
+def parameter_table(
+    model_type: str = "vit_b", methods: tuple[str, ...] = METHOD_NAMES, last_k: Optional[int] = None
+) -> list[dict[str, Any]]:
     """Trainable parameters per method for a SAM or SAM 2 size, from configs only (meta device, no weights).
 
     QLoRA is counted as LoRA: its 4-bit weights are frozen, so its trainable parameters are LoRA's. The encoder
     part is everything beyond the prompt encoder + mask decoder (Freeze Encoder's count); for SAM 2's Full FT
-    it includes `no_memory_embedding`.
+    it includes `no_memory_embedding`. `last_k`: every method limited to the encoder's last k blocks.
     """
+    if last_k is not None and (isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 1):
+        raise ValueError(f"last_k must be a positive int (a number of encoder blocks), got {last_k!r}")
+    import contextlib
     import copy
 
     import torch
@@ -208,11 +243,26 @@ def parameter_table(model_type: str = "vit_b", methods: tuple[str, ...] = METHOD
         # the prompt encoder + mask decoder part, trained by every method
         decoder = count_parameters(apply_method(copy.deepcopy(base), "freeze_encoder"))[0]
         rows = []
+        if last_k is not None and last_k > num_encoder_layers(base):
+            raise ValueError(f"last_k={last_k} exceeds the {num_encoder_layers(base)} encoder blocks of {model_type}")
+        placement = {} if last_k is None else {"layers": list(range(-last_k, 0))}
         for name in methods:
-            model = apply_method(copy.deepcopy(base), "lora" if name == "qlora" else name)
+            options = {} if name == "freeze_encoder" else placement
+            # BOFT builds its permutation buffers element by element (`.item()`), which the meta device cannot:
+            # those are made on the CPU (small, no weights) and peft moves them to the base's (meta) device
+            context = torch.device("cpu") if name == "boft" else contextlib.nullcontext()
+            if METHODS[name].kind == "peft":
+                try:
+                    check_fits(name, base)
+                except ValueError as exc:
+                    rows.append({"method": name, "title": METHODS[name].title, "trainable": None, "why": str(exc)})
+                    continue
+            with context:
+                model = apply_method(copy.deepcopy(base), "lora" if name == "qlora" else name, **options)
             rows.append({"method": name, "title": METHODS[name].title, "trainable": count_parameters(model)[0]})
     for row in rows:
-        row["encoder_trainable"] = row["trainable"] - decoder
-        row["percent"] = 100.0 * row["trainable"] / base_total
+        fits = row["trainable"] is not None
+        row["encoder_trainable"] = row["trainable"] - decoder if fits else None
+        row["percent"] = 100.0 * row["trainable"] / base_total if fits else None
         row["base_total"] = base_total
     return rows

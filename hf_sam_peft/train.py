@@ -1,7 +1,8 @@
 """Train SAM with one of the ten methods from a YAML recipe: `accelerate launch -m hf_sam_peft.train RECIPE`.
 
-The same entry point serves `hf-sam-peft train RECIPE`, one process or many (DDP through accelerate). A recipe
-names the dataset (a recipe under `recipes/datasets/` or a path), the base model, the method and its options,
+The same entry point serves `hf-sam-peft train RECIPE` and `hf-sam-peft train --data DIR`, one process or many
+(DDP through accelerate). RECIPE is a packaged recipe's name (`hf-sam-peft recipes`) or a YAML path. A recipe
+names the dataset (a packaged dataset recipe's name or a path), the base model, the method and its options,
 whether to train the UNETR decoder for AIS, and the `InteractiveTrainingArguments`. Command-line options
 override the recipe (see `--help`).
 """
@@ -81,10 +82,11 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(**{k: v for k, v in raw.items() if v is not None}, path=path)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, key: str = "KEY") -> Any:
     """A command-line value: bool, None, int, float, a YAML list/dict, else the string itself.
 
-    (Plain YAML would turn `eval_strategy=no` into False.)
+    (Plain YAML would turn `eval_strategy=no` into False.) A malformed list/dict is a one-line error naming
+    the setting `key`.
     """
     low = text.strip().lower()
     if low in ("true", "false"):
@@ -97,7 +99,13 @@ def _parse_value(text: str) -> Any:
         except ValueError:
             pass
     if text.strip()[:1] in ("[", "{"):
-        return yaml.safe_load(text)
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"--set {key}={text}: malformed YAML list or mapping{where}: {problem}") from None
     return text
 
 
@@ -125,9 +133,9 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         section, _, name = key.partition(".")
         if section in ("training", "data", "method_options") and name:
-            getattr(recipe, section)[name] = _parse_value(value)
+            getattr(recipe, section)[name] = _parse_value(value, key)
         else:
-            recipe.training[key] = _parse_value(value)
+            recipe.training[key] = _parse_value(value, key)
     return recipe
 
 
@@ -209,6 +217,128 @@ def check_output_dir(output_dir: Path, resume: Optional[str | bool], overwrite: 
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+RUN_CONFIG_NAME = "run_config.json"
+"""The run's settings, written when a run starts; ``--resume`` compares the command line with them."""
+FIXED_ON_RESUME = ("method", "base_model", "method_options", "ais")
+"""Settings a checkpoint's weights depend on: never changed on resume (start a new run instead)."""
+RESUME_MAY_CHANGE = frozenset({
+    # how long, where and how loudly: extending a run (more steps) or moving it to a GPU is what resume is for
+    "max_steps", "num_train_epochs", "use_cpu", "logging_steps", "logging_strategy", "logging_first_step",
+    "report_to", "run_name", "disable_tqdm", "plot_loss_curve", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    # hf_sam_peft.training.efficiency: how a step runs, not what it computes
+    "autocast_dtype", "encoder_attention", "encoder_key_tile", "decoder_attention", "fuse_decoder_projections",
+    "contiguous_layout", "retain_freed_memory", "flush_denormals", "checkpoint_encoder", "encoder_mlp_recompute",
+    "backward_per_round", "checkpoint_rounds", "frozen_encoder_no_grad", "cache_embeddings",
+})
+OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+"""Training arguments a resumed optimizer state would override with its saved values (so applying a change
+needs :attr:`SamInteractiveTrainer.reset_optimizer_hyperparameters`)."""
+
+
+def run_settings(recipe: Recipe) -> dict[str, Any]:
+    """The settings that decide what a run computes, flat (``training.learning_rate``, ``data.max_images``,
+    ``method_options.r``, ...) and JSON-normal (tuples as lists), as ``run_config.json`` stores them."""
+    flat: dict[str, Any] = {"method": recipe.method, "base_model": recipe.base_model, "ais": recipe.ais,
+                            "seed": recipe.seed}
+    if isinstance(recipe.dataset, dict):
+        flat.update({f"dataset.{k}": v for k, v in recipe.dataset.items()})
+    else:
+        flat["dataset"] = recipe.dataset
+    for section in ("method_options", "data", "training"):
+        flat.update({f"{section}.{k}": v for k, v in getattr(recipe, section).items()})
+    return json.loads(json.dumps(flat, default=str))
+
+
+def _training_default(name: str) -> Any:
+    """An ``InteractiveTrainingArguments`` field's default (what a recipe that does not set it gets)."""
+    import dataclasses
+
+    from .training.trainer import InteractiveTrainingArguments
+
+    for f in dataclasses.fields(InteractiveTrainingArguments):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return json.loads(json.dumps(f.default, default=str))
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return json.loads(json.dumps(f.default_factory(), default=str))  # type: ignore[misc]
+    return None
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``[(setting, saved value, current value)]`` for every setting that differs, training arguments compared
+    by their effective value (a recipe's unset key is the argument's default); the ones in
+    :data:`RESUME_MAY_CHANGE` are not compared."""
+    unset = "(unset)"
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        section, _, name = key.partition(".")
+        if section == "training" and name:
+            if name in RESUME_MAY_CHANGE:
+                continue
+            default = _training_default(name)
+            old, new = saved.get(key, default), current.get(key, default)
+        else:
+            old, new = saved.get(key, unset), current.get(key, unset)
+        if old != new:
+            changes.append((key, old, new))
+    return changes
+
+
+def _spell(key: str) -> str:
+    """A setting as --set spells it (training arguments without their section)."""
+    return key.split(".", 1)[1] if key.startswith("training.") else key
+
+
+def prepare_run_config(
+    output_dir: Path, recipe: Recipe, resume: Optional[str | bool], allow_changed_settings: bool = False
+) -> list[tuple[str, Any, Any]]:
+    """A fresh run writes its settings to ``run_config.json``; a resumed one is compared with them first.
+
+    Settings that differ from the saved ones are refused with one line listing them, unless
+    ``allow_changed_settings`` (then they are applied and recorded; returns them). Model settings
+    (:data:`FIXED_ON_RESUME`) are refused either way. A run folder from before ``run_config.json`` existed
+    is resumed unchecked (a note says so).
+    """
+    from accelerate import PartialState
+
+    from .atomic import atomic_write_text
+
+    path = output_dir / RUN_CONFIG_NAME
+    current = run_settings(recipe)
+    main = PartialState().is_main_process
+    changes: list[tuple[str, Any, Any]] = []
+    if resume:
+        if not path.is_file():
+            if main:
+                print(f"note: {output_dir} has no {RUN_CONFIG_NAME} (a run from an older version): the settings "
+                      "of this resume are not compared with the run's", file=sys.stderr)
+            return []
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))["settings"]
+            if not isinstance(saved, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} is unreadable: cannot check the settings of --resume against the run's "
+                             f"(restore it, or start a new run in another --output-dir)") from None
+        changes = changed_settings(saved, current)
+        listing = ", ".join(f"{_spell(k)} {old!r} -> {new!r}" for k, old, new in changes)
+        fixed = [k for k, _, _ in changes if k.split(".")[0] in FIXED_ON_RESUME]
+        if fixed:
+            raise ValueError(f"--resume: {', '.join(map(_spell, fixed))} differ from the run in {output_dir} "
+                             f"({listing}); the checkpoints hold that model: start a new run in another --output-dir")
+        if changes and not allow_changed_settings:
+            raise ValueError(f"--resume: settings differ from the run's saved configuration {path}: {listing}; "
+                             "drop the changes, or pass --allow-changed-settings to apply them")
+        if not changes:
+            return []
+        if main:
+            print(f"note: --resume applies changed settings: {listing}", file=sys.stderr)
+    if main:
+        atomic_write_text(path, json.dumps({"settings": current}, indent=1))
+    return changes
+
+
 def _expected_type(hint: Any) -> tuple[type, ...] | None:
     """The plain types a training argument accepts (None: anything, e.g. a str-or-dict field)."""
     import types
@@ -273,14 +403,15 @@ def run_training_loss(trainer, result) -> float:
 
 
 def train(
-    recipe: Recipe, resume_from_checkpoint: Optional[str | bool] = None, overwrite: bool = False
+    recipe: Recipe, resume_from_checkpoint: Optional[str | bool] = None, overwrite: bool = False,
+    allow_changed_settings: bool = False,
 ) -> dict[str, Any]:
     """Run a recipe; returns the summary (best step, metric, where the adapter and plots are).
 
     An output folder that already holds a run needs `resume_from_checkpoint` (continue it; True: its newest
     intact checkpoint) or `overwrite=True` (replace it).
     """
-    return train_model(recipe, resume_from_checkpoint, overwrite)[0]
+    return train_model(recipe, resume_from_checkpoint, overwrite, allow_changed_settings=allow_changed_settings)[0]
 
 
 def train_model(
@@ -288,60 +419,67 @@ def train_model(
     resume_from_checkpoint: Optional[str | bool] = None,
     overwrite: bool = False,
     callbacks: Sequence[Any] = (),
+    allow_changed_settings: bool = False,
 ) -> tuple[dict[str, Any], Any]:
     """:func:`train`, also returning the trained model (the best checkpoint's weights, as saved) and taking
     extra `transformers.TrainerCallback`s (e.g. the study's step timer)."""
     from .methods import count_parameters, method_config
+    from .run_lock import is_main_process, output_lock
     from .training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
 
     output_dir = default_output_dir(recipe)
     settings = {"seed": recipe.seed, **recipe.training}
     check_training_settings(settings)
     method_config(recipe.method, **recipe.method_options)  # a bad method option fails before any work
-    check_output_dir(output_dir, resume_from_checkpoint, overwrite)
-    if resume_from_checkpoint:  # True or a path: resolved (and checked intact) now, not after loading data and model
-        from .training.trainer import resolve_resume_checkpoint
+    # one run at a time in an output folder (its checkpoints and adapter are this run's); DDP: rank 0 holds it
+    with output_lock(output_dir, enabled=is_main_process()):
+        check_output_dir(output_dir, resume_from_checkpoint, overwrite)
+        if resume_from_checkpoint:  # True or a path: resolved (and checked intact) now, not after loading data and model
+            from .training.trainer import resolve_resume_checkpoint
 
-        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
-    train_ds, val_ds, spec = build_datasets(recipe)
-    ais = bool(spec.get("ais", False)) if recipe.ais is None else recipe.ais
-    args = InteractiveTrainingArguments(output_dir=str(output_dir), **{"train_decoder": ais, **settings})
-    model = build_model(recipe, ais)
-    trainer = SamInteractiveTrainer(model, args, train_dataset=train_ds, eval_dataset=val_ds)
-    if hasattr(train_ds, "set_epoch"):  # new random patches every epoch, also where accelerate does not call it (DDP)
-        from .data.epoch import SetEpochCallback
+            resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
+        changed = prepare_run_config(output_dir, recipe, resume_from_checkpoint, allow_changed_settings)
+        train_ds, val_ds, spec = build_datasets(recipe)
+        ais = bool(spec.get("ais", False)) if recipe.ais is None else recipe.ais
+        args = InteractiveTrainingArguments(output_dir=str(output_dir), **{"train_decoder": ais, **settings})
+        model = build_model(recipe, ais)
+        trainer = SamInteractiveTrainer(model, args, train_dataset=train_ds, eval_dataset=val_ds)
+        # a resumed optimizer state brings its own learning rate etc.: an applied change must replace them
+        trainer.reset_optimizer_hyperparameters = any(_spell(k) in OPTIMIZER_SETTINGS for k, _, _ in changed)
+        if hasattr(train_ds, "set_epoch"):  # new random patches every epoch, also where accelerate does not call it (DDP)
+            from .data.epoch import SetEpochCallback
 
-        trainer.add_callback(SetEpochCallback(train_ds))
-    for callback in callbacks:
-        trainer.add_callback(callback)
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    adapter_dir = output_dir / "adapter"
-    trainable, _ = count_parameters(model)
-    summary = {
-        "recipe": recipe.name,
-        "method": recipe.method,
-        "base_model": recipe.base_model,
-        "ais": ais,
-        "trainable_parameters": trainable,
-        "steps": trainer.state.global_step,
-        "train_loss": run_training_loss(trainer, result),
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "best_metric": trainer.state.best_metric,
-        "base_metric": trainer.base_metric,
-        "best_is_base": trainer.best_is_base,
-        "selection": trainer.selection_summary(),
-        "point_multimask": args.point_multimask,
-        "adapter": str(adapter_dir),
-        "loss_curve": str(output_dir / "loss_curve.png"),
-    }
-    if resume_from_checkpoint:
-        summary["resumed_from"] = str(resume_from_checkpoint)
-    if trainer.is_world_process_zero():
-        try:
-            save_trained(model, adapter_dir, recipe, summary)
-        except OSError as exc:
-            raise OSError(f"could not save the adapter to {adapter_dir}: {exc.strerror or exc}") from exc
-    return summary, model
+            trainer.add_callback(SetEpochCallback(train_ds))
+        for callback in callbacks:
+            trainer.add_callback(callback)
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        adapter_dir = output_dir / "adapter"
+        trainable, _ = count_parameters(model)
+        summary = {
+            "recipe": recipe.name,
+            "method": recipe.method,
+            "base_model": recipe.base_model,
+            "ais": ais,
+            "trainable_parameters": trainable,
+            "steps": trainer.state.global_step,
+            "train_loss": run_training_loss(trainer, result),
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "best_metric": trainer.state.best_metric,
+            "base_metric": trainer.base_metric,
+            "best_is_base": trainer.best_is_base,
+            "selection": trainer.selection_summary(),
+            "point_multimask": args.point_multimask,
+            "adapter": str(adapter_dir),
+            "loss_curve": str(output_dir / "loss_curve.png"),
+        }
+        if resume_from_checkpoint:
+            summary["resumed_from"] = str(resume_from_checkpoint)
+        if trainer.is_world_process_zero():
+            try:
+                save_trained(model, adapter_dir, recipe, summary)
+            except OSError as exc:
+                raise OSError(f"could not save the adapter to {adapter_dir}: {exc.strerror or exc}") from exc
+        return summary, model
 
 
 def save_trained(model, adapter_dir: Path, recipe: Recipe, summary: dict[str, Any]) -> None:
@@ -397,9 +535,19 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", type=Path, help="experiment recipe (YAML), e.g. recipes/livecell.yaml")
+    parser.add_argument(
+        "recipe", nargs="?", default=None,
+        help="experiment recipe: a packaged name (see 'hf-sam-peft recipes'), e.g. livecell, or a YAML path; "
+        "optional with --data",
+    )
+    parser.add_argument(
+        "--data", metavar="DIR",
+        help="train on this folder (<split>/images + <split>/labels: train/, optionally val/). Alone: with the "
+        "packaged recipe folder_tiles or folder_resize, chosen from the data as the demo chooses (few large "
+        "objects per image -> resize); with RECIPE: that recipe's settings on this folder",
+    )
     parser.add_argument("--method", help="fine-tuning method (overrides the recipe), e.g. lora, fact, full_ft")
-    parser.add_argument("--base-model", dest="base_model", help="base model: Hub id, folder (SamModel / Sam2Model), lite_medsam, tiny or tiny_sam2")
+    parser.add_argument("--base-model", "--model", dest="base_model", help="base model: Hub id, folder (SamModel / Sam2Model), lite_medsam, tiny or tiny_sam2")
     parser.add_argument("--output-dir", dest="output_dir", help="where checkpoints, the adapter and plots go")
     parser.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--ais", dest="ais", action="store_true", default=None, help="also train the UNETR decoder")
@@ -423,6 +571,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the run in the output folder from its newest intact (or a given) checkpoint",
     )
     parser.add_argument(
+        "--allow-changed-settings", dest="allow_changed_settings", action="store_true",
+        help="with --resume: apply settings that differ from the run's run_config.json (learning rate, "
+        "n_objects, data, ...; refused otherwise); the method and base model never change on resume",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true",
         help="replace the run already in the output folder (its checkpoints and adapter are deleted)",
     )
@@ -432,11 +585,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def recipe_from_args(args: argparse.Namespace) -> tuple[Recipe, Optional[str]]:
+    """The recipe a command line names, and a line saying how a ``--data`` folder is served (or None).
+
+    RECIPE alone: a packaged name or a YAML path. ``--data DIR`` alone: the packaged ``folder_tiles`` or
+    ``folder_resize`` recipe, as :func:`hf_sam_peft.commands.data_layout` chooses from DIR's training images
+    (``--resize`` / ``--patches`` choose instead), so a folder trains without writing a YAML first. Both:
+    RECIPE's settings, its dataset recipe pointed at DIR.
+    """
+    from .data import load_dataset_recipe
+    from .data.recipes import FOLDER_RECIPE, check_data_folder, find_recipe, folder_dataset_recipe
+
+    if args.recipe is None and getattr(args, "data", None) is None:
+        raise ValueError("train needs a RECIPE (a name from 'hf-sam-peft recipes' or a YAML path) or --data DIR")
+    if getattr(args, "data", None) is None:
+        return load_recipe(find_recipe(args.recipe, "training")), None
+    check_data_folder(args.data, ("train",))
+    root = Path(args.data).expanduser().resolve()
+    if args.recipe is not None:
+        recipe = load_recipe(find_recipe(args.recipe, "training"))
+        spec = load_dataset_recipe(recipe.dataset) if isinstance(recipe.dataset, str) else dict(recipe.dataset)
+        spec.update(root=str(root), name=root.name)
+        recipe.dataset = spec
+        return recipe, f"data: {root} with the settings of recipe {recipe.name} (dataset {spec.get('recipe_path', '')})"
+    from .commands import data_layout, layout_reason
+
+    resize = getattr(args, "resize_inputs", None)
+    requested, flag = (None, None) if resize is None else ("resize", "--resize") if resize else ("tiles", "--patches")
+    layout = data_layout(root, requested=requested, flag=flag)
+    name = FOLDER_RECIPE.format(layout=layout.layout)
+    recipe = load_recipe(find_recipe(name, "training"))
+    recipe.dataset = folder_dataset_recipe(root, layout.layout)
+    recipe.name = root.name
+    line = (f"data layout: {layout.layout} ({layout_reason(layout)}): the packaged recipe {name} "
+            f"(hf-sam-peft recipes show {name}); --resize or --patches to choose")
+    return recipe, line
+
+
 def run(args: argparse.Namespace) -> int:
-    recipe = apply_overrides(load_recipe(args.recipe), args)
-    summary = train(recipe, resume_from_checkpoint=args.resume, overwrite=getattr(args, "overwrite", False))
     from accelerate import PartialState
 
+    recipe, line = recipe_from_args(args)
+    if line is not None and PartialState().is_main_process:
+        print(line)
+    recipe = apply_overrides(recipe, args)
+    summary = train(recipe, resume_from_checkpoint=args.resume, overwrite=getattr(args, "overwrite", False),
+                    allow_changed_settings=getattr(args, "allow_changed_settings", False))
     if PartialState().is_main_process:
         print(format_summary(summary))
     return 0
@@ -445,10 +639,11 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune SAM from a YAML recipe (interactive objective, optional AIS decoder)",
+        help="fine-tune SAM from a recipe or on a folder (interactive objective, optional AIS decoder)",
         description=(
-            "Fine-tune SAM with one of the ten methods and µSAM's interactive objective, as a YAML recipe says. "
-            "Runs on one process here; for several GPUs use: accelerate launch -m hf_sam_peft.train RECIPE"
+            "Fine-tune SAM with one of the ten methods and µSAM's interactive objective, as a recipe says (a name "
+            "from 'hf-sam-peft recipes' or a YAML path), or on your own folder with --data DIR. Runs on one "
+            "process here; for several GPUs use: accelerate launch -m hf_sam_peft.train RECIPE"
         ),
     )
     add_arguments(parser)

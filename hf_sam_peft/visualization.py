@@ -130,9 +130,11 @@ def save_overlay(
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"path must end in .png, got {str(path)!r}")
+    from .atomic import atomic_write
+
     figure = overlay_figure(image, predictions, ground_truth, title, scores)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
+    # a temporary name, then a rename: a kill or a full disk never leaves half a PNG under the final name
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
     return path
 
 

@@ -15,7 +15,7 @@ import pytest
 from hf_sam_peft.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "recipes" / "smoke_tiny.yaml")
+SMOKE = str(ROOT / "hf_sam_peft" / "recipes" / "smoke_tiny.yaml")
 
 
 def one_error_line(capsys, argv) -> str:

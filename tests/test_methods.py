@@ -87,7 +87,7 @@ def test_unknown_method_lists_choices():
 def test_bad_override_lists_valid_options():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['rank'\].*valid options: .*r\b"):
         hf_sam_peft.method_config("fact", rank=4)
-    with pytest.raises(ValueError, match="full_ft' takes no options"):
+    with pytest.raises(ValueError, match="full_ft' takes only the option 'layers'"):
         hf_sam_peft.method_config("full_ft", r=2)
 
 

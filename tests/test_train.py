@@ -16,7 +16,7 @@ from hf_sam_peft.train import load_recipe
 from tests.conftest import shared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted((ROOT / "hf_sam_peft" / "recipes").glob("*.yaml"))
 PAPER = ["covid_if", "hpa", "gonuclear", "orgasegment", "platynereis_cilia", "mitolab", "livecell",
          "amd_sd", "jsrt", "mice_tumseg", "papila", "motum", "psfhs"]
 
@@ -52,7 +52,7 @@ def test_bad_recipe_is_a_clear_error(tmp_path):
 def test_train_command_runs_a_recipe_and_saves_a_loadable_adapter(tmp_path, capsys):
     shared_dataset("dsb2018_stage1test_fluo_nuclei")
     out = tmp_path / "run"
-    code = cli_main(["train", str(ROOT / "recipes" / "smoke_tiny.yaml"), "--output-dir", str(out), "--max-steps", "2",
+    code = cli_main(["train", str(ROOT / "hf_sam_peft" / "recipes" / "smoke_tiny.yaml"), "--output-dir", str(out), "--max-steps", "2",
                      "--set", "n_sub_iterations=2", "--method", "fact", "--set", "method_options.r=4"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -78,7 +78,7 @@ def test_a_run_that_never_beats_the_base_says_so(tmp_path, capsys):
 
     shared_dataset("dsb2018_stage1test_fluo_nuclei")
     out = tmp_path / "run"
-    code = cli_main(["train", str(ROOT / "recipes" / "smoke_tiny.yaml"), "--output-dir", str(out), "--max-steps", "2",
+    code = cli_main(["train", str(ROOT / "hf_sam_peft" / "recipes" / "smoke_tiny.yaml"), "--output-dir", str(out), "--max-steps", "2",
                      "--set", "n_sub_iterations=1", "--set", "learning_rate=0.0", "--set", "point_multimask=false"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -99,7 +99,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), "-m", "hf_sam_peft.train", str(ROOT / "recipes" / "smoke_tiny.yaml"),
+        "--main_process_port", str(_free_port()), "-m", "hf_sam_peft.train", str(ROOT / "hf_sam_peft" / "recipes" / "smoke_tiny.yaml"),
         "--output-dir", str(out), "--max-steps", "2", "--set", "n_sub_iterations=2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -111,7 +111,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
 
 # ---- nothing lost, same seed same adapter (issue 15) ----------------------------------------------------
 
-SMOKE = str(ROOT / "recipes" / "smoke_tiny.yaml")
+SMOKE = str(ROOT / "hf_sam_peft" / "recipes" / "smoke_tiny.yaml")
 FAST = ["--set", "n_sub_iterations=2"]
 
 
@@ -296,7 +296,7 @@ def test_medical_recipe_trains_on_resized_whole_images_and_patches_on_request(tm
     shared_dataset("hc18_fetal_head_ultrasound")
     recipe_path = tmp_path / "hc18.yaml"
     recipe_path.write_text(
-        (ROOT / "recipes" / "smoke_tiny.yaml").read_text().replace(
+        (ROOT / "hf_sam_peft" / "recipes" / "smoke_tiny.yaml").read_text().replace(
             "dataset: dsb2018_stage1test_fluo_nuclei", "dataset: hc18_fetal_head_ultrasound"
         )
     )

@@ -3,7 +3,9 @@
 Adapters of one peft type share a single :class:`~peft.PeftModel` and are switched with peft's
 ``set_adapter``; the base model is the same weights under ``disable_adapter()``. peft cannot mix adapter
 types in one ``PeftModel`` (``add_adapter`` refuses), so each further peft type (e.g. SSF beside LoRA) wraps
-its own copy of the base model, made once at start-up. Nothing is reloaded when switching.
+its own copy of the base model, made once at start-up; so does each QLoRA quant type, whose image encoder is
+4-bit (the base itself stays full precision). Nothing is reloaded when switching. Every adapter goes on
+through the one adapter loader, :func:`hf_sam_peft.hub.load.load_adapter_folder`.
 
 A UNETR decoder (for "segment all") comes with an adapter either as ``"unetr_decoder"`` in its
 ``modules_to_save`` (switched by peft with the adapter) or as ``<adapter>/unetr`` (attached while that
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import re
 import threading
@@ -27,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import LoraConfig, PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel
 from torch import nn
 
 __all__ = ["BASE_NAME", "AdapterInfo", "ModelBank", "adapter_names", "recorded_base"]
@@ -60,34 +61,6 @@ class AdapterInfo:
     point_multimask: bool | None = None
 
 
-def _decoder_in_adapter(folder: Path, config: PeftConfig) -> dict | None:
-    """UNETR settings when the adapter saves ``unetr_decoder`` in ``modules_to_save``, else None."""
-    from hf_sam_peft.evaluation.predictor import unetr_config_from_weights
-    from hf_sam_peft.loading import adapter_weights_file
-    from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME
-
-    if ATTRIBUTE_NAME not in (getattr(config, "modules_to_save", None) or []):
-        return None
-    return unetr_config_from_weights(adapter_weights_file(str(folder)))
-
-
-def _add_adapter(model: PeftModel, folder: Path, name: str, config: PeftConfig) -> None:
-    """A further adapter of the same peft type into ``model`` (q/v LoRA registered like ``load_adapter``)."""
-    from hf_sam_peft.loading import adapter_tensor_shapes, adapter_weights_file
-    from hf_sam_peft.tuners.lora import is_qv_lora_state, register_qv_lora
-
-    if isinstance(config, LoraConfig) and not config._custom_modules:
-        if is_qv_lora_state(config, adapter_tensor_shapes(adapter_weights_file(str(folder)))):
-            register_qv_lora(config)
-    config.inference_mode = True
-    model.add_adapter(name, config)
-    try:
-        model.load_adapter(str(folder), adapter_name=name)
-    except RuntimeError as exc:  # size mismatch: an adapter for another SAM
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"adapter {str(folder)!r} does not fit this base model: {first}") from None
-
-
 class ModelBank:
     """Base SAM + adapters; :meth:`use` activates one by name and yields the model to run.
 
@@ -95,9 +68,15 @@ class ModelBank:
     """
 
     def __init__(self, base_model: nn.Module, adapters: Sequence[str] = ()) -> None:
-        from hf_sam_peft.hub import recorded_point_multimask, resolve_adapter_folder
-        from hf_sam_peft.loading import load_adapter
-        from hf_sam_peft.modeling.unetr import CONFIG_NAME, attach_unetr, load_unetr
+        from hf_sam_peft.hub import read_provenance, recorded_point_multimask, resolve_adapter_folder
+        from hf_sam_peft.hub.load import (
+            adapter_unetr_settings,
+            check_adapter_folder,
+            load_adapter_folder,
+            recorded_quant_type,
+        )
+        from hf_sam_peft.loading import read_adapter_config
+        from hf_sam_peft.modeling.unetr import CONFIG_NAME, load_unetr
         from hf_sam_peft.sam_forward.forward import unwrap_sam
 
         unwrap_sam(base_model)  # one-line TypeError for anything but SAM
@@ -107,37 +86,36 @@ class ModelBank:
             raise ValueError(f"adapters must be a list of adapter folders or Hub repo ids, got {adapters!r}")
         self._lock = threading.RLock()
         self.adapters: dict[str, AdapterInfo] = {}
-        self._group_of: dict[str, str] = {}  # adapter name -> peft type
-        self._groups: dict[str, nn.Module] = {}  # peft type -> PeftModel
+        self._group_of: dict[str, tuple[str, str | None]] = {}  # adapter name -> its group
+        self._groups: dict[tuple[str, str | None], nn.Module] = {}  # (peft type, 4-bit quant type) -> PeftModel
         self._folder_decoders: dict[str, nn.Module] = {}
 
-        folders = [resolve_adapter_folder(source, {}) for source in adapters]
-        for folder, source in zip(folders, adapters):
-            if not (folder / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"adapter {source!r} has no adapter_config.json (expected a peft adapter)")
-        configs = [PeftConfig.from_pretrained(str(folder)) for folder in folders]
-        types = list(dict.fromkeys(_type_name(c) for c in configs))
-        # copies for the 2nd, 3rd ... peft type, taken before the first adapter modifies the base in place
-        bases = [base_model] + [copy.deepcopy(base_model) for _ in types[1:]]
+        folders = [check_adapter_folder(resolve_adapter_folder(source, {}), source) for source in adapters]
+        configs = [read_adapter_config(str(folder)) for folder in folders]
+        provenances = [read_provenance(folder) for folder in folders]
+        groups = [(_type_name(c), recorded_quant_type(p)) for c, p in zip(configs, provenances)]
+        kinds = list(dict.fromkeys(groups))
+        # The base model itself goes under the first full-precision group (it answers "base" with its adapters
+        # disabled); every other group, and each 4-bit (QLoRA) one, gets a copy taken before any adapter
+        # changes the base in place.
+        self._base_group = next((kind for kind in kinds if kind[1] is None), None)
+        bases = {kind: base_model if kind == self._base_group else copy.deepcopy(base_model) for kind in kinds}
         self.base_model = base_model
 
-        for name, source, folder, config in zip(adapter_names(adapters), adapters, folders, configs):
-            kind = _type_name(config)
-            settings = _decoder_in_adapter(folder, config)
-            target = self._groups.get(kind, bases[types.index(kind)])
-            sam = unwrap_sam(target)
-            if settings is not None and not hasattr(sam, "unetr_decoder"):
-                attach_unetr(sam, **settings)
-            if kind in self._groups:
-                _add_adapter(self._groups[kind], folder, name, config)
-            else:
-                self._groups[kind] = load_adapter(target, str(folder), adapter_name=name, config=config)
+        for name, source, folder, config, provenance, kind in zip(
+            adapter_names(adapters), adapters, folders, configs, provenances, groups
+        ):
+            target = self._groups.get(kind, bases[kind])
+            self._groups[kind] = load_adapter_folder(
+                target, folder, adapter_name=name, config=config, own_model=False, source=source
+            )
             if (folder / "unetr" / CONFIG_NAME).is_file():
-                self._folder_decoders[name] = load_unetr(folder / "unetr", device=_device(sam))
+                self._folder_decoders[name] = load_unetr(folder / "unetr", device=_device(self._groups[kind]))
             self._group_of[name] = kind
+            in_adapter = adapter_unetr_settings(folder, config) is not None
             self.adapters[name] = AdapterInfo(
-                name, source, kind, settings is not None or name in self._folder_decoders,
-                recorded_point_multimask(folder),
+                name, source, kind[0], in_adapter or name in self._folder_decoders,
+                recorded_point_multimask(provenance),
             )
         for model in self._groups.values():
             model.eval()
@@ -156,7 +134,7 @@ class ModelBank:
     def point_multimask(self, name: str) -> bool:
         """Whether ``name`` answers a lone click through SAM's multimask output (False: its adapter trained
         points through the single-mask output). The base model: what it carries, by default True (SAM)."""
-        from hf_sam_peft.evaluation.predictor import point_multimask_of
+        from hf_sam_peft.loading import point_multimask_of
 
         self._check(name)
         if name == BASE_NAME:
@@ -176,10 +154,10 @@ class ModelBank:
         self._check(name)
         with self._lock:
             if name == BASE_NAME:
-                if not self._groups:
+                if self._base_group is None:  # no adapter, or only 4-bit ones (on copies): the base is untouched
                     yield self.base_model
                     return
-                model = self._groups[next(iter(self._groups))]
+                model = self._groups[self._base_group]
                 with model.disable_adapter():
                     yield model
                 return
@@ -215,9 +193,10 @@ def _device(model: nn.Module):
 def recorded_base(adapter: str) -> str | None:
     """The base model an adapter names (``hf_sam_peft.json``, else ``adapter_config.json``), if any."""
     from hf_sam_peft.hub import resolve_adapter_folder, read_provenance
+    from hf_sam_peft.hub.provenance import read_json_file
 
     folder = resolve_adapter_folder(adapter, {})
     base = read_provenance(folder).get("base_model")
     if not base and (folder / "adapter_config.json").is_file():
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = read_json_file(folder / "adapter_config.json").get("base_model_name_or_path")
     return base or None

@@ -13,3 +13,53 @@ def add_resize_argument(parser: argparse.ArgumentParser) -> None:
         help="feed each image whole, longest side resized to SIZE (default: the model's input size) and padded, "
         "as the reference serves medical images; masks are mapped back to the original size",
     )
+
+
+LAYOUT_PROBE_IMAGES = 16
+"""Training images :func:`data_layout` reads to choose tiles or resize (sorted by id: the same ones every time);
+enough for a median of objects per image, few enough that a folder of thousands is not read just for this."""
+
+
+def data_layout(root, split: str = "train", requested: str | None = None, flag: str | None = None):
+    """How a ``--data`` folder is served: ``tiles`` (many small objects: microscopy) or ``resize`` (few large
+    ones: medical), chosen by :func:`hf_sam_peft.demo.choose_layout` from the first
+    :data:`LAYOUT_PROBE_IMAGES` images of ``split`` (the demo's rule, so demo, train, evaluate and segment agree),
+    or ``requested`` (given on the command line as ``flag``)."""
+    from ..demo import DataLayout, choose_layout
+
+    if requested is not None:
+        return DataLayout(requested, f"{flag or '--' + requested} given")
+    from ..data import iter_rows
+
+    rows = list(iter_rows(root, split, min_size=0, label_mode="semantic", max_images=LAYOUT_PROBE_IMAGES))
+    return choose_layout(rows)
+
+
+def layout_reason(layout) -> str:
+    """The data statistics behind a chosen layout, without the demo's own flag hint (``--tiles`` is the demo's
+    option; each command names its own)."""
+    return layout.reason.split(";")[0]
+
+
+def scoring_layout(data, split: str, chosen: bool) -> tuple[bool, str | None]:
+    """For ``evaluate`` / ``segment --data DIR``: whether to feed whole resized images scored per class (the
+    ``resize`` layout), and the line saying why. ``chosen``: the user already picked (``--resize`` /
+    ``--label-mode``), nothing is decided here. Else the layout ``train --data DIR`` trains with decides, from
+    DIR's ``train`` split; a folder without one is scored as before (whole images, per object).
+
+    A folder without ``split`` is a one-line error saying what layout was expected and what was found.
+    """
+    from ..data.recipes import check_data_folder
+
+    splits = check_data_folder(data, (split,))
+    if chosen or "train" not in splits:
+        return False, None
+    layout = data_layout(data)
+    if layout.layout == "resize":
+        what = "whole images resized to the model input, Dice per class"
+    else:
+        what = "whole images at their own size, scored per object"
+    return layout.layout == "resize", (
+        f"data layout: {layout.layout}, as train --data would serve {data} ({layout_reason(layout)}): {what}; "
+        "--resize or --label-mode to choose"
+    )

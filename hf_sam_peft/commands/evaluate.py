@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and writes it to --out (CSV or JSON; an existing file is updated, rows with the same key replaced)."
         ),
     )
-    parser.add_argument("--base", required=True, help="base model: a SamModel / Sam2Model folder or Hub id, or a name: lite_medsam, tiny, tiny_sam2 (random, for development)")
+    parser.add_argument("--base", "--model", dest="base", required=True, help="base model: a SamModel / Sam2Model folder or Hub id, or a name: lite_medsam, tiny, tiny_sam2 (random, for development)")
     parser.add_argument("--adapter", help="adapter folder or Hub repo id (omit to evaluate the base model)")
     parser.add_argument("--data", required=True, help="dataset root with <split>/images and <split>/labels")
     parser.add_argument("--split", default="val", help="split to score (default: val)")
@@ -49,8 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="objects per mask-decoder call (default: 16)")
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
     parser.add_argument(
-        "--label-mode", choices=("instances", "semantic"), default="instances",
-        help="semantic: labels are class maps, Dice is averaged over classes (medical data)",
+        "--label-mode", choices=("instances", "semantic"), default=None,
+        help="semantic: labels are class maps, Dice is averaged over classes (medical data). Default, with "
+        "--resize also left out: as train --data serves the folder (chosen from its train split: few large "
+        "objects per image -> semantic + --resize + Dice), else instances",
     )
     add_resize_argument(parser)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -77,10 +78,36 @@ def method_name(adapter: str | None) -> str:
     """The adapter's peft type (lower case) as a method name, or ``base`` without an adapter."""
     if adapter is None:
         return "base"
+    from ..hub.provenance import read_json_file
+
     config = Path(adapter, "adapter_config.json")
     if config.is_file():
-        return str(json.loads(config.read_text()).get("peft_type", "adapter")).lower()
+        return str(read_json_file(config).get("peft_type", "adapter")).lower()
     return "adapter"
+
+
+def _stamp(path: str | None) -> Any:
+    """What a local file or folder holds (names, sizes, modification times), so that a journal of a run on
+    other weights or data is never taken for this one's; a Hub id or name as it is."""
+    if path is None or not Path(path).exists():
+        return path
+    root = Path(path).resolve()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return [str(root)] + [[p.relative_to(root).as_posix() if p != root else "", p.stat().st_size, p.stat().st_mtime_ns]
+                          for p in files]
+
+
+def journal_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything an evaluation's per-image results depend on (the key of its ImageJournal)."""
+    splits = [args.split] + ([args.grid_search_split] if args.grid_search_split else [])
+    return {
+        "base": _stamp(args.base), "adapter": _stamp(args.adapter),
+        "data": [_stamp(str(Path(args.data, split))) for split in splits],
+        **{key: getattr(args, key) for key in (
+            "split", "grid_search_split", "mode", "n_corrections", "seed", "batch_size", "max_images",
+            "label_mode", "resize", "device", "bf16",
+        )},
+    }
 
 
 def _details(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -90,15 +117,35 @@ def _details(result: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate; with --out, holding that results file's lock for the whole run (one evaluation at a time
+    writes a table; others beside it go on)."""
+    from ..evaluation.results import check_results_file
+    from ..run_lock import output_lock
+
+    if args.out is None:
+        return _evaluate(args)
+    # before the model is loaded: a finished evaluation is never lost for want of a place to write it
+    check_results_file(args.out)
+    with output_lock(Path(args.out).parent, target=args.out):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.ais import NO_DECODER_MESSAGE, evaluate_ais
     from ..evaluation.interactive import SCORING, evaluate_interactive, format_per_class
     from ..evaluation.predictor import SamPredictor, has_unetr, image_size_of, load_model, point_multimask_of
     from ..evaluation.resized import resized_if
-    from ..evaluation.results import check_results_file
+    from ..evaluation.results import ImageJournal
+    from . import scoring_layout
 
-    # before the model is loaded: a finished evaluation is never lost for want of a place to write it
-    if args.out is not None:
-        check_results_file(args.out)
+    resize, line = scoring_layout(args.data, args.split, args.label_mode is not None or args.resize is not None)
+    if line is not None:
+        print(line)
+    if resize:
+        args.resize, args.label_mode, args.metric = 0, "semantic", args.metric or ["dice"]
+    args.label_mode = args.label_mode or "instances"
+    # finished images are kept beside the table as they come: a crash or a full disk loses at most one image
+    journal = ImageJournal(args.out, journal_settings(args)) if args.out is not None else None
     model = load_model(args.base, args.adapter, device=args.device)
     rows = _rows(args, args.split)
     progress = not args.no_progress
@@ -109,12 +156,16 @@ def run(args: argparse.Namespace) -> int:
         predictor = resized_if(SamPredictor(model, bf16=args.bf16), args.resize, image_size_of(model))
         interactive = evaluate_interactive(
             predictor, rows, n_corrections=args.n_corrections, seed=args.seed, batch_size=args.batch_size,
-            progress=progress,
+            progress=progress, done=journal and journal.done("interactive"),
+            on_image=journal and journal.callback("interactive"),
         )
     if args.mode in ("ais", "all"):
         if has_unetr(model):
             val_rows = _rows(args, args.grid_search_split) if args.grid_search_split else None
-            ais = evaluate_ais(model, rows, val_rows=val_rows, progress=progress)
+            ais = evaluate_ais(
+                model, rows, val_rows=val_rows, progress=progress, done=journal and journal.done("ais"),
+                on_image=journal and journal.callback("ais"),
+            )
         elif args.mode == "ais":
             raise ValueError(NO_DECODER_MESSAGE)
         else:
@@ -134,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
             "interactive": _details(interactive), "ais": _details(ais), "resize": args.resize,
         }
         merged.write(out, details=details)
+        journal.remove()
     print(table.format())
     if interactive is not None:
         print(f"scoring: {SCORING[interactive['scoring']]}")

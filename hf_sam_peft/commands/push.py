@@ -10,7 +10,8 @@ PUSH_HELP = """\
 Upload ADAPTER_DIR (written by hf_sam_peft.hub.save_adapter, a peft adapter folder, or a Trainer
 checkpoint) to the Hub repo REPO_ID, created if needed. Only the adapter's own files are uploaded
 (adapter_config.json, adapter_model.safetensors, hf_sam_peft.json, unetr/, README.md; never optimizer
-states), and the model card is re-rendered so its loading snippet names REPO_ID. A folder without
+states), only regular files inside ADAPTER_DIR (a symlink among them is refused), listed before the upload,
+and the model card is re-rendered so its loading snippet names REPO_ID. A folder without
 hf_sam_peft.json is first loaded onto its base model (--base, default the one its config names) to count
 its parameters. Log in with `huggingface-cli login` or pass --token. Load it back with
 hf_sam_peft.from_pretrained("REPO_ID")."""
@@ -48,8 +49,15 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or value in {"1", "ON", "YES", "TRUE"}
 
 
+def list_upload(folder: Path, files: list[str], what: str, repo_id: str) -> None:
+    """`what N files to REPO_ID:` (``dry run: would upload`` / ``uploading``), then the files with their sizes."""
+    print(f"{what} {len(files)} files to {repo_id}:")
+    for name in files:
+        print(f"  {name}  ({(folder / name).stat().st_size:,} bytes)")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Prepare the upload folder; print it (dry run) or push it."""
+    """Prepare the upload folder; print it (dry run) or list it and push it."""
     from hf_sam_peft.hub import (
         CARD_NAME,
         DEFAULT_COMMIT_MESSAGE,
@@ -61,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="hf_sam_peft_push_") as tmp:
             files = prepare_upload(args.adapter_dir, args.repo_id, tmp, base_model=args.base)
             print((Path(tmp) / CARD_NAME).read_text(encoding="utf-8"))
-            print(f"dry run: would upload {len(files)} files to {args.repo_id}:")
-            for name in files:
-                size = (Path(tmp) / name).stat().st_size
-                print(f"  {name}  ({size:,} bytes)")
+            list_upload(Path(tmp), files, "dry run: would upload", args.repo_id)
         return 0
     if not args.adapter_dir.is_dir():
         raise FileNotFoundError(f"adapter folder {args.adapter_dir} does not exist")
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         url = push_folder_to_hub(
             args.adapter_dir, args.repo_id, private=args.private, token=args.token,
             commit_message=args.message or DEFAULT_COMMIT_MESSAGE, base_model=args.base,
+            announce=lambda folder, files: list_upload(folder, files, "uploading", args.repo_id),
         )
     except Exception as exc:
         from huggingface_hub.errors import OfflineModeIsEnabled

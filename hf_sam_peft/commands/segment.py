@@ -18,11 +18,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "'unetr_decoder' in the adapter's modules_to_save) every image gets automatic instance "
             "segmentation: <out>/<name>_ais.tif. With --boxes-from LABELS (one label image per image) SAM is "
             "prompted with each object's box: <out>/<name>_boxes.tif. <out>/<name>_overlay.png shows the image, "
-            "the labels (if given) and the prediction(s) side by side."
+            "the labels (if given) and the prediction(s) side by side. --data DIR segments every image of "
+            "DIR/<split>/images with boxes from DIR/<split>/labels."
         ),
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="2D image files (png, tif, jpg)")
-    parser.add_argument("--base", required=True, help="base model: a SamModel / Sam2Model folder or Hub id, or a name: lite_medsam, tiny, tiny_sam2 (random, for development)")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="2D image files (png, tif, jpg); or --data")
+    parser.add_argument(
+        "--data", metavar="DIR",
+        help="segment every image of DIR/<split>/images, prompted with boxes from DIR/<split>/labels; "
+        "without --resize, served as train --data would serve DIR (chosen from its train split)",
+    )
+    parser.add_argument("--split", default="val", help="split of --data to segment (default: val)")
+    parser.add_argument("--base", "--model", dest="base", required=True, help="base model: a SamModel / Sam2Model folder or Hub id, or a name: lite_medsam, tiny, tiny_sam2 (random, for development)")
     parser.add_argument("--adapter", help="adapter folder or Hub repo id")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -65,9 +72,17 @@ def _load_2d(path: str, labels: bool = False, shape: tuple[int, ...] | None = No
     return array
 
 
+def _write_tif(path: Path, labels) -> None:
+    """A label image as zlib TIFF, under a temporary name first: a kill or a full disk leaves no half file."""
+    import tifffile
+
+    from ..atomic import atomic_write
+
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels.astype("uint32"), compression="zlib"))
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    import tifffile
 
     from ..evaluation.ais import NO_DECODER_MESSAGE, segment_ais
     from ..evaluation.interactive import segment_from_labels
@@ -75,8 +90,24 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.resized import resized_if
     from ..data.io import file_id
     from ..evaluation.results import check_output_folder
+    from ..run_lock import output_lock
     from ..visualization import save_overlay
 
+    if args.data is not None:
+        from ..data import find_pairs
+        from . import scoring_layout
+
+        if args.images or args.labels is not None:
+            raise ValueError("--data takes the images and labels from DIR/<split>: pass IMAGE files or --data, not both")
+        resize, line = scoring_layout(args.data, args.split, args.resize is not None)
+        if line is not None:
+            print(line)
+        if resize:
+            args.resize = 0
+        pairs = find_pairs(args.data, args.split)
+        args.images, args.labels = [str(p.image_path) for p in pairs], [str(p.label_path) for p in pairs]
+    elif not args.images:
+        raise ValueError("segment needs IMAGE files or --data DIR")
     if args.labels is not None and len(args.labels) != len(args.images):
         raise ValueError(f"--boxes-from needs one label image per image: got {len(args.labels)} for {len(args.images)} images")
     params = _parse_params(args.param)
@@ -87,27 +118,28 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"two images share the name {stem!r}; outputs would overwrite each other")
         stems.add(stem)
     out = check_output_folder(args.out)  # before the model is loaded or any image segmented
-    model = load_model(args.base, args.adapter, device=args.device)
-    with_ais = has_unetr(model)
-    if not with_ais and args.labels is None:
-        raise ValueError(f"{NO_DECODER_MESSAGE}; or pass --boxes-from LABELS to segment from ground-truth boxes")
-    # answers prompts through the outputs the adapter trained (its recorded point_multimask, set by load_model)
-    predictor = resized_if(SamPredictor(model), args.resize, image_size_of(model)) if args.labels is not None else None
+    with output_lock(out):  # one run at a time writes into the folder
+        model = load_model(args.base, args.adapter, device=args.device)
+        with_ais = has_unetr(model)
+        if not with_ais and args.labels is None:
+            raise ValueError(f"{NO_DECODER_MESSAGE}; or pass --boxes-from LABELS to segment from ground-truth boxes")
+        # answers prompts through the outputs the adapter trained (its recorded point_multimask, set by load_model)
+        predictor = resized_if(SamPredictor(model), args.resize, image_size_of(model)) if args.labels is not None else None
 
-    for index, image_path in enumerate(args.images):
-        stem = file_id(image_path)  # "x.nii.gz" -> "x", as datasets pair files
-        labels = _load_2d(args.labels[index], labels=True) if args.labels is not None else None
-        image = _load_2d(image_path, shape=None if labels is None else labels.shape)
-        if labels is not None and image.shape[:2] != labels.shape:
-            raise ValueError(f"image {image_path} shape {image.shape[:2]} does not match labels shape {labels.shape}")
-        predictions = {}
-        if with_ais:
-            predictions["AIS"] = segment_ais(model, image, **params)
-            tifffile.imwrite(out / f"{stem}_ais.tif", predictions["AIS"].astype("uint32"), compression="zlib")
-        if labels is not None:
-            predictions["from boxes"] = segment_from_labels(predictor, image, labels, batch_size=args.batch_size)
-            tifffile.imwrite(out / f"{stem}_boxes.tif", predictions["from boxes"].astype("uint32"), compression="zlib")
-        save_overlay(out / f"{stem}_overlay.png", image, predictions, ground_truth=labels, title=Path(image_path).name)
-        summary = ", ".join(f"{name}: {np.count_nonzero(np.unique(p))} objects" for name, p in predictions.items())
-        print(f"{image_path}: {summary} -> {out / (stem + '_overlay.png')}")
-    return 0
+        for index, image_path in enumerate(args.images):
+            stem = file_id(image_path)  # "x.nii.gz" -> "x", as datasets pair files
+            labels = _load_2d(args.labels[index], labels=True) if args.labels is not None else None
+            image = _load_2d(image_path, shape=None if labels is None else labels.shape)
+            if labels is not None and image.shape[:2] != labels.shape:
+                raise ValueError(f"image {image_path} shape {image.shape[:2]} does not match labels shape {labels.shape}")
+            predictions = {}
+            if with_ais:
+                predictions["AIS"] = segment_ais(model, image, **params)
+                _write_tif(out / f"{stem}_ais.tif", predictions["AIS"])
+            if labels is not None:
+                predictions["from boxes"] = segment_from_labels(predictor, image, labels, batch_size=args.batch_size)
+                _write_tif(out / f"{stem}_boxes.tif", predictions["from boxes"])
+            save_overlay(out / f"{stem}_overlay.png", image, predictions, ground_truth=labels, title=Path(image_path).name)
+            summary = ", ".join(f"{name}: {np.count_nonzero(np.unique(p))} objects" for name, p in predictions.items())
+            print(f"{image_path}: {summary} -> {out / (stem + '_overlay.png')}")
+        return 0

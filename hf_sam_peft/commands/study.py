@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,15 +11,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run a study: methods x datasets x seeds (x ablations), with the paper's tables and plots",
         description=(
             "Train and score every cell of a study file (methods x datasets x seeds, plus optional ablation "
-            "values; examples in recipes/studies/): each cell trains with the interactive objective, keeps its "
-            "best checkpoint (the untouched base included), and is scored on the held-out split with Point, Box, "
+            "values; the package ships some: hf-sam-peft recipes): each cell trains with the interactive "
+            "objective, keeps its best checkpoint (the untouched base included), and is scored on the held-out split with Point, Box, "
             "I_P, I_B (and AIS where the UNETR decoder trains), with its trainable parameters, time per "
             "iteration, peak memory and wall time. Cells run one after another, each in its own process; a "
             "finished cell is never run again, so a killed study resumes where it stopped. Writes results.csv "
             "(one row per cell and metric), results.md (the paper's layout) and plots to the study folder."
         ),
     )
-    parser.add_argument("study", type=Path, help="study file (YAML), e.g. recipes/studies/lite_medsam_2d.yaml")
+    parser.add_argument("study", help="study: a packaged name (hf-sam-peft recipes), e.g. lite_medsam_2d, or a YAML path")
     parser.add_argument("--output-dir", dest="output_dir", help="study folder (default: the file's output_dir, "
                         "else studies/<name>)")
     parser.add_argument("--only", action="append", metavar="TEXT",
@@ -34,10 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.recipes import find_recipe
     from ..study import load_study, run_study, study_folder
     from ..study.cell import RESULT_NAME
 
-    spec = load_study(args.study)
+    spec = load_study(find_recipe(args.study, "studies"))
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive number, got {args.threads}")
     if args.list:

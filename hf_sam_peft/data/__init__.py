@@ -1,5 +1,5 @@
 """Data: image/label folders -> HF ``datasets`` of normalised 2D patches, SAM input normalisation, and
-dataset recipes (``recipes/datasets/*.yaml``). See :mod:`hf_sam_peft.data.builder` for the row format and
+dataset recipes (the package's ``recipes/datasets/*.yaml``). See :mod:`hf_sam_peft.data.builder` for the row format and
 :mod:`hf_sam_peft.data.sampling` for training data served as torch_em serves it (random patches per fetch,
 MinInstanceSampler, flips). ``hf_sam_peft.data.epoch.SetEpochCallback`` (imports transformers) passes the
 Trainer's epoch to the training dataset."""

@@ -34,8 +34,26 @@ _VOLUME_SUFFIXES = _TIFF_SUFFIXES + NIFTI_SUFFIXES  # formats whose 3D arrays ar
 NIFTI_INSTALL_HINT = 'pip install "hf-sam-peft[nifti]"'
 
 
+MAX_IMAGE_PIXELS: int | None = 1 << 30
+"""The most samples (pixels x slices x channels) a TIF or NIfTI file may declare in its header; checked before
+any pixel is decoded, so a damaged or malicious header cannot make the reader allocate gigabytes (PIL guards
+PNG / JPEG the same way with ``PIL.Image.MAX_IMAGE_PIXELS``). 2^30 holds a 1024^3 volume or a 32768^2 image;
+set ``hf_sam_peft.data.io.MAX_IMAGE_PIXELS`` higher (or None: no limit) for larger files."""
+
+
 class DataError(ValueError):
     """A dataset file or folder is missing, unreadable or inconsistent."""
+
+
+def check_declared_size(shape: Sequence[int], path: str | Path) -> None:
+    """A one-line :class:`DataError` when a header's ``shape`` holds more samples than :data:`MAX_IMAGE_PIXELS`."""
+    limit = MAX_IMAGE_PIXELS
+    count = int(np.prod([int(s) for s in shape], dtype=object)) if len(shape) else 0
+    if limit is not None and count > limit:
+        raise DataError(
+            f"{path}: its header declares an image of shape {tuple(int(s) for s in shape)} ({count:,} samples), "
+            f"more than the limit of {limit:,} (hf_sam_peft.data.io.MAX_IMAGE_PIXELS; raise it to read such files)"
+        )
 
 
 def suffix_of(path: str | Path) -> str:
@@ -97,6 +115,7 @@ def nifti_shape(shape_xyz: Sequence[int]) -> tuple[int, ...]:
 def _read_nifti(path: Path) -> np.ndarray:
     """All voxels of a NIfTI file in our axis order (``(z, y, x[, c])``)."""
     image = _open_nifti(path)
+    check_declared_size(image.shape, path)
     try:
         array = np.asanyarray(image.dataobj)  # scl_slope / scl_inter applied, as nibabel defines the values
     except Exception as err:  # truncated or corrupt voxel data
@@ -159,7 +178,9 @@ def _read_array(path: Path, *, drop_alpha: bool) -> np.ndarray:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile
 
-            array = np.asarray(tifffile.imread(path))
+            with tifffile.TiffFile(path) as tif:  # the header first: its declared size is checked before decoding
+                check_declared_size(tif.series[0].shape, path)
+                array = np.asarray(tif.asarray())
         else:
             from PIL import Image
 

@@ -11,7 +11,8 @@ def normalize_image(image: np.ndarray, percentiles: Sequence[float] | None = Non
     """Map a 2D grey or RGB image to ``uint8 H x W x 3`` in [0, 255], the input SAM was trained on.
 
     Follows micro-sam's ``_to_image``: uint8 images keep their values (SAM expects 8-bit intensities, so no
-    stretching); any other dtype is min-max scaled per image to [0, 255]; grey is copied to 3 channels.
+    stretching); any other dtype is min-max scaled per image to [0, 255] (in float64, so that any finite range
+    keeps its grey levels, ±3e38 included); grey is copied to 3 channels.
     ``percentiles=(low, high)`` clips to those per-image percentiles before min-max scaling (off by default,
     as in micro-sam) and then applies to uint8 input too. A constant image maps to zeros.
 
@@ -30,10 +31,11 @@ def normalize_image(image: np.ndarray, percentiles: Sequence[float] | None = Non
         low, high = (float(p) for p in percentiles)
         if not 0.0 <= low < high <= 100.0:
             raise ValueError(f"percentiles: expected 0 <= low < high <= 100, got {tuple(percentiles)}")
-        lo, hi = np.percentile(image, [low, high])
-        image = _min_max(np.clip(image.astype(np.float32), lo, hi), lo, hi)
+        values = image.astype(np.float64)
+        lo, hi = np.percentile(values, [low, high])
+        image = _min_max(np.clip(values, lo, hi), lo, hi)
     elif image.dtype != np.uint8:
-        values = image.astype(np.float32)
+        values = image.astype(np.float64)
         image = _min_max(values, float(values.min()), float(values.max()))
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
@@ -41,9 +43,15 @@ def normalize_image(image: np.ndarray, percentiles: Sequence[float] | None = Non
 
 
 def _min_max(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Scale [lo, hi] to [0, 255] uint8 (rounded); a zero range gives zeros."""
+    """Scale [lo, hi] to [0, 255] uint8 (rounded); a zero range gives zeros.
+
+    In float64, with both ends halved first: ``hi - lo`` of a float32 image spanning ±3e38 is inf in float32
+    (every pixel then lands on one of two grey levels), and of a float64 one spanning ±1e308 in float64.
+    """
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise ValueError("image: holds NaN or inf values")
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    half_range = hi / 2 - lo / 2  # finite for any finite lo < hi
+    scaled = (values / 2 - lo / 2) * (255.0 / half_range)
+    return np.round(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)

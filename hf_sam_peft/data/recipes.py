@@ -1,4 +1,11 @@
-"""Dataset recipes: one YAML per dataset naming its local layout and how to cut training data from it.
+"""Recipes shipped inside the package (``hf_sam_peft/recipes/``), and dataset recipes: one YAML per dataset
+naming its local layout and how to cut training data from it.
+
+The package's recipe folder holds training recipes (``<name>.yaml``), dataset recipes (``datasets/``), studies
+(``studies/``) and accelerate configs (``accelerate/``); :func:`find_recipe` finds one by name the same way in a
+wheel and in a checkout, :func:`list_recipes` lists them (``hf-sam-peft recipes``). A relative ``root`` in a
+packaged dataset recipe is relative to the working directory (the package is no place for data); in a recipe file
+of one's own it is relative to that file (or to the project holding its ``recipes/datasets/`` folder).
 
 Training-data keys (peft-sam ``peft_sam/dataset/get_data_loaders.py``; see :mod:`hf_sam_peft.data.sampling`):
 
@@ -18,15 +25,164 @@ Training-data keys (peft-sam ``peft_sam/dataset/get_data_loaders.py``; see :mod:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
 from .builder import LABEL_MODES
+from .io import DataError
 from .sampling import AUGMENTATIONS, default_augment
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes" / "datasets"
-"""Where recipes live in a source checkout; pass a path for recipes elsewhere."""
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+"""The recipes shipped in the package (package data: the same place in a wheel and in a checkout)."""
+RECIPE_DIR = RECIPES_DIR / "datasets"
+"""The packaged dataset recipes; pass a path for recipes elsewhere."""
+RECIPE_KINDS: dict[str, str] = {
+    "training": "",  # <name>.yaml at the top of RECIPES_DIR: hf-sam-peft train NAME
+    "datasets": "datasets",  # dataset: NAME in a training recipe or a study
+    "studies": "studies",  # hf-sam-peft study NAME
+    "accelerate": "accelerate",  # accelerate launch --config_file "$(hf-sam-peft recipes path accelerate/NAME)"
+}
+_KIND_WORDS = {
+    "training": "training recipe", "datasets": "dataset recipe", "studies": "study", "accelerate": "accelerate config",
+}
+FOLDER_RECIPE = "folder_{layout}"
+"""The packaged training and dataset recipe ``train --data DIR`` uses for a folder served as ``tiles`` or
+``resize`` (:func:`hf_sam_peft.demo.choose_layout`)."""
+
+
+def _kind_dir(kind: str) -> Path:
+    if kind not in RECIPE_KINDS:
+        raise ValueError(f"kind: expected one of {sorted(RECIPE_KINDS)}, got {kind!r}")
+    return RECIPES_DIR / RECIPE_KINDS[kind] if RECIPE_KINDS[kind] else RECIPES_DIR
+
+
+def list_recipes() -> dict[str, list[str]]:
+    """The packaged recipe names by kind; names outside ``training`` carry their folder (``datasets/livecell``)."""
+    out: dict[str, list[str]] = {}
+    for kind, folder in RECIPE_KINDS.items():
+        directory = _kind_dir(kind)
+        stems = sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
+        out[kind] = [f"{folder}/{stem}" if folder else stem for stem in stems]
+    return out
+
+
+def is_packaged(path: str | Path) -> bool:
+    """Whether ``path`` is one of the package's own recipe files."""
+    return Path(path).resolve().is_relative_to(RECIPES_DIR.resolve())
+
+
+def find_recipe(name_or_path: str | Path, kind: str = "training") -> Path:
+    """A recipe file: a path (``.yaml`` / ``.yml`` or an existing file) as given, else a packaged recipe by
+    name: ``NAME`` of ``kind``, also written ``FOLDER/NAME`` (``datasets/livecell`` for ``kind="datasets"``).
+
+    Why names: from a wheel the recipes live inside site-packages, where no one types paths to. A missing
+    ``.yaml`` path is a ``FileNotFoundError`` (naming the packaged recipe of that name, if any); an unknown name
+    a ``ValueError`` listing the known ones.
+    """
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path: expected a recipe name or path, got {type(name_or_path).__name__}")
+    directory, word = _kind_dir(kind), _KIND_WORDS[kind]
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if path.is_file():
+            return path
+        packaged = directory / f"{path.stem}.yaml"
+        hint = f" (the package ships a {word} of that name: pass {path.stem!r})" if packaged.is_file() else ""
+        raise FileNotFoundError(f"{word} file {path} does not exist{hint}")
+    name = str(name_or_path)
+    prefix = f"{RECIPE_KINDS[kind]}/"
+    if RECIPE_KINDS[kind] and name.startswith(prefix):
+        name = name[len(prefix):]
+    candidate = directory / f"{name}.yaml"
+    if not candidate.is_file() or candidate.resolve().parent != directory.resolve():  # no ../ out of it
+        known = [n.rpartition("/")[2] for n in list_recipes()[kind]]
+        raise ValueError(
+            f"name_or_path: unknown {word} {name!r} (known: {known}); pass a YAML path, or see 'hf-sam-peft recipes'"
+        )
+    return candidate
+
+
+def find_any_recipe(name: str) -> Path:
+    """A packaged recipe of any kind by its listed name: training recipes bare (``livecell``), the others as
+    ``FOLDER/NAME`` (``datasets/livecell``, ``studies/smoke_tiny``, ``accelerate/cpu_ddp``)."""
+    folder, _, _ = name.rpartition("/")
+    kinds = [k for k, f in RECIPE_KINDS.items() if f == folder]
+    try:
+        if not kinds:
+            raise ValueError(name)
+        return find_recipe(name, kinds[0])
+    except (ValueError, FileNotFoundError):
+        known = [n for names in list_recipes().values() for n in names]
+        raise ValueError(f"NAME: unknown recipe {name!r}; the package ships: {', '.join(known)}") from None
+
+
+def recipe_summary(path: Path) -> str:
+    """A recipe's one-line description: its ``description`` key, else its first comment line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raw = None
+    if isinstance(raw, dict) and isinstance(raw.get("description"), str) and raw["description"].strip():
+        return " ".join(raw["description"].split())
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
+def describe_folder(root: Path, limit: int = 8) -> str:
+    """What a data folder holds, two levels deep, for an error line: ``train/{images}, notes.txt``."""
+    if not root.is_dir():
+        return "no such folder" if not root.exists() else "a file, not a folder"
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    parts = []
+    for entry in entries[:limit]:
+        if entry.is_dir():
+            inside = sorted(c.name for c in entry.iterdir() if c.is_dir() and not c.name.startswith("."))
+            parts.append(f"{entry.name}/{{{','.join(inside)}}}" if inside else f"{entry.name}/")
+        else:
+            parts.append(entry.name)
+    if len(entries) > limit:
+        parts.append(f"... ({len(entries) - limit} more)")
+    return ", ".join(parts) if parts else "nothing"
+
+
+def data_splits(root: str | Path) -> list[str]:
+    """The splits of a data folder: subfolders holding both ``images/`` and ``labels/``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "images").is_dir() and (p / "labels").is_dir())
+
+
+def check_data_folder(root: str | Path, needed: Sequence[str] = ("train",), what: str = "--data") -> list[str]:
+    """The splits of ``root`` (:func:`data_splits`), or a one-line :class:`DataError` saying what layout was
+    expected (``<split>/images`` + ``<split>/labels``, with each split in ``needed``) and what was found."""
+    root = Path(root)
+    splits = data_splits(root)
+    missing = [split for split in needed if split not in splits]
+    if missing:
+        wanted = " and ".join(f"the split folder {s}/ ({s}/images + {s}/labels)" for s in needed)
+        hint = ""
+        if (root / "images").is_dir() and (root / "labels").is_dir():
+            hint = f" (this looks like one split: pass {root.parent} if it is {root.name}/ of a dataset)"
+        raise DataError(
+            f"{what} {root}: expected the layout <split>/images + <split>/labels with {wanted}; "
+            f"found {describe_folder(root)}{hint}"
+        )
+    return splits
+
+
+def folder_dataset_recipe(root: str | Path, layout: str) -> dict[str, Any]:
+    """The packaged ``datasets/folder_<layout>`` recipe pointed at ``root`` and named after it: what
+    ``train --data DIR`` trains on."""
+    root = Path(root).expanduser().resolve()
+    spec = load_dataset_recipe(FOLDER_RECIPE.format(layout=layout))
+    spec.update(root=str(root), name=root.name)
+    return spec
+
 
 _REQUIRED = {
     "name": str,
@@ -59,31 +215,22 @@ _BUILD_KEYS = (
 )
 
 
-def _recipe_path(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset recipe file {path} does not exist")
-        return path
-    path = RECIPE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")) if RECIPE_DIR.is_dir() else []
-        raise ValueError(f"name_or_path: unknown dataset recipe {str(name_or_path)!r} (known: {known})")
-    return path
-
-
 def _resolve_root(root: str, recipe_path: Path) -> str:
-    """Relative roots are relative to the project holding ``recipes/datasets/`` (else to the recipe's folder)."""
+    """Relative roots: a packaged recipe's are relative to the working directory (never to the package); a
+    recipe file of one's own: relative to the project holding its ``recipes/datasets/`` folder, else to the
+    file's folder."""
     root_path = Path(root).expanduser()
     if root_path.is_absolute():
         return str(root_path)
+    if is_packaged(recipe_path):
+        return str((Path.cwd() / root_path).resolve())
     folder = recipe_path.resolve().parent
     base = folder.parents[1] if folder.name == "datasets" and folder.parent.name == "recipes" else folder
     return str((base / root_path).resolve())
 
 
 def load_dataset_recipe(name_or_path: str | Path) -> dict[str, Any]:
-    """Read and validate a recipe by name (``recipes/datasets/<name>.yaml``) or path.
+    """Read and validate a recipe by name (the package's ``recipes/datasets/<name>.yaml``) or path.
 
     Unknown or missing keys, wrong types and out-of-range values raise a one-line ``ValueError`` naming the
     file and key. ``root`` is returned absolute; ``patch_shape`` as a tuple; ``recipe_path`` is added;
@@ -91,9 +238,10 @@ def load_dataset_recipe(name_or_path: str | Path) -> dict[str, Any]:
     """
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path: expected a recipe name or path, got {type(name_or_path).__name__}")
-    path = _recipe_path(name_or_path)
-    with open(path, encoding="utf-8") as handle:
-        recipe = yaml.safe_load(handle)
+    from ..train import read_yaml_file  # bad YAML / non-UTF-8: one line naming the file and the line
+
+    path = find_recipe(name_or_path, "datasets")
+    recipe = read_yaml_file(path, "dataset recipe")
     if not isinstance(recipe, dict):
         raise ValueError(f"dataset recipe {path}: expected a mapping of keys, got {type(recipe).__name__}")
     unknown = sorted(set(recipe) - set(_REQUIRED) - set(_OPTIONAL))

@@ -14,7 +14,7 @@ DESIGN §4), then applied unchanged to the test split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -137,16 +137,21 @@ def _score(instances: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"msa": float(accuracies.mean()), **{k: float(accuracies[i]) for k, i in _SA_INDEX.items()}}
 
 
-def _iter_maps(model: nn.Module, rows: Iterable[Any], desc: str, progress: bool, **tiling: Any) -> Iterator[tuple]:
-    """``(id, maps, labels)`` per row, one image in memory at a time; an empty ``rows`` is an error."""
+def _iter_maps(
+    model: nn.Module, rows: Iterable[Any], desc: str, progress: bool, skip: Container[int] = (), **tiling: Any
+) -> Iterator[tuple]:
+    """``(index, id, maps, labels)`` per row not in ``skip``, one image in memory at a time; an empty ``rows``
+    is an error."""
     try:
         total = len(rows)  # type: ignore[arg-type]
     except TypeError:
         total = None
     index = -1
     for index, row in enumerate(tqdm(rows, total=total, desc=desc, unit="image", disable=not progress)):
+        if index in skip:
+            continue
         image, labels, _, image_id = validate_row(row, index)
-        yield image_id, predict_ais_maps(model, image, **tiling), labels
+        yield index, image_id, predict_ais_maps(model, image, **tiling), labels
     if index < 0:
         raise ValueError(f"no rows to evaluate ({desc})")
 
@@ -161,6 +166,8 @@ def evaluate_ais(
     halo: Sequence[int] | None = None,
     keep_segmentations: bool = False,
     progress: bool = True,
+    done: Mapping[int, dict[str, Any]] | None = None,
+    on_image: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """AIS scores on ``rows`` (dicts with ``image`` and ``labels``): mean over images of mSA, SA50 and SA75.
 
@@ -169,8 +176,14 @@ def evaluate_ais(
     default: the paper's grid) and the best are applied to ``rows``; otherwise ``watershed`` (overrides of
     :data:`DEFAULT_WATERSHED`) is used. Returns ``{"msa", "sa50", "sa75", "params", "grid_search_score",
     "images", "n_images"}`` (+ ``"segmentations"`` with ``keep_segmentations``).
+
+    ``on_image(index, result)`` / ``done``: as in :func:`~hf_sam_peft.evaluation.interactive.evaluate_interactive`
+    (the images of ``rows`` a crashed run finished are not run again; the grid search is, it is deterministic).
     """
     _require_decoder(model)
+    done = dict(done or {})
+    if done and keep_segmentations:
+        raise ValueError("keep_segmentations needs every image run now: pass done=None")
     params = dict(DEFAULT_WATERSHED)
     unknown = set(watershed or {}) - set(DEFAULT_WATERSHED)
     if unknown:
@@ -183,18 +196,21 @@ def evaluate_ais(
         grid_kwargs = dict(grid or {})
         grid_kwargs.setdefault("foreground_threshold", params["foreground_threshold"])
         grid_kwargs.setdefault("foreground_smoothing", params["foreground_smoothing"])
-        search = grid_search_watershed([m for _, m, _ in validation], [lab for _, _, lab in validation], **grid_kwargs)
+        search = grid_search_watershed([m for _, _, m, _ in validation], [lab for _, _, _, lab in validation], **grid_kwargs)
         params.update(search.params)
         grid_score = search.score
     elif grid is not None:
         raise ValueError("grid needs val_rows: the grid search runs on a validation split")
 
-    images, segmentations = [], []
-    for image_id, maps, labels in _iter_maps(model, rows, "AIS evaluation", progress, **tiling):
+    scored, segmentations = dict(done), []
+    for index, image_id, maps, labels in _iter_maps(model, rows, "AIS evaluation", progress, skip=done, **tiling):
         instances = distances_to_instances(*maps, **params)
-        images.append({"id": image_id, "n_objects": int(instances.max()), **_score(instances, labels)})
+        scored[index] = {"id": image_id, "n_objects": int(instances.max()), **_score(instances, labels)}
+        if on_image is not None:
+            on_image(index, scored[index])
         if keep_segmentations:
             segmentations.append(instances)
+    images = [scored[index] for index in sorted(scored)]
     out: dict[str, Any] = {key: float(np.mean([image[key] for image in images])) for key in ("msa", "sa50", "sa75")}
     out.update(params=params, grid_search_score=grid_score, images=images, n_images=len(images))
     if keep_segmentations:

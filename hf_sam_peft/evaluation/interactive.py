@@ -42,7 +42,7 @@ Reported: Point = round 0 of the point run, Box = round 0 of the box run, I_P / 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -382,6 +382,20 @@ def format_per_class(result: dict[str, Any], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _restored(result: Mapping[str, Any], starts: Sequence[str]) -> dict[str, Any]:
+    """A per-image result read back from JSON: its class ids (JSON object keys, so strings) as ints again."""
+    missing = [start for start in starts if start not in result]
+    if missing:
+        raise ValueError(f"done: an earlier image result has no {missing[0]!r} scores (another evaluation's?)")
+    out = dict(result)
+    for start in starts:
+        scores = dict(out[start])
+        if "dice_per_class" in scores:
+            scores["dice_per_class"] = {int(k): v for k, v in scores["dice_per_class"].items()}
+        out[start] = scores
+    return out
+
+
 def evaluate_interactive(
     model: nn.Module | PromptPredictor,
     dataset_or_rows: Any,
@@ -391,6 +405,8 @@ def evaluate_interactive(
     batch_size: int = 16,
     keep_segmentations: bool = False,
     progress: bool = True,
+    done: Mapping[int, dict[str, Any]] | None = None,
+    on_image: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Interactive evaluation of a SAM (or any prompt predictor) on rows ``{"image", "labels"[, "semantic", "id"]}``.
 
@@ -400,8 +416,15 @@ def evaluate_interactive(
     ``"dice_per_class": {"point"|"box"|"ip"|"ib": {class: Dice}}``), plus
     ``"segmentations": {start: [(round 0, last round) instance images per image]}`` with ``keep_segmentations``.
     Images without objects are skipped (counted in ``"n_skipped"``).
+
+    ``on_image(index, result)`` is called as each image finishes (``evaluate --out`` appends it to a journal,
+    so that a crash loses at most the image in progress); ``done`` maps row indices to such results from an
+    earlier, interrupted run with the same settings: those images are taken as they are, not run again
+    (prompts are drawn per image index, so the scores are those the image would get now).
     """
     starts = tuple(dict.fromkeys(starts))
+    if done and keep_segmentations:
+        raise ValueError("keep_segmentations needs every image run now: pass done=None")
     if not starts or any(s not in START_MODES for s in starts):
         raise ValueError(f"starts must be a non-empty subset of {START_MODES}, got {starts!r}")
     if not isinstance(n_corrections, int) or n_corrections < 0:
@@ -415,6 +438,9 @@ def evaluate_interactive(
     segmentations: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in starts}
     n_skipped = 0
     for index, row in enumerate(tqdm(rows, total=total, desc="interactive evaluation", unit="image", disable=not progress)):
+        if done and index in done:
+            per_image.append(_restored(done[index], starts))
+            continue
         image, labels, semantic, image_id = validate_row(row, index)
         object_ids = np.unique(labels)
         object_ids = object_ids[object_ids != 0]
@@ -445,6 +471,8 @@ def evaluate_interactive(
             if keep_segmentations:
                 segmentations[start].append((assembled[0], assembled[-1]))
         per_image.append(result)
+        if on_image is not None:
+            on_image(index, result)
     if not per_image:
         raise ValueError("dataset_or_rows holds no image with objects to evaluate")
 

@@ -19,10 +19,12 @@ loaded model (:func:`point_multimask_of` reads it back, default True: SAM's own 
 :class:`SamPredictor` then answers a prompt without a box that asks for multimask output through the single
 mask. The app, ``evaluate`` and ``segment`` all go through it.
 
-Adapter folder layout read by :func:`load_model`::
+:func:`load_model` loads an adapter through the one adapter loader,
+:func:`hf_sam_peft.hub.load.load_adapter_folder` (as ``from_pretrained`` and the app do), which reads::
 
     <adapter>/adapter_config.json, adapter_model.safetensors   peft adapter (load_adapter)
     <adapter>/unetr/unetr_config.json, unetr.safetensors       optional UNETR decoder (save_unetr)
+    <adapter>/hf_sam_peft.json                                 provenance: base size, QLoRA, point_multimask
 
 A decoder saved inside the adapter (``"unetr_decoder"`` in the adapter's ``modules_to_save``) is found too:
 its shape is read from the adapter weights and an empty decoder is attached before the adapter loads
@@ -32,10 +34,7 @@ its shape is read from the adapter weights and an empty decoder is attached befo
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -43,6 +42,14 @@ import torch
 from torch import nn
 
 from hf_sam_peft.evaluation.fast_decoder import ImageTokens, autocast_to, decode_objects, fast_decoder_supported, image_tokens
+# how a loaded adapter trained point prompts, and the UNETR settings in an adapter's weights: kept beside the
+# adapter loader (hf_sam_peft.loading) and importable from here as well
+from hf_sam_peft.loading import (
+    POINT_MULTIMASK_ATTRIBUTE,
+    point_multimask_of,
+    set_point_multimask,
+    unetr_config_from_weights,
+)
 from hf_sam_peft.sam_forward.forward import decode as forward_decode
 from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
 from hf_sam_peft.sam_forward.frames import Frames, Prompts
@@ -69,25 +76,6 @@ __all__ = [
 ]
 
 UNETR_SUBFOLDER = "unetr"
-_UNETR_KEY = ".unetr_decoder."
-# set by our loaders on the SamModel inside a loaded model: how its adapter trained point prompts
-POINT_MULTIMASK_ATTRIBUTE = "hf_sam_peft_point_multimask"
-
-
-def set_point_multimask(model: nn.Module, point_multimask: bool | None) -> nn.Module:
-    """Record on ``model`` (the SamModel inside it) whether its points were trained through the multimask
-    output (None: not recorded, i.e. SAM's default); returns ``model``."""
-    if point_multimask is not None and not isinstance(point_multimask, bool):
-        raise TypeError(f"point_multimask must be True, False or None, got {point_multimask!r}")
-    setattr(unwrap_sam(model), POINT_MULTIMASK_ATTRIBUTE, point_multimask)
-    return model
-
-
-def point_multimask_of(model: nn.Module) -> bool:
-    """Whether ``model`` answers a lone point through SAM's multimask output: what its adapter recorded
-    (:func:`set_point_multimask`, done by :func:`load_model` / ``from_pretrained``), else True (SAM's own way)."""
-    value = getattr(unwrap_sam(model), POINT_MULTIMASK_ATTRIBUTE, None)
-    return True if value is None else bool(value)
 
 
 @runtime_checkable
@@ -470,41 +458,19 @@ def load_base(base: str, device: str | torch.device = "cpu") -> nn.Module:
     return load_base_model(base, device=device)[0]
 
 
-def unetr_config_from_weights(path: str) -> dict[str, Any] | None:
-    """UNETR settings (features, upsampling, out_channels) read from an adapter's saved decoder weights."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        shapes = {
-            k.split(_UNETR_KEY, 1)[1]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if _UNETR_KEY in k
-        }
-    if not shapes:
-        return None
-    transposed = "deconv1.block.0.block.weight" in shapes
-    features = [shapes["base.block.1.weight"][0]]
-    features += [shapes[f"decoder.blocks.{i}.block.1.weight"][0] for i in range(3)]
-    return {"features": tuple(features), "upsampling": "transposed" if transposed else "interpolate"}
-
-
 def load_model(
     base: str | nn.Module,
     adapter: str | None = None,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Base SAM (folder, name, ``"tiny"`` or a model) + optional adapter + optional UNETR decoder, in eval mode.
+    """Base SAM (folder, name, ``"tiny"`` or a model) + optional adapter (folder or Hub repo id), in eval mode.
 
-    The decoder comes from ``<adapter>/unetr`` (:func:`~hf_sam_peft.modeling.unetr.load_unetr`) or from the
-    adapter's own ``modules_to_save`` copy; see the module docstring for the layout. How the adapter trained
-    point prompts (``"point_multimask"`` in its ``hf_sam_peft.json``) is set on the model for
-    :class:`SamPredictor` (:func:`point_multimask_of`).
+    The adapter goes on through :func:`hf_sam_peft.hub.load.load_adapter_folder`, the loader
+    ``from_pretrained`` and the app use: its UNETR decoder (``<adapter>/unetr`` or the adapter's own
+    ``modules_to_save`` copy), QLoRA's 4-bit encoder, the size check, and how it trained point prompts
+    (``"point_multimask"`` in its ``hf_sam_peft.json``, for :class:`SamPredictor`: :func:`point_multimask_of`).
     """
-    from hf_sam_peft.loading import adapter_weights_file, load_adapter
-    from hf_sam_peft.modeling.unetr import (
-        ATTRIBUTE_NAME,
-        CONFIG_NAME,
-        attach_unetr,
-        load_unetr,
-    )
+    from hf_sam_peft.hub.load import load_adapter_folder, resolve_adapter_folder
 
     model = load_base(base, device) if isinstance(base, str) else base
     unwrap_sam(model)
@@ -512,22 +478,8 @@ def load_model(
         return model.eval()
     if not isinstance(adapter, str) or not adapter:
         raise ValueError(f"adapter must be an adapter folder or Hub repo id, got {adapter!r}")
-    if os.path.isdir(adapter) and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise FileNotFoundError(f"adapter folder {adapter!r} has no adapter_config.json (expected a peft adapter)")
-    config = json.loads(Path(adapter, "adapter_config.json").read_text()) if os.path.isdir(adapter) else {}
-    if ATTRIBUTE_NAME in (config.get("modules_to_save") or []):
-        settings = unetr_config_from_weights(adapter_weights_file(adapter))
-        if settings is not None and not hasattr(model, ATTRIBUTE_NAME):
-            attach_unetr(model, **settings)
-    model = load_adapter(model, adapter)
-    from hf_sam_peft.hub import recorded_point_multimask
-
-    set_point_multimask(model, recorded_point_multimask(adapter))
-    unetr_dir = Path(adapter, UNETR_SUBFOLDER)
-    if (unetr_dir / CONFIG_NAME).is_file():
-        decoder = load_unetr(unetr_dir, device=model_device_dtype(model)[0])
-        setattr(unwrap_sam(model), ATTRIBUTE_NAME, decoder)
-    return model.eval()
+    folder = resolve_adapter_folder(adapter, {})  # also puts back a folder a killed save left in its .old copy
+    return load_adapter_folder(model, folder, source=adapter).eval()
 
 
 def has_unetr(model: nn.Module) -> bool:

@@ -5,23 +5,28 @@ Columns: ``point`` / ``box`` (first prompt), ``ip`` / ``ib`` (after the correcti
 (microscopy), ``dice`` (medical) or ``iou`` (mean per-object IoU). Missing values are empty in CSV and
 ``null`` in JSON. Rows are keyed by (dataset, method, adapter, metric): adding a row with an existing key
 replaces it, so repeated runs update a table file in place. Files are written atomically.
+
+:class:`ImageJournal` keeps the per-image results of an evaluation that is still running beside its table,
+one line per finished image, so that a crash or a full disk loses at most the image in progress.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from hf_sam_peft.atomic import atomic_write_text
+from hf_sam_peft.atomic import NoSpaceLeft, atomic_write_text, is_no_space
 
 __all__ = [
-    "KEY_COLUMNS", "METRIC_NAMES", "SCORE_COLUMNS", "ResultRow", "ResultsTable", "check_output_folder",
+    "KEY_COLUMNS", "METRIC_NAMES", "SCORE_COLUMNS", "ImageJournal", "ResultRow", "ResultsTable", "check_output_folder",
     "check_results_file", "format_rounds",
 ]
 
@@ -167,13 +172,21 @@ class ResultsTable:
         if not path.is_file():
             raise FileNotFoundError(f"results file {str(path)!r} does not exist")
         if path.suffix.lower() == ".json":
-            payload = json.loads(path.read_text())
+            try:
+                payload = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{path} is not a UTF-8 text file") from None
             if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
                 raise ValueError(f"{path} is not a results JSON (expected an object with a 'rows' list)")
             records = payload["rows"]
         elif path.suffix.lower() == ".csv":
-            with path.open(newline="") as f:
-                records = list(csv.DictReader(f))
+            try:
+                with path.open(newline="", encoding="utf-8") as f:
+                    records = list(csv.DictReader(f))
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path} is not a readable CSV table ({exc})") from None
         else:
             raise ValueError(f"path must end in .csv or .json, got {str(path)!r}")
         try:
@@ -229,6 +242,85 @@ def format_rounds(results: dict[str, dict[str, Any]], metric: str = "iou", digit
             cells = [name, start, *(f"{v:.{digits}f}" for v in values), f"{verdict} ({values[-1] - values[0]:+.{digits}f})"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- journal
+
+
+class ImageJournal:
+    """Per-image results of a running evaluation, appended to ``.TABLE.KEY.partial.jsonl`` beside its table.
+
+    ``evaluate --out TABLE`` scores image after image and writes the table only at the end; without this a
+    crash, a kill or a full disk late in a long run lost every finished image. Each finished image is one
+    JSON line, flushed and fsynced as it is written; a rerun with the same ``settings`` (``KEY`` is their hash,
+    so evaluations of other models or data into the same table keep their own journals) takes the finished
+    images from it and runs only the rest. A last line cut off by the crash is ignored. :meth:`remove` deletes
+    the journal once the table holds the results.
+    """
+
+    def __init__(self, table: str | os.PathLike, settings: dict[str, Any]) -> None:
+        table = Path(table)
+        canonical = json.dumps(settings, sort_keys=True, default=str)
+        key = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+        self.path = table.parent / f".{table.name}.{key}.partial.jsonl"
+        self.settings = json.loads(canonical)
+        self._done: dict[str, dict[int, dict[str, Any]]] = {}
+        if self.path.is_file():
+            self._read()
+
+    def _read(self) -> None:
+        with self.path.open(encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or header.get("settings") != self.settings:
+            return  # not this evaluation's (a hash collision, or a file cut off in its first line): start afresh
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                self._done.setdefault(str(entry["kind"]), {})[int(entry["index"])] = dict(entry["result"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # the line a crash cut off
+        if self._done:
+            counts = ", ".join(f"{len(v)} {k}" for k, v in self._done.items())
+            print(f"resuming: {counts} image result(s) of an interrupted run taken from {self.path}", file=sys.stderr)
+
+    def done(self, kind: str) -> dict[int, dict[str, Any]]:
+        """Row index -> result of the images of ``kind`` (``interactive``, ``ais``) finished earlier."""
+        return dict(self._done.get(kind, {}))
+
+    def _append(self, text: str) -> None:
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if is_no_space(exc, self.path.parent):
+                raise NoSpaceLeft(self.path) from exc
+            raise
+
+    def record(self, kind: str, index: int, result: dict[str, Any]) -> None:
+        """Append one finished image (``kind``'s row ``index``)."""
+        line = json.dumps({"kind": kind, "index": int(index), "result": result}, default=_json_default) + "\n"
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            line = json.dumps({"settings": self.settings}) + "\n" + line
+        else:
+            with self.path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line  # after a line a crash cut off: keep this one whole
+        self._append(line)
+        self._done.setdefault(kind, {})[int(index)] = result
+
+    def callback(self, kind: str):
+        """``on_image`` for :func:`evaluate_interactive` / :func:`evaluate_ais`: records each finished image."""
+        return lambda index, result: self.record(kind, index, result)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- output paths

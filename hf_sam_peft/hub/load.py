@@ -1,7 +1,10 @@
-"""Loading an adapter back: `from_pretrained(adapter_id)` from a local folder or a Hub repo (online or cached).
+"""Loading an adapter back: `from_pretrained(adapter_id)` from a local folder or a Hub repo (online or cached),
+and `load_adapter_folder`, the one loader that puts an adapter folder onto a base SAM.
 
-The base model is the one the adapter names (or `base_model=`), checked against the size it was trained on;
-the UNETR decoder in `unetr/` is attached and the recorded `point_multimask` set on the model.
+`load_adapter_folder` is what every caller uses: `from_pretrained`, `hf_sam_peft.evaluation.load_model` and
+the app's `ModelBank`. It checks the base against the size the adapter was trained on, attaches the UNETR
+decoder, re-makes QLoRA's 4-bit image encoder, then loads through `hf_sam_peft.load_adapter` (q/v LoRA,
+one-line errors for damaged files) and sets the recorded `point_multimask` on the model.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from torch import nn
 
-from ..loading import load_adapter
+from ..atomic import recover_folder
+from ..loading import load_adapter, read_adapter_config, set_point_multimask, unetr_config_from_weights
 from ..methods import freeze_positional_basis
 from ..modeling.unetr import ATTRIBUTE_NAME as UNETR_ATTRIBUTE
 from ..modeling.unetr import CONFIG_NAME as UNETR_CONFIG_NAME
-from ..modeling.unetr import load_unetr
+from ..modeling.unetr import attach_unetr, load_unetr
+from ..sam_forward.forward import unwrap_sam
 from .provenance import (
     ADAPTER_CONFIG_NAME,
     REPO_FILES,
@@ -36,7 +41,12 @@ HUB_KWARGS = frozenset({"revision", "cache_dir", "token", "local_files_only", "f
 
 
 def resolve_adapter_folder(adapter_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> Path:
-    """A local folder, or the Hub repo's snapshot (downloaded, or from the cache when offline)."""
+    """A local folder, or the Hub repo's snapshot (downloaded, or from the cache when offline).
+
+    A local folder that a kill left half-replaced (only in its hidden ``.old`` copy) is put back first
+    (:func:`hf_sam_peft.atomic.recover_folder`).
+    """
+    recover_folder(adapter_id)
     if os.path.isdir(adapter_id):
         return Path(adapter_id)
     from huggingface_hub import constants, snapshot_download
@@ -84,6 +94,91 @@ def _check_size(adapter_id: str, provenance: Mapping[str, Any], base: nn.Module)
             )
 
 
+def recorded_quant_type(provenance: Mapping[str, Any]) -> str | None:
+    """The 4-bit quant type a QLoRA adapter's image encoder trained with (`hf_sam_peft.json`), else None."""
+    if provenance.get("method") != "qlora":
+        return None
+    return (provenance.get("hyperparameters") or {}).get("quant_type")
+
+
+def adapter_unetr_settings(folder: str | os.PathLike, config: PeftConfig) -> dict[str, Any] | None:
+    """UNETR settings when the adapter saves `unetr_decoder` in its `modules_to_save` (read from the weights'
+    shapes: `hf_sam_peft.loading.unetr_config_from_weights`), else None."""
+    if UNETR_ATTRIBUTE not in (getattr(config, "modules_to_save", None) or []):
+        return None
+    from ..loading import adapter_weights_file
+
+    return unetr_config_from_weights(adapter_weights_file(os.fspath(folder)))
+
+
+def check_adapter_folder(folder: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """`folder` as a Path, after checking it holds a peft adapter (`source`: how messages name it)."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+        name = os.fspath(source if source is not None else folder)
+        if (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"adapter {name!r} is a complete SAM model (config.json), not a peft adapter ({ADAPTER_CONFIG_NAME}); "
+                "load it as the base model"
+            )
+        raise FileNotFoundError(f"adapter {name!r} has no {ADAPTER_CONFIG_NAME} (expected a peft adapter)")
+    return folder
+
+
+def load_adapter_folder(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    config: PeftConfig | None = None,
+    own_model: bool = True,
+    source: str | os.PathLike | None = None,
+) -> PeftModel:
+    """Load the adapter in the local `folder` onto `model` (a base SAM, modified in place, or a PeftModel to add
+    it to under `adapter_name`): the one adapter loader.
+
+    Before peft loads, the base is made what the adapter trained on: its size is checked against
+    `hf_sam_peft.json`; the UNETR decoder goes on it (the folder's `unetr/` copy, else an empty one shaped from
+    the adapter's `modules_to_save` weights, since peft silently skips an entry the base lacks); and for QLoRA
+    the image encoder is quantized to the recorded 4-bit type (a full-precision base gives other outputs).
+    Then `hf_sam_peft.load_adapter`, and the recorded `point_multimask` is set on the model.
+
+    `own_model=False` is for several adapters switched on one model (the app's `ModelBank`): the `unetr/`
+    decoder and the recorded `point_multimask` belong to one adapter, so they are left off the model for the
+    caller to keep per adapter. `config`: the adapter's `PeftConfig` when already read. `source`: how
+    messages name the adapter (e.g. the Hub id it came from; default the folder).
+    """
+    folder = check_adapter_folder(folder, source)
+    name = os.fspath(source if source is not None else folder)
+    provenance = read_provenance(folder)
+    if config is None:
+        config = read_adapter_config(str(folder))
+    sam = unwrap_sam(model)
+    _check_size(name, provenance, sam)
+    folder_decoder = folder / UNETR_SUBFOLDER
+    if own_model and (folder_decoder / UNETR_CONFIG_NAME).is_file():
+        setattr(sam, UNETR_ATTRIBUTE, load_unetr(folder_decoder, device=_device_of(sam)))
+    elif not hasattr(sam, UNETR_ATTRIBUTE):
+        settings = adapter_unetr_settings(folder, config)
+        if settings is not None:
+            attach_unetr(sam, **settings)
+    quant_type = recorded_quant_type(provenance)
+    if quant_type is not None and _is_quantized(sam) is None:
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                f"adapter {name!r} is QLoRA (trained on a {quant_type} image encoder) but the model's encoder is "
+                "full precision and already holds adapters; load it onto a base of its own"
+            )
+        from ..tuners import quantize_image_encoder
+
+        quantize_image_encoder(model, quant_type=quant_type)
+    loaded = load_adapter(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, config=config)
+    if own_model:
+        set_point_multimask(loaded, recorded_point_multimask(provenance))
+    return loaded
+
+
 def from_pretrained(
     adapter_id: str | os.PathLike,
     base_model: nn.Module | str | None = None,
@@ -94,13 +189,13 @@ def from_pretrained(
     """Load an adapter (local folder or Hub repo id) onto its base SAM: `hf_sam_peft.from_pretrained("org/name")`.
 
     `base_model`: a SamModel (modified in place) or its id/folder/name; default the one the adapter names
-    (`hf_sam_peft.json`, else `adapter_config.json`'s `base_model_name_or_path`). The UNETR decoder in
-    `unetr/` is attached as `unetr_decoder`. Offline (`HF_HUB_OFFLINE=1`) everything comes from the Hub
-    cache; online, the same call downloads what is missing. `hub_kwargs`: revision (of the adapter),
-    cache_dir, token, local_files_only, force_download. Returns a PeftModel (a SamModel for `full_ft`), with
-    the adapter's recorded `point_multimask` set on it (`hf_sam_peft.evaluation.predictor.point_multimask_of`).
+    (`hf_sam_peft.json`, else `adapter_config.json`'s `base_model_name_or_path`). The adapter goes on through
+    `load_adapter_folder` (UNETR decoder as `unetr_decoder`, QLoRA's 4-bit encoder). Offline
+    (`HF_HUB_OFFLINE=1`) everything comes from the Hub cache; online, the same call downloads what is missing.
+    `hub_kwargs`: revision (of the adapter), cache_dir, token, local_files_only, force_download. Returns a
+    PeftModel (a SamModel for `full_ft`), with the adapter's recorded `point_multimask` set on it
+    (`hf_sam_peft.evaluation.predictor.point_multimask_of`).
     """
-    from ..evaluation.predictor import set_point_multimask
     from ..modeling.base_models import load_base_model
 
     if not isinstance(adapter_id, (str, os.PathLike)) or not os.fspath(adapter_id):
@@ -123,32 +218,24 @@ def from_pretrained(
         if base_model is not None:
             raise ValueError(f"{name!r} is a complete SAM model, not an adapter; drop base_model")
         model = load_base_model(folder)[0]  # SamModel, LiteSamModel or Sam2Model, as its config says
-    else:
-        if base_model is None or isinstance(base_model, (str, os.PathLike)):
-            saved = read_json_file(folder / ADAPTER_CONFIG_NAME)
-            base_id = os.fspath(base_model) if base_model is not None else (
-                provenance.get("base_model") or saved.get("base_model_name_or_path")
-            )
-            if not base_id:
-                raise ValueError(f"adapter {name!r} names no base model; pass base_model=")
-            model = _load_base(base_id, hub_kwargs)
-        else:
-            model = base_model
-        _check_size(name, provenance, model)
-    if (folder / UNETR_SUBFOLDER / UNETR_CONFIG_NAME).is_file():
-        setattr(model, UNETR_ATTRIBUTE, load_unetr(folder / UNETR_SUBFOLDER, device=_device_of(model)))
-    set_point_multimask(model, recorded_point_multimask(provenance))
-    if not is_adapter:
+        if (folder / UNETR_SUBFOLDER / UNETR_CONFIG_NAME).is_file():
+            setattr(model, UNETR_ATTRIBUTE, load_unetr(folder / UNETR_SUBFOLDER, device=_device_of(model)))
+        set_point_multimask(model, recorded_point_multimask(provenance))
         model.requires_grad_(is_trainable)
         if is_trainable:
             freeze_positional_basis(model)
         return model.train(is_trainable)
-    quant_type = (provenance.get("hyperparameters") or {}).get("quant_type")
-    if quant_type is not None and provenance.get("method") == "qlora" and _is_quantized(model) is None:
-        from ..tuners import quantize_image_encoder
-
-        quantize_image_encoder(model, quant_type=quant_type)
-    return load_adapter(model, str(folder), is_trainable=is_trainable)
+    if base_model is None or isinstance(base_model, (str, os.PathLike)):
+        saved = read_json_file(folder / ADAPTER_CONFIG_NAME)
+        base_id = os.fspath(base_model) if base_model is not None else (
+            provenance.get("base_model") or saved.get("base_model_name_or_path")
+        )
+        if not base_id:
+            raise ValueError(f"adapter {name!r} names no base model; pass base_model=")
+        model = _load_base(base_id, hub_kwargs)
+    else:
+        model = base_model
+    return load_adapter_folder(model, folder, is_trainable=is_trainable, source=name)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -1,13 +1,20 @@
 """Pushing adapters to the Hub: a model (`push_adapter_to_hub`) or a saved folder (`push_folder_to_hub`).
 
-Only an adapter repo's files (`REPO_FILES`) are uploaded, with the card re-rendered for the target repo id.
+Only an adapter repo's files (`REPO_FILES`) are uploaded, with the card re-rendered for the target repo id,
+and only regular files inside the adapter folder: a symlink (to a file outside, or even inside), a folder
+reached through one, or a fifo / device among them is refused before anything is read or uploaded
+(:func:`check_upload_files`), so that a link to `~/.ssh/id_rsa` named `adapter_model.safetensors` never
+reaches the Hub.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +55,37 @@ def _check_repo_id(repo_id: str) -> None:
         raise ValueError(f"repo_id must be a Hub repo id like 'org/name', got {repo_id!r}") from exc
 
 
+def check_upload_files(adapter_dir: str | os.PathLike) -> list[str]:
+    """The repo files of `adapter_dir` (relative posix paths), after checking that each is a regular file
+    that lies inside it; anything else that push would upload is a one-line ValueError naming it."""
+    root = Path(adapter_dir)
+    real_root = root.resolve()
+    out = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in sorted(dirs + files):
+            path = Path(folder, name)
+            rel = path.relative_to(root).as_posix()
+            wanted = any(fnmatch.fnmatchcase(rel, pattern) for pattern in REPO_FILES)
+            inside = any(pattern.startswith(rel + "/") for pattern in REPO_FILES)  # e.g. unetr/ for unetr/*
+            if not (wanted or inside):
+                continue
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                raise ValueError(
+                    f"{path} is a symlink (to {os.path.realpath(path)}); push uploads only regular files inside "
+                    f"{root}: replace the link by a copy of the file"
+                )
+            if name in dirs:
+                continue  # a real folder: its files are checked as the walk reaches them
+            if not stat.S_ISREG(mode):
+                raise ValueError(f"{path} is not a regular file; push uploads only regular files inside {root}")
+            if not Path(os.path.realpath(path)).is_relative_to(real_root):
+                raise ValueError(f"{path} lies outside {root} ({os.path.realpath(path)}); push uploads only files inside it")
+            if wanted:
+                out.append(rel)
+    return sorted(out)
+
+
 def push_adapter_to_hub(
     model: nn.Module,
     repo_id: str,
@@ -84,6 +122,7 @@ def prepare_upload(
     src, dest = Path(adapter_dir), Path(dest)
     if not src.is_dir():
         raise FileNotFoundError(f"adapter folder {src} does not exist")
+    files = check_upload_files(src)  # before anything is read: only regular files inside the folder
     provenance = read_provenance(src)
     if not provenance:
         model = from_pretrained(src, base_model=base_model)
@@ -92,10 +131,10 @@ def prepare_upload(
     if base_model is not None:
         raise ValueError(f"{src} already records its base model in {PROVENANCE_NAME}; drop base_model")
     dest.mkdir(parents=True, exist_ok=True)
-    for rel in _repo_files(src):
+    for rel in files:
         if rel != CARD_NAME:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / rel, dest / rel)
+            shutil.copy2(src / rel, dest / rel, follow_symlinks=False)
     atomic_write_text(dest / CARD_NAME, render_card(provenance, repo_id))
     return _repo_files(dest)
 
@@ -109,8 +148,15 @@ def push_folder_to_hub(
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     base_model: Any = None,
     api: Any = None,
+    announce: Callable[[Path, list[str]], None] | None = None,
 ) -> str:
-    """Upload a saved adapter folder (only its repo files, card re-rendered for `repo_id`); returns the commit URL."""
+    """Upload a saved adapter folder (only its repo files, card re-rendered for `repo_id`); returns the commit URL.
+
+    `announce(folder, files)` is called with the prepared upload before anything reaches the Hub (the
+    `push` command lists the files there, as `--dry-run` does).
+    """
     with tempfile.TemporaryDirectory(prefix="hf_sam_peft_push_") as tmp:
-        prepare_upload(adapter_dir, repo_id, tmp, base_model=base_model)
+        files = prepare_upload(adapter_dir, repo_id, tmp, base_model=base_model)
+        if announce is not None:
+            announce(Path(tmp), files)
         return _upload(Path(tmp), repo_id, private, token, commit_message, api)

@@ -12,6 +12,7 @@ from peft import PeftModel
 from torch import nn
 
 from ..atomic import atomic_folder, atomic_write_text
+from ..loading import POINT_MULTIMASK_ATTRIBUTE
 from ..modeling.unetr import ATTRIBUTE_NAME as UNETR_ATTRIBUTE
 from ..modeling.unetr import save_unetr
 from ..sam_forward.forward import unwrap_sam
@@ -89,8 +90,6 @@ def save_adapter(
         raise ValueError(f"license must be a licence id such as 'apache-2.0', got {license!r}")
     _check_point_multimask(point_multimask)
     if point_multimask is None:
-        from ..evaluation.predictor import POINT_MULTIMASK_ATTRIBUTE
-
         point_multimask = getattr(unwrap_sam(model), POINT_MULTIMASK_ATTRIBUTE, None)
     out_dir = Path(out_dir)
     provenance = describe_model(model, method=method, base_model_id=base_model_id)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, Sam2Config, Sam2Model, SamConfig, SamModel, SamProcessor
 
-from hf_sam_peft.modeling.convert import sam_processor
+from hf_sam_peft.modeling.convert_sam import sam_processor
 from hf_sam_peft.modeling.lite_medsam import (
     LiteSamConfig,
     LiteSamModel,

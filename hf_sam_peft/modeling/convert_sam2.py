@@ -10,10 +10,10 @@ the image model alone: `SAM2ImagePredictor` uses nothing else, but sam2 then nee
 `model.load_state_dict(torch.load(f)["model"], strict=False)`.
 
 Files are read with `torch.load(weights_only=True)` only, and keys are translated by one two-way table (as
-`hf_sam_peft.modeling.convert` does for SAM), so conversion and export are exact inverses. The shapes tell the
-four official sizes apart; their head counts, window sizes and 1024² input come from
-`hf_sam_peft.modeling.sam2.sam2_config`. A SAM 2 of other shapes needs its `Sam2Config` (`config=`), because
-head counts, window sizes and the image size leave no trace in the shapes.
+`hf_sam_peft.modeling.convert_sam` does for SAM, with the helpers of `hf_sam_peft.modeling.convert_common`), so
+conversion and export are exact inverses. The shapes tell the four official sizes apart; their head counts,
+window sizes and 1024² input come from `hf_sam_peft.modeling.sam2.sam2_config`. A SAM 2 of other shapes needs
+its `Sam2Config` (`config=`), because head counts, window sizes and the image size leave no trace in the shapes.
 """
 
 from __future__ import annotations
@@ -30,18 +30,21 @@ import torch
 from torch import Tensor, nn
 from transformers import Sam2Config, Sam2Model
 
-from hf_sam_peft.atomic import atomic_folder, atomic_write
-from hf_sam_peft.modeling.convert import (
-    _check_file_target,
-    _check_folder_target,
-    _count,
-    _examples,
-    _first_line,
-    _load_raw,
-    _translate_all,
-    _weights_and_decoder,
+from hf_sam_peft.atomic import atomic_write
+from hf_sam_peft.modeling.base_models import sam2_processor
+from hf_sam_peft.modeling.convert_common import (
+    DECODER_STATE,
     build_with_weights,
+    check_file_target,
+    check_folder_target,
     compile_key_rules,
+    count_numbered,
+    examples,
+    first_line,
+    read_checkpoint,
+    save_model_folder,
+    translate_all,
+    weights_and_decoder,
 )
 from hf_sam_peft.modeling.sam2 import HIERA_SIZES, SAM2_MODEL_TYPES, sam2_config
 
@@ -65,8 +68,6 @@ _SIGNATURE_PREFIXES = ("image_encoder.trunk.", "sam_prompt_encoder.", "sam_mask_
 # The video memory of SAM2Base (SAM 2.0 and 2.1), which the image model does not use.
 _MEMORY_PREFIXES = ("memory_attention.", "memory_encoder.", "mask_downsample.", "obj_ptr_proj.", "obj_ptr_tpos_proj.")
 _MEMORY_KEYS = ("maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial")
-# micro-sam's key for a UNETR decoder beside the weights (as hf_sam_peft.modeling.convert writes it for SAM)
-_DECODER_STATE = "decoder_state"
 
 _PLACEHOLDERS = {
     "i": r"\d+",
@@ -151,10 +152,10 @@ def sam2_state_of(raw: object, name: str) -> dict[str, Tensor] | None:
         return None
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
-        raise ValueError(f"checkpoint {name!r} is not a SAM 2 state dict: non-tensor entries {_examples(not_tensors)}")
-    if state is not raw and _DECODER_STATE in raw:
+        raise ValueError(f"checkpoint {name!r} is not a SAM 2 state dict: non-tensor entries {examples(not_tensors)}")
+    if state is not raw and DECODER_STATE in raw:
         warnings.warn(
-            f"checkpoint {name!r} also holds a UNETR decoder ('{_DECODER_STATE}'); it is not converted", stacklevel=3
+            f"checkpoint {name!r} also holds a UNETR decoder ('{DECODER_STATE}'); it is not converted", stacklevel=3
         )
     return dict(state)
 
@@ -163,12 +164,12 @@ def load_sam2_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """The full state dict (video memory included) of an official SAM 2 / 2.1 checkpoint, read with
     `weights_only=True`: a file that needs Python objects is refused, never run."""
     path = Path(path)
-    raw = _load_raw(path)
+    raw = read_checkpoint(path)
     state = sam2_state_of(raw, str(path))
     if state is None:
         if isinstance(raw, Mapping):
             inner = raw["model"] if isinstance(raw.get("model"), Mapping) else raw
-            found = f"its keys look like {_examples(inner) if inner else 'nothing (it is empty)'}"
+            found = f"its keys look like {examples(inner) if inner else 'nothing (it is empty)'}"
         else:
             found = f"it holds a {type(raw).__name__}"
         raise ValueError(
@@ -207,7 +208,7 @@ def convert_sam2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
             points[int(match.group(1))] = value
         else:
             rest[key] = value
-    converted = _translate_all(
+    converted = translate_all(
         rest, to_hf=True, unknown_hint="a SAM 2 does not have",
         remedy="adapter or extra-head weights? merge or drop them first", rules=_RULES,
     )
@@ -232,7 +233,7 @@ def to_sam2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
                 "initialised at random draws the two apart; one converted from SAM 2 has them equal)"
             )
     points = state.pop(_HF_POINT_KEY, None)
-    converted = _translate_all(
+    converted = translate_all(
         state, to_hf=False, unknown_hint="transformers' Sam2Model does not have",
         remedy="unmerged adapter, quantised or extra-head weights?", rules=_RULES,
     )
@@ -253,7 +254,7 @@ def _hiera_shape(state_dict: Mapping[str, Tensor]) -> tuple[int, list[int]]:
     key = f"{_TRUNK}.patch_embed.proj.weight"
     if key not in state_dict:
         raise ValueError(f"state_dict lacks {key!r}: not a complete SAM 2 checkpoint")
-    depth = _count(state_dict, r"image_encoder\.trunk\.blocks\.(\d+)\.")
+    depth = count_numbered(state_dict, r"image_encoder\.trunk\.blocks\.(\d+)\.")
     starts = [i for i in range(depth) if f"{_TRUNK}.blocks.{i}.proj.weight" in state_dict]
     bounds = [0, *starts, depth]
     return state_dict[key].shape[0], [end - start for start, end in zip(bounds, bounds[1:])]
@@ -288,7 +289,7 @@ def load_sam2_config(config: Sam2Config | str | os.PathLike) -> Sam2Config:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"config {str(file)!r} is not valid JSON ({_first_line(error)})") from None
+        raise ValueError(f"config {str(file)!r} is not valid JSON ({first_line(error)})") from None
     found = data.get("model_type") if isinstance(data, dict) else None
     if found != Sam2Config.model_type:
         raise ValueError(
@@ -297,7 +298,7 @@ def load_sam2_config(config: Sam2Config | str | os.PathLike) -> Sam2Config:
     try:
         return Sam2Config.from_dict(data)
     except (ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"config {str(file)!r} is not a valid Sam2Config ({_first_line(error)})") from None
+        raise ValueError(f"config {str(file)!r} is not a valid Sam2Config ({first_line(error)})") from None
 
 
 def _resolve_config(
@@ -348,10 +349,10 @@ def _check_fits(image: Mapping[str, Tensor], config: Sam2Config, name: str, what
         expected = {k: tuple(v.shape) for k, v in to_sam2_state_dict(Sam2Model(config).state_dict()).items()}
     missing = [k for k in expected if k not in image]
     if missing:
-        raise ValueError(f"checkpoint {name!r} lacks {_examples(missing)} of {what}: not a complete SAM 2 image model")
+        raise ValueError(f"checkpoint {name!r} lacks {examples(missing)} of {what}: not a complete SAM 2 image model")
     extra = [k for k in image if k not in expected]
     if extra:
-        raise ValueError(f"checkpoint {name!r} has {_examples(extra)}, which {what} does not have")
+        raise ValueError(f"checkpoint {name!r} has {examples(extra)}, which {what} does not have")
     wrong = [k for k in expected if tuple(image[k].shape) != expected[k]]
     if wrong:
         more = f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""
@@ -401,10 +402,8 @@ def write_sam2_folder(
     """`sam2_model_from_state_dict` written to `out_dir` (model, and SAM 2's processor where torchvision is
     installed: `hf_sam_peft.modeling.base_models.sam2_processor`); warns that the video memory is not converted.
     `convert_checkpoint` calls this for a SAM 2 file; `name` is the file, for messages."""
-    from hf_sam_peft.modeling.base_models import sam2_processor  # base_models imports the SAM converter
-
     out_dir = Path(out_dir)
-    _check_folder_target(out_dir, overwrite)
+    check_folder_target(out_dir, overwrite)
     _, memory = _split(state_dict)
     model = sam2_model_from_state_dict(
         state_dict, model_type, config=config, decoder_num_heads=decoder_num_heads, name=name
@@ -416,11 +415,7 @@ def write_sam2_folder(
             f"(Sam2Model is the image model); exporting with memory_from={name!r} (CLI: --memory-from) puts them back",
             stacklevel=3,
         )
-    processor = sam2_processor(model.config)
-    with atomic_folder(out_dir, overwrite=True) as tmp:  # emptiness was checked above
-        model.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
+    save_model_folder(model, sam2_processor(model.config), out_dir)  # emptiness was checked above
     return model
 
 
@@ -445,7 +440,7 @@ def convert_sam2_checkpoint(
     if config is not None:
         config = load_sam2_config(config)  # before reading a large file
     out_dir = Path(out_dir)
-    _check_folder_target(out_dir, overwrite)
+    check_folder_target(out_dir, overwrite)
     state = load_sam2_checkpoint(path)
     return write_sam2_folder(
         state, str(path), out_dir, model_type, config=config, decoder_num_heads=decoder_num_heads, overwrite=overwrite
@@ -466,7 +461,7 @@ def _memory_from(path: str | os.PathLike, image: Mapping[str, Tensor]) -> dict[s
     if shapes != donor:
         differing = sorted(set(shapes) ^ set(donor)) or [k for k in shapes if shapes[k] != donor[k]]
         raise ValueError(
-            f"memory_from {name!r} is a SAM 2 of other shapes than the model ({_examples(differing)} differ), so its "
+            f"memory_from {name!r} is a SAM 2 of other shapes than the model ({examples(differing)} differ), so its "
             "memory does not fit; pass the checkpoint the model was converted from"
         )
     return memory
@@ -489,10 +484,10 @@ def export_sam2_checkpoint(
     micro-sam's layout does for SAM (sam2 reads only `model`).
     """
     path = Path(path)
-    _check_file_target(path, overwrite)
-    _, state, decoder = _weights_and_decoder(model, Sam2Model)
+    check_file_target(path, overwrite)
+    _, state, decoder = weights_and_decoder(model, Sam2Model)
     state = to_sam2_state_dict(state)
     if memory_from is not None:
         state.update(_memory_from(memory_from, state))
-    payload = {"model": state} if decoder is None else {"model": state, _DECODER_STATE: decoder}
+    payload = {"model": state} if decoder is None else {"model": state, DECODER_STATE: decoder}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))

@@ -47,7 +47,8 @@ from transformers.models.sam.modeling_sam import (
     SamPromptEncoder,
 )
 
-from hf_sam_peft.modeling.convert import build_with_weights, convert_sam_state_dict
+from hf_sam_peft.modeling.convert_common import build_with_weights
+from hf_sam_peft.modeling.convert_sam import convert_sam_state_dict
 from hf_sam_peft.modeling.tiny_vit import LiteSamVisionConfig, TinyViTVisionEncoder
 
 __all__ = [

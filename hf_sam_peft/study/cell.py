@@ -220,7 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        spec = json.loads((args.folder / SPEC_NAME).read_text(encoding="utf-8"))
+        from ..hub.provenance import read_json_file
+
+        spec = read_json_file(args.folder / SPEC_NAME)  # damaged: one line naming the file and the line
         run_cell(spec, args.folder, progress=args.progress)
         return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -38,11 +37,13 @@ CSV_COLUMNS = (
 
 def collect_records(spec: StudySpec, folder: Path) -> list[dict[str, Any]]:
     """The results of the study's finished cells, in grid order."""
+    from ..hub.provenance import read_json_file
+
     records = []
     for cell in spec.cells():
         path = folder / "cells" / cell.cell_id / RESULT_NAME
         if path.is_file():
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = read_json_file(path)  # damaged: one line naming the file and the line
             record["ablation_label"] = cell.ablation_label
             records.append(record)
     return records

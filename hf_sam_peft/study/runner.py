@@ -80,8 +80,11 @@ def _finished(folder: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     that run's folder is deleted here so that the cell starts again instead of resuming the old checkpoints.
     A killed run with the same settings is kept: the cell resumes from its newest intact checkpoint.
     """
+    from ..hub.provenance import read_json_file
+
     result, spec = folder / RESULT_NAME, folder / SPEC_NAME
-    same = spec.is_file() and _canonical(json.loads(spec.read_text(encoding="utf-8"))) == _canonical(settings)
+    # a damaged cell.json (one line naming it) is an error, never taken for other settings to be overwritten
+    same = spec.is_file() and _canonical(read_json_file(spec)) == _canonical(settings)
     started = result.is_file() or (folder / RUN_FOLDER).exists()
     if same and result.is_file() and not overwrite:
         return True
@@ -128,42 +131,44 @@ def run_study(
     A failing cell is reported and the others go on; run again to retry it.
     """
     from ..atomic import atomic_write_text
+    from ..run_lock import output_lock
     from .report import write_reports
 
     spec = load_study(study) if not isinstance(study, StudySpec) else study
     folder = study_folder(spec, output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    if spec.path is not None:
-        atomic_write_text(folder / "study.yaml", Path(spec.path).read_text(encoding="utf-8"))
-    result = StudyResult(folder=folder)
-    cells = spec.cells()
-    todo: list[tuple[Cell, Path, dict[str, Any]]] = []
-    for cell in cells:
-        cell_dir = folder / CELLS / cell.cell_id
-        settings = cell_settings(spec, cell)
-        if only and not any(part in cell.cell_id for part in only):
-            continue
-        if _finished(cell_dir, settings, overwrite):
-            result.skipped.append(cell.cell_id)
-        else:
-            todo.append((cell, cell_dir, settings))
-    bar = tqdm(todo, desc=f"study {spec.name}", unit="cell", disable=not progress)
-    for cell, cell_dir, settings in bar:
-        bar.set_postfix_str(cell.cell_id)
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        (cell_dir / RESULT_NAME).unlink(missing_ok=True)  # (only reached with overwrite) not done until rerun
-        atomic_write_text(cell_dir / SPEC_NAME, json.dumps(settings, indent=2, default=str))
-        try:
-            if isolate:
-                _run_isolated(cell_dir, progress=False, threads=threads)
+    with output_lock(folder):  # one study at a time in a folder: two would run and rewrite the same cells
+        if spec.path is not None:
+            atomic_write_text(folder / "study.yaml", Path(spec.path).read_text(encoding="utf-8"))
+        result = StudyResult(folder=folder)
+        cells = spec.cells()
+        todo: list[tuple[Cell, Path, dict[str, Any]]] = []
+        for cell in cells:
+            cell_dir = folder / CELLS / cell.cell_id
+            settings = cell_settings(spec, cell)
+            if only and not any(part in cell.cell_id for part in only):
+                continue
+            if _finished(cell_dir, settings, overwrite):
+                result.skipped.append(cell.cell_id)
             else:
-                run_cell(settings, cell_dir, progress=False)
-            result.ran.append(cell.cell_id)
-        except Exception as exc:  # a cell's failure must not lose the other cells' work
-            message = " ".join(str(exc).split()) or type(exc).__name__
-            result.failed[cell.cell_id] = message
-            tqdm.write(f"cell {cell.cell_id} failed: {message} (see {cell_dir / 'log.txt'})")
-        result.records, result.files = write_reports(spec, folder)
-    if not todo:
-        result.records, result.files = write_reports(spec, folder)
-    return result
+                todo.append((cell, cell_dir, settings))
+        bar = tqdm(todo, desc=f"study {spec.name}", unit="cell", disable=not progress)
+        for cell, cell_dir, settings in bar:
+            bar.set_postfix_str(cell.cell_id)
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            (cell_dir / RESULT_NAME).unlink(missing_ok=True)  # (only reached with overwrite) not done until rerun
+            atomic_write_text(cell_dir / SPEC_NAME, json.dumps(settings, indent=2, default=str))
+            try:
+                if isolate:
+                    _run_isolated(cell_dir, progress=False, threads=threads)
+                else:
+                    run_cell(settings, cell_dir, progress=False)
+                result.ran.append(cell.cell_id)
+            except Exception as exc:  # a cell's failure must not lose the other cells' work
+                message = " ".join(str(exc).split()) or type(exc).__name__
+                result.failed[cell.cell_id] = message
+                tqdm.write(f"cell {cell.cell_id} failed: {message} (see {cell_dir / 'log.txt'})")
+            result.records, result.files = write_reports(spec, folder)
+        if not todo:
+            result.records, result.files = write_reports(spec, folder)
+        return result

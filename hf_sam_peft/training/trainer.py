@@ -45,11 +45,16 @@ What it does (DESIGN §3):
   optimizer steps, then the decoder's distance loss on the same images through the same (just updated)
   encoder is back-propagated and the Trainer's loop takes the second optimizer step (µSAM's
   ``JointSamTrainer``);
-- checkpoints are safe to interrupt: ``checkpoint_complete.json`` (every file's size) is written last, older
-  checkpoints are rotated away only after it, a failed save (full disk) removes its folder and raises
-  :class:`CheckpointError` naming it; ``train(resume_from_checkpoint=True)`` takes the newest *intact*
-  checkpoint (a one-line note for each damaged one skipped), and the recorded best checkpoint is looked up
+- checkpoints are safe to interrupt: ``checkpoint_complete.json`` (every file's size and SHA-256) is written
+  last, older checkpoints are rotated away only after it, a failed save (full disk) removes its folder and
+  raises :class:`CheckpointError` naming it; ``train(resume_from_checkpoint=True)`` takes the newest *intact*
+  checkpoint (checksums match, weights and optimizer state finite; a one-line note for each damaged one
+  skipped; see :mod:`hf_sam_peft.training.checkpoints`), and the recorded best checkpoint is looked up
   beside the checkpoint resumed from, so a copied or moved run folder resumes from its own files;
+- a NaN / inf loss stops the run before the optimizer step with :class:`NonFiniteLossError` naming the step
+  and the last good checkpoint (trainable weights that went non-finite are never saved either). Under DDP
+  each process checks its own loss: a fault on one process only stops that one (the others then wait in
+  the next collective until the launcher's timeout);
 - a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
 - efficiency (``autocast_dtype``, ``encoder_attention``, ``encoder_key_tile``, ``decoder_attention``, ``fuse_decoder_projections``,
   ``contiguous_layout``, ``checkpoint_encoder``, ``encoder_mlp_recompute``, ``backward_per_round``, ``checkpoint_rounds``,
@@ -80,7 +85,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -103,6 +107,19 @@ from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME as DECODER_ATTRIBUTE
 from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
 from hf_sam_peft.sam_forward.kinds import main_embedding
 from hf_sam_peft.sam_forward.seeding import EVAL_STREAM, TRAIN_STREAM, prompt_generator
+from hf_sam_peft.training.checkpoints import (  # noqa: F401  (re-exported: the names lived here before)
+    _CHECKPOINT_NAME,
+    CHECKPOINT_MARKER,
+    CheckpointError,
+    _checkpoint_files,
+    checkpoint_problem,
+    latest_intact_checkpoint,
+    list_checkpoints,
+    mark_checkpoint_complete,
+    non_finite_tensor,
+    resolve_resume_checkpoint,
+)
+from hf_sam_peft.training.adalora import AdaLoraAllocation, adalora_model, adalora_regularizer
 from hf_sam_peft.training.collate import SamInteractiveCollator
 from hf_sam_peft.training.efficiency import (
     EfficiencyOptions,
@@ -121,8 +138,6 @@ from hf_sam_peft.training.interactive import (
 )
 
 LOSS_CURVE_NAME = "loss_curve.png"
-CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is damaged
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 logger = logging.getLogger(__name__)
 VALIDATION_MODES = ("point", "box", "points", "box_points")
 
@@ -328,107 +343,9 @@ class BaseCandidateCallback(TrainerCallback):
         return control
 
 
-# ---- checkpoint integrity ----------------------------------------------------------------------------
-
-
-class CheckpointError(OSError):
-    """A checkpoint could not be written (full disk, ...); the message names the folder."""
-
-
-def _checkpoint_files(folder: Path) -> dict[str, int]:
-    return {
-        p.relative_to(folder).as_posix(): p.stat().st_size
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKPOINT_MARKER
-    }
-
-
-def mark_checkpoint_complete(folder: str | os.PathLike) -> Path:
-    """Write the completeness marker (every file's size) into a fully written checkpoint folder, atomically."""
-    from hf_sam_peft.atomic import atomic_write_text
-
-    folder = Path(folder)
-    return atomic_write_text(folder / CHECKPOINT_MARKER, json.dumps({"files": _checkpoint_files(folder)}, indent=1))
-
-
-def checkpoint_problem(folder: str | os.PathLike) -> str | None:
-    """Why ``folder`` cannot be resumed from (a half-written save, a missing or truncated file), or None if intact.
-
-    Cheap: compares each file's size with the one recorded when the save finished and reads the headers of
-    the safetensors files and trainer_state.json; tensors are not loaded.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return "it is not a folder"
-    marker = folder / CHECKPOINT_MARKER
-    if not marker.is_file():
-        return f"its save did not finish (no {CHECKPOINT_MARKER})"
-    try:
-        recorded = json.loads(marker.read_text(encoding="utf-8"))["files"]
-        recorded = {str(k): int(v) for k, v in recorded.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"{CHECKPOINT_MARKER} is unreadable"
-    if "trainer_state.json" not in recorded:
-        return "it holds no trainer_state.json"
-    for name, size in recorded.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        actual = path.stat().st_size
-        if actual != size:
-            return f"{name} is truncated or changed ({actual:,} bytes, {size:,} when saved)"
-    try:
-        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"trainer_state.json is unreadable ({exc})"
-    from safetensors import safe_open
-
-    for name in recorded:
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(str(folder / name), framework="pt") as f:
-                    list(f.keys())
-            except Exception as exc:  # SafetensorError and friends: a damaged header
-                return f"{name} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    return None
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """The ``checkpoint-N`` folders of a run folder, newest (highest N) first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
-
-
-def latest_intact_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """(the newest intact checkpoint of ``run_dir`` or None, [(newer damaged checkpoint, why), ...])."""
-    damaged = []
-    for folder in list_checkpoints(run_dir):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder, damaged
-        damaged.append((folder, problem))
-    return None, damaged
-
-
-def resolve_resume_checkpoint(resume: str | os.PathLike | bool, run_dir: str | os.PathLike) -> str:
-    """The checkpoint to resume from: ``True`` → the newest intact one in ``run_dir`` (a one-line note for each
-    damaged one skipped); a path → that checkpoint, if intact. ValueError (one line) otherwise."""
-    if resume is True:
-        found, damaged = latest_intact_checkpoint(run_dir)
-        reasons = "; ".join(f"{p.name}: {why}" for p, why in damaged)
-        if found is None:
-            if damaged:
-                raise ValueError(f"no intact checkpoint to resume from in {run_dir} ({reasons})")
-            raise ValueError(f"no checkpoint to resume from in {run_dir}")
-        if damaged:
-            logger.warning(f"note: skipping damaged {reasons}; resuming from {found}")
-        return str(found)
-    problem = checkpoint_problem(resume)
-    if problem is not None:
-        raise ValueError(f"cannot resume from {os.fspath(resume)}: {problem}")
-    return os.fspath(resume)
+class NonFiniteLossError(ValueError):
+    """The training loss (or a trainable weight) became NaN or inf: the run stops, naming the step and the last
+    good checkpoint (a ``ValueError``, so the command line prints it as one line)."""
 
 
 def decoder_loss(model: nn.Module, batch: dict[str, torch.Tensor], min_size: int) -> torch.Tensor:
@@ -480,6 +397,8 @@ class SamInteractiveTrainer(Trainer):
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
         if args.evaluate_base:
             callbacks.append(BaseCandidateCallback(self))
+        if adalora_model(model) is not None:  # peft's AdaLoRA: its rank schedule runs beside the optimizer
+            callbacks.append(AdaLoraAllocation())
         if data_collator is None:
             data_collator = SamInteractiveCollator.from_model(sam)
         super().__init__(model=model, args=args, data_collator=data_collator, callbacks=callbacks, **kwargs)
@@ -495,6 +414,10 @@ class SamInteractiveTrainer(Trainer):
         self._base_dice: dict[str, float] | None = None
         self.rejected_evaluations: list[dict[str, Any]] = []  # {step, mode, base, candidate}: the worst mode
         self._candidate_steps: list[int] = []  # evaluations after training steps that the rule looked at
+        self._last_saved_checkpoint: str | None = None  # the newest complete checkpoint (named when a run stops)
+        # set by a resume that applies a changed learning rate / weight decay / Adam setting (train.py's
+        # --allow-changed-settings): the optimizer state loaded from the checkpoint would bring back the old ones
+        self.reset_optimizer_hyperparameters = False
 
     # ---- the base as a candidate ----------------------------------------------------------------------
 
@@ -669,6 +592,7 @@ class SamInteractiveTrainer(Trainer):
         )
         self._base_dice, self.rejected_evaluations, self._candidate_steps = None, [], []
         if resume_from_checkpoint is not None:
+            self._last_saved_checkpoint = str(resume_from_checkpoint)
             self.state.best_model_checkpoint = self._relocated_best(resume_from_checkpoint)
             self._recover_selection()  # the base's per-mode scores come from log_history (base_dice)
         return result
@@ -701,12 +625,38 @@ class SamInteractiveTrainer(Trainer):
             return None
         return str(local)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """``Trainer._load_optimizer_and_scheduler``; with ``reset_optimizer_hyperparameters`` the arguments'
+        learning rate, weight decay (groups that decay) and Adam betas / epsilon replace the loaded ones (the
+        moments are kept)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.reset_optimizer_hyperparameters:
+            return
+        args = self.args
+        for group in self.optimizer.param_groups:
+            group["lr"] = args.learning_rate
+            if "initial_lr" in group:
+                group["initial_lr"] = args.learning_rate
+            if group.get("weight_decay"):
+                group["weight_decay"] = args.weight_decay
+            if "betas" in group:
+                group["betas"] = (args.adam_beta1, args.adam_beta2)
+            if "eps" in group:
+                group["eps"] = args.adam_epsilon
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper
+        n = len(self.optimizer.param_groups)
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [args.learning_rate] * n
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [args.learning_rate] * n
+
     def _save_checkpoint(self, model, trial) -> None:
         """``Trainer._save_checkpoint`` made safe to interrupt: a checkpoint counts only once its marker
         (written last) is there, older checkpoints are rotated away only after that, and a failed save (full
         disk) removes its half-written folder and raises :class:`CheckpointError` naming it."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+        self._check_finite_weights(model)
         run_dir = self._get_output_dir(trial=trial)
         folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save and folder.exists():  # a damaged leftover of the same step: start clean
@@ -720,6 +670,7 @@ class SamInteractiveTrainer(Trainer):
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 mark_checkpoint_complete(folder)
+            self._last_saved_checkpoint = str(folder)
         except OSError as exc:
             if self.args.should_save:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -748,15 +699,22 @@ class SamInteractiveTrainer(Trainer):
     def _interactive(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         step = self._prompt_step()
         generator = prompt_generator(self.args.seed, TRAIN_STREAM, step, self.args.process_index, self.args.device)
-        return interactive_loss(
+        loss, parts = interactive_loss(
             model, inputs, training_prompt_mode(step, self.args.point_multimask),
             n_objects=self.args.n_objects, n_rounds=self.args.n_sub_iterations, mask_prob=self.args.mask_prob,
             box_jitter=self.args.box_jitter, generator=generator, options=self.efficiency,
             embedding_cache=self.embedding_cache,
         )
+        if model.training:  # AdaLoRA's orthogonality term, which its forward adds only to a model-computed loss
+            regularizer = adalora_regularizer(model)
+            if regularizer is not None:
+                loss = loss + regularizer
+                parts = {**parts, "orth_reg": regularizer.detach()}
+        return loss, parts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, parts = self._interactive(model, inputs)
+        self._check_finite_loss(loss, "loss")
         self._record(parts)
         return (loss, parts) if return_outputs else loss
 
@@ -768,6 +726,7 @@ class SamInteractiveTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             loss, parts = self._interactive(model, inputs)
+        self._check_finite_loss(loss, "loss")
         self.accelerator.backward(loss)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
@@ -775,12 +734,39 @@ class SamInteractiveTrainer(Trainer):
         self.optimizer.zero_grad()
         with self.compute_loss_context_manager():
             ais = decoder_loss(model, inputs, self.args.decoder_min_size)
+        self._check_finite_loss(ais, "UNETR decoder loss")
         self.accelerator.backward(ais)
         self._record({**parts, "ais_loss": ais.detach()})
         return (loss.detach() + ais.detach()).detach()
 
+    def _last_good_checkpoint(self) -> str:
+        """How the stop message names the checkpoint a resume would continue from."""
+        if self._last_saved_checkpoint is not None:
+            return f"the last good checkpoint is {self._last_saved_checkpoint}"
+        return "no checkpoint was saved yet"
+
+    def _check_finite_loss(self, loss: torch.Tensor, what: str) -> None:
+        """Stop the run before a NaN / inf loss reaches the weights (raised before the optimizer step, so the
+        model and every saved checkpoint stay as they were)."""
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            raise NonFiniteLossError(
+                f"training stopped at step {self.state.global_step + 1}: the {what} is {value} (not finite); nothing "
+                f"was saved from this step, {self._last_good_checkpoint()} (resume from it, e.g. with a lower "
+                "learning rate)"
+            )
+
+    def _check_finite_weights(self, model: nn.Module) -> None:
+        """Refuse to save trainable weights that went NaN / inf (a finite loss with overflowing gradients)."""
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and not bool(torch.isfinite(parameter.detach()).all()):
+                raise NonFiniteLossError(
+                    f"training stopped at step {self.state.global_step}: the trainable weight {name} holds NaN or "
+                    f"inf values; no checkpoint was saved for this step, {self._last_good_checkpoint()}"
+                )
+
     def _record(self, parts: dict[str, torch.Tensor]) -> None:
-        for key in ("dice_loss", "iou_mse", "ais_loss"):
+        for key in ("dice_loss", "iou_mse", "ais_loss", "orth_reg"):
             if key in parts:
                 self._log_sums[key] += float(parts[key])
         self._log_count += 1

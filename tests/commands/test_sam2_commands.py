@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     """`hf-sam-peft train` on tiny_sam2 with FacT and the UNETR decoder: a saved adapter with provenance."""
     shared_dataset(DATASET)
     out = tmp_path_factory.mktemp("sam2") / "run"
-    code = cli.main(["train", str(ROOT / "recipes" / "smoke_tiny.yaml"), "--base-model", "tiny_sam2", "--method",
+    code = cli.main(["train", str(ROOT / "hf_sam_peft" / "recipes" / "smoke_tiny.yaml"), "--base-model", "tiny_sam2", "--method",
                      "fact", "--set", "method_options.r=4", "--ais", "--max-steps", "2", "--set",
                      "n_sub_iterations=2", "--output-dir", str(out)])
     assert code == 0
@@ -94,7 +94,7 @@ def test_study_grid_runs_on_a_sam2_base(tmp_path):
     shared_dataset(DATASET)
     from hf_sam_peft.study import run_study, study_from_dict
 
-    spec = yaml.safe_load((ROOT / "recipes" / "studies" / "smoke_tiny.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "hf_sam_peft" / "recipes" / "studies" / "smoke_tiny.yaml").read_text())
     spec.update(name="smoke_sam2", base_model="tiny_sam2", methods=["ssf"])
     torch.manual_seed(0)
     result = run_study(study_from_dict(spec), tmp_path / "study", isolate=False, progress=False)

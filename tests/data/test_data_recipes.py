@@ -19,12 +19,13 @@ LOCAL = [
     "hc18_fetal_head_ultrasound",
     "drosophila_vnc_sstem_mito_3d",
 ]
+FOLDER = ["folder_tiles", "folder_resize"]  # what `train --data DIR` trains with
 VOLUMES = {"gonuclear", "platynereis_cilia", "mitolab", "mice_tumseg", "motum", "drosophila_vnc_sstem_mito_3d"}
 
 
 def test_every_shipped_recipe_loads_with_the_paper_settings():
     names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-    assert names == sorted(PAPER_MICROSCOPY + PAPER_MEDICAL + LOCAL)
+    assert names == sorted(PAPER_MICROSCOPY + PAPER_MEDICAL + LOCAL + FOLDER)
     for name in names:
         recipe = load_dataset_recipe(name)
         assert recipe["name"] == name and Path(recipe["root"]).is_absolute()

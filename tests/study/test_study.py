@@ -14,7 +14,7 @@ from hf_sam_peft.study.cell import RESULT_NAME
 from tests.conftest import shared_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOKE = ROOT / "recipes" / "studies" / "smoke_tiny.yaml"
+SMOKE = ROOT / "hf_sam_peft" / "recipes" / "studies" / "smoke_tiny.yaml"
 NUCLEI = "dsb2018_stage1test_fluo_nuclei"
 
 
@@ -22,7 +22,7 @@ def smoke_dict() -> dict:
     return yaml.safe_load(SMOKE.read_text())
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((ROOT / "hf_sam_peft" / "recipes" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_study_files_are_valid(path):
     spec = load_study(path)
     assert spec.cells()
