@@ -275,13 +275,14 @@ def choose_layout(rows: list[dict[str, Any]], requested: str | None = None) -> D
         if requested not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {requested!r}")
         return DataLayout(requested, f"--{requested} given")
+    from hf_sam_peft.data.labels import label_sizes
+
     if not rows:
         raise ValueError("rows must hold at least one training image to choose a layout from")
     counts, areas = [], []
     for row in rows:
         labels = np.asarray(row["semantic"] if "semantic" in row else row["labels"])
-        sizes = np.bincount(labels.ravel())[1:]
-        sizes = sizes[sizes > 0]
+        sizes = label_sizes(labels)  # not bincount: stored ids can be huge (hashed ids: gigabytes)
         counts.append(len(sizes))
         areas.extend((sizes / labels.size).tolist())
     n_objects, area = float(np.median(counts)), float(np.median(areas)) if areas else 0.0

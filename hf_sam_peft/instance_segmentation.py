@@ -109,6 +109,103 @@ def _size_filter(segmentation: np.ndarray, min_size: int) -> np.ndarray:
     return lookup[segmentation]
 
 
+POSTPROCESS_TILE_PIXELS = 4096 * 4096
+"""Above this many pixels :func:`distances_to_instances` runs block by block (:data:`POSTPROCESS_BLOCK` inner
+blocks with a :data:`POSTPROCESS_HALO` context) and stitches the objects, instead of one watershed over the
+whole image: skimage's watershed and the smoothing take about 135 bytes per pixel, 15 GB for a 10000² image;
+blocks keep it to about 1 GB plus the output."""
+POSTPROCESS_BLOCK = 2048
+POSTPROCESS_HALO = 128
+
+
+def _root(parent: dict[int, int], x: int) -> int:
+    """Union-find: the representative of ``x`` (paths halved on the way)."""
+    while parent.get(x, x) != x:
+        parent[x] = parent.get(parent[x], parent[x])
+        x = parent[x]
+    return x
+
+
+def _blockwise_instances(
+    foreground: np.ndarray,
+    center_distances: np.ndarray,
+    boundary_distances: np.ndarray,
+    block: int,
+    halo: int,
+    min_size: int,
+    **kwargs: float,
+) -> np.ndarray:
+    """:func:`distances_to_instances` of a large image, one block (plus ``halo``) at a time.
+
+    Each block's inner part is written with new ids. An object crossing into a block written before appears
+    in both: in the halo band that lies inside earlier blocks, this block's object and an earlier object are
+    joined when most of the band pixels of either one belong to the other (so a U-shaped object that an
+    earlier block saw as two pieces is joined with both). The size filter runs once at the end, on the joined
+    objects.
+
+    Deliberate deviation: micro-sam runs one watershed over the stitched maps of a tiled prediction
+    (``micro_sam/instance_segmentation.py``, ``TiledInstanceSegmentationWithDecoder``); above
+    :data:`POSTPROCESS_TILE_PIXELS` that costs more memory than a workstation has, so objects are stitched
+    instead (identical wherever no object crosses a block border; a crossing object can differ in the pixels
+    its watershed saw only through the halo).
+    """
+    height, width = foreground.shape
+    output = np.zeros((height, width), dtype=np.uint32)
+    done = np.zeros((height, width), dtype=bool)
+    parent: dict[int, int] = {}
+    next_id = 1
+    for rows, cols in itertools.product(_tiles_1d(height, block, halo), _tiles_1d(width, block, halo)):
+        window = (slice(rows[0], rows[1]), slice(cols[0], cols[1]))
+        local = _untiled_instances(
+            foreground[window], center_distances[window], boundary_distances[window], **kwargs
+        ).astype(np.int64)
+        local[local > 0] += next_id - 1  # global ids
+        band, written = done[window], output[window].astype(np.int64)
+        if band.any():
+            in_band = band & (local > 0) & (written > 0)
+            pairs, counts = np.unique(local[in_band] * (1 << 32) + written[in_band], return_counts=True)
+            local_sizes = dict(zip(*np.unique(local[band & (local > 0)], return_counts=True)))
+            written_sizes = dict(zip(*np.unique(written[band & (written > 0)], return_counts=True)))
+            for pair, count in zip(pairs.tolist(), counts.tolist()):
+                a, b = pair >> 32, pair & 0xFFFFFFFF
+                if 2 * count > min(local_sizes[a], written_sizes[b]):
+                    ra, rb = _root(parent, a), _root(parent, b)
+                    if ra != rb:
+                        parent[max(ra, rb)] = min(ra, rb)
+        inner = (slice(rows[2] - rows[0], rows[3] - rows[0]), slice(cols[2] - cols[0], cols[3] - cols[0]))
+        output[rows[2] : rows[3], cols[2] : cols[3]] = local[inner].astype(np.uint32)
+        done[rows[2] : rows[3], cols[2] : cols[3]] = True
+        next_id = max(next_id, int(local.max()) + 1)
+    del done
+    if parent:
+        lookup = np.arange(next_id, dtype=np.uint32)
+        for x in list(parent):
+            lookup[x] = _root(parent, x)
+        output = lookup[output]
+    return _size_filter(output, min_size)
+
+
+def _untiled_instances(
+    foreground: np.ndarray,
+    center_distances: np.ndarray,
+    boundary_distances: np.ndarray,
+    center_distance_threshold: float,
+    boundary_distance_threshold: float,
+    foreground_threshold: float,
+    foreground_smoothing: float,
+    distance_smoothing: float,
+) -> np.ndarray:
+    """Seeded watershed of the whole (validated) maps, no size filter."""
+    foreground_mask = _smooth(foreground, foreground_smoothing) > foreground_threshold
+    return _seeded_watershed(
+        foreground_mask,
+        _smooth(center_distances, distance_smoothing),
+        _smooth(boundary_distances, distance_smoothing),
+        center_distance_threshold,
+        boundary_distance_threshold,
+    )
+
+
 def distances_to_instances(
     foreground: np.ndarray,
     center_distances: np.ndarray,
@@ -120,21 +217,24 @@ def distances_to_instances(
     distance_smoothing: float = 1.6,
     min_size: int = 0,
 ) -> np.ndarray:
-    """Instance labels (uint32, 0 = background, objects 1..n) from the decoder's three 2D maps."""
+    """Instance labels (uint32, 0 = background, objects 1..n) from the decoder's three 2D maps; images above
+    :data:`POSTPROCESS_TILE_PIXELS` are processed block by block (:func:`_blockwise_instances`)."""
     foreground, center_distances, boundary_distances = _as_maps(foreground, center_distances, boundary_distances)
     _check_non_negative(foreground_smoothing, "foreground_smoothing")
     _check_non_negative(distance_smoothing, "distance_smoothing")
     if not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"min_size must be a non-negative integer, got {min_size!r}")
-    foreground_mask = _smooth(foreground, foreground_smoothing) > foreground_threshold
-    segmentation = _seeded_watershed(
-        foreground_mask,
-        _smooth(center_distances, distance_smoothing),
-        _smooth(boundary_distances, distance_smoothing),
-        center_distance_threshold,
-        boundary_distance_threshold,
+    watershed = dict(
+        center_distance_threshold=center_distance_threshold, boundary_distance_threshold=boundary_distance_threshold,
+        foreground_threshold=foreground_threshold, foreground_smoothing=foreground_smoothing,
+        distance_smoothing=distance_smoothing,
     )
-    return _size_filter(segmentation, int(min_size))
+    if foreground.size > POSTPROCESS_TILE_PIXELS:
+        return _blockwise_instances(
+            foreground, center_distances, boundary_distances, POSTPROCESS_BLOCK, POSTPROCESS_HALO, int(min_size),
+            **watershed,
+        )
+    return _size_filter(_untiled_instances(foreground, center_distances, boundary_distances, **watershed), int(min_size))
 
 
 # --------------------------------------------------------------------------------------------- tiling

@@ -43,9 +43,14 @@ def adapter_weights_file(model_id: str, subfolder: str | None = None, **hub_kwar
 
 
 def adapter_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in a safetensors file, read from its header only."""
-    with safe_open(path, framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    """Name -> shape of every tensor in a safetensors file, read from its header only (a one-line ValueError
+    naming the file when it is damaged)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # SafetensorError, OSError: a truncated or corrupt file
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"adapter weights {path} are damaged or truncated ({detail})") from None
 
 
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape (\S+ ?\S*) from checkpoint, the shape in current model is (\S+ ?\S*)\.")

@@ -325,8 +325,9 @@ def prepare_run_config(
         listing = ", ".join(f"{_spell(k)} {old!r} -> {new!r}" for k, old, new in changes)
         fixed = [k for k, _, _ in changes if k.split(".")[0] in FIXED_ON_RESUME]
         if fixed:
-            raise ValueError(f"--resume: {', '.join(map(_spell, fixed))} differ from the run in {output_dir} "
-                             f"({listing}); the checkpoints hold that model: start a new run in another --output-dir")
+            shown = ", ".join(f"{_spell(k)} {old!r} -> {new!r}" for k, old, new in changes if k in fixed)
+            raise ValueError(f"--resume cannot change the model ({shown}): the checkpoints in {output_dir} hold the "
+                             "run's model; start a new run in another --output-dir")
         if changes and not allow_changed_settings:
             raise ValueError(f"--resume: settings differ from the run's saved configuration {path}: {listing}; "
                              "drop the changes, or pass --allow-changed-settings to apply them")

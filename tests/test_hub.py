@@ -604,3 +604,135 @@ def test_sam2_adapter_on_another_hiera_size_is_a_clear_error(tiny_sam2, tmp_path
     other = Sam2Model(tiny_sam2_config(hidden_size=8))
     with pytest.raises(ValueError, match=r"does not fit this base model .*hidden_size 16 in the adapter but 8"):
         hub.from_pretrained(out, base_model=other)
+
+
+# ------------------------------------------------------------------ one adapter loader, every caller
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _moved(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every trainable tensor moved off its initial value (adapters start as the identity), in place."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad and param.is_floating_point():
+                param.add_(0.3 * torch.randn(param.shape, generator=generator) * (param.abs().mean() + 0.05))
+    return model.eval()
+
+
+# every paper method that saves an adapter (full_ft saves the whole model: test_full_fine_tuning_round_trip),
+# and a LoRA adapter with a UNETR head in each of the two layouts
+LOADER_CASES = (*(m for m in hf_sam_peft.METHOD_NAMES if m != "full_ft"), "unetr_in_adapter", "unetr_in_folder")
+
+
+@pytest.fixture(scope="module")
+def every_method(tmp_path_factory):
+    """The tiny base saved as a folder; per case an adapter folder (save_adapter) and the outputs of the model it
+    was saved from. `unetr_in_adapter`: the decoder trained in `modules_to_save` (so also in `unetr/`);
+    `unetr_in_folder`: a decoder only in `unetr/`, beside an adapter whose weights hold none."""
+    import copy
+
+    from transformers import SamModel
+
+    from hf_sam_peft.modeling.unetr import save_unetr
+    from hf_sam_peft.sam_forward import unwrap_sam
+
+    root = tmp_path_factory.mktemp("every_method")
+    torch.manual_seed(0)
+    base = SamModel(tiny_sam_config()).eval()
+    base_dir = root / "base"
+    base.save_pretrained(base_dir)
+    batch = _toy_batch()
+    cases = {}
+    for seed, case in enumerate(LOADER_CASES, start=1):
+        if case == "qlora" and not _has_bitsandbytes():
+            continue
+        sam = copy.deepcopy(base)
+        if case == "unetr_in_adapter":
+            torch.manual_seed(seed)
+            attach_unetr(sam, features=SMALL_UNETR)
+        method = case if case in hf_sam_peft.METHOD_NAMES else "lora"
+        model = _moved(apply_method(sam, method, **({"r": 4} if method in ("lora", "qlora") else {})), seed)
+        folder = hub.save_adapter(model, root / case, base_model_id=str(base_dir))
+        if case == "unetr_in_folder":
+            torch.manual_seed(seed)
+            decoder = _moved(attach_unetr(copy.deepcopy(base), features=SMALL_UNETR), seed)
+            save_unetr(decoder, folder / "unetr")
+            setattr(unwrap_sam(model), "unetr_decoder", decoder)
+        cases[case] = {"folder": folder, "outputs": _outputs(model, batch)}
+    return {"base": base, "base_dir": base_dir, "batch": batch, "cases": cases}
+
+
+def _case(every_method, case):
+    if case not in every_method["cases"]:
+        pytest.skip("QLoRA needs bitsandbytes (the 'quant' extra)")
+    return every_method["cases"][case]
+
+
+@pytest.mark.parametrize("case", LOADER_CASES)
+def test_from_pretrained_and_load_model_load_every_method_alike(every_method, case):
+    """hub.from_pretrained and evaluation.load_model both go through load_adapter_folder: each reproduces the
+    saved model's image embeddings, masks, IoU and (with a UNETR head) distances exactly. QLoRA included, whose
+    image encoder both loaders quantize again (evaluation's loader once kept it full precision)."""
+    from hf_sam_peft.evaluation.predictor import has_unetr, load_model
+    from hf_sam_peft.hub.provenance import _is_quantized
+    from hf_sam_peft.sam_forward import unwrap_sam
+
+    saved = _case(every_method, case)
+    base_dir, batch = every_method["base_dir"], every_method["batch"]
+    for loaded in (hub.from_pretrained(saved["folder"]), load_model(str(base_dir), str(saved["folder"]))):
+        _assert_same_outputs(_outputs(loaded, batch), saved["outputs"])
+        assert has_unetr(loaded) == case.startswith("unetr")
+        assert _is_quantized(unwrap_sam(loaded)) == ("nf4" if case == "qlora" else None)
+        assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+
+
+def test_the_app_bank_holds_every_method_at_once(every_method):
+    """One ModelBank with every case: switching in place gives each adapter its saved outputs, and the base its
+    own (full precision: QLoRA's 4-bit encoder lives on a copy of its own, never under "base")."""
+    from transformers import SamModel
+
+    from hf_sam_peft.app import BASE_NAME, ModelBank
+
+    cases, batch = every_method["cases"], every_method["batch"]
+    bank = ModelBank(SamModel.from_pretrained(every_method["base_dir"]), [str(c["folder"]) for c in cases.values()])
+    assert bank.names == [BASE_NAME, *cases]
+    assert [bank.has_decoder(name) for name in cases] == [name.startswith("unetr") for name in cases]
+    expected = dict(cases, **{BASE_NAME: {"outputs": _outputs(every_method["base"], batch)}})
+    for name in [*cases, BASE_NAME, *reversed(list(cases))]:  # back and forth: nothing leaks between them
+        with bank.use(name) as model:
+            got = _outputs(model, batch)
+        want = expected[name]["outputs"]
+        _assert_same_outputs({k: got[k] for k in want}, want)  # a group's placeholder decoder: not compared
+
+
+def test_full_model_folder_is_a_base_not_an_adapter(every_method, tmp_path):
+    """A full fine-tune (config.json + model.safetensors) loads as the base; as an adapter, a one-line error
+    that says so."""
+    from hf_sam_peft.evaluation.predictor import load_model
+
+    model = apply_method(every_method["base"].__class__.from_pretrained(every_method["base_dir"]), "full_ft")
+    with torch.no_grad():
+        model.mask_decoder.iou_prediction_head.proj_out.bias.add_(0.5)
+    out = hub.save_adapter(model, tmp_path / "full", base_model_id=str(every_method["base_dir"]))
+    _assert_same_outputs(_outputs(load_model(str(out)), every_method["batch"]), _outputs(model, every_method["batch"]))
+    with pytest.raises(FileNotFoundError, match="is a complete SAM model .*load it as the base model") as caught:
+        load_model(str(every_method["base_dir"]), str(out))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_qlora_adapter_is_not_added_to_full_precision_adapters(every_method):
+    from transformers import SamModel
+
+    from hf_sam_peft.hub.load import load_adapter_folder
+
+    lora, qlora = _case(every_method, "lora"), _case(every_method, "qlora")
+    model = hub.from_pretrained(lora["folder"], base_model=SamModel.from_pretrained(every_method["base_dir"]))
+    with pytest.raises(ValueError, match="is QLoRA .*full precision and already holds adapters"):
+        load_adapter_folder(model, qlora["folder"], adapter_name="q")
+    assert list(model.peft_config) == ["default"]

@@ -3,7 +3,11 @@
 - evaluation/, app/ and hub/ never import ``hf_sam_peft.training`` (module-level or inside functions): they
   share SAM's forward with training through ``hf_sam_peft.sam_forward``, which sits beneath both.
 - ``hf_sam_peft.sam_forward`` imports neither training nor evaluation.
-- The module-level import graph of the package has no cycle.
+- hub/ never imports evaluation/ or app/ (at any level): evaluation and the app load adapters through the
+  hub's loader, so the one direction is evaluation/app -> hub.
+- The module-level import graph of the package has no cycle of any length (every cycle is reported).
+- Inside modeling/ (model classes and the checkpoint converters) no cycle either, function-level imports
+  included; the converters' shared helpers import no converter and no converter imports the dispatcher.
 """
 
 from __future__ import annotations
@@ -39,23 +43,52 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _run_on_import(tree: ast.Module) -> set[int]:
+    """ids of the import statements that run when the module is imported: everything outside function bodies
+    (inside `if`, `try`, `with`, loops and class bodies included)."""
+    found: set[int] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue  # runs when called, not on import (decorators and defaults aside: no imports there)
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.add(id(child))
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the import statements under `if TYPE_CHECKING:` (never run)."""
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        test = getattr(node, "test", None)
+        if isinstance(node, ast.If) and (
+            (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+            or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        ):
+            found.update(id(n) for body in node.body for n in ast.walk(body) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return found
+
+
 def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, bool]]:
     """``(imported package module, at module level)`` for every import statement in ``path``.
 
     ``from a import b`` imports ``a.b`` when that is a module, else ``a``. Importing ``a.b.c`` also runs the
     ``__init__`` of ``a.b`` (and ``a``): those packages count as imported too, except the importer's own
-    ancestors (already being imported when it runs).
+    ancestors (already being imported when it runs). Imports under ``if TYPE_CHECKING:`` never run: skipped.
     """
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     is_package = path.name == "__init__.py"
-    top_level = {id(node) for node in tree.body}
-    # statements inside `if`/`try` at module level still run on import
-    for node in tree.body:
-        if isinstance(node, (ast.If, ast.Try)):
-            top_level.update(id(n) for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    top_level = _run_on_import(tree)
+    type_checking = _type_checking_only(tree)
     own_ancestors = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
     found = []
     for node in ast.walk(tree):
+        if id(node) in type_checking:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -148,15 +181,110 @@ def test_sam_forward_sits_beneath_training_and_evaluation():
     assert not {m: t for m, t in offenders.items() if t}
 
 
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (first == last) through every group of modules that import each other (each strongly
+    connected component of more than one module, or a module importing itself), sorted: a cycle of any length
+    is found, and every independent one is reported, not only the first."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[set[str]] = []
+
+    def connect(node: str) -> None:  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.add(member)
+                if member == node:
+                    break
+            if len(group) > 1 or node in graph.get(node, ()):
+                groups.append(group)
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return sorted(find_cycle({m: graph[m] & group for m in group}) for group in groups)
+
+
+def _report(found: list[list[str]]) -> str:
+    return "; ".join(" -> ".join(cycle) for cycle in found)
+
+
 def test_no_module_level_import_cycle():
     top, _ = import_graph()
-    cycle = find_cycle(top)
-    assert cycle is None, "module-level import cycle: " + " -> ".join(cycle or [])
+    found = cycles(top)
+    assert not found, "module-level import cycles: " + _report(found)
+
+
+def test_no_import_cycle_inside_modeling_even_through_function_level_imports():
+    """Model classes and checkpoint converters import each other one way only: deferring an import into a
+    function is no way around a cycle."""
+    _, every = import_graph()
+    modeling = {m: {t for t in targets if _under(t, f"{PACKAGE}.modeling")}
+                for m, targets in every.items() if _under(m, f"{PACKAGE}.modeling")}
+    found = cycles(modeling)
+    assert not found, "import cycles inside modeling/: " + _report(found)
+
+
+def test_the_converters_import_downward_only():
+    """convert_common <- convert_sam / convert_litemedsam / convert_sam2 <- convert (the dispatcher)."""
+    _, every = import_graph()
+    converters = [f"{PACKAGE}.modeling.{name}" for name in ("convert_sam", "convert_litemedsam", "convert_sam2")]
+    common, dispatcher = f"{PACKAGE}.modeling.convert_common", f"{PACKAGE}.modeling.convert"
+    assert set(converters) <= set(every) and common in every  # the modules exist
+    assert not every[common] & {dispatcher, *converters}
+    assert {m: sorted(every[m] & {dispatcher}) for m in converters} == {m: [] for m in converters}
+    assert set(converters) <= every[dispatcher]
+
+
+def test_hub_never_imports_evaluation_or_app():
+    _, every = import_graph()
+    offenders = {
+        module: sorted(t for t in targets if _under(t, f"{PACKAGE}.evaluation", f"{PACKAGE}.app"))
+        for module, targets in every.items()
+        if _under(module, f"{PACKAGE}.hub")
+    }
+    assert not {m: t for m, t in offenders.items() if t}, "hub/ sits beneath evaluation/ and app/"
 
 
 def test_the_finder_sees_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_cycle_of_any_length_is_reported():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"d"}, "d": {"a"}, "e": {"f"}, "f": {"e"}, "g": {"g"}, "h": {"a"}}
+    assert cycles(graph) == [["a", "b", "c", "d", "a"], ["e", "f", "e"], ["g", "g"]]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_what_runs_on_import_is_told_from_what_runs_when_called():
+    tree = ast.parse(
+        "import a\n"
+        "if x:\n    import b\n"
+        "with y:\n    import c\n"
+        "class K:\n    import d\n    def m(self):\n        import e\n"
+        "def f():\n    import g\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    import h\n"
+    )
+    on_import = _run_on_import(tree)
+    names = {n.names[0].name: id(n) in on_import for n in ast.walk(tree) if isinstance(n, ast.Import)}
+    assert names == {"a": True, "b": True, "c": True, "d": True, "e": False, "g": False, "h": True}
+    skipped = _type_checking_only(tree)
+    assert {n.names[0].name for n in ast.walk(tree) if id(n) in skipped} == {"h"}
 
 
 def test_importing_evaluation_app_and_hub_loads_no_training_module():

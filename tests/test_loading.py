@@ -173,3 +173,77 @@ def test_tuner_configs_reject_negative_dropout(config, field):
     cls = getattr(hf_sam_peft, config)
     with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got -0.2"):
         cls(**{field: -0.2})
+
+
+# --------------------------------------------------------------------- adding an adapter to a PeftModel
+
+
+def _adapter(tmp_path, method: str, seed: int):
+    model = hf_sam_peft.apply_method(tiny_base(), method, **({"r": 2} if method == "lora" else {}))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    folder = tmp_path / f"{method}_{seed}"
+    model.save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def _masks(model) -> torch.Tensor:
+    torch.manual_seed(0)
+    pixels = torch.rand(1, 3, 256, 256)
+    return model(pixel_values=pixels, input_boxes=torch.tensor([[[40.0, 40.0, 160.0, 180.0]]])).pred_masks
+
+
+def test_an_adapter_is_added_to_a_peft_model_as_if_loaded_alone(tmp_path):
+    """load_adapter into a PeftModel: the new adapter gives what it gives loaded alone, q/v LoRA registered
+    as for the first; the active adapter stays the active one."""
+    first, second = _adapter(tmp_path, "lora", 1), _adapter(tmp_path, "lora", 2)
+    alone = _masks(hf_sam_peft.load_adapter(tiny_base(), str(second)).eval())
+    model = hf_sam_peft.load_adapter(tiny_base(), str(first)).eval()
+    before = _masks(model)
+    assert hf_sam_peft.load_adapter(model, str(second), adapter_name="second") is model
+    assert model.active_adapter == "default" and torch.equal(_masks(model), before)
+    model.set_adapter("second")
+    assert torch.equal(_masks(model.eval()), alone) and not torch.equal(alone, before)
+
+
+def test_adding_an_adapter_of_another_type_or_name_is_refused(tmp_path):
+    model = hf_sam_peft.load_adapter(tiny_base(), str(_adapter(tmp_path, "lora", 1)))
+    with pytest.raises(ValueError, match="is a SSF adapter but the model holds LORA adapters; peft keeps one"):
+        hf_sam_peft.load_adapter(model, str(_adapter(tmp_path, "ssf", 2)), adapter_name="ssf")
+    with pytest.raises(ValueError, match="adapter_name 'default' is already loaded"):
+        hf_sam_peft.load_adapter(model, str(_adapter(tmp_path, "lora", 3)))
+    assert list(model.peft_config) == ["default"]
+
+
+def test_a_damaged_added_adapter_leaves_the_model_as_it_was(tmp_path):
+    def drop_one(tensors):
+        del tensors[next(k for k in sorted(tensors) if "vision_encoder" in k)]
+
+    model = hf_sam_peft.load_adapter(tiny_base(), str(_adapter(tmp_path, "lora", 1))).eval()
+    before = _masks(model)
+    damaged = _adapter(tmp_path, "lora", 2)
+    edit_weights(damaged, drop_one)
+    with pytest.raises(ValueError, match="miss 1 of the adapter's"):
+        hf_sam_peft.load_adapter(model, str(damaged), adapter_name="damaged")
+    assert list(model.peft_config) == ["default"] and torch.equal(_masks(model), before)
+
+
+def test_every_loader_names_a_truncated_weights_file(saved, tmp_path):
+    """The one loader reads the weights' header for a UNETR copy before peft loads: still a one-line error."""
+    from hf_sam_peft.evaluation.predictor import load_model
+    from hf_sam_peft.hub import from_pretrained
+
+    def truncate(folder):
+        data = (folder / WEIGHTS).read_bytes()
+        (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+    folder = variant(saved, tmp_path, truncate)
+    for load in (lambda: load_model("tiny", str(folder)), lambda: from_pretrained(folder, base_model=tiny_base())):
+        with pytest.raises(ValueError) as info:
+            load()
+        message = str(info.value)
+        assert "\n" not in message and str(folder / WEIGHTS) in message and "damaged or truncated" in message

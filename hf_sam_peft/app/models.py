@@ -110,7 +110,8 @@ class ModelBank:
                 target, folder, adapter_name=name, config=config, own_model=False, source=source
             )
             if (folder / "unetr" / CONFIG_NAME).is_file():
-                self._folder_decoders[name] = load_unetr(folder / "unetr", device=_device(self._groups[kind]))
+                decoder = load_unetr(folder / "unetr", device=_device(self._groups[kind]))
+                self._folder_decoders[name] = decoder.requires_grad_(False).eval()  # BatchNorm: running stats
             self._group_of[name] = kind
             in_adapter = adapter_unetr_settings(folder, config) is not None
             self.adapters[name] = AdapterInfo(

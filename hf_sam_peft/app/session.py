@@ -20,9 +20,16 @@ import torch
 
 from hf_sam_peft.app.models import BASE_NAME, ModelBank
 
-__all__ = ["MODES", "AppLogic", "Session", "image_key", "load_app_image", "render"]
+__all__ = ["MAX_APP_IMAGE_PIXELS", "MAX_UPLOAD_BYTES", "MODES", "AppLogic", "Session", "image_key", "load_app_image",
+           "render"]
 
 MODES: tuple[str, ...] = ("positive point", "negative point", "box")
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+"""The largest file the app takes (the Gradio server refuses bigger uploads, and :func:`load_app_image` checks
+the file before reading it): a whole-slide scan would otherwise grow the app past the machine's memory."""
+MAX_APP_IMAGE_PIXELS = 8192 * 8192
+"""The most pixels (height x width) an image in the app may have, checked from the file's header before any
+pixel is decoded: the app keeps the image, its rendering and its masks at full resolution."""
 _POSITIVE, _NEGATIVE, _BOX = (0, 200, 0), (230, 0, 0), (255, 210, 0)
 
 
@@ -32,6 +39,7 @@ def load_app_image(path: str | os.PathLike) -> np.ndarray:
 
     if path is None or not str(path):
         raise ValueError("no image given: upload a 2D image (png, tif, jpg)")
+    _check_upload_size(Path(path))
     array = load_image(path)
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
         raise ValueError(
@@ -43,6 +51,28 @@ def load_app_image(path: str | os.PathLike) -> np.ndarray:
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{Path(path).name} contains NaN or infinite values")
     return array if array.flags.writeable else array.copy()
+
+
+def _check_upload_size(path: Path) -> None:
+    """One-line ValueErrors for a file over :data:`MAX_UPLOAD_BYTES` or a header over :data:`MAX_APP_IMAGE_PIXELS`,
+    before the pixels are decoded."""
+    from hf_sam_peft.data.io import spatial_shape_of
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # load_image names a missing file
+    if size > MAX_UPLOAD_BYTES:
+        raise ValueError(f"{path.name} is {size / 2**20:,.0f} MB, more than the app's upload limit of "
+                         f"{MAX_UPLOAD_BYTES / 2**20:,.0f} MB (hf_sam_peft.app.session.MAX_UPLOAD_BYTES)")
+    shape = spatial_shape_of(path)
+    if len(shape) == 3 and 3 in (shape[0], shape[-1]):  # a colour image: the channels are not pixels
+        shape = shape[1:] if shape[0] == 3 and shape[-1] != 3 else shape[:-1]
+    pixels = int(np.prod(shape, dtype=object))
+    if pixels > MAX_APP_IMAGE_PIXELS:
+        raise ValueError(f"{path.name} has {pixels:,} pixels ({' x '.join(map(str, shape))}), more than the app's "
+                         f"limit of {MAX_APP_IMAGE_PIXELS:,} (hf_sam_peft.app.session.MAX_APP_IMAGE_PIXELS): crop or "
+                         "downscale it first")
 
 
 def image_key(image: np.ndarray) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from hf_sam_peft.app.session import MODES, AppLogic, Session
+from hf_sam_peft.app.session import MAX_UPLOAD_BYTES, MODES, AppLogic, Session
 
 __all__ = ["build_app", "launch"]
 
@@ -89,8 +89,10 @@ def build_app(logic: AppLogic, title: str = "hf-sam-peft: SAM + adapters"):
 
 
 def launch(logic: AppLogic, port: int | None = None, host: str = "127.0.0.1", **kwargs: Any) -> None:
-    """Serve the app on ``host:port`` (loopback by default) until interrupted."""
+    """Serve the app on ``host:port`` (loopback by default) until interrupted; uploads over
+    :data:`~hf_sam_peft.app.session.MAX_UPLOAD_BYTES` are refused by the server itself."""
     app = build_app(logic)
+    kwargs.setdefault("max_file_size", MAX_UPLOAD_BYTES)
     app.queue(default_concurrency_limit=1).launch(
         server_name=host, server_port=port, share=False, allowed_paths=[str(logic.out_dir)], **kwargs
     )

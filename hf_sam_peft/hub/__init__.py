@@ -19,8 +19,9 @@ An adapter folder (local, or a Hub repo) written by `save_adapter` holds:
 
 `from_pretrained(adapter_id)` is the one-line way back: it resolves a local folder or a Hub repo id through
 huggingface_hub (online, or offline from the Hub cache with `HF_HUB_OFFLINE=1`: the same call), loads the
-base model the adapter names, checks it has the size the adapter was trained on, and loads the adapter with
-`hf_sam_peft.load_adapter`. It also sets the recorded `point_multimask` on the model, so
+base model the adapter names and puts the adapter on it with `load_adapter_folder`, the one adapter loader
+(also behind `hf_sam_peft.evaluation.load_model` and the app): size check, UNETR decoder, QLoRA's 4-bit
+encoder, then `hf_sam_peft.load_adapter`. It also sets the recorded `point_multimask` on the model, so
 `hf_sam_peft.evaluation.SamPredictor(model)` answers a click through the output the adapter was trained for.
 
 One module per concern: :mod:`.provenance` (the folder's file names, `hf_sam_peft.json`), :mod:`.card`
@@ -31,7 +32,15 @@ One module per concern: :mod:`.provenance` (the folder's file names, `hf_sam_pef
 from __future__ import annotations
 
 from .card import CARD_TEMPLATE, DEFAULT_LICENSE, markdown_table, render_card
-from .load import HUB_KWARGS, from_pretrained, resolve_adapter_folder
+from .load import (
+    HUB_KWARGS,
+    adapter_unetr_settings,
+    check_adapter_folder,
+    from_pretrained,
+    load_adapter_folder,
+    recorded_quant_type,
+    resolve_adapter_folder,
+)
 from .provenance import (
     ADAPTER_CONFIG_NAME,
     CARD_NAME,
@@ -49,7 +58,8 @@ from .save import save_adapter
 
 __all__ = [
     "ADAPTER_CONFIG_NAME", "CARD_NAME", "CARD_TEMPLATE", "DEFAULT_COMMIT_MESSAGE", "DEFAULT_LICENSE", "HUB_KWARGS",
-    "POINT_MULTIMASK_KEY", "PROVENANCE_NAME", "REPO_FILES", "UNETR_SUBFOLDER", "describe_model", "from_pretrained",
-    "markdown_table", "prepare_upload", "push_adapter_to_hub", "push_folder_to_hub", "read_json_file",
-    "read_provenance", "recorded_point_multimask", "render_card", "resolve_adapter_folder", "save_adapter",
+    "POINT_MULTIMASK_KEY", "PROVENANCE_NAME", "REPO_FILES", "UNETR_SUBFOLDER", "adapter_unetr_settings",
+    "check_adapter_folder", "describe_model", "from_pretrained", "load_adapter_folder", "markdown_table",
+    "prepare_upload", "push_adapter_to_hub", "push_folder_to_hub", "read_json_file", "read_provenance",
+    "recorded_point_multimask", "recorded_quant_type", "render_card", "resolve_adapter_folder", "save_adapter",
 ]

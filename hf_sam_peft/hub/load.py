@@ -9,6 +9,7 @@ one-line errors for damaged files) and sets the recorded `point_multimask` on th
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -139,10 +140,12 @@ def load_adapter_folder(
     it to under `adapter_name`): the one adapter loader.
 
     Before peft loads, the base is made what the adapter trained on: its size is checked against
-    `hf_sam_peft.json`; the UNETR decoder goes on it (the folder's `unetr/` copy, else an empty one shaped from
-    the adapter's `modules_to_save` weights, since peft silently skips an entry the base lacks); and for QLoRA
-    the image encoder is quantized to the recorded 4-bit type (a full-precision base gives other outputs).
-    Then `hf_sam_peft.load_adapter`, and the recorded `point_multimask` is set on the model.
+    `hf_sam_peft.json`; when the adapter's weights hold a UNETR decoder (`modules_to_save`), a decoder goes on
+    the base for peft to fill (the folder's `unetr/` copy, else an empty one shaped from those weights: peft
+    silently skips an entry the base lacks); and for QLoRA the image encoder is quantized to the recorded
+    4-bit type (a full-precision base gives other outputs). Then `hf_sam_peft.load_adapter`, and the recorded
+    `point_multimask` is set. An adapter whose `modules_to_save` name the decoder but whose weights hold none
+    (peft's default list) loads without that entry.
 
     `own_model=False` is for several adapters switched on one model (the app's `ModelBank`): the `unetr/`
     decoder and the recorded `point_multimask` belong to one adapter, so they are left off the model for the
@@ -156,13 +159,17 @@ def load_adapter_folder(
         config = read_adapter_config(str(folder))
     sam = unwrap_sam(model)
     _check_size(name, provenance, sam)
-    folder_decoder = folder / UNETR_SUBFOLDER
-    if own_model and (folder_decoder / UNETR_CONFIG_NAME).is_file():
-        setattr(sam, UNETR_ATTRIBUTE, load_unetr(folder_decoder, device=_device_of(sam)))
-    elif not hasattr(sam, UNETR_ATTRIBUTE):
-        settings = adapter_unetr_settings(folder, config)
-        if settings is not None:
-            attach_unetr(sam, **settings)
+    settings = adapter_unetr_settings(folder, config)  # not None: the adapter's weights hold a decoder copy
+    listed = list(getattr(config, "modules_to_save", None) or [])
+    if settings is None and UNETR_ATTRIBUTE in listed:
+        # the default modules_to_save name the decoder even when the trained model had none to save; peft would
+        # wrap a decoder it finds on the base and look for the copy this adapter does not hold
+        config = copy.copy(config)
+        config.modules_to_save = [module for module in listed if module != UNETR_ATTRIBUTE]
+    if own_model and (folder / UNETR_SUBFOLDER / UNETR_CONFIG_NAME).is_file():
+        setattr(sam, UNETR_ATTRIBUTE, load_unetr(folder / UNETR_SUBFOLDER, device=_device_of(sam)))
+    elif settings is not None and not hasattr(sam, UNETR_ATTRIBUTE):
+        attach_unetr(sam, **settings)  # peft fills it from the adapter's copy
     quant_type = recorded_quant_type(provenance)
     if quant_type is not None and _is_quantized(sam) is None:
         if isinstance(model, PeftModel):

@@ -22,18 +22,26 @@ of the method (as in a recipe's ``method_options``). Every value is checked here
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["Cell", "EVALUATION_DEFAULTS", "StudySpec", "expand_cells", "load_study", "study_from_dict"]
+__all__ = [
+    "Cell", "EVALUATION_DEFAULTS", "MAX_STUDY_CELLS", "StudySpec", "count_cells", "expand_cells", "load_study",
+    "study_from_dict",
+]
 
 STUDY_KEYS = {
     "name": str, "description": str, "base_model": str, "methods": (str, list), "datasets": list, "seeds": list,
     "method_options": dict, "ablations": dict, "training": dict, "data": dict, "evaluation": dict, "ais": bool,
     "output_dir": str, "base": bool,
 }
+MAX_STUDY_CELLS = 10_000
+"""The most cells one study file may describe (the paper's whole grid is a few hundred). Counted before any
+cell is built, so a typo in an ablation axis (2.56 million cells) is a one-line error, not a hang; raise
+``hf_sam_peft.study.spec.MAX_STUDY_CELLS`` for a larger grid, or split the study."""
 EVALUATION_DEFAULTS: dict[str, Any] = {
     "split": "val",  # the split scored (the shared sets' held-out images; training holds out its own validation)
     "patch": "auto",  # auto: the dataset's patch_shape grid for instance sets, whole images for semantic ones
@@ -168,6 +176,25 @@ def _check_ablations(where: str, ablations: Any, methods: list[str]) -> dict[str
     return out
 
 
+def count_cells(spec: StudySpec) -> int:
+    """How many cells :func:`expand_cells` builds at most, by arithmetic (nothing is built): per dataset the
+    base, then per seed and method its default cell and the product of its ablation axes' lengths."""
+    per_seed = 0
+    for method in spec.methods:
+        axes = spec.ablations.get(method)
+        per_seed += 1 + (math.prod(len(values) for values in axes.values()) if axes else 0)
+    return len(spec.datasets) * (int(spec.base) + len(spec.seeds) * per_seed)
+
+
+def check_grid_size(where: str, spec: StudySpec) -> None:
+    """A one-line ValueError when the grid has more than :data:`MAX_STUDY_CELLS` cells."""
+    n = count_cells(spec)
+    if n > MAX_STUDY_CELLS:
+        _fail(where, f"the grid has {n:,} cells (datasets x seeds x methods x ablation values), more than the limit "
+                     f"of {MAX_STUDY_CELLS:,} (hf_sam_peft.study.spec.MAX_STUDY_CELLS): shorten the ablation lists "
+                     "or split the study into several files")
+
+
 def _check_cell_settings(where: str, spec: StudySpec) -> None:
     """Every cell's method options and training arguments are valid before the first cell trains."""
     from ..methods import method_config
@@ -248,6 +275,7 @@ def study_from_dict(raw: Any, where: str = "study") -> StudySpec:
         output_dir=raw.get("output_dir"),
         description=raw.get("description") or "",
     )
+    check_grid_size(where, spec)  # before any cell is built
     _check_cell_settings(where, spec)
     return spec
 
@@ -265,7 +293,9 @@ def load_study(path: str | Path) -> StudySpec:
 
 def expand_cells(spec: StudySpec) -> list[Cell]:
     """The grid in run order: per dataset, the base (once), then per seed every method's default cell and its
-    ablation cells (the cartesian product of its ablation axes, in the order the file lists them)."""
+    ablation cells (the cartesian product of its ablation axes, in the order the file lists them); a grid
+    larger than :data:`MAX_STUDY_CELLS` is a one-line ValueError."""
+    check_grid_size(f"study {spec.name}", spec)
     cells: list[Cell] = []
     for dataset in spec.datasets:
         if spec.base:

@@ -459,3 +459,54 @@ def test_cli_help_explains_safety(capsys):
         _parser().parse_args(["convert", "--help"])
     assert exit_info.value.code == 0
     assert "weights_only" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One module per format, a dispatcher above them
+# ---------------------------------------------------------------------------------------------------------------
+
+# every public name `hf_sam_peft.modeling.convert` offered before the split, and the module that now holds it
+_MOVED = {
+    "convert_sam_state_dict": "convert_sam", "detect_model_type": "convert_sam",
+    "export_to_segment_anything": "convert_sam", "load_sam_checkpoint": "convert_sam",
+    "sam_config_from_state_dict": "convert_sam", "sam_model_from_state_dict": "convert_sam",
+    "to_segment_anything_state_dict": "convert_sam", "sam_processor": "convert_sam",
+    "PIXEL_MEAN": "convert_sam", "PIXEL_STD": "convert_sam",
+    "export_to_lite_medsam": "convert_litemedsam", "to_lite_medsam_state_dict": "convert_litemedsam",
+    "build_with_weights": "convert_common", "compile_key_rules": "convert_common",
+    "convert_checkpoint": "convert", "export_checkpoint": "convert", "EXPORT_LAYOUTS": "convert",
+}
+
+
+def test_the_dispatcher_keeps_every_old_name_without_a_warning():
+    """`from hf_sam_peft.modeling.convert import X` still gives the one X (no copy, no DeprecationWarning)."""
+    import importlib
+
+    import subprocess
+
+    code = (
+        "import warnings; warnings.filterwarnings('error', category=DeprecationWarning, module='hf_sam_peft'); "
+        "from hf_sam_peft.modeling.convert import *; from hf_sam_peft.modeling.convert import build_with_weights"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # a fresh interpreter
+    convert = importlib.import_module("hf_sam_peft.modeling.convert")
+    assert set(convert.__all__) <= set(_MOVED)
+    for name, module in _MOVED.items():
+        home = importlib.import_module(f"hf_sam_peft.modeling.{module}")
+        assert getattr(convert, name) is getattr(home, name), name
+
+
+def test_the_converters_share_the_unetr_attribute_name():
+    """convert_common spells the decoder's attribute out (it does not import the decoder module): the same name."""
+    from hf_sam_peft.modeling.convert_common import UNETR_ATTRIBUTE
+    from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME
+
+    assert UNETR_ATTRIBUTE == ATTRIBUTE_NAME
+
+
+def test_the_sam_converter_refuses_a_lite_medsam_model(tmp_path):
+    from hf_sam_peft.modeling.lite_medsam import LiteSamModel, tiny_lite_sam_config
+
+    with pytest.raises(ValueError, match="LiteMedSAM .*export_to_lite_medsam"):
+        export_to_segment_anything(LiteSamModel(tiny_lite_sam_config()), tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()

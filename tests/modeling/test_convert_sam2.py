@@ -265,6 +265,15 @@ def test_other_shapes_need_a_config(tiny_file, config_file, tmp_path):
     with pytest.raises(ValueError, match="model_type must be one of"):
         convert_checkpoint(tiny_file, tmp_path / "out", model_type="sam2_hiera_huge")
     assert not (tmp_path / "out").exists()
+    # overwrite=True reaches the SAM 2 converter: an occupied folder is no error, the shapes are (kept as it was)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        convert_checkpoint(tiny_file, occupied)
+    with pytest.raises(ValueError, match="none of the official sizes"):
+        convert_checkpoint(tiny_file, occupied, overwrite=True)
+    assert (occupied / "keep.txt").read_text() == "mine"
 
 
 def test_config_files(config_file, tmp_path):

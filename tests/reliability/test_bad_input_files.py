@@ -3,8 +3,6 @@ traceback or a message without the file; nothing the user had is changed. Real d
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -89,11 +87,10 @@ def test_a_damaged_cell_json_names_the_file_and_line(tmp_path, capsys):
 
 
 def test_a_study_with_a_damaged_cell_json_stops_before_touching_the_cell(tmp_path):
+    from hf_sam_peft.data.recipes import find_recipe
     from hf_sam_peft.study import load_study
     from hf_sam_peft.study.cell import SPEC_NAME
     from hf_sam_peft.study.runner import CELLS, run_study, study_folder
-
-    from hf_sam_peft.data.recipes import find_recipe
 
     spec = load_study(find_recipe("smoke_tiny", "studies"))
     folder = tmp_path / "study"

@@ -4,7 +4,6 @@ push lists what it uploads, as `--dry-run` does."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
