@@ -29,6 +29,7 @@ from hf_sam_peft.training.interactive import (
     training_prompt_mode,
     unwrap_sam,
 )
+from tests.training.corrections import decisive_tiny_sam_config
 
 BF16_NATIVE = resolve_autocast_dtype("auto", "cpu") is not None
 
@@ -46,13 +47,14 @@ def disc_batch(size: int = 256, n: int = 3, seed: int = 0, batch: int = 2) -> di
     return SamInteractiveCollator(image_size=size)(rows)
 
 
-def tiny_model(method: str = "lora"):
+def tiny_model(method: str = "lora", decisive: bool = False):
     from transformers import SamModel
 
     from hf_sam_peft.modeling.sam import tiny_sam_config
 
     torch.manual_seed(0)
-    return apply_method(SamModel(tiny_sam_config()), method).train()
+    config = decisive_tiny_sam_config() if decisive else tiny_sam_config()
+    return apply_method(SamModel(config), method).train()
 
 
 def loss_and_grads(model, options, batch, step: int = 0, cache=None):
@@ -66,13 +68,17 @@ def loss_and_grads(model, options, batch, step: int = 0, cache=None):
     return loss.detach(), parts, grads
 
 
-def compare(method: str, options: EfficiencyOptions, rtol: float, steps=(0, 1)) -> None:
-    plain_model = tiny_model(method)
+def compare(method: str, options: EfficiencyOptions, rtol: float, corrections, steps=(0, 1)) -> None:
+    """The option's step vs the plain step on a tiny SAM with decisive masks, given the same correction prompts
+    (``corrections.py``: otherwise float32 rounding picks the multimask min and moves sampled points)."""
+    plain_model = tiny_model(method, decisive=True)
     model = prepare_model(copy.deepcopy(plain_model), options)
     batch = disc_batch()
     for step in steps:  # point mode (multimask) and box mode
-        ref_loss, ref_parts, ref_grads = loss_and_grads(plain_model, EfficiencyOptions.plain(), batch, step)
-        loss, parts, grads = loss_and_grads(model, options, batch, step)
+        with corrections.record():
+            ref_loss, ref_parts, ref_grads = loss_and_grads(plain_model, EfficiencyOptions.plain(), batch, step)
+        with corrections.replay():
+            loss, parts, grads = loss_and_grads(model, options, batch, step)
         assert ref_grads and set(grads) == set(ref_grads)
         assert torch.allclose(loss, ref_loss, rtol=rtol, atol=rtol), (step, loss, ref_loss)
         assert torch.allclose(parts["round_dice_loss"], ref_parts["round_dice_loss"], rtol=rtol, atol=rtol)
@@ -123,9 +129,9 @@ FLOAT32_OPTIONS = {
 
 
 @pytest.mark.parametrize("name", sorted(FLOAT32_OPTIONS))
-def test_float32_option_matches_plain_path(name):
+def test_float32_option_matches_plain_path(name, corrections):
     method, options = FLOAT32_OPTIONS[name]
-    compare(method, options, rtol=1e-4)
+    compare(method, options, rtol=1e-4, corrections=corrections)
 
 
 @pytest.mark.parametrize("method", ["lora", "freeze_encoder"])
