@@ -11,8 +11,9 @@ last checkpoint) and ``rounds.json`` into ``--out``.
     python benchmarks/correction_rounds.py --data ../shared/data/dsb2018_stage1test_fluo_nuclei --steps 75
     python benchmarks/correction_rounds.py --rounds 2 --mask-prob 0.5 --steps 25   # the old demo setting
 
-``--data`` folders: ``train`` trains (random 256² crops), ``test`` (else ``val``) is held out and scored as
-256² tiles (the demo's ``folder_splits(..., tile=256)``), ``--max-eval-images`` of them.
+The data are served as the demo serves them (``hf_sam_peft.demo.demo_data`` with the tiles layout: the packaged
+``folder_tiles`` recipe with 256² patches, as ``train --data`` serves a folder): ``train`` trains, ``test`` (else
+``val``) is held out and scored as 256² tiles, ``--max-eval-images`` of them.
 """
 
 from __future__ import annotations
@@ -42,24 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from hf_sam_peft import demo
+    from hf_sam_peft.data.epoch import add_epoch_callback
     from hf_sam_peft.evaluation.interactive import evaluate_interactive
     from hf_sam_peft.evaluation.predictor import SamPredictor
     from hf_sam_peft.evaluation.results import format_rounds
     from hf_sam_peft.methods import apply_method
     from hf_sam_peft.modeling.base_models import load_base_model
+    from hf_sam_peft.sam_forward.kinds import input_size_of
     from hf_sam_peft.training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
     from hf_sam_peft.visualization import round_curves_figure
 
     torch.set_num_threads(args.threads)
-    config = demo.DemoConfig(data=args.data, steps=args.steps, n_rounds=args.rounds, max_eval_images=args.max_eval_images)
-    if args.data is None:
-        splits = demo.stardist_splits(*demo.stardist_nuclei(), tile=config.tile)
-    else:
-        splits = demo.folder_splits(args.data, args.max_eval_images, args.seed, tile=config.tile)
-    train = demo.training_rows(splits["train"], args.steps, config.tile, args.seed, config.min_size)
+    config = demo.DemoConfig(data=args.data, steps=args.steps, n_rounds=args.rounds, max_eval_images=args.max_eval_images,
+                             seed=args.seed, layout="tiles")
     model, _ = load_base_model("lite_medsam")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    data = demo.demo_data(config, input_size_of(model), out)
+    print(data.line(), flush=True)
+    splits, train = {"test": data.test}, data.train
     scores: dict[str, dict] = {}
 
     def score(net: torch.nn.Module, name: str) -> None:
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, data_seed=args.seed, use_cpu=True, disable_tqdm=True,
     )
     trainer = SamInteractiveTrainer(peft_model, args=training, train_dataset=train, callbacks=[Score()])
+    add_epoch_callback(trainer, train)
     tick = time.perf_counter()
     trainer.train()
     print(f"training: {time.perf_counter() - tick:.0f} s for {args.steps} steps")

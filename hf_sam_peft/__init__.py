@@ -6,6 +6,7 @@ Importing this package registers its tuner types with peft, so `get_peft_model(s
 
 __version__ = "0.1.0"
 
+import importlib as _importlib
 import logging as _logging
 
 # bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that it cannot fetch an optional kernel from
@@ -44,9 +45,7 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hf_sam_peft' has no attribute {name!r}")
 
 

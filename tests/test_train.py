@@ -312,3 +312,98 @@ def test_medical_recipe_trains_on_resized_whole_images_and_patches_on_request(tm
     assert cli_main(["train", str(recipe_path), "--output-dir", str(out), "--max-steps", "2", "--set", "n_sub_iterations=1"]) == 0
     printed = capsys.readouterr().out
     assert "adapter saved to" in printed and "selection:" in printed
+
+
+# ------------------------------------------------------------------------------------------ issue 32: one data pipeline
+
+def _row_digest(row) -> str:
+    """sha256 (16 hex) of a served row: every column's dtype, shape and bytes; ``source`` by file name."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for key in sorted(row):
+        value = Path(str(row[key])).name if key == "source" else row[key]
+        if isinstance(value, str):
+            digest.update(f"{key}={value};".encode())
+        else:
+            array = np.ascontiguousarray(np.asarray(value))
+            digest.update(f"{key}:{array.dtype}:{array.shape};".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+# Recorded with the pipeline as it was before DataOptions (loose keyword arguments), by this very code: the first
+# four training samples of epoch 0, the first two of epoch 1, the first three validation rows, and the sizes.
+FIRST_BATCHES = {
+    ("usiigaci_phase_contrast_cells", ()): dict(
+        n_train=16, n_val=8, ids=["set01_y434_x326", "set01_y454_x230", "set05_y113_x319", "set05_y370_x392"],
+        epoch0=["3620c1d2129cc162", "53ebd3e833164312", "41f3f1572cecae5a", "8a5be0ecbc8cb421"],
+        epoch1=["301b4f8992313130", "61c15989eedc83c1"],
+        val=["c958b71dd9e23d14", "2064020ef03ff396", "8507eb51b5fa38a1"],
+        val_ids=["set40_y0_x0", "set40_y0_x512", "set40_y510_x0"],
+    ),
+    ("hc18_fetal_head_ultrasound", ()): dict(
+        n_train=7, n_val=3, ids=["000_HC", "050_HC", "120_HC", "200_HC"],
+        epoch0=["f9750c34b6b508d6", "1f435e950b7df3b5", "8f3c3505e701aa81", "bef3a73c4425b145"],
+        epoch1=["f9750c34b6b508d6", "1f435e950b7df3b5"],
+        val=["f4ee3f87385b07d9", "c1e9ba4ee244b237", "2904a04b11a09e9b"], val_ids=["600_HC", "700_HC", "800_HC"],
+    ),
+    ("usiigaci_phase_contrast_cells", ("--set", "data.val_split=null")): dict(
+        n_train=14, n_val=4, ids=["set01_y434_x326", "set01_y454_x230", "set05_y113_x319", "set05_y370_x392"],
+        epoch0=["3620c1d2129cc162", "53ebd3e833164312", "41f3f1572cecae5a", "8a5be0ecbc8cb421"],
+        epoch1=["301b4f8992313130", "61c15989eedc83c1"],
+        val=["b2382699a96f9430", "ed44d480262997cd", "4d856748778d073b"],
+        val_ids=["set10_y0_x0", "set10_y0_x512", "set10_y510_x0"],
+    ),
+    ("hc18_fetal_head_ultrasound", ("--set", "data.val_split=null")): dict(
+        n_train=6, n_val=1, ids=["000_HC", "050_HC", "200_HC", "300_HC"],
+        epoch0=["f9750c34b6b508d6", "1f435e950b7df3b5", "bef3a73c4425b145", "e28424ce83ec2599"],
+        epoch1=["f9750c34b6b508d6", "1f435e950b7df3b5"], val=["8f3c3505e701aa81"], val_ids=["120_HC"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name, flags", list(FIRST_BATCHES), ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_train_data_serves_the_same_first_batches_as_before_the_options_object(name, flags):
+    """`train --data DIR` (folder_tiles on Usiigaci, folder_resize on HC18; val/ or a held-out tenth): the same seed
+    gives the same samples as the loose-keyword pipeline did. A changed digest means a changed training run
+    (or a changed resize in scikit-image / numpy, for HC18's resized images)."""
+    import argparse
+
+    from hf_sam_peft.train import add_arguments, apply_overrides, build_datasets, recipe_from_args
+
+    root = shared_dataset(name)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", str(root), *flags])
+    recipe, _ = recipe_from_args(args)
+    train, val, _ = build_datasets(apply_overrides(recipe, args))
+    expected = FIRST_BATCHES[(name, flags)]
+    assert (len(train), len(val)) == (expected["n_train"], expected["n_val"])
+    assert [train[i]["id"] for i in range(4)] == expected["ids"]
+    assert [_row_digest(train[i]) for i in range(4)] == expected["epoch0"]
+    train.set_epoch(1)
+    assert [_row_digest(train[i]) for i in range(2)] == expected["epoch1"]
+    shown = range(len(expected["val"]))
+    assert [str(val[i]["id"]) for i in shown] == expected["val_ids"]
+    assert [_row_digest(val[i]) for i in shown] == expected["val"]
+
+
+def test_recipe_data_keys_are_data_options_and_reach_them():
+    from hf_sam_peft.data import DataOptions, load_dataset_recipe
+    from hf_sam_peft.train import DATA_KEYS, Recipe, data_options
+
+    assert set(DATA_KEYS) <= set(DataOptions.names())
+    spec = load_dataset_recipe("folder_tiles")
+    recipe = Recipe(name="x", dataset="folder_tiles", seed=7,
+                    data={"val_fraction": 0.25, "patch_shape": [64, 64], "augment": "none"})
+    options = data_options(recipe, spec)
+    assert (options.seed, options.val_fraction, options.patch_shape, options.augment) == (7, 0.25, (64, 64), "none")
+    assert (options.min_num_instances, options.sampler_min_size, options.min_size) == (3, 25, 25)  # the recipe's
+    for data, message in (({"no_such": 1}, "unknown data option 'no_such'"), ({"seed": 3}, "data.seed"),
+                          ({"val_fraction": 1.5}, "val_fraction: expected a float in")):
+        with pytest.raises(ValueError, match=message) as info:
+            data_options(Recipe(name="x", dataset="folder_tiles", data=data), spec)
+        assert "\n" not in str(info.value)

@@ -31,6 +31,19 @@ from pathlib import Path
 from peft import PeftConfig, PeftModel
 from torch import nn
 
+from hf_sam_peft.evaluation.predictor import model_device_dtype
+from hf_sam_peft.hub import read_provenance, recorded_point_multimask, resolve_adapter_folder
+from hf_sam_peft.hub.load import (
+    adapter_unetr_settings,
+    check_adapter_folder,
+    load_adapter_folder,
+    recorded_quant_type,
+)
+from hf_sam_peft.hub.provenance import read_json_file
+from hf_sam_peft.loading import point_multimask_of, read_adapter_config
+from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME, CONFIG_NAME, load_unetr
+from hf_sam_peft.sam_forward.forward import unwrap_sam
+
 __all__ = ["BASE_NAME", "AdapterInfo", "ModelBank", "adapter_names", "recorded_base"]
 
 BASE_NAME = "base"
@@ -68,17 +81,6 @@ class ModelBank:
     """
 
     def __init__(self, base_model: nn.Module, adapters: Sequence[str] = ()) -> None:
-        from hf_sam_peft.hub import read_provenance, recorded_point_multimask, resolve_adapter_folder
-        from hf_sam_peft.hub.load import (
-            adapter_unetr_settings,
-            check_adapter_folder,
-            load_adapter_folder,
-            recorded_quant_type,
-        )
-        from hf_sam_peft.loading import read_adapter_config
-        from hf_sam_peft.modeling.unetr import CONFIG_NAME, load_unetr
-        from hf_sam_peft.sam_forward.forward import unwrap_sam
-
         unwrap_sam(base_model)  # one-line TypeError for anything but SAM
         if isinstance(base_model, PeftModel):
             raise TypeError("base_model must be the plain SamModel, not a PeftModel")
@@ -135,8 +137,6 @@ class ModelBank:
     def point_multimask(self, name: str) -> bool:
         """Whether ``name`` answers a lone click through SAM's multimask output (False: its adapter trained
         points through the single-mask output). The base model: what it carries, by default True (SAM)."""
-        from hf_sam_peft.loading import point_multimask_of
-
         self._check(name)
         if name == BASE_NAME:
             return point_multimask_of(self.base_model)
@@ -150,8 +150,6 @@ class ModelBank:
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[nn.Module]:
         """Activate ``name`` (``"base"`` or an adapter) and yield the model that runs it."""
-        from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME
-
         self._check(name)
         with self._lock:
             if name == BASE_NAME:
@@ -186,16 +184,11 @@ def _type_name(config: PeftConfig) -> str:
 
 
 def _device(model: nn.Module):
-    from hf_sam_peft.evaluation.predictor import model_device_dtype
-
     return model_device_dtype(model)[0]
 
 
 def recorded_base(adapter: str) -> str | None:
     """The base model an adapter names (``hf_sam_peft.json``, else ``adapter_config.json``), if any."""
-    from hf_sam_peft.hub import resolve_adapter_folder, read_provenance
-    from hf_sam_peft.hub.provenance import read_json_file
-
     folder = resolve_adapter_folder(adapter, {})
     base = read_provenance(folder).get("base_model")
     if not base and (folder / "adapter_config.json").is_file():

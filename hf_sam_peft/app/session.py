@@ -17,8 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import tifffile
+from skimage.draw import disk
 
 from hf_sam_peft.app.models import BASE_NAME, ModelBank
+from hf_sam_peft.data import load_image, normalize_image
+from hf_sam_peft.data.io import spatial_shape_of
+from hf_sam_peft.evaluation.ais import segment_ais
+from hf_sam_peft.evaluation.predictor import SamPredictor
+from hf_sam_peft.visualization import colorize_instances
 
 __all__ = ["MAX_APP_IMAGE_PIXELS", "MAX_UPLOAD_BYTES", "MODES", "AppLogic", "Session", "image_key", "load_app_image",
            "render"]
@@ -35,8 +42,6 @@ _POSITIVE, _NEGATIVE, _BOX = (0, 200, 0), (230, 0, 0), (255, 210, 0)
 
 def load_app_image(path: str | os.PathLike) -> np.ndarray:
     """A 2D grey or RGB image of any bit depth, read exactly as training reads it (:func:`~hf_sam_peft.data.load_image`)."""
-    from hf_sam_peft.data import load_image
-
     if path is None or not str(path):
         raise ValueError("no image given: upload a 2D image (png, tif, jpg)")
     _check_upload_size(Path(path))
@@ -56,8 +61,6 @@ def load_app_image(path: str | os.PathLike) -> np.ndarray:
 def _check_upload_size(path: Path) -> None:
     """One-line ValueErrors for a file over :data:`MAX_UPLOAD_BYTES` or a header over :data:`MAX_APP_IMAGE_PIXELS`,
     before the pixels are decoded."""
-    from hf_sam_peft.data.io import spatial_shape_of
-
     try:
         size = path.stat().st_size
     except OSError:
@@ -83,8 +86,6 @@ def image_key(image: np.ndarray) -> str:
 
 
 def _draw_marker(out: np.ndarray, x: int, y: int, color: tuple[int, int, int], radius: int) -> None:
-    from skimage.draw import disk
-
     rr, cc = disk((y, x), radius + 1, shape=out.shape[:2])
     out[rr, cc] = 255
     rr, cc = disk((y, x), radius, shape=out.shape[:2])
@@ -100,9 +101,6 @@ def render(
     corner: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """uint8 RGB picture at the image's own resolution: labels tinted over the image, points and box on top."""
-    from hf_sam_peft.data import normalize_image
-    from hf_sam_peft.visualization import colorize_instances
-
     if labels is not None and np.any(labels):
         out = np.round(colorize_instances(image, labels) * 255).astype(np.uint8)
     else:
@@ -213,8 +211,6 @@ class AppLogic:
 
     def segment_all(self, session: Session) -> None:
         """Automatic instance segmentation with the active adapter's UNETR decoder."""
-        from hf_sam_peft.evaluation.ais import segment_ais
-
         image = self._require_image(session)
         if not self.bank.has_decoder(session.model):
             raise ValueError(
@@ -248,8 +244,6 @@ class AppLogic:
 
     def export(self, session: Session) -> str | None:
         """Write the current result as a label tif (uint8 0/1 mask, or uint32 instances) and return its path."""
-        import tifffile
-
         if session.labels is None:
             return None
         suffix = "ais" if session.result_kind == "ais" else "mask"
@@ -283,8 +277,6 @@ class AppLogic:
         ``hf_sam_peft.json``) answers the lone point through that output instead
         (:meth:`~hf_sam_peft.app.models.ModelBank.point_multimask`).
         """
-        from hf_sam_peft.evaluation.predictor import SamPredictor
-
         if not points and box is None:
             raise ValueError("predict needs at least one point or a box")
         key = key or image_key(image)

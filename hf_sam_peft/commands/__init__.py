@@ -25,10 +25,12 @@ def data_layout(root, split: str = "train", requested: str | None = None, flag: 
     ones: medical), chosen by :func:`hf_sam_peft.demo.choose_layout` from the first
     :data:`LAYOUT_PROBE_IMAGES` images of ``split`` (the demo's rule, so demo, train, evaluate and segment agree),
     or ``requested`` (given on the command line as ``flag``)."""
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..demo import DataLayout, choose_layout
 
     if requested is not None:
         return DataLayout(requested, f"{flag or '--' + requested} given")
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..data import iter_rows
 
     rows = list(iter_rows(root, split, min_size=0, label_mode="semantic", max_images=LAYOUT_PROBE_IMAGES))
@@ -49,6 +51,7 @@ def scoring_layout(data, split: str, chosen: bool) -> tuple[bool, str | None]:
 
     A folder without ``split`` is a one-line error saying what layout was expected and what was found.
     """
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..data.recipes import check_data_folder
 
     splits = check_data_folder(data, (split,))

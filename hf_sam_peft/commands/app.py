@@ -31,15 +31,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..app import INSTALL_HINT
 
     try:
-        import gradio  # noqa: F401
+        import gradio  # noqa: F401  (lazy: optional dependency, the `app` extra; its absence gives INSTALL_HINT)
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
     if args.port is not None and not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
 
+    # lazy: the app's modules load the model stack; app.ui needs gradio (optional, the `app` extra)
     from ..app import AppLogic, ModelBank
     from ..app.models import recorded_base
     from ..app.ui import launch

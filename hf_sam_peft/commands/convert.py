@@ -108,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert CKPT into OUT_DIR and report what was found; the converters' warnings become notes on stderr."""
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from hf_sam_peft.modeling.convert import convert_checkpoint
     from hf_sam_peft.modeling.convert_sam2 import convert_sam2_checkpoint
 
@@ -147,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Load MODEL (merging an adapter into its base) and write it in its architecture's original layout."""
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from transformers import Sam2Model
 
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from hf_sam_peft.modeling.convert import EXPORT_LAYOUTS, export_checkpoint
     from hf_sam_peft.modeling.convert_sam2 import SAM2_LAYOUT, export_sam2_checkpoint
 
@@ -178,6 +181,7 @@ def _load_model(model: str, base: str | None):
     """The model MODEL names: an adapter folder (peft's adapter_config.json, or a full fine-tuning folder with
     hf_sam_peft.json) loaded onto its base as `hf_sam_peft.from_pretrained` does (UNETR decoder included), else a
     base model by folder, name (`tiny`, `lite_medsam`) or Hub id. Every failure is a one-line error naming MODEL."""
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from hf_sam_peft.hub import ADAPTER_CONFIG_NAME, PROVENANCE_NAME, from_pretrained
     from hf_sam_peft.modeling.base_models import load_base_model
 

@@ -24,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--data", help="your own data: a folder with <split>/images + <split>/labels (train on train, test on test or val)"
+        "--data",
+        help="your own data: a folder with <split>/images + <split>/labels (train on train, test on test or val), "
+        "served as 'hf-sam-peft train --data DIR' serves it (the packaged recipe folder_tiles or folder_resize; "
+        "without test/, a tenth of train is held out for validation)",
     )
     layout = parser.add_mutually_exclusive_group()
     layout.add_argument(

@@ -9,6 +9,7 @@ from typing import Any
 
 from . import add_resize_argument
 from ..evaluation.results import METRIC_NAMES, ResultsTable
+from ..run_lock import output_lock
 
 MODES = ("interactive", "ais", "all")
 
@@ -66,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _rows(args: argparse.Namespace, split: str) -> list[dict[str, Any]]:
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..data import iter_rows
 
     # Whole images, ground truth as stored (connected components, no size filter), images with objects only.
@@ -78,6 +80,7 @@ def method_name(adapter: str | None) -> str:
     """The adapter's peft type (lower case) as a method name, or ``base`` without an adapter."""
     if adapter is None:
         return "base"
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..hub.provenance import read_json_file
 
     config = Path(adapter, "adapter_config.json")
@@ -119,8 +122,8 @@ def _details(result: dict[str, Any] | None) -> dict[str, Any] | None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate; with --out, holding that results file's lock for the whole run (one evaluation at a time
     writes a table; others beside it go on)."""
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..evaluation.results import check_results_file
-    from ..run_lock import output_lock
 
     if args.out is None:
         return _evaluate(args)
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..evaluation.ais import NO_DECODER_MESSAGE, evaluate_ais
     from ..evaluation.interactive import SCORING, evaluate_interactive, format_per_class
     from ..evaluation.predictor import SamPredictor, has_unetr, image_size_of, load_model, point_multimask_of

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
+
+from huggingface_hub import constants
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 PUSH_HELP = """\
 Upload ADAPTER_DIR (written by hf_sam_peft.hub.save_adapter, a peft adapter folder, or a Trainer
@@ -41,10 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def hub_offline() -> bool:
     """Whether huggingface_hub is in offline mode (HF_HUB_OFFLINE, read now or when it was imported)."""
-    import os
-
-    from huggingface_hub import constants
-
     value = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
     return bool(constants.HF_HUB_OFFLINE) or value in {"1", "ON", "YES", "TRUE"}
 
@@ -58,6 +58,7 @@ def list_upload(folder: Path, files: list[str], what: str, repo_id: str) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Prepare the upload folder; print it (dry run) or list it and push it."""
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from hf_sam_peft.hub import (
         CARD_NAME,
         DEFAULT_COMMIT_MESSAGE,
@@ -80,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
             announce=lambda folder, files: list_upload(folder, files, "uploading", args.repo_id),
         )
     except Exception as exc:
-        from huggingface_hub.errors import OfflineModeIsEnabled
-
         if isinstance(exc, OfflineModeIsEnabled) or (hub_offline() and isinstance(exc, OSError)):
             raise ValueError(
                 f"cannot upload {args.adapter_dir} to {args.repo_id}: the Hub is switched off (HF_HUB_OFFLINE=1); "

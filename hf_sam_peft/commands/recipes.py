@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def format_listing() -> str:
     """Every packaged recipe under its kind's heading, with its one-line description."""
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..data.recipes import RECIPES_DIR, find_any_recipe, list_recipes, recipe_summary
 
     lines = []
@@ -60,6 +61,7 @@ def format_listing() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..data.recipes import find_any_recipe
 
     if args.action is None:

@@ -6,7 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import add_resize_argument
+from ..atomic import atomic_write
+from ..run_lock import output_lock
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..evaluation.ais import DEFAULT_WATERSHED
 
     params: dict[str, Any] = {}
@@ -62,6 +67,7 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 
 
 def _load_2d(path: str, labels: bool = False, shape: tuple[int, ...] | None = None):
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..data import load_image, load_labels
 
     array = load_labels(path) if labels else load_image(path, spatial_shape=shape)
@@ -74,26 +80,24 @@ def _load_2d(path: str, labels: bool = False, shape: tuple[int, ...] | None = No
 
 def _write_tif(path: Path, labels) -> None:
     """A label image as zlib TIFF, under a temporary name first: a kill or a full disk leaves no half file."""
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     import tifffile
-
-    from ..atomic import atomic_write
 
     atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels.astype("uint32"), compression="zlib"))
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
+    # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..evaluation.ais import NO_DECODER_MESSAGE, segment_ais
     from ..evaluation.interactive import segment_from_labels
     from ..evaluation.predictor import SamPredictor, has_unetr, image_size_of, load_model
     from ..evaluation.resized import resized_if
     from ..data.io import file_id
     from ..evaluation.results import check_output_folder
-    from ..run_lock import output_lock
     from ..visualization import save_overlay
 
     if args.data is not None:
+        # lazy: kept off the CLI start-up path (every command module is imported to build --help)
         from ..data import find_pairs
         from . import scoring_layout
 

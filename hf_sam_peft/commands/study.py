@@ -16,10 +16,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "I_P, I_B (and AIS where the UNETR decoder trains), with its trainable parameters, time per "
             "iteration, peak memory and wall time. Cells run one after another, each in its own process; a "
             "finished cell is never run again, so a killed study resumes where it stopped. Writes results.csv "
-            "(one row per cell and metric), results.md (the paper's layout) and plots to the study folder."
+            "(one row per cell and metric), results.md (the paper's layout) and plots to the study folder, among them "
+            "score_vs_parameters.png (score against trainable parameters, log scale: the paper's efficiency "
+            "comparison). --methods / --models replace the file's methods / base_model, e.g. "
+            "--methods freeze_encoder,lora,dora,vera,ia3."
         ),
     )
     parser.add_argument("study", help="study: a packaged name (hf-sam-peft recipes), e.g. lite_medsam_2d, or a YAML path")
+    parser.add_argument("--methods", type=_names, metavar="A,B,...",
+                        help="run these methods instead of the file's: any of the paper's ten and peft's own "
+                             "(hf-sam-peft methods), e.g. --methods lora,dora,vera")
+    parser.add_argument("--models", type=_names, metavar="A,B,...",
+                        help="base models instead of the file's base_model (names, folders or Hub ids); with "
+                             "several, each is one more axis of the grid and the cell ids name the model")
     parser.add_argument("--output-dir", dest="output_dir", help="study folder (default: the file's output_dir, "
                         "else studies/<name>)")
     parser.add_argument("--only", action="append", metavar="TEXT",
@@ -32,12 +41,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _names(text: str) -> list[str]:
+    """``a,b`` -> ``["a", "b"]``; an empty entry is argparse's one-line error."""
+    names = [part.strip() for part in text.split(",")]
+    if not names or not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data.recipes import find_recipe
     from ..study import load_study, run_study, study_folder
     from ..study.cell import RESULT_NAME
 
-    spec = load_study(find_recipe(args.study, "studies"))
+    spec = load_study(find_recipe(args.study, "studies"), methods=args.methods, models=args.models)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive number, got {args.threads}")
     if args.list:

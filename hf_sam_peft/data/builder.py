@@ -14,8 +14,11 @@ Format: when every row has the same shape (always with ``patch_shape``) the colu
 no int64 upcast). Full images of different shapes are stored flat with a ``shape`` column and returned
 ``with_transform`` that restores ``H x W`` arrays (re-formatting such a dataset yields the flat arrays).
 
-The table is written to the ``datasets`` cache (``cache_dir``); the cache key includes every argument and
-each file's size and modification time, so edited files are re-read.
+Options: every builder takes one :class:`~hf_sam_peft.data.options.DataOptions` (patches or resize, labels,
+object filter, sampler, augmentation, split), and / or its fields as keyword arguments applied on top.
+
+The table is written to the ``datasets`` cache (``cache_dir``); the cache key includes every option that
+shapes rows and each file's size and modification time, so edited files are re-read.
 
 Training vs. fixed rows: :func:`train_val_datasets` serves its "train" split as a
 :class:`~hf_sam_peft.data.sampling.RandomPatchDataset` (a new random patch per fetch, torch_em's
@@ -36,81 +39,33 @@ from .folders import FilePair, find_pairs, iter_slices, load_pair
 from .io import DataError, check_finite, image_dtype_of, spatial_shape_of
 from .labels import count_objects, to_instances
 from .normalize import normalize_image
+from .options import LABEL_MODES, DataOptions, resolve_options
 from .patches import crop, grid_positions, random_position
 from .resize import LongestSideResize
-from .sampling import AUGMENTATIONS, MAX_SAMPLING_ATTEMPTS, RandomPatchDataset, min_instance_ok
+from .sampling import RandomPatchDataset, min_instance_ok
 
-LABEL_MODES = ("instances", "semantic")
+__all__ = ["LABEL_MODES", "DataOptions", "build_dataset", "holdout_split", "iter_rows", "train_val_datasets",
+           "training_dataset"]
 _FORMAT_VERSION = 1  # bump when row contents change, to invalidate cached tables
 _SLICES_VERSION = 1  # the same for the tables of whole raw slices behind the training split
 _MAX_ATTEMPTS_PER_PATCH = 50
-
-
-def _check_options(
-    patch_shape: Sequence[int] | None,
-    min_size: int,
-    min_objects: int,
-    n_patches_per_image: int | None,
-    seed: int,
-    max_images: int | None,
-    label_mode: str,
-    label_transform: Callable | None,
-    min_num_instances: int | None = None,
-    sampler_min_size: int | None = None,
-    augment: str | None = None,
-    resize_inputs: bool = False,
-) -> tuple[int, int] | None:
-    """Validate the public options once; returns the patch shape as a tuple."""
-    if patch_shape is not None:
-        if len(patch_shape) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in patch_shape):
-            raise ValueError(f"patch_shape: expected None or two positive ints (h, w), got {patch_shape!r}")
-        patch_shape = (int(patch_shape[0]), int(patch_shape[1]))
-    for name, value, low in (("min_size", min_size, 0), ("min_objects", min_objects, 1), ("seed", seed, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    for name, value, low in (("n_patches_per_image", n_patches_per_image, 1), ("max_images", max_images, 1),
-                             ("min_num_instances", min_num_instances, 1), ("sampler_min_size", sampler_min_size, 0)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low):
-            raise ValueError(f"{name}: expected None or an int >= {low}, got {value!r}")
-    if augment is not None and augment not in AUGMENTATIONS:
-        raise ValueError(f"augment: expected one of {AUGMENTATIONS} (or None), got {augment!r}")
-    if n_patches_per_image is not None and patch_shape is None:
-        raise ValueError("n_patches_per_image: needs a patch_shape (whole images are one row each)")
-    if not isinstance(resize_inputs, bool):
-        raise TypeError(f"resize_inputs: expected True or False, got {resize_inputs!r}")
-    if resize_inputs:
-        if patch_shape is None or patch_shape[0] != patch_shape[1]:
-            raise ValueError(
-                f"resize_inputs: needs a square patch_shape (the side each image's longest side is resized to), "
-                f"got {patch_shape!r}"
-            )
-        if n_patches_per_image is not None:
-            raise ValueError("n_patches_per_image: not used with resize_inputs (each image is one whole row)")
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode: expected one of {LABEL_MODES}, got {label_mode!r}")
-    if label_transform is not None and not callable(label_transform):
-        raise TypeError(f"label_transform: expected a callable or None, got {type(label_transform).__name__}")
-    return patch_shape
 
 
 def _make_row(
     image: np.ndarray,
     labels: np.ndarray,
     position: tuple[int, int] | None,
-    patch_shape: tuple[int, int] | None,
-    min_size: int,
-    label_mode: str,
-    label_transform: Callable | None,
+    options: DataOptions,
     source: Path | str,
-    resize_to: int | None = None,
 ) -> dict[str, Any]:
     """Cut, relabel and normalise one patch (or the whole slice when ``position`` is None).
 
-    ``resize_to``: the whole slice, normalised, then resized to a ``resize_to`` square (longest side scaled,
-    centred zero padding, labels nearest neighbour: :class:`~hf_sam_peft.data.resize.LongestSideResize`);
-    ``label_transform`` then runs on the resized labels, as torch_em composes its resize before a dataset's
-    own label transform (``update_kwargs_for_resize_trafo``).
+    ``options.resize_inputs``: the whole slice, normalised, then resized to the square ``patch_shape``
+    (longest side scaled, centred zero padding, labels nearest neighbour:
+    :class:`~hf_sam_peft.data.resize.LongestSideResize`); ``label_transform`` then runs on the resized labels,
+    as torch_em composes its resize before a dataset's own label transform (``update_kwargs_for_resize_trafo``).
     """
+    patch_shape, label_transform, resize_to = options.patch_shape, options.label_transform, options.resize_to
     if position is not None:
         window = tuple(slice(p, p + s) for p, s in zip(position, patch_shape))
         image, labels = image[window], labels[window]
@@ -132,36 +87,29 @@ def _make_row(
                 f"expected integers of shape {labels.shape}"
             )
         labels = transformed
-    instances = to_instances(labels, min_size)
+    instances = to_instances(labels, options.min_size)
     row = {"image": image, "labels": instances}
-    if label_mode == "semantic":
+    if options.label_mode == "semantic":
         row["semantic"] = np.where(instances > 0, labels, 0).astype(np.int32)
     return row
 
 
 def _make_row_at(
-    image: np.ndarray,
-    labels: np.ndarray,
-    position: tuple[int, int] | None,
-    source: str,
-    *,
-    patch_shape: tuple[int, int] | None,
-    min_size: int,
-    label_mode: str,
-    label_transform: Callable | None,
-    resize_to: int | None = None,
+    image: np.ndarray, labels: np.ndarray, position: tuple[int, int] | None, source: str, *, options: DataOptions
 ) -> dict[str, Any]:
     """:func:`_make_row` with the dataset's options bound by keyword (a picklable ``functools.partial``
     for DataLoader workers)."""
-    return _make_row(image, labels, position, patch_shape, min_size, label_mode, label_transform, source, resize_to)
+    return _make_row(image, labels, position, options, source)
 
 
-def _keep(labels: np.ndarray, min_objects: int, min_num_instances: int | None, sampler_min_size: int | None) -> bool:
+def _keep(labels: np.ndarray, options: DataOptions) -> bool:
     """The object filter of fixed rows: ``min_objects`` objects, and torch_em's MinInstanceSampler rule when
     ``min_num_instances`` is set (background among the counted label values; see sampling.min_instance_ok)."""
-    if count_objects(labels) < min_objects:
+    if count_objects(labels) < options.min_objects:
         return False
-    return min_num_instances is None or min_instance_ok(labels, min_num_instances, sampler_min_size)
+    return options.min_num_instances is None or min_instance_ok(
+        labels, options.min_num_instances, options.sampler_min_size
+    )
 
 
 def _positions(
@@ -183,41 +131,25 @@ def _positions(
 
 
 def _iter_rows(
-    pairs: Sequence[FilePair],
-    patch_shape: tuple[int, int] | None,
-    min_size: int,
-    with_objects_only: bool,
-    min_objects: int,
-    n_patches_per_image: int | None,
-    seed: int,
-    label_mode: str,
-    label_transform: Callable | None,
-    flat: bool = False,
-    min_num_instances: int | None = None,
-    sampler_min_size: int | None = None,
-    resize_inputs: bool = False,
-    **_cache_key: Any,
+    pairs: Sequence[FilePair], options: DataOptions, flat: bool = False, **_cache_key: Any
 ) -> Iterator[dict[str, Any]]:
     """Rows of all pairs in order: slices of volumes, then patches per slice (grid or seeded random), or
     one resized whole slice each with ``resize_inputs``."""
-    resize_to = patch_shape[0] if resize_inputs else None
+    patch_shape, n_patches_per_image = options.patch_shape, options.n_patches_per_image
     for pair in pairs:
         image, labels = load_pair(pair)
         for z, image_2d, labels_2d in iter_slices(image, labels):
             base_id = pair.id if z is None else f"{pair.id}_z{z:03d}"
             # One generator per slice, seeded by (seed, id): rows do not depend on which other files are read.
-            rng = np.random.default_rng([seed, zlib.crc32(base_id.encode())])
+            rng = np.random.default_rng([options.seed, zlib.crc32(base_id.encode())])
             positions = (
-                [None] if patch_shape is None or resize_inputs
+                [None] if patch_shape is None or options.resize_inputs
                 else _positions(labels_2d.shape, patch_shape, n_patches_per_image, rng)
             )
             n_accepted = 0
             for position in positions:
-                row = _make_row(
-                    image_2d, labels_2d, position, patch_shape, min_size, label_mode, label_transform, pair.image_path,
-                    resize_to,
-                )
-                if with_objects_only and not _keep(row["labels"], min_objects, min_num_instances, sampler_min_size):
+                row = _make_row(image_2d, labels_2d, position, options, pair.image_path)
+                if options.with_objects_only and not _keep(row["labels"], options):
                     continue
                 row["id"] = base_id if position is None else f"{base_id}_y{position[0]}_x{position[1]}"
                 row["source"] = str(pair.image_path)
@@ -233,33 +165,13 @@ def _iter_rows(
 
 
 def iter_rows(
-    root: str | Path,
-    split: str = "train",
-    patch_shape: Sequence[int] | None = None,
-    min_size: int = 25,
-    with_objects_only: bool = True,
-    n_patches_per_image: int | None = None,
-    seed: int = 0,
-    max_images: int | None = None,
-    label_transform: Callable[[np.ndarray], np.ndarray] | None = None,
-    label_mode: str = "instances",
-    min_objects: int = 1,
-    min_num_instances: int | None = None,
-    sampler_min_size: int | None = None,
-    resize_inputs: bool = False,
+    root: str | Path, split: str = "train", options: DataOptions | None = None, **fields: Any
 ) -> Iterator[dict[str, Any]]:
     """The rows :func:`build_dataset` would hold, as plain dicts of numpy arrays, without a cache
-    (e.g. to evaluate on whole images of different sizes)."""
-    patch_shape = _check_options(
-        patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform,
-        min_num_instances, sampler_min_size, resize_inputs=resize_inputs,
-    )
-    pairs = find_pairs(root, split)[:max_images]
-    yield from _iter_rows(
-        pairs, patch_shape, min_size, with_objects_only, min_objects, n_patches_per_image, seed, label_mode,
-        label_transform, min_num_instances=min_num_instances, sampler_min_size=sampler_min_size,
-        resize_inputs=resize_inputs,
-    )
+    (e.g. to evaluate on whole images of different sizes). ``options`` and / or ``fields`` (option names,
+    applied on top): :class:`DataOptions`."""
+    options = resolve_options(options, fields, "iter_rows")  # checked here, before the first row is asked for
+    return _iter_rows(find_pairs(root, split)[: options.max_images], options)
 
 
 def _features(shape: tuple[int, int] | None, label_mode: str) -> datasets.Features:
@@ -323,46 +235,30 @@ def _generate(generator: Callable, features: datasets.Features, gen_kwargs: dict
 
 
 def _build(
-    pairs: Sequence[FilePair],
-    *,
-    patch_shape: tuple[int, int] | None,
-    min_size: int,
-    with_objects_only: bool,
-    min_objects: int,
-    n_patches_per_image: int | None,
-    seed: int,
-    label_mode: str,
-    label_transform: Callable | None,
-    cache_dir: str | Path | None,
-    description: str,
-    min_num_instances: int | None = None,
-    sampler_min_size: int | None = None,
-    resize_inputs: bool = False,
+    pairs: Sequence[FilePair], options: DataOptions, *, cache_dir: str | Path | None, description: str
 ) -> datasets.Dataset:
-    """Generate and cache the table for a list of pairs (shared by build_dataset and train_val_datasets)."""
-    row_shape = patch_shape
+    """Generate and cache the table for a list of pairs (shared by build_dataset and train_val_datasets).
+
+    The cache key: the pairs with each file's size and mtime, the options that shape rows
+    (:meth:`DataOptions.row_key`), the generator's code and :data:`_FORMAT_VERSION`."""
+    row_shape = options.patch_shape
     if row_shape is None:
         shapes = {spatial_shape_of(pair.label_path)[-2:] for pair in pairs}
         row_shape = shapes.pop() if len(shapes) == 1 else None
     flat = row_shape is None
     gen_kwargs = dict(
-        pairs=tuple(pairs), patch_shape=patch_shape, min_size=int(min_size), with_objects_only=bool(with_objects_only),
-        min_objects=int(min_objects), n_patches_per_image=n_patches_per_image, seed=int(seed), label_mode=label_mode,
-        label_transform=label_transform, flat=flat, files=_file_signature(pairs), version=_FORMAT_VERSION,
+        pairs=tuple(pairs), options=options.row_key(), flat=flat, files=_file_signature(pairs), version=_FORMAT_VERSION
     )
-    if min_num_instances is not None or sampler_min_size is not None:  # keeps older cache keys unchanged
-        gen_kwargs.update(min_num_instances=min_num_instances, sampler_min_size=sampler_min_size)
-    if resize_inputs:  # likewise
-        gen_kwargs.update(resize_inputs=True)
     try:
-        dataset = _generate(_iter_rows, _features(row_shape, label_mode), gen_kwargs, cache_dir)
+        dataset = _generate(_iter_rows, _features(row_shape, options.label_mode), gen_kwargs, cache_dir)
     except ValueError as err:
         if "corresponds to no data" not in str(err):
             raise
-        rule = "" if min_num_instances is None else f" and >= {min_num_instances} label values incl. background"
+        n = options.min_num_instances
+        rule = "" if n is None else f" and >= {n} label values incl. background"
         raise DataError(
-            f"no rows from {description}: no patch holds {min_objects} object(s) of >= {min_size} px{rule} "
-            f"(patch_shape={patch_shape}, with_objects_only={with_objects_only})"
+            f"no rows from {description}: no patch holds {options.min_objects} object(s) of >= {options.min_size} px"
+            f"{rule} (patch_shape={options.patch_shape}, with_objects_only={options.with_objects_only})"
         ) from err
     if flat:
         return dataset.with_transform(_unflatten)
@@ -372,20 +268,10 @@ def _build(
 def build_dataset(
     root: str | Path,
     split: str = "train",
-    patch_shape: Sequence[int] | None = None,
-    min_size: int = 25,
-    with_objects_only: bool = True,
-    n_patches_per_image: int | None = None,
-    seed: int = 0,
-    max_images: int | None = None,
-    label_transform: Callable[[np.ndarray], np.ndarray] | None = None,
-    label_mode: str = "instances",
-    min_objects: int = 1,
+    options: DataOptions | None = None,
+    *,
     cache_dir: str | Path | None = None,
-    min_num_instances: int | None = None,
-    sampler_min_size: int | None = None,
-    augment: str | None = None,
-    resize_inputs: bool = False,
+    **fields: Any,
 ) -> datasets.Dataset:
     """Build a dataset of fixed 2D rows from ``<root>/<split>/images`` + ``<root>/<split>/labels``
     (validation and evaluation data; training data comes from :func:`train_val_datasets`, drawn anew).
@@ -406,24 +292,17 @@ def build_dataset(
       object) and, when ``min_num_instances`` is set, rows failing torch_em's ``MinInstanceSampler`` rule
       (:func:`hf_sam_peft.data.sampling.min_instance_ok`: background counts among the label values;
       ``sampler_min_size`` counts only values covering that many pixels).
-    - ``augment``: accepted (and checked) so that a recipe's :func:`dataset_kwargs` pass through unchanged;
-      fixed rows are never augmented.
+    - ``options`` (:class:`DataOptions`) and / or ``fields`` (its option names, applied on top). The
+      training-only options (``augment``, ``val_fraction``, ...) are accepted and checked, so that one
+      object serves every split; fixed rows are never augmented.
     - ``max_images``: only the first files by sorted id (volumes count as one).
     - ``resize_inputs``: instead of patches, every image / slice whole, resized to a square ``patch_shape``
       (longest side scaled, centred zero padding, labels nearest neighbour), as peft-sam serves its medical
       sets (see :mod:`hf_sam_peft.data.resize`); ``patch_shape`` must be square.
     """
-    patch_shape = _check_options(
-        patch_shape, min_size, min_objects, n_patches_per_image, seed, max_images, label_mode, label_transform,
-        min_num_instances, sampler_min_size, augment, resize_inputs,
-    )
-    pairs = find_pairs(root, split)[:max_images]
-    return _build(
-        pairs, patch_shape=patch_shape, min_size=min_size, with_objects_only=with_objects_only,
-        min_objects=min_objects, n_patches_per_image=n_patches_per_image, seed=seed, label_mode=label_mode,
-        label_transform=label_transform, cache_dir=cache_dir, description=f"{Path(root) / split}",
-        min_num_instances=min_num_instances, sampler_min_size=sampler_min_size, resize_inputs=resize_inputs,
-    )
+    options = resolve_options(options, fields, "build_dataset")
+    pairs = find_pairs(root, split)[: options.max_images]
+    return _build(pairs, options, cache_dir=cache_dir, description=f"{Path(root) / split}")
 
 
 def _storage_dtype(pairs: Sequence[FilePair]) -> str:
@@ -470,35 +349,26 @@ def _build_slices(pairs: Sequence[FilePair], cache_dir: str | Path | None) -> da
 
 def training_dataset(
     pairs: Sequence[FilePair],
+    options: DataOptions | None = None,
     *,
-    patch_shape: tuple[int, int] | None,
-    min_size: int = 25,
-    min_num_instances: int = 2,
-    sampler_min_size: int | None = None,
-    min_objects: int = 1,
-    n_patches_per_image: int | None = None,
-    augment: str = "flips",
-    seed: int = 0,
-    label_mode: str = "instances",
-    label_transform: Callable | None = None,
-    max_attempts: int = MAX_SAMPLING_ATTEMPTS,
     cache_dir: str | Path | None = None,
     name: str = "dataset",
-    resize_inputs: bool = False,
+    **fields: Any,
 ) -> RandomPatchDataset:
-    """A :class:`RandomPatchDataset` over ``pairs`` (whole raw slices cached as an HF table); with
-    ``resize_inputs`` each sample is a whole slice resized to the square ``patch_shape`` (no random crop)."""
+    """A :class:`RandomPatchDataset` over ``pairs`` (whole raw slices cached as an HF table): random
+    ``patch_shape`` patches passing the sampler rule (:attr:`DataOptions.training_min_num_instances`,
+    ``sampler_min_size``, :attr:`DataOptions.training_min_objects`), augmented by ``augment``; with
+    ``resize_inputs`` each sample is a whole slice resized to the square ``patch_shape`` (no random crop).
+    ``options`` and / or ``fields``: :class:`DataOptions` (defaults as in :func:`train_val_datasets`)."""
     from functools import partial
 
-    make_row = partial(
-        _make_row_at, patch_shape=patch_shape, min_size=int(min_size), label_mode=label_mode,
-        label_transform=label_transform, resize_to=patch_shape[0] if resize_inputs else None,
-    )
+    options = resolve_options(options, fields, "training_dataset")
     return RandomPatchDataset(
-        _build_slices(pairs, cache_dir), patch_shape=None if resize_inputs else patch_shape, make_row=make_row,
-        n_patches_per_image=n_patches_per_image, min_num_instances=min_num_instances,
-        sampler_min_size=sampler_min_size, min_objects=min_objects, augment=augment, seed=seed,
-        max_attempts=max_attempts, name=name,
+        _build_slices(pairs, cache_dir), patch_shape=None if options.resize_inputs else options.patch_shape,
+        make_row=partial(_make_row_at, options=options), n_patches_per_image=options.n_patches_per_image,
+        min_num_instances=options.training_min_num_instances, sampler_min_size=options.sampler_min_size,
+        min_objects=options.training_min_objects, augment=options.augment, seed=options.seed,
+        max_attempts=options.max_attempts, name=name,
     )
 
 
@@ -518,63 +388,44 @@ def holdout_split(pairs: Sequence[FilePair], val_fraction: float, seed: int) -> 
 
 def train_val_datasets(
     root: str | Path,
-    val_fraction: float = 0.1,
-    val_split: str | None = "val",
-    **kwargs: Any,
+    options: DataOptions | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    allow_no_val: bool = False,
+    **fields: Any,
 ) -> dict[str, Any]:
     """``{"train": RandomPatchDataset, "val": datasets.Dataset}``: val from ``<root>/<val_split>`` when that
     folder exists, otherwise (or with ``val_split=None``, e.g. when ``val`` is the test set) a
-    :func:`holdout_split` of the train files (seeded by ``kwargs['seed']``).
+    :func:`holdout_split` of ``val_fraction`` of the train files (default 0.1, micro-sam's; seeded by ``seed``).
 
-    ``kwargs`` are :func:`build_dataset`'s options (``max_images`` applies to each split after splitting),
-    plus ``max_attempts`` and ``random_train``. Training data is served as torch_em serves it (see
-    :mod:`hf_sam_peft.data.sampling`): a new random patch per fetch (``seed``, epoch, index), rejected until it
-    passes the MinInstanceSampler rule (``min_num_instances``, default 2 = one object + background;
-    ``sampler_min_size``), flipped when ``augment="flips"`` (default; ``"none"`` for medical sets). Validation
-    rows are fixed (:func:`build_dataset`: grid or seeded positions, the same object filter, no flips).
-    ``with_objects_only`` applies to validation rows only: every training patch passes the rule (and holds
-    ``min_objects``), since a patch without objects cannot be prompted. ``random_train=False`` gives fixed
-    training rows too (the previous behaviour). ``resize_inputs`` serves every split as whole images resized
-    to the square ``patch_shape`` (the reference's medical loaders), the same transform for both splits.
+    ``options`` (:class:`DataOptions`, e.g. :meth:`DataOptions.from_recipe`) and / or ``fields`` (its option
+    names, applied on top); ``max_images`` applies to each split after splitting. Training data is served as
+    torch_em serves it (see :mod:`hf_sam_peft.data.sampling`): a new random patch per fetch (``seed``, epoch,
+    index), rejected until it passes the MinInstanceSampler rule (``min_num_instances``, default 2 = one
+    object + background; ``sampler_min_size``), flipped when ``augment="flips"`` (default; ``"none"`` for
+    medical sets). Validation rows are fixed (:func:`build_dataset`: grid or seeded positions, the same object
+    filter, no flips). ``with_objects_only`` applies to validation rows only: every training patch passes the
+    rule (and holds ``min_objects``), since a patch without objects cannot be prompted. ``random_train=False``
+    gives fixed training rows too (the previous behaviour). ``resize_inputs`` serves every split as whole
+    images resized to the square ``patch_shape`` (the reference's medical loaders), the same transform for
+    both splits. ``allow_no_val``: a single training file and no validation folder give ``"val": None``
+    (train without validation, as the demo does) instead of the :func:`holdout_split` error.
     """
-    if "split" in kwargs:
+    if "split" in fields:
         raise ValueError("split: not accepted here; train_val_datasets builds 'train' and 'val' itself")
-    options = dict(
-        patch_shape=None, min_size=25, with_objects_only=True, n_patches_per_image=None, seed=0, max_images=None,
-        label_transform=None, label_mode="instances", min_objects=1, cache_dir=None, min_num_instances=None,
-        sampler_min_size=None, augment=None, max_attempts=MAX_SAMPLING_ATTEMPTS, random_train=True,
-        resize_inputs=False,
-    )
-    unknown = set(kwargs) - set(options)
-    if unknown:
-        raise TypeError(f"train_val_datasets: unexpected options {sorted(unknown)}")
-    options.update(kwargs)
-    max_images, cache_dir = options.pop("max_images"), options.pop("cache_dir")
-    augment, max_attempts, random_train = options.pop("augment"), options.pop("max_attempts"), options.pop("random_train")
-    options["patch_shape"] = _check_options(
-        options["patch_shape"], options["min_size"], options["min_objects"], options["n_patches_per_image"],
-        options["seed"], max_images, options["label_mode"], options["label_transform"],
-        options["min_num_instances"], options["sampler_min_size"], augment, options["resize_inputs"],
-    )
+    options = resolve_options(options, fields, "train_val_datasets")
     root = Path(root)
     train_pairs = find_pairs(root, "train")
-    if val_split is not None and (root / val_split).is_dir():
-        val_pairs = find_pairs(root, val_split)
+    if options.val_split is not None and (root / options.val_split).is_dir():
+        val_pairs = find_pairs(root, options.val_split)
+    elif allow_no_val and len(train_pairs) == 1:
+        val_pairs = []
     else:
-        train_pairs, val_pairs = holdout_split(train_pairs, val_fraction, options["seed"])
-    train_pairs, val_pairs = train_pairs[:max_images], val_pairs[:max_images]
-    val = _build(val_pairs, cache_dir=cache_dir, description=f"{root} (val)", **options)
-    if not random_train:
-        train = _build(train_pairs, cache_dir=cache_dir, description=f"{root} (train)", **options)
+        train_pairs, val_pairs = holdout_split(train_pairs, options.val_fraction, options.seed)
+    train_pairs, val_pairs = train_pairs[: options.max_images], val_pairs[: options.max_images]
+    val = _build(val_pairs, options, cache_dir=cache_dir, description=f"{root} (val)") if val_pairs else None
+    if not options.random_train:
+        train = _build(train_pairs, options, cache_dir=cache_dir, description=f"{root} (train)")
     else:
-        train = training_dataset(
-            train_pairs, patch_shape=options["patch_shape"], min_size=options["min_size"],
-            min_num_instances=2 if options["min_num_instances"] is None else options["min_num_instances"],
-            sampler_min_size=options["sampler_min_size"],
-            min_objects=options["min_objects"] if options["with_objects_only"] else 1,
-            n_patches_per_image=options["n_patches_per_image"], augment="flips" if augment is None else augment,
-            seed=options["seed"], label_mode=options["label_mode"], label_transform=options["label_transform"],
-            max_attempts=max_attempts, cache_dir=cache_dir, name=f"{root} (train)",
-            resize_inputs=options["resize_inputs"],
-        )
+        train = training_dataset(train_pairs, options, cache_dir=cache_dir, name=f"{root} (train)")
     return {"train": train, "val": val}

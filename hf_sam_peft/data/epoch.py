@@ -32,3 +32,13 @@ class SetEpochCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
         return control
+
+
+def add_epoch_callback(trainer, dataset) -> bool:
+    """Add a :class:`SetEpochCallback` for ``dataset`` to ``trainer`` when the dataset draws anew per epoch
+    (has ``set_epoch``: :class:`~hf_sam_peft.data.sampling.RandomPatchDataset`); fixed rows need none.
+    Returns whether one was added. Shared by `train` and the demo, so both reach the epoch the same way."""
+    if not callable(getattr(dataset, "set_epoch", None)):
+        return False
+    trainer.add_callback(SetEpochCallback(dataset))
+    return True

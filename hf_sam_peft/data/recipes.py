@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .builder import LABEL_MODES
+from .options import LABEL_MODES
 from .io import DataError
 from .sampling import AUGMENTATIONS, default_augment
 
@@ -282,5 +282,6 @@ def load_dataset_recipe(name_or_path: str | Path) -> dict[str, Any]:
 
 
 def dataset_kwargs(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The :func:`build_dataset` / :func:`train_val_datasets` options a recipe fixes (root included)."""
+    """The :func:`build_dataset` / :func:`train_val_datasets` options a recipe fixes (root included), as
+    keyword arguments; :meth:`~hf_sam_peft.data.DataOptions.from_recipe` makes the options object of them."""
     return {key: recipe[key] for key in _BUILD_KEYS if key in recipe}

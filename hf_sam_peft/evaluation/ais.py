@@ -9,7 +9,8 @@ resolution instead of being shrunk to the input size. Maps become instances with
 
 Watershed parameters: micro-sam's defaults (:data:`DEFAULT_WATERSHED`), or — as the paper does — the best
 ones of a grid search on a validation split (:func:`~hf_sam_peft.instance_segmentation.grid_search_watershed`,
-DESIGN §4), then applied unchanged to the test split.
+as ``run_instance_segmentation_grid_search_and_inference`` in ``micro_sam/evaluation/instance_segmentation.py``),
+then applied unchanged to the test split.
 """
 
 from __future__ import annotations

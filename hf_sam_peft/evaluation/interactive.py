@@ -1,4 +1,4 @@
-"""Interactive segmentation evaluation (DESIGN §5): point / box start and 7 corrections, scored per round.
+"""Interactive segmentation evaluation: point / box start and 7 corrections, scored per round (Point, Box, I_P, I_B).
 
 Per image the embedding is computed once (no gradients). For every ground-truth object, 8 rounds =
 initial prompt + ``n_corrections`` corrections, as µSAM's ``run_inference_with_iterative_prompting``
@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from skimage.measure import label as connected_components
 
 from hf_sam_peft.evaluation.metrics import dice_score, mean_segmentation_accuracy
 from hf_sam_peft.evaluation.predictor import PromptPredictor, SamPredictor
@@ -212,8 +213,6 @@ def assemble_instances(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> n
     (Later µSAM versions default to ``merge_exclusively=True``, where a mask only fills pixels still empty;
     the paper-time rule pasted over.)
     """
-    from skimage.measure import label
-
     flat = [np.flatnonzero(m) if np.asarray(m).dtype == bool else np.asarray(m) for m in masks]
     order = sorted(range(len(flat)), key=lambda i: flat[i].size, reverse=True)  # stable: ties keep input order
     segmentation = np.zeros(int(np.prod(shape)), dtype=np.uint32)
@@ -221,7 +220,7 @@ def assemble_instances(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> n
         segmentation[flat[i]] = new_id
     if not order:
         return segmentation.reshape(shape)
-    components = label(segmentation.reshape(shape), background=0).ravel()
+    components = connected_components(segmentation.reshape(shape), background=0).ravel()
     counts = np.bincount(components)
     dominant = int(np.argmax(counts))
     if dominant != 0:

@@ -22,6 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+import tempfile
 
 from hf_sam_peft.atomic import NoSpaceLeft, atomic_write_text, is_no_space
 
@@ -328,8 +329,6 @@ class ImageJournal:
 
 def _probe_folder(folder: Path, shown: Path, flag: str) -> None:
     """One-line ValueError unless a file can be created in the existing folder ``folder`` (for ``shown``)."""
-    import tempfile
-
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {shown} is not writable ({folder}: permission denied or read-only); pass another {flag}")
     try:

@@ -12,6 +12,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from ..methods import METHODS
 from .provenance import POINT_MULTIMASK_KEY, _version
 
@@ -70,8 +73,6 @@ def _training_data_text(data: Any) -> str:
 
 def _is_hub_id(name: str | None) -> bool:
     """Whether `name` reads as a Hub repo id ("org/name") rather than a local path or a model name."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not name or name.count("/") != 1 or os.path.exists(name) or name.startswith((".", "/")):
         return False
     try:
@@ -130,8 +131,6 @@ def _template_path() -> Path:
 
 def render_card(provenance: Mapping[str, Any], repo_id: str, template: str | os.PathLike | None = None) -> str:
     """The README.md model card of an adapter, from its provenance (`hf_sam_peft.json`) and repo id."""
-    from huggingface_hub import ModelCardData
-
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}")
     for key in ("method", "trainable_parameters"):

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
 from peft import PeftConfig, PeftModel
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from .. import __version__
 from ..methods import METHODS, count_parameters
 from ..modeling.unetr import ATTRIBUTE_NAME as UNETR_ATTRIBUTE
 from ..modeling.unetr import UNETRDecoder
@@ -57,8 +60,6 @@ _SIZE_FIELDS = {
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
 
 
@@ -173,7 +174,6 @@ def _trainable_parameters(model: nn.Module) -> tuple[int, int]:
     trainable, total = count_parameters(model)
     if trainable or not isinstance(model, PeftModel):
         return trainable, total
-    from peft.utils import get_peft_model_state_dict
 
     sizes = {p.data_ptr(): p.numel() for p in model.parameters()}
     state = get_peft_model_state_dict(model, adapter_name=_active_adapter(model))
@@ -247,7 +247,6 @@ def recorded_point_multimask(adapter: str | os.PathLike | Mapping[str, Any]) -> 
         return _check_point_multimask(adapter.get(POINT_MULTIMASK_KEY))
     if os.path.isdir(adapter):
         return _check_point_multimask(read_provenance(adapter).get(POINT_MULTIMASK_KEY))
-    from huggingface_hub import hf_hub_download
 
     try:
         path = hf_hub_download(os.fspath(adapter), PROVENANCE_NAME)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
 from ..atomic import atomic_write_text
@@ -30,11 +32,10 @@ DEFAULT_COMMIT_MESSAGE = "Upload hf-sam-peft adapter"
 
 
 def _upload(folder: Path, repo_id: str, private: bool, token: str | None, commit_message: str, api: Any) -> str:
-    from huggingface_hub import HfApi
-
     if not isinstance(commit_message, str) or not commit_message:
         raise ValueError(f"commit_message must be a non-empty string, got {commit_message!r}")
-    api = api if api is not None else HfApi(token=token)
+    # looked up on the module at call time, so a replaced huggingface_hub.HfApi (a test's fake) is the one used
+    api = api if api is not None else huggingface_hub.HfApi(token=token)
     repo_url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
     repo_id = getattr(repo_url, "repo_id", None) or repo_id  # the Hub may complete the namespace
     commit = api.upload_folder(
@@ -45,8 +46,6 @@ def _upload(folder: Path, repo_id: str, private: bool, token: str | None, commit
 
 
 def _check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not isinstance(repo_id, str):
         raise TypeError(f"repo_id must be a string like 'org/name', got {type(repo_id).__name__}")
     try:

@@ -23,7 +23,7 @@ of the autograd path. Measured on ViT-B, float32, one 1024² image, LoRA: a glob
 155 MiB for backward, a windowed block (25 windows) 67 instead of 92 MiB; the encoder 1.68 instead of 2.25 GiB
 (half of each under bf16 autocast). CUDA keeps the plain SDPA call (its kernels differ; not tested here).
 
-Key tiles (CPU, issue 19): widening costs head size — a global block's flash call runs at 64 + 64 + 64 = 192
+Key tiles (CPU): widening costs head size — a global block's flash call runs at 64 + 64 + 64 = 192
 channels, and the kernel's time grows about linearly with it (ViT-B global block, float32, 2 cores: 2.5 s
 forward + backward at 192 against 1.0 s at 64). A tile of ``s x s`` keys needs only its own ``s`` rows' and
 ``s`` columns' bias terms, so :class:`_LeanFlashAttention` cuts the key grid into such tiles
@@ -46,7 +46,7 @@ from transformers.models.sam.modeling_sam import SamVisionAttention
 
 
 # ViT-B global block (64 x 64 keys), forward + backward of the attention module, 2 CPU cores, one run each
-# (the measurement of benchmarks/encoder_attention.py; benchmarks/RESULTS.md, session 9): float32 3.08 s
+# (the measurement of benchmarks/encoder_attention.py; benchmarks/RESULTS.md): float32 3.08 s
 # untiled, 2.23 s with 16 x 16 tiles, 2.17 s with 32 x 32; bf16 with AMX 1.02 / 1.08 / 0.90 s; bf16 without
 # AMX 2.74 / 2.00 / 2.12 s. 32 is the one side that never loses.
 DEFAULT_KEY_TILE = 32

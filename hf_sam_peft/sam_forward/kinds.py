@@ -16,6 +16,18 @@ image embeddings          one tensor ``(B, C, S/16, S/16)``             a list o
 input size ``S``          ``config.vision_config.image_size``          ``config.prompt_encoder_config.image_size``
 ========================  ===========================================  ==============================================
 
+The newer families of transformers take one of these two forms (:data:`KIND_BY_MODEL_TYPE`):
+
+- **SAM-HQ** (``SamHQModel``, :data:`SAM_HQ`): SAM's ViT, frame and input size; its mask decoder also reads the
+  output of the encoder's first global-attention block (``intermediate_embeddings[0]``, ``(B, S/16, S/16, D)``,
+  channels last as the encoder gives it). Its embeddings are two tensors, early ViT features first and the
+  image embedding last, so :func:`main_embedding` is SAM's embedding and every level is indexed, repeated and
+  cached per image like SAM 2's (:func:`decoder_inputs` hands them to ``SamHQModel.forward``).
+- **SAM 3 tracker** (``Sam3TrackerModel``, :data:`SAM3_TRACKER`) and **EdgeTAM** (``EdgeTamModel``,
+  :data:`EDGETAM`): SAM 2's prompt encoder, mask decoder, square frame and three maps, behind another image
+  encoder (SAM 3's ViT with rotary attention and a simple FPN; RepViT through timm). SAM 3's frame is
+  normalised with mean = std = 0.5 (``Sam3ImageProcessor``), not ImageNet's (:mod:`.preprocess`).
+
 :data:`ImageEmbeddings` is either form; :func:`map_embeddings`, :func:`embedding_levels` and
 :func:`main_embedding` let code that selects images, repeats them per object, detaches or caches them treat
 both alike. The stride-16 map (:func:`main_embedding`) has the shape of SAM's image embedding and is what
@@ -31,12 +43,19 @@ import torch
 from torch import nn
 
 __all__ = [
-    "FRAME_PAD", "FRAME_SQUARE", "ImageEmbeddings", "SAM", "SAM2", "embedding_levels", "frame_of", "from_levels",
-    "input_size_of", "is_sam2", "main_embedding", "map_embeddings", "model_kind", "stack_embeddings",
-    "unstack_embeddings", "unwrap_sam",
+    "EDGETAM", "FRAME_PAD", "FRAME_SQUARE", "ImageEmbeddings", "KIND_BY_MODEL_TYPE", "SAM", "SAM2", "SAM2_FORM",
+    "SAM3_TRACKER", "SAM_HQ", "decoder_inputs", "embedding_levels", "frame_of", "from_levels", "input_size_of",
+    "is_sam2", "main_embedding", "map_embeddings", "model_kind", "stack_embeddings", "unstack_embeddings",
+    "unwrap_sam",
 ]
 
-SAM, SAM2 = "sam", "sam2"
+SAM, SAM2, SAM_HQ, SAM3_TRACKER, EDGETAM = "sam", "sam2", "sam_hq", "sam3_tracker", "edgetam"
+# config.model_type -> kind; anything else (SamModel, LiteSamModel) is SAM
+KIND_BY_MODEL_TYPE: dict[str, str] = {
+    "sam2": SAM2, "sam_hq": SAM_HQ, "sam3_tracker": SAM3_TRACKER, "edgetam": EDGETAM,
+}
+# kinds with SAM 2's prompt encoder, mask decoder, square frame and three embedding maps
+SAM2_FORM = frozenset({SAM2, SAM3_TRACKER, EDGETAM})
 # how an image sits in the model's square input (see the module docstring)
 FRAME_PAD, FRAME_SQUARE = "pad", "square"
 
@@ -67,13 +86,15 @@ def _config(model: nn.Module):
 
 
 def model_kind(model: nn.Module) -> str:
-    """:data:`SAM2` for a ``Sam2Model`` (or a wrapper of one), else :data:`SAM` (``SamModel``, ``LiteSamModel``:
-    the same prompt encoder, mask decoder and forward)."""
-    return SAM2 if getattr(_config(model), "model_type", None) == "sam2" else SAM
+    """The kind of ``model`` (or of the model a wrapper holds): :data:`SAM2`, :data:`SAM_HQ`,
+    :data:`SAM3_TRACKER`, :data:`EDGETAM`, else :data:`SAM` (``SamModel``, ``LiteSamModel``: the same prompt
+    encoder, mask decoder and forward)."""
+    return KIND_BY_MODEL_TYPE.get(getattr(_config(model), "model_type", None), SAM)
 
 
 def is_sam2(model: nn.Module) -> bool:
-    return model_kind(model) == SAM2
+    """Whether ``model`` has SAM 2's decoder side and three embedding maps (SAM 2, SAM 3 tracker, EdgeTAM)."""
+    return model_kind(model) in SAM2_FORM
 
 
 def frame_of(model: nn.Module) -> str:
@@ -90,8 +111,17 @@ def input_size_of(model: nn.Module) -> int:
     return int(config.prompt_encoder_config.image_size)  # SAM 2: the vision config has no image_size
 
 
+def decoder_inputs(model: nn.Module, embeddings: ImageEmbeddings) -> dict[str, object]:
+    """The keyword arguments that hand ``embeddings`` to ``model``'s forward: ``image_embeddings`` (one tensor
+    or SAM 2's list) and, for SAM-HQ, ``intermediate_embeddings`` (the early ViT features, a one-item list)."""
+    if model_kind(model) == SAM_HQ:
+        levels = embedding_levels(embeddings)
+        return {"image_embeddings": levels[-1], "intermediate_embeddings": levels[:-1]}
+    return {"image_embeddings": embeddings}
+
+
 def embedding_levels(embeddings: ImageEmbeddings) -> list[torch.Tensor]:
-    """The tensors of ``embeddings`` as a list (one for SAM, three for SAM 2)."""
+    """The tensors of ``embeddings`` as a list (one for SAM, two for SAM-HQ, three for SAM 2)."""
     return list(embeddings) if isinstance(embeddings, (list, tuple)) else [embeddings]
 
 
@@ -106,7 +136,8 @@ def map_embeddings(fn: Callable[[torch.Tensor], torch.Tensor], embeddings: Image
 
 
 def main_embedding(embeddings: ImageEmbeddings) -> torch.Tensor:
-    """The stride-16 image embedding ``(B, C, S/16, S/16)``: SAM's only one, SAM 2's last (lowest resolution)."""
+    """The stride-16 image embedding ``(B, C, S/16, S/16)``: SAM's only one, SAM-HQ's and SAM 2's last (SAM 3's
+    is at stride 14, its ViT's patch size)."""
     return embedding_levels(embeddings)[-1]
 
 

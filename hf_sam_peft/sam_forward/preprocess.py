@@ -22,6 +22,10 @@ straight to the input size (``SAM2Transforms.postprocess_masks``, ``Sam2ImagePro
 Same ImageNet mean / std as SAM (SAM 2's processor applies them on the [0, 1] scale after a 1/255 rescale:
 the same numbers as :data:`PIXEL_MEAN` / :data:`PIXEL_STD` on the [0, 255] scale). The resize runs in float,
 as ``SAM2Transforms`` does (transformers' processor rounds the resized image to uint8 first).
+
+The SAM 3 tracker (:func:`sam3_preprocess`) takes SAM 2's square frame with SAM 3's statistics, mean = std =
+0.5 on the [0, 1] scale (transformers' ``Sam3ImageProcessor``: ``IMAGENET_STANDARD_MEAN`` / ``_STD``):
+:data:`SAM3_PIXEL_MEAN` / :data:`SAM3_PIXEL_STD` on the [0, 255] scale. SAM-HQ takes SAM's, EdgeTAM SAM 2's.
 """
 
 from __future__ import annotations
@@ -36,13 +40,17 @@ import torch.nn.functional as F
 from hf_sam_peft.data.normalize import normalize_image
 
 __all__ = [
-    "PIXEL_MEAN", "PIXEL_STD", "Preprocess", "image_preprocessor", "postprocess_masks", "preprocess_image",
-    "preprocess_shape", "sam2_preprocess", "transform_boxes", "transform_coords",
+    "PIXEL_MEAN", "PIXEL_STD", "Preprocess", "SAM3_PIXEL_MEAN", "SAM3_PIXEL_STD", "image_preprocessor",
+    "postprocess_masks", "preprocess_image", "preprocess_shape", "sam2_preprocess", "sam3_preprocess",
+    "transform_boxes", "transform_coords",
 ]
 
 # ImageNet statistics on the [0, 255] scale (SAM's pixel_mean / pixel_std).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+# SAM 3's (0.5 on the [0, 1] scale)
+SAM3_PIXEL_MEAN = (127.5, 127.5, 127.5)
+SAM3_PIXEL_STD = (127.5, 127.5, 127.5)
 
 
 def preprocess_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
@@ -51,9 +59,12 @@ def preprocess_shape(height: int, width: int, image_size: int) -> tuple[int, int
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def _resized(image: Any, size: tuple[int, int] | None, image_size: int) -> torch.Tensor:
+def _resized(
+    image: Any, size: tuple[int, int] | None, image_size: int,
+    mean: tuple[float, ...] = PIXEL_MEAN, std: tuple[float, ...] = PIXEL_STD,
+) -> torch.Tensor:
     """``image`` as float ``(3, h, w)`` on the [0, 255] scale, resized (bilinear, antialiased) to ``size``
-    (None: SAM's longest side ``image_size``), ImageNet-normalised."""
+    (None: SAM's longest side ``image_size``), normalised by ``mean`` / ``std`` (ImageNet's by default)."""
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     tensor = torch.from_numpy(normalize_image(np.asarray(image))).to(torch.float32).permute(2, 0, 1)
@@ -61,9 +72,7 @@ def _resized(image: Any, size: tuple[int, int] | None, image_size: int) -> torch
     new_h, new_w = preprocess_shape(height, width, image_size) if size is None else size
     if (new_h, new_w) != (height, width):
         tensor = F.interpolate(tensor[None], (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    return (tensor - mean) / std
+    return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 def preprocess_image(image: Any, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -83,20 +92,27 @@ def sam2_preprocess(image: Any, image_size: int) -> tuple[torch.Tensor, tuple[in
     return _resized(image, (image_size, image_size), image_size), (image_size, image_size)
 
 
+def sam3_preprocess(image: Any, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> SAM 3 tracker ``pixel_values`` ``(3, S, S)``: SAM 2's square frame, SAM 3's mean / std."""
+    return _resized(image, (image_size, image_size), image_size, SAM3_PIXEL_MEAN, SAM3_PIXEL_STD), (image_size, image_size)
+
+
 Preprocess = Callable[[Any, int], "tuple[torch.Tensor, tuple[int, int]]"]
 
 
 def image_preprocessor(model: Any) -> Preprocess:
-    """The preprocessing a model was trained with: SAM's, LiteMedSAM's for `LiteSamModel`s or SAM 2's for
-    `Sam2Model`s (same contract)."""
+    """The preprocessing a model was trained with: SAM's (also SAM-HQ's), LiteMedSAM's for `LiteSamModel`s,
+    SAM 2's for `Sam2Model`s and EdgeTAM, SAM 3's for the SAM 3 tracker (same contract)."""
     config = getattr(model, "config", model)
     model_type = getattr(config, "model_type", None)
     if model_type == "lite_sam":
         from hf_sam_peft.modeling.lite_medsam import lite_medsam_preprocess
 
         return lite_medsam_preprocess
-    if model_type == "sam2":
+    if model_type in ("sam2", "edgetam"):
         return sam2_preprocess
+    if model_type == "sam3_tracker":
+        return sam3_preprocess
     return preprocess_image
 
 

@@ -173,6 +173,7 @@ def run_cell(cell: dict[str, Any], folder: str | Path, progress: bool = False) -
         "study": cell["study"],
         "dataset": cell["dataset"],
         "method": cell["method"],
+        "base_model": cell["base_model"],
         "seed": cell["seed"],
         "ablation": cell["ablation"],
         "table_metric": table_metric,

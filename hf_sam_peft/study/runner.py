@@ -2,7 +2,7 @@
 
 Layout of the study folder::
 
-    study.yaml                     the study file as given (the last run's)
+    study.yaml                     the study file as given (the last run's; with --methods / --models: as run)
     cells/<cell_id>/cell.json      what the cell runs (method, options, training, data, evaluation)
     cells/<cell_id>/run/           its training run (checkpoints, adapter with model card, loss curve)
     cells/<cell_id>/log.txt        its output
@@ -60,7 +60,7 @@ def cell_settings(spec: StudySpec, cell: Cell) -> dict[str, Any]:
         "method": cell.method,
         "seed": cell.seed,
         "ablation": dict(cell.ablation),
-        "base_model": spec.base_model,
+        "base_model": spec.model_of(cell),
         "method_options": options if cell.method != "base" else {},
         "training": training,
         "data": data if cell.method != "base" else {},
@@ -97,6 +97,19 @@ def _finished(folder: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     if overwrite and started:
         shutil.rmtree(folder / RUN_FOLDER, ignore_errors=True)
     return False
+
+
+def _study_text(spec: StudySpec) -> str:
+    """The study file as run: its text, or, where the command line replaced keys, the file with them replaced
+    (so that ``hf-sam-peft study <folder>/study.yaml`` runs this grid again)."""
+    import yaml
+
+    text = Path(spec.path).read_text(encoding="utf-8")
+    if not spec.overrides:
+        return text
+    raw = {**yaml.safe_load(text), **spec.overrides}
+    header = f"# {spec.path} with {', '.join(spec.overrides)} from the command line\n"
+    return header + yaml.safe_dump(raw, sort_keys=False)
 
 
 def _run_isolated(folder: Path, progress: bool, threads: Optional[int]) -> None:
@@ -139,7 +152,7 @@ def run_study(
     folder.mkdir(parents=True, exist_ok=True)
     with output_lock(folder):  # one study at a time in a folder: two would run and rewrite the same cells
         if spec.path is not None:
-            atomic_write_text(folder / "study.yaml", Path(spec.path).read_text(encoding="utf-8"))
+            atomic_write_text(folder / "study.yaml", _study_text(spec))
         result = StudyResult(folder=folder)
         cells = spec.cells()
         todo: list[tuple[Cell, Path, dict[str, Any]]] = []

@@ -4,8 +4,8 @@ The paper is a grid of such cells (its Tab. 1/2: ten methods on each dataset; Ap
 rate, AdaptFormer α / projection size / dropout, FacT rank / dropout). One file describes the whole grid::
 
     name: lite_medsam_2d
-    base_model: lite_medsam
-    methods: all                       # or a list of method names
+    base_model: lite_medsam            # or a list of base models: each is one more axis of the grid
+    methods: all                       # the paper's ten, or a list of names (peft's own included: dora, vera, ...)
     datasets: [dsb2018_stage1test_fluo_nuclei, usiigaci_phase_contrast_cells]
     seeds: [0]
     method_options: {lora: {r: 16}}    # per method, for all its cells
@@ -17,6 +17,10 @@ rate, AdaptFormer α / projection size / dropout, FacT rank / dropout). One file
 
 An ablation key ``training.X`` / ``data.X`` sets a training argument / data option; any other key is an option
 of the method (as in a recipe's ``method_options``). Every value is checked here, before any cell runs.
+
+``methods`` names any of ``hf_sam_peft.methods.ALL_METHOD_NAMES``: the paper's ten and peft's own tuners
+(``PEFT_METHOD_NAMES``); ``all`` is the paper's ten. With several base models the cell ids name the model
+(``<dataset>__<model>__<method>__s<seed>``); with one they do not (a one-model study keeps the ids it had).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ __all__ = [
 ]
 
 STUDY_KEYS = {
-    "name": str, "description": str, "base_model": str, "methods": (str, list), "datasets": list, "seeds": list,
+    "name": str, "description": str, "base_model": (str, list), "methods": (str, list), "datasets": list, "seeds": list,
     "method_options": dict, "ablations": dict, "training": dict, "data": dict, "evaluation": dict, "ais": bool,
     "output_dir": str, "base": bool,
 }
@@ -64,6 +68,7 @@ class Cell:
     method: str
     seed: int = 0
     ablation: tuple[tuple[str, Any], ...] = ()  # (key, value) pairs of this cell's ablation values
+    model: str = ""  # the base model, where the study has several ("": the study's only one)
 
     @property
     def ablation_label(self) -> str:
@@ -72,8 +77,9 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        """A folder-safe unique name: ``<dataset>__<method>[__<ablation>]__s<seed>``."""
-        parts = [self.dataset, self.method]
+        """A folder-safe unique name: ``<dataset>[__<model>]__<method>[__<ablation>]__s<seed>``."""
+        model = [re.sub(r"[^A-Za-z0-9_.=,+-]", "_", self.model)] if self.model else []
+        parts = [self.dataset, *model, self.method]
         if self.ablation:
             parts.append(re.sub(r"[^A-Za-z0-9_.=,+-]", "_", self.ablation_label))
         return "__".join(parts) + f"__s{self.seed}"
@@ -86,7 +92,7 @@ class StudySpec:
     name: str
     datasets: list[str]
     methods: list[str]
-    base_model: str = "lite_medsam"
+    base_models: list[str] = field(default_factory=lambda: ["lite_medsam"])
     seeds: list[int] = field(default_factory=lambda: [0])
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     ablations: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
@@ -98,6 +104,16 @@ class StudySpec:
     output_dir: Optional[str] = None
     description: str = ""
     path: Optional[Path] = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # keys the command line replaced (--methods, --models)
+
+    @property
+    def base_model(self) -> str:
+        """The base models as one label (the only one, or all of them comma-separated)."""
+        return ", ".join(self.base_models)
+
+    def model_of(self, cell: Cell) -> str:
+        """The base model a cell trains and is scored with."""
+        return cell.model or self.base_models[0]
 
     def cells(self) -> list["Cell"]:
         return expand_cells(self)
@@ -122,18 +138,30 @@ def _fail(where: str, message: str) -> None:
 
 
 def _check_methods(where: str, methods: Any) -> list[str]:
-    from ..methods import METHOD_NAMES
+    """``all`` (the paper's ten) or a list of distinct names from ``ALL_METHOD_NAMES`` (peft's own included)."""
+    from ..methods import ALL_METHOD_NAMES, METHOD_NAMES
 
     if methods == "all":
         return list(METHOD_NAMES)
     if not isinstance(methods, list) or not methods:
-        _fail(where, f"methods must be 'all' or a non-empty list of {', '.join(METHOD_NAMES)}; got {methods!r}")
-    unknown = [m for m in methods if m not in METHOD_NAMES]
+        _fail(where, f"methods must be 'all' or a non-empty list of {', '.join(ALL_METHOD_NAMES)}; got {methods!r}")
+    unknown = [m for m in methods if m not in ALL_METHOD_NAMES]
     if unknown:
-        _fail(where, f"unknown methods {unknown} (known: {', '.join(METHOD_NAMES)})")
+        _fail(where, f"unknown methods {unknown} (known: {', '.join(ALL_METHOD_NAMES)})")
     if len(set(methods)) != len(methods):
         _fail(where, f"methods lists a method twice: {methods}")
     return list(methods)
+
+
+def _check_models(where: str, models: Any) -> list[str]:
+    """``base_model``: one name / folder / Hub id, or a non-empty list of distinct ones (a grid axis)."""
+    listed = models if isinstance(models, list) else [models]
+    if not listed or not all(isinstance(m, str) and m.strip() for m in listed):
+        _fail(where, "base_model must be a base model name, folder or Hub id, or a non-empty list of them; "
+                     f"got {models!r}")
+    if len(set(listed)) != len(listed):
+        _fail(where, f"base_model lists a model twice: {listed}")
+    return list(listed)
 
 
 def _check_datasets(where: str, datasets: Any) -> list[str]:
@@ -183,7 +211,7 @@ def count_cells(spec: StudySpec) -> int:
     for method in spec.methods:
         axes = spec.ablations.get(method)
         per_seed += 1 + (math.prod(len(values) for values in axes.values()) if axes else 0)
-    return len(spec.datasets) * (int(spec.base) + len(spec.seeds) * per_seed)
+    return len(spec.datasets) * len(spec.base_models) * (int(spec.base) + len(spec.seeds) * per_seed)
 
 
 def check_grid_size(where: str, spec: StudySpec) -> None:
@@ -254,16 +282,17 @@ def study_from_dict(raw: Any, where: str = "study") -> StudySpec:
         _fail(where, f"name must be letters, digits, '_', '-' or '.', got {raw['name']!r}")
     methods = _check_methods(where, raw["methods"])
     method_options = raw.get("method_options") or {}
-    from ..methods import METHOD_NAMES
+    from ..methods import ALL_METHOD_NAMES
 
     for method, options in method_options.items():  # options of a method the study skips are kept, not an error
-        if method not in METHOD_NAMES or not isinstance(options, dict):
-            _fail(where, f"method_options.{method} must be a mapping of options of a method ({', '.join(METHOD_NAMES)})")
+        if method not in ALL_METHOD_NAMES or not isinstance(options, dict):
+            _fail(where, f"method_options.{method} must be a mapping of options of a method "
+                         f"({', '.join(ALL_METHOD_NAMES)})")
     spec = StudySpec(
         name=raw["name"],
         datasets=_check_datasets(where, raw["datasets"]),
         methods=methods,
-        base_model=raw.get("base_model") or "lite_medsam",
+        base_models=_check_models(where, "lite_medsam" if raw.get("base_model") is None else raw["base_model"]),
         seeds=_check_seeds(where, raw.get("seeds", [0])),
         method_options={k: dict(v) for k, v in method_options.items()},
         ablations=_check_ablations(where, raw.get("ablations"), methods),
@@ -280,35 +309,53 @@ def study_from_dict(raw: Any, where: str = "study") -> StudySpec:
     return spec
 
 
-def load_study(path: str | Path) -> StudySpec:
-    """Read and validate a study file; errors name the file and the bad key."""
+def load_study(
+    path: str | Path, methods: Optional[list[str]] = None, models: Optional[list[str]] = None
+) -> StudySpec:
+    """Read and validate a study file; errors name the file and the bad key.
+
+    ``methods`` / ``models`` (the command line's ``--methods`` / ``--models``) replace the file's ``methods`` /
+    ``base_model`` before validation; the spec's ``overrides`` records them.
+    """
     from ..train import read_yaml_file
 
     path = Path(path)
     raw = read_yaml_file(path, "study file")
-    spec = study_from_dict(raw, where=f"study file {path}")
+    overrides: dict[str, Any] = {}
+    if methods is not None:
+        overrides["methods"] = list(methods)
+    if models is not None:
+        overrides["base_model"] = list(models)
+    where = f"study file {path}"
+    if overrides and isinstance(raw, dict):
+        raw = {**raw, **overrides}
+        where += f" with {', '.join(overrides)} from the command line"
+    spec = study_from_dict(raw, where=where)
     spec.path = path
+    spec.overrides = overrides
     return spec
 
 
 def expand_cells(spec: StudySpec) -> list[Cell]:
-    """The grid in run order: per dataset, the base (once), then per seed every method's default cell and its
-    ablation cells (the cartesian product of its ablation axes, in the order the file lists them); a grid
-    larger than :data:`MAX_STUDY_CELLS` is a one-line ValueError."""
+    """The grid in run order: per dataset (and base model, where there are several), the base (once), then per
+    seed every method's default cell and its ablation cells (the cartesian product of its ablation axes, in the
+    order the file lists them); a grid larger than :data:`MAX_STUDY_CELLS` is a one-line ValueError."""
     check_grid_size(f"study {spec.name}", spec)
+    models = spec.base_models if len(spec.base_models) > 1 else [""]
     cells: list[Cell] = []
     for dataset in spec.datasets:
-        if spec.base:
-            cells.append(Cell(dataset, "base", 0))
-        for seed in spec.seeds:
-            for method in spec.methods:
-                cells.append(Cell(dataset, method, seed))
-                axes = spec.ablations.get(method)
-                if not axes:
-                    continue
-                keys = list(axes)
-                for values in itertools.product(*(axes[k] for k in keys)):
-                    cells.append(Cell(dataset, method, seed, tuple(zip(keys, values))))
+        for model in models:
+            if spec.base:
+                cells.append(Cell(dataset, "base", 0, model=model))
+            for seed in spec.seeds:
+                for method in spec.methods:
+                    cells.append(Cell(dataset, method, seed, model=model))
+                    axes = spec.ablations.get(method)
+                    if not axes:
+                        continue
+                    keys = list(axes)
+                    for values in itertools.product(*(axes[k] for k in keys)):
+                        cells.append(Cell(dataset, method, seed, tuple(zip(keys, values)), model=model))
     unique: dict[str, Cell] = {}
     for cell in cells:
         unique.setdefault(cell.cell_id, cell)

@@ -15,12 +15,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from peft.tuners.adalora import AdaLoraModel
 
 
 def adalora_model(model: nn.Module) -> Optional[nn.Module]:
     """The ``AdaLoraModel`` inside a PeftModel (also under DDP / accelerate wrappers), or None."""
-    from peft.tuners.adalora import AdaLoraModel
-
     inner = getattr(model, "module", model)  # DistributedDataParallel
     tuner = getattr(inner, "base_model", None)
     return tuner if isinstance(tuner, AdaLoraModel) else None

@@ -17,6 +17,16 @@ files are scanned for non-finite values, so older runs resume as before.
 
 The scheduler state is not scanned: ``ReduceLROnPlateau`` legitimately stores ``best = inf`` before its
 first evaluation.
+
+Verified once per process: a resume is checked by the command (``hf_sam_peft.train``, before data and model
+are loaded) and again by ``SamInteractiveTrainer.train``, and the recorded best checkpoint is often the one
+resumed from. Hashing a checkpoint reads every byte of it (gigabytes of optimizer state for ViT-H), so
+:func:`checkpoint_problem` remembers each folder it found intact with a stat fingerprint of its files (name,
+size, inode, mtime and ctime, in nanoseconds) and checks it again in full only when that changed. ``ctime``
+cannot be set back from user space, so any write, replacement or ``os.utime`` since the check shows. A file
+changed within the same timestamp tick as its last write would keep its stamps (Linux stamps files with a
+coarse clock, ~4 ms), so a folder whose newest stamp is younger than :data:`SETTLED_SECONDS` is never
+remembered (git's "racily clean" rule).
 """
 
 from __future__ import annotations
@@ -27,10 +37,14 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+
+from hf_sam_peft.atomic import atomic_write_text
 
 __all__ = [
     "CHECKPOINT_MARKER",
@@ -48,6 +62,11 @@ CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint wit
 OPTIMIZER_NAME = "optimizer.pt"  # transformers' OPTIMIZER_NAME
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _CHUNK = 1 << 20
+SETTLED_SECONDS = 2.0
+"""A checkpoint whose newest file stamp is younger than this is checked in full every time (module notes); 2 s
+also covers filesystems with 2-second stamps (FAT)."""
+_INTACT: dict[str, tuple] = {}  # realpath -> stat fingerprint of a folder found intact (module notes)
+_INTACT_LIMIT = 16  # a process resumes from a handful of checkpoints; the oldest entry goes first
 # the trainer's logger: the notes about skipped checkpoints belong to the training log
 logger = logging.getLogger("hf_sam_peft.training.trainer")
 
@@ -76,8 +95,6 @@ def _checkpoint_files(folder: Path) -> dict[str, int]:
 def mark_checkpoint_complete(folder: str | os.PathLike) -> Path:
     """Write the completeness marker (every file's size and SHA-256) into a fully written checkpoint folder,
     atomically."""
-    from hf_sam_peft.atomic import atomic_write_text
-
     folder = Path(folder)
     files = _checkpoint_files(folder)
     sha256 = {name: file_sha256(folder / name) for name in files}
@@ -108,8 +125,6 @@ def non_finite_tensor(tensors: Any, prefix: str = "") -> str | None:
 
 def _safetensors_problem(path: Path, name: str) -> str | None:
     """A damaged header or a tensor holding NaN / inf in a safetensors file (tensors read one at a time)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
@@ -136,10 +151,39 @@ def _optimizer_problem(path: Path, name: str) -> str | None:
     return None if found is None else f"{name} holds NaN or inf values ({found})"
 
 
+def _fingerprint(folder: Path) -> tuple | None:
+    """``(name, size, inode, mtime_ns, ctime_ns)`` of every file under ``folder``, the marker included; None when
+    a file vanished while listing or the newest stamp is younger than :data:`SETTLED_SECONDS`."""
+    try:
+        stats = [(p.relative_to(folder).as_posix(), p.stat()) for p in sorted(folder.rglob("*")) if p.is_file()]
+    except OSError:
+        return None
+    newest = max((max(st.st_mtime_ns, st.st_ctime_ns) for _, st in stats), default=0)
+    if time.time_ns() - newest < SETTLED_SECONDS * 1e9:
+        return None
+    return tuple((name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats)
+
+
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """Why ``folder`` cannot be resumed from (a half-written save, a missing, truncated or changed file,
-    non-finite weights or optimizer state), or None if intact (see the module notes)."""
+    non-finite weights or optimizer state), or None if intact (see the module notes; a folder found intact
+    before and unchanged since is not read again)."""
     folder = Path(folder)
+    key = os.path.realpath(folder)
+    fingerprint = _fingerprint(folder) if folder.is_dir() else None
+    if fingerprint is not None and _INTACT.get(key) == fingerprint:
+        return None
+    problem = _verify_checkpoint(folder)
+    _INTACT.pop(key, None)
+    if problem is None and fingerprint is not None and _fingerprint(folder) == fingerprint:  # unchanged while read
+        while len(_INTACT) >= _INTACT_LIMIT:
+            _INTACT.pop(next(iter(_INTACT)))
+        _INTACT[key] = fingerprint
+    return problem
+
+
+def _verify_checkpoint(folder: Path) -> str | None:
+    """:func:`checkpoint_problem` without the memory: reads and hashes every file of ``folder``."""
     if not folder.is_dir():
         return "it is not a folder"
     marker = folder / CHECKPOINT_MARKER

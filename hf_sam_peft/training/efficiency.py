@@ -1,4 +1,4 @@
-"""Options that make a training step cheaper without changing what it computes (issue 7).
+"""Options that make a training step cheaper without changing what it computes.
 
 Each option is a switch with a documented default; :meth:`EfficiencyOptions.plain` turns them all off
 (the reference path). Measured on ViT-B, 1024², 2 CPU cores in ``benchmarks/RESULTS.md``; each has a CPU
@@ -82,11 +82,21 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.models.sam.modeling_sam import (
+    SAM_VISION_ATTENTION_CLASSES,
+    SamVisionAttention,
+)
 
 from hf_sam_peft.modeling.attention import DEFAULT_KEY_TILE, SamVisionFusedAttention
 from hf_sam_peft.sam_forward.forward import embeddings_from_features, encode_images, unwrap_sam, vision_features
 from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, map_embeddings, stack_embeddings, unstack_embeddings
 from hf_sam_peft.sam_forward.precision import fast_autocast_dtype, native_autocast_dtype
+from hf_sam_peft.methods import get_method
+from hf_sam_peft.modeling.layout import set_contiguous_layout
+from hf_sam_peft.modeling.mask_decoder import set_decoder_projections
+from hf_sam_peft.modeling.mlp import set_mlp_recompute
+from hf_sam_peft.training import cpu_runtime  # called as cpu_runtime.<name>: patchable, as the demo's tests do
+from hf_sam_peft.tuners import FreezeEncoderConfig
 
 logger = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -111,12 +121,12 @@ class EfficiencyOptions:
     # activations fit: ViT-B LoRA on 2 CPU cores, AMX, 11.1 s / 4.4 GiB without, 13.1 s / 2.8 GiB with); on
     # where it is not (AVX2): the activations are float32, twice bf16's bytes (ViT-B, AVX2 cap, one run each:
     # Full FT peak 5.90 -> 3.51 GiB at CPU time 70.0 -> 70.4 s per step, LoRA 4.86 -> 2.93 GiB at 58.4 -> 64.4 s;
-    # benchmarks/RESULTS.md, session 9). Not on AVX512-BF16 CPUs that train in float32 because it is faster
+    # benchmarks/RESULTS.md). Not on AVX512-BF16 CPUs that train in float32 because it is faster
     # there: without AMX it cost LoRA 31% (26.9 -> 35.2 s). Turn it on for ViT-L/H or large batches.
     checkpoint_encoder: bool | str = "auto"
     # "auto": "hidden" for a float32 CPU step whose encoder is not checkpointed (no AMX: bf16 is not faster
-    # there), else off. ViT-B encoder on 2 CPU cores without AMX, float32, graph / backward (session 10, one
-    # run each): LoRA 1.68 -> 1.26 GiB at 10.0 -> 11.4 s; Full FT 2.38 -> 1.82 GiB ("activation", 13.3 ->
+    # there), else off. ViT-B encoder on 2 CPU cores without AMX, float32, graph / backward (one run
+    # each): LoRA 1.68 -> 1.26 GiB at 10.0 -> 11.4 s; Full FT 2.38 -> 1.82 GiB ("activation", 13.3 ->
     # 14.0 s) or -> 1.26 GiB ("hidden", -> 14.5 s)
     encoder_mlp_recompute: str | None = "auto"
     checkpoint_rounds: bool = True
@@ -132,7 +142,7 @@ class EfficiencyOptions:
     contiguous_layout: bool = True
     # a ViT-B CPU step page-faults ~0.3-0.9 million pages (1-2 s) without it; the price is heap fragmentation:
     # peak RSS 0.2-0.5 GiB higher (LoRA, no AMX, float32; a lower mmap threshold trades time back for memory,
-    # benchmarks/RESULTS.md, session 8)
+    # benchmarks/RESULTS.md)
     retain_freed_memory: bool = True
     # ViT-B Full FT CPU step, mean of 6: 11.78 -> 11.36 s (CPU time 22.7 -> 22.1 s); removes slow-backward spikes
     flush_denormals: bool = True
@@ -239,11 +249,6 @@ def set_encoder_attention(sam: nn.Module, kind: str, key_tile: int | None = DEFA
     parameters), so switching the class of the existing modules is exact. ``key_tile``: the fused modules'
     key tile side (``SamVisionFusedAttention.key_tile``).
     """
-    from transformers.models.sam.modeling_sam import (
-        SAM_VISION_ATTENTION_CLASSES,
-        SamVisionAttention,
-    )
-
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
     target = SamVisionFusedAttention if kind == "fused" else SAM_VISION_ATTENTION_CLASSES[kind]
@@ -280,11 +285,6 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
     ``retain_freed_memory`` and ``flush_denormals`` are applied here too when that device is a CPU (they
     are process-wide: :mod:`hf_sam_peft.training.cpu_runtime`).
     """
-    from hf_sam_peft.modeling.layout import set_contiguous_layout
-    from hf_sam_peft.modeling.mask_decoder import set_decoder_projections
-    from hf_sam_peft.modeling.mlp import set_mlp_recompute
-    from hf_sam_peft.training.cpu_runtime import flush_denormals, retain_freed_memory
-
     sam = unwrap_sam(model)
     run_on = torch.device(device) if device is not None else next(sam.parameters()).device
     if options.encoder_attention is not None:
@@ -294,9 +294,9 @@ def prepare_model(model: nn.Module, options: EfficiencyOptions, device: torch.de
     set_decoder_projections(sam, fused=options.fuse_decoder_projections)
     set_contiguous_layout(sam, enabled=options.contiguous_layout)
     if options.retain_freed_memory and run_on.type == "cpu":
-        retain_freed_memory()
+        cpu_runtime.retain_freed_memory()
     if options.flush_denormals and run_on.type == "cpu":
-        flush_denormals()
+        cpu_runtime.flush_denormals()
     encoder = sam.vision_encoder
     checkpointable = getattr(encoder, "supports_gradient_checkpointing", False)
     checkpoint_encoder = resolve_checkpoint_encoder(options.checkpoint_encoder, run_on)
@@ -424,9 +424,6 @@ def last_blocks_overrides(method: str, n_layers: int, k: int) -> dict[str, Any]:
     Example: ``apply_method(model, "lora", **last_blocks_overrides("lora", 12, 4))``, the same as
     ``apply_method(model, "lora", layers=[8, 9, 10, 11])``.
     """
-    from hf_sam_peft.methods import get_method
-    from hf_sam_peft.tuners import FreezeEncoderConfig
-
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
     if not isinstance(k, int) or not 1 <= k <= n_layers:

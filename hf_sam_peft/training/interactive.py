@@ -1,6 +1,6 @@
 """The interactive training forward of one batch (µSAM's iterative prompting) and its loss.
 
-Per batch (DESIGN §3, ``micro_sam/training/sam_trainer.py``): the image encoder runs once and its graph is
+Per batch (``SamTrainer._compute_iterative_loss`` in ``micro_sam/training/sam_trainer.py``): the image encoder runs once and its graph is
 kept, so every round's loss reaches the encoder. Objects are sampled per image (cut to the smallest count
 of the batch); the first round gets the initial prompt (training alternates one positive point with
 multimask output and a jittered box with a single mask), then each further round adds one positive and one
@@ -46,7 +46,7 @@ from hf_sam_peft.prompts import (
     sample_objects,
     sample_point_prompts,
 )
-# SAM's shared forward; every name here stays importable from this module (the paths before issue 16)
+# SAM's shared forward, re-exported: callers import decode / encode_images / unwrap_sam from this module too
 from hf_sam_peft.sam_forward.forward import decode, encode_images, unwrap_sam  # noqa: F401
 from hf_sam_peft.sam_forward.frames import Frames, Prompts
 from hf_sam_peft.sam_forward.kinds import (

@@ -7,7 +7,7 @@ the minimum over the masks is taken, then the mean over objects. The IoU regress
 are weighted 1:1.
 
 Deliberate deviation: µSAM sums the per-image terms over the batch; we average them over the images of the
-batch (DESIGN §3), so the loss scale does not depend on the batch size.
+batch (``SamTrainer._compute_loss`` adds them up image by image), so the loss scale does not depend on the batch size.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ train_dataset=..., eval_dataset=...)``; the collator defaults to :class:`SamInte
 model's input size. ``model`` is a ``SamModel``, a ``Sam2Model`` (SAM 2's image model) or a ``PeftModel``
 wrapping one.
 
-What it does (DESIGN §3):
+What it does (µSAM's ``SamTrainer`` in ``micro_sam/training/sam_trainer.py``, as the paper ran it):
 
 - training step: :func:`~hf_sam_peft.training.interactive.interactive_loss` with the initial prompt
   alternating point / box by micro-step, ``n_sub_iterations`` rounds, mask input with ``mask_prob``;
@@ -101,25 +101,24 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from hf_sam_peft.modeling.attention import DEFAULT_KEY_TILE
 from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME as DECODER_ATTRIBUTE
 from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
 from hf_sam_peft.sam_forward.kinds import main_embedding
 from hf_sam_peft.sam_forward.seeding import EVAL_STREAM, TRAIN_STREAM, prompt_generator
-from hf_sam_peft.training.checkpoints import (  # noqa: F401  (re-exported: the names lived here before)
-    _CHECKPOINT_NAME,
+from hf_sam_peft.training.adalora import AdaLoraAllocation, adalora_model, adalora_regularizer
+from hf_sam_peft.training.ais import ais_loss, distance_targets
+from hf_sam_peft.training.checkpoints import (  # noqa: F401  (also imported from here by train.py, study/cell.py)
     CHECKPOINT_MARKER,
     CheckpointError,
-    _checkpoint_files,
     checkpoint_problem,
     latest_intact_checkpoint,
     list_checkpoints,
     mark_checkpoint_complete,
-    non_finite_tensor,
     resolve_resume_checkpoint,
 )
-from hf_sam_peft.training.adalora import AdaLoraAllocation, adalora_model, adalora_regularizer
 from hf_sam_peft.training.collate import SamInteractiveCollator
 from hf_sam_peft.training.efficiency import (
     EfficiencyOptions,
@@ -140,6 +139,72 @@ from hf_sam_peft.training.interactive import (
 LOSS_CURVE_NAME = "loss_curve.png"
 logger = logging.getLogger(__name__)
 VALIDATION_MODES = ("point", "box", "points", "box_points")
+
+
+@dataclass(frozen=True)
+class TrainerInternal:
+    """A private or undocumented part of ``transformers.Trainer`` that :class:`SamInteractiveTrainer` relies on."""
+
+    name: str  # attribute of transformers.Trainer, or "trainer_utils.<name>" for a module-level helper
+    use: str  # "override", "call" (we call it), "attribute" (we set or read it), "constant"
+    parameters: str  # the signature without annotations, as of ``checked`` (a constant: its repr)
+    seen_in: str  # the Trainer method whose source calls / reads it (the override is dead code otherwise)
+    why: str
+    checked: tuple[str, ...] = ("5.25.0",)  # transformers versions whose source was read against this row
+
+
+TRAINER_INTERNALS: tuple[TrainerInternal, ...] = (
+    TrainerInternal(
+        "_init_training_state", "override",
+        "(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)",
+        "_inner_training_loop",
+        "the one hook that runs after a resumed TrainerState is loaded and before the first step: the recorded best "
+        "checkpoint is relocated beside the resumed one and the never-worse record is rebuilt from log_history",
+    ),
+    TrainerInternal(
+        "_load_optimizer_and_scheduler", "override", "(self, checkpoint)", "_prepare_for_training",
+        "reset_optimizer_hyperparameters: a resume that changes the learning rate / weight decay / Adam settings "
+        "puts them back over the values the loaded optimizer state brings",
+    ),
+    TrainerInternal(
+        "_save_checkpoint", "override", "(self, model, trial)", "_maybe_log_save_evaluate",
+        "checkpoint_complete.json written last, rotation only after it, a failed save removed (CheckpointError); "
+        "also called by _evaluate_base to save the untouched model as checkpoint-0",
+    ),
+    TrainerInternal(
+        "_determine_best_metric", "override", "(self, metrics, trial)", "_maybe_log_save_evaluate",
+        "the never-worse rule decides which evaluation counts as best; also called by _evaluate_base for step 0",
+    ),
+    TrainerInternal(
+        "_get_output_dir", "call", "(self, trial)", "_save_checkpoint",
+        "the run folder as the Trainer names it (a hyperparameter-search trial gets a sub-folder)",
+    ),
+    TrainerInternal(
+        "_prepare_inputs", "call", "(self, inputs)", "prediction_step",
+        "moves a batch to the device in our training_step (joint path) and prediction_step, as the Trainer's own",
+    ),
+    TrainerInternal(
+        "model_accepts_loss_kwargs", "attribute", "", "compute_loss",
+        "set to False after Trainer.__init__: SamModel.forward takes **kwargs, which would make the Trainer pass "
+        "num_items_in_batch (label pixels) and treat our per-batch mean loss as a sum",
+    ),
+    TrainerInternal(
+        "trainer_utils.rotate_checkpoints", "call",
+        "(output_dir, save_total_limit=None, best_model_checkpoint=None, use_mtime=False, checkpoint_prefix='checkpoint')",
+        "_save_checkpoint",
+        "our _save_checkpoint turns the Trainer's rotation off (save_total_limit=None) and rotates itself once the "
+        "marker is written, with the same helper and arguments",
+    ),
+    TrainerInternal(
+        "trainer_utils.PREFIX_CHECKPOINT_DIR", "constant", "'checkpoint'", "_save_checkpoint",
+        "checkpoint folders are <prefix>-<step>: checkpoints.list_checkpoints and checkpoint-0 assume 'checkpoint'",
+    ),
+)
+"""Every private (leading underscore) or undocumented ``transformers.Trainer`` method, attribute and helper this
+module overrides, calls or sets, in one place; tests/training/test_trainer_overrides.py fails when one of them
+disappears, changes its parameters or stops being used by the Trainer method named in ``seen_in``. The
+documented API we override (``train``, ``compute_loss``, ``training_step``, ``prediction_step``,
+``evaluation_loop``, ``log``, ``loss_is_scaled_for_ga``) is not listed."""
 
 
 def mode_dice(metrics: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
@@ -298,6 +363,7 @@ class LossCurveCallback(TrainerCallback):
 
 def plot_loss_curve(log_history: list[dict[str, Any]], path: str | Path) -> Path | None:
     """Plot ``loss`` and ``eval_loss`` of a Trainer's ``log_history`` against the step; ``None`` if nothing to plot."""
+    # lazy: matplotlib takes ~0.9 s to import and only a finished training draws
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -350,8 +416,6 @@ class NonFiniteLossError(ValueError):
 
 def decoder_loss(model: nn.Module, batch: dict[str, torch.Tensor], min_size: int) -> torch.Tensor:
     """The UNETR decoder's distance loss on the batch (encoder run again, with gradients)."""
-    from hf_sam_peft.training.ais import ais_loss, distance_targets
-
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return in_single_forward(model, lambda inner: decoder_loss(inner, batch, min_size))
     sam = unwrap_sam(model)
@@ -654,8 +718,6 @@ class SamInteractiveTrainer(Trainer):
         """``Trainer._save_checkpoint`` made safe to interrupt: a checkpoint counts only once its marker
         (written last) is there, older checkpoints are rotated away only after that, and a failed save (full
         disk) removes its half-written folder and raises :class:`CheckpointError` naming it."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
         self._check_finite_weights(model)
         run_dir = self._get_output_dir(trial=trial)
         folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"

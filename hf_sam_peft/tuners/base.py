@@ -48,15 +48,26 @@ SAM_MODULES_TO_SAVE: tuple[str, ...] = (
     UNETR_MODULE_NAME,
 )
 
-# Block-level module paths of SAM image encoders: `vision_encoder.layers.<i>` in transformers' ViT,
-# `vision_encoder.layers.<stage>.blocks.<j>` in LiteMedSAM's TinyViT (hf_sam_peft.modeling.tiny_vit), and
-# `vision_encoder.backbone.blocks.<i>` in SAM 2's Hiera (transformers' Sam2Model).
-ENCODER_BLOCKS = r"vision_encoder\.(?:layers\.\d+(?:\.blocks\.\d+)?|backbone\.blocks\.\d+)"
+# Block-level module paths of SAM image encoders: `vision_encoder.layers.<i>` in transformers' ViT (SamModel,
+# SamHQModel), `vision_encoder.layers.<stage>.blocks.<j>` in LiteMedSAM's TinyViT (hf_sam_peft.modeling.tiny_vit),
+# `vision_encoder.backbone.blocks.<i>` in SAM 2's Hiera (transformers' Sam2Model) and
+# `vision_encoder.backbone.layers.<i>` in SAM 3's ViT (Sam3TrackerModel). EdgeTAM's RepViT has no such blocks.
+_INDEX = r"\d+"
+
+
+def encoder_blocks(layers: Optional[list[int]] = None) -> str:
+    """The regex of an image-encoder block path (only blocks `layers`, when given: the `i` that `layers` names)."""
+    index = _INDEX if layers is None else "(?:" + "|".join(str(int(i)) for i in layers) + ")"
+    return rf"vision_encoder\.(?:layers\.{index}(?:\.blocks\.\d+)?|backbone\.(?:blocks|layers)\.{index})"
+
+
+ENCODER_BLOCKS = encoder_blocks()
 
 # Module names inside one encoder block, for all encoders (a name absent in one encoder matches nothing there).
 BLOCK_NORMS: tuple[str, ...] = ("layer_norm1", "layer_norm2", "attn.norm", "mlp.norm")  # ViT, Hiera | TinyViT
 BLOCK_LINEARS: tuple[str, ...] = (
     "attn.qkv", "attn.proj",
+    "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",  # SAM 3's ViT (and its fc1/fc2)
     "mlp.lin1", "mlp.lin2",  # ViT
     "mlp.fc1", "mlp.fc2",  # TinyViT
     "mlp.proj_in", "mlp.proj_out",  # Hiera
@@ -71,14 +82,31 @@ BLOCK_LINEARS: tuple[str, ...] = (
 # `layers` (every encoder tuner): the index i of `vision_encoder.layers.<i>` (a ViT block; a TinyViT stage) or of
 # `vision_encoder.backbone.blocks.<i>` (a Hiera block), i.e. peft's `layers_to_transform` with this
 # `layers_pattern` (peft reads it as a regex and takes the first index after it). Our regex for the same index.
+# (`layers` also matches SAM 3's `backbone.layers`.)
 LAYERS_PATTERN = r"(?:layers|backbone\.blocks)"
-_BLOCK_INDEX = re.compile(r"(?:^|.*?\.)vision_encoder\.(?:layers|backbone\.blocks)\.(\d+)\.")
+_BLOCK_INDEX = re.compile(r"(?:^|.*?\.)vision_encoder\.(?:layers|backbone\.blocks|backbone\.layers)\.(\d+)\.")
 
 
-def encoder_regex(*suffixes: str) -> str:
-    """A peft `target_modules` regex matching `<block>.<suffix>` inside SAM's image encoder blocks."""
+def encoder_regex(*suffixes: str, layers: Optional[list[int]] = None) -> str:
+    """A peft `target_modules` regex matching `<block>.<suffix>` inside SAM's image encoder blocks (only the
+    blocks `layers`, resolved indices, when given: written into the regex, see `hf_sam_peft.tuners.native`)."""
     alternatives = "|".join(re.escape(s) for s in suffixes)
-    return rf"^(.*\.)?{ENCODER_BLOCKS}\.({alternatives})$"
+    return rf"^(.*\.)?{encoder_blocks(layers)}\.({alternatives})$"
+
+
+# Image-encoder families (`encoder_family`): which blocks a tuner finds and which methods fit (tuners.native)
+VIT, TINY_VIT, HIERA, SAM3_VIT, REPVIT = "vit", "tiny_vit", "hiera", "sam3_vit", "repvit"
+
+
+def encoder_family(model: nn.Module) -> str:
+    """The family of `model`'s image encoder: SAM's / SAM-HQ's ViT, LiteMedSAM's TinyViT, SAM 2's Hiera, SAM 3's
+    ViT (split q/k/v projections, rotary positions) or EdgeTAM's convolutional RepViT."""
+    encoder = find_image_encoder(model)
+    if getattr(getattr(model, "config", None), "model_type", None) == "edgetam":
+        return REPVIT
+    if hasattr(encoder, "layers"):
+        return TINY_VIT if hasattr(encoder.layers[0], "blocks") else VIT
+    return HIERA if hasattr(encoder.backbone, "blocks") else SAM3_VIT
 
 
 def modules_to_save_for(model: Optional[nn.Module], names: Optional[list[str]]) -> Optional[list[str]]:
@@ -133,10 +161,20 @@ def check_layers(layers: Any, num_layers: Optional[int] = None) -> Optional[list
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """What `layers` indexes: `vision_encoder.layers` (ViT blocks; TinyViT stages) or SAM 2's Hiera blocks."""
+    """What `layers` indexes: `vision_encoder.layers` (ViT blocks; TinyViT stages), SAM 2's Hiera blocks or
+    SAM 3's ViT blocks; a one-line error for EdgeTAM's RepViT, which has no transformer blocks."""
     encoder = find_image_encoder(model)
     layers = getattr(encoder, "layers", None)
-    return layers if layers is not None else encoder.backbone.blocks
+    if layers is not None:
+        return layers
+    backbone = encoder.backbone
+    for name in ("blocks", "layers"):
+        if isinstance(getattr(backbone, name, None), nn.ModuleList):
+            return getattr(backbone, name)
+    raise ValueError(
+        f"layers: {type(model).__name__}'s image encoder ({type(backbone).__name__}, convolutional) has no "
+        "transformer blocks to index; leave layers unset"
+    )
 
 
 def num_encoder_layers(model: nn.Module) -> int:
@@ -200,13 +238,18 @@ class SamTunerConfig(PeftConfig):
 
 
 def find_image_encoder(model: nn.Module) -> nn.Module:
-    """The image encoder of a SAM (ViT, TinyViT) or SAM 2 (Hiera) model; a one-line error for anything else."""
+    """The image encoder of a SAM (ViT, TinyViT), SAM-HQ (ViT), SAM 2 (Hiera), SAM 3 tracker (SAM 3's ViT) or
+    EdgeTAM (RepViT) model; a one-line error for anything else."""
     encoder = getattr(model, "vision_encoder", None)
-    blocks = getattr(getattr(encoder, "backbone", None), "blocks", None)
-    if encoder is None or not (hasattr(encoder, "layers") or isinstance(blocks, nn.ModuleList)):
+    backbone = getattr(encoder, "backbone", None)
+    blocks = [getattr(backbone, name, None) for name in ("blocks", "layers")]
+    edgetam = getattr(getattr(model, "config", None), "model_type", None) == "edgetam" and backbone is not None
+    if encoder is None or not (
+        hasattr(encoder, "layers") or any(isinstance(b, nn.ModuleList) for b in blocks) or edgetam
+    ):
         raise ValueError(
-            f"model must be a SAM model with an image encoder at `.vision_encoder` (e.g. transformers.SamModel or "
-            f"Sam2Model), got {type(model).__name__}"
+            f"model must be a SAM model with an image encoder at `.vision_encoder` (e.g. transformers.SamModel, "
+            f"Sam2Model, SamHQModel, Sam3TrackerModel or EdgeTamModel), got {type(model).__name__}"
         )
     return encoder
 
@@ -260,10 +303,11 @@ class SamTunerModel(BaseTuner):
         parent: nn.Module,
         current_key: str,
     ) -> None:
+        kwargs = self._layer_kwargs(adapter_name, peft_config, current_key)
         if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, peft_config, **self._layer_kwargs(adapter_name, peft_config))
+            target.update_layer(adapter_name, peft_config, **kwargs)
             return
-        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, **self._layer_kwargs(adapter_name, peft_config))
+        new_module = self.tuner_layer_cls(target, adapter_name, peft_config, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -273,8 +317,8 @@ class SamTunerModel(BaseTuner):
         # default also copies `.weight`, which SAM's prompt-encoder and mask-decoder modules do not have.)
         setattr(parent, child_name, new_module)
 
-    def _layer_kwargs(self, adapter_name: str, config: PeftConfig) -> dict:
-        """Extra arguments for new layers (e.g. parameters shared across layers)."""
+    def _layer_kwargs(self, adapter_name: str, config: PeftConfig, key: str = "") -> dict:
+        """Extra arguments for the layer replacing module `key` (e.g. parameters shared across layers)."""
         return {}
 
     def _check_merge_allowed(self) -> None:
@@ -358,3 +402,20 @@ class SamTunerLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 for k, v in backup.items():
                     params[k].data.copy_(v)
+
+
+def declare_untied_embeddings(model: nn.Module) -> None:
+    """Say ``tie_word_embeddings=False`` on a model that ties none and cannot name its input embeddings.
+
+    Why: peft looks for weights tied to the input embeddings before it injects any adapter
+    (``peft.utils.other._get_module_names_tied_with_embedding``), calling ``model.get_input_embeddings()``, which
+    ``EdgeTamModel`` does not implement (transformers raises NotImplementedError). peft skips that search when the
+    config says tying is off; EdgeTAM ties nothing (``_tied_weights_keys`` is empty), so saying so is true and
+    peft can wrap the model (``apply_method`` and ``load_adapter`` call this; plain peft on EdgeTAM needs it first).
+    """
+    if getattr(model, "_tied_weights_keys", None):
+        return
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        model.config.tie_word_embeddings = False

@@ -4,7 +4,8 @@ These are not the paper's methods: they are peft's tuners, unchanged (peft's lay
 unload), given defaults that place them where the paper's LoRA sits. The paper's LoRA adapts the q and v
 slices of each block's fused ``attn.qkv`` (micro_sam/models/peft_sam.py, ``LoRASurgery``); peft's methods wrap
 whole ``nn.Linear`` modules, so they adapt the whole ``attn.qkv`` and, where the method allows, the block's MLP
-(``mlp.lin1``/``lin2`` in SAM's ViT, ``mlp.fc1``/``fc2`` in TinyViT, ``mlp.proj_in``/``proj_out`` in Hiera).
+(``mlp.lin1``/``lin2`` in SAM's ViT, ``mlp.fc1``/``fc2`` in TinyViT and SAM 3's ViT, ``mlp.proj_in``/``proj_out``
+in Hiera). SAM 3's ViT has separate ``attention.q_proj`` / ``k_proj`` / ``v_proj``: ``target="qkv"`` takes all three.
 
 ``target``: which Linears of each encoder block (``"qkv_mlp"``, the default; ``"qkv"``; ``"mlp"``).
 ``layers``: only the blocks ``vision_encoder.layers.<i>`` (SAM 2: ``vision_encoder.backbone.blocks.<i>``) for i in
@@ -38,10 +39,10 @@ from peft import (
 
 from torch import nn
 
-from .base import check_layers, default_modules_to_save, find_image_encoder
+from .base import REPVIT, check_layers, default_modules_to_save, encoder_family, encoder_regex, find_image_encoder
 
-QKV: tuple[str, ...] = ("attn.qkv",)
-MLP_IN: tuple[str, ...] = ("mlp.lin1", "mlp.fc1", "mlp.proj_in")  # ViT, TinyViT, Hiera
+QKV: tuple[str, ...] = ("attn.qkv", "attention.q_proj", "attention.k_proj", "attention.v_proj")  # fused | SAM 3
+MLP_IN: tuple[str, ...] = ("mlp.lin1", "mlp.fc1", "mlp.proj_in")  # ViT, TinyViT (and SAM 3), Hiera
 MLP_OUT: tuple[str, ...] = ("mlp.lin2", "mlp.fc2", "mlp.proj_out")
 TARGETS: dict[str, tuple[str, ...]] = {"qkv_mlp": QKV + MLP_IN + MLP_OUT, "qkv": QKV, "mlp": MLP_IN + MLP_OUT}
 
@@ -51,10 +52,7 @@ _SPLIT_ATTENTION = re.compile(r"(?:^|[._])(?:q|k|v|q_proj|k_proj|v_proj|query|ke
 
 def block_regex(suffixes: tuple[str, ...], layers: Optional[list[int]] = None) -> str:
     """A peft ``target_modules`` regex: ``<suffix>`` inside image-encoder blocks (only blocks ``layers``)."""
-    index = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
-    blocks = rf"vision_encoder\.(?:layers\.{index}(?:\.blocks\.\d+)?|backbone\.blocks\.{index})"
-    alternatives = "|".join(re.escape(s) for s in suffixes)
-    return rf"^(.*\.)?{blocks}\.({alternatives})$"
+    return encoder_regex(*suffixes, layers=layers)
 
 
 def _check_target(method: str, target: Any, kwargs: dict[str, Any]) -> tuple[str, ...]:
@@ -131,12 +129,25 @@ NATIVE_BUILDERS: dict[str, Callable[..., PeftConfig]] = {
 # Encoders whose blocks apply their Linears to (batch, height, width, channels) tensors: SAM's ViT and SAM 2's
 # Hiera. peft's OFT reads any 4-D input as a convolution's and unfolds it (peft/tuners/oft/layer.py,
 # OFTRotationModule.forward), so it cannot run there; LiteMedSAM's TinyViT feeds (batch, tokens, channels).
-SPATIAL_TOKEN_ENCODERS = frozenset({"SamVisionEncoder", "Sam2VisionModel"})
+SPATIAL_TOKEN_ENCODERS = frozenset({"SamVisionEncoder", "SamHQVisionEncoder", "Sam2VisionModel", "Sam3VisionModel"})
+
+# EdgeTAM's RepViT is convolutional (BatchNorm'd convolutions, squeeze-excitation; no attention, MLP Linears or
+# LayerNorm): every method but these targets modules of transformer blocks it does not have. (Bias Tune / LN Tune
+# re-read for BatchNorm would be other methods, and BatchNorm's batch statistics make them differ further.)
+CONVOLUTIONAL_FITS: tuple[str, ...] = ("full_ft", "freeze_encoder")
+
 
 
 def check_fits(method: str, model: nn.Module) -> None:
-    """A one-line error where a peft method cannot run on ``model``'s image encoder, naming what can."""
+    """A one-line error where ``method`` (any of ``hf_sam_peft.methods``) cannot run on ``model``'s image encoder,
+    naming what can."""
     encoder = type(find_image_encoder(model)).__name__
+    family = encoder_family(model)
+    if family == REPVIT and method not in CONVOLUTIONAL_FITS:
+        raise ValueError(
+            f"method {method!r} adapts transformer blocks (attention, MLP, LayerNorm), which {type(model).__name__}'s "
+            f"convolutional RepViT image encoder does not have; methods that fit: {', '.join(CONVOLUTIONAL_FITS)}"
+        )
     if method == "oft" and encoder in SPATIAL_TOKEN_ENCODERS:
         raise ValueError(
             f"method 'oft': peft's OFT treats the (batch, height, width, channels) input that {encoder}'s blocks "
@@ -174,4 +185,4 @@ def leaf_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-__all__ = ["NATIVE_BUILDERS", "TARGETS", "block_regex", "check_fits", "leaf_modules_to_save"]
+__all__ = ["CONVOLUTIONAL_FITS", "NATIVE_BUILDERS", "TARGETS", "block_regex", "check_fits", "leaf_modules_to_save"]

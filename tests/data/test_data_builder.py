@@ -279,13 +279,15 @@ def test_non_finite_images_stop_every_builder_with_one_line_naming_the_file(tmp_
 
 def test_a_non_finite_slice_cached_before_the_check_names_its_file(tmp_path):
     """Training tables cached before files were checked may hold NaN: the served patch names the file."""
+    from hf_sam_peft.data import DataOptions
     from hf_sam_peft.data.builder import _make_row
 
     image = np.random.default_rng(0).random((48, 64)).astype(np.float32)
     image[5, 5] = np.nan
+    options = DataOptions(patch_shape=(16, 16), min_size=0)
     with pytest.raises(DataError, match=re.escape("some/file.tif: image holds NaN or inf values")):
-        _make_row(image, tiny_labels(), (0, 0), (16, 16), 0, "instances", None, "some/file.tif")
-    row = _make_row(image, tiny_labels(), (16, 16), (16, 16), 0, "instances", None, "some/file.tif")
+        _make_row(image, tiny_labels(), (0, 0), options, "some/file.tif")
+    row = _make_row(image, tiny_labels(), (16, 16), options, "some/file.tif")
     assert row["image"].dtype == np.uint8  # a patch without the bad pixel is fine
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_sam_peft.study import expand_cells, load_study, markdown_report, run_study, study_from_dict
+from hf_sam_peft.study import efficiency_points, expand_cells, load_study, markdown_report, run_study, study_from_dict
 from hf_sam_peft.study.cell import RESULT_NAME
 from tests.conftest import shared_dataset
 
@@ -52,11 +52,53 @@ def test_all_methods():
     assert spec.methods == list(METHOD_NAMES)
 
 
+def test_every_method_name_is_accepted_with_options():
+    from hf_sam_peft.methods import ALL_METHOD_NAMES, PEFT_METHOD_NAMES
+
+    spec = study_from_dict({**smoke_dict(), "methods": list(ALL_METHOD_NAMES), "method_options": {"dora": {"r": 2}}})
+    assert spec.methods == list(ALL_METHOD_NAMES) and set(PEFT_METHOD_NAMES) <= set(spec.methods)
+    cell = next(c for c in spec.cells() if c.method == "dora")
+    assert spec.cell_options(cell)[0] == {"r": 2}
+
+
+def test_several_base_models_are_a_grid_axis_named_in_the_cell_ids():
+    from hf_sam_peft.study.runner import cell_settings
+    from hf_sam_peft.study.spec import count_cells
+
+    spec = study_from_dict({**smoke_dict(), "base_model": ["tiny", "org/sam-x"], "methods": ["lora", "dora"]})
+    ids = [c.cell_id for c in spec.cells()]
+    assert ids == [f"{NUCLEI}__{model}__{method}__s0" for model in ("tiny", "org_sam-x")
+                   for method in ("base", "lora", "dora")]
+    assert count_cells(spec) == len(ids) == 6
+    assert [cell_settings(spec, c)["base_model"] for c in spec.cells()] == ["tiny"] * 3 + ["org/sam-x"] * 3
+    one = study_from_dict({**smoke_dict(), "base_model": ["tiny"]})  # one model: the ids of a plain base_model
+    assert [c.cell_id for c in one.cells()] == [c.cell_id for c in study_from_dict(smoke_dict()).cells()]
+
+
+def test_command_line_methods_and_models_replace_the_files(capsys, tmp_path):
+    from hf_sam_peft.cli import main
+
+    spec = load_study(SMOKE, methods=["dora", "vera", "lora"], models=["tiny", "tiny_sam_hq"])
+    assert spec.methods == ["dora", "vera", "lora"] and spec.base_models == ["tiny", "tiny_sam_hq"]
+    assert spec.overrides == {"methods": ["dora", "vera", "lora"], "base_model": ["tiny", "tiny_sam_hq"]}
+    out = tmp_path / "out"
+    command = ["study", str(SMOKE), "--methods", "dora,lora", "--models", "tiny", "--output-dir", str(out), "--list"]
+    assert main(command) == 0
+    assert capsys.readouterr().out.split() == [
+        "todo", f"{NUCLEI}__base__s0", "todo", f"{NUCLEI}__dora__s0", "todo", f"{NUCLEI}__lora__s0"]
+    assert main(["study", str(SMOKE), "--methods", "lora,dorra", "--list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("hf-sam-peft study: error: study file ")
+    assert "with methods from the command line: unknown methods ['dorra'] (known: full_ft," in err and "dora" in err
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"colour": "red"}, "unknown keys ['colour']"),
-        ({"methods": ["lora", "dora"]}, "unknown methods ['dora']"),
+        ({"methods": ["lora", "dorra"]}, "unknown methods ['dorra'] (known: full_ft, freeze_encoder,"),
+        ({"base_model": ["tiny", "tiny"]}, "base_model lists a model twice"),
+        ({"base_model": []}, "base_model must be a base model name"),
         ({"methods": []}, "methods must be 'all' or a non-empty list"),
         ({"datasets": [NUCLEI, NUCLEI]}, "lists a dataset twice"),
         ({"datasets": ["no_such_set"]}, "dataset 'no_such_set'"),
@@ -278,3 +320,66 @@ def test_cells_choose_checkpoints_on_held_out_training_images_not_the_scored_spl
     raw.update(methods=["freeze_encoder"], base=False)
     run_study(study_from_dict(raw), tmp_path, isolate=False, progress=False)
     assert seen["val_split"] is None
+
+
+def test_efficiency_points_one_per_model_method_and_mode_seeds_averaged():
+    records = [
+        _record("base", "a", 0, 0.1), _record("lora", "a", 0, 0.5), _record("lora", "a", 1, 0.7),
+        {**_record("dora", "a", 0, 0.6), "trainable_parameters": 40},
+        _record("lora", "a", 0, 0.9, ablation="r=2"),  # ablation cells are not points
+        {**_record("lora", "a", 0, 0.3), "base_model": "other", "trainable_parameters": 20},
+    ]
+    for record in records[:5]:
+        record["base_model"] = "tiny"
+    points = efficiency_points(records)
+    assert len(points) == 4 * 4  # (tiny: base, lora, dora; other: lora) x Point, Box, I_P, I_B
+    by = {(p["model"], p["method"], p["mode"]): p for p in points}
+    assert by[("tiny", "lora", "ib")] == {
+        "model": "tiny", "method": "lora", "dataset": "a", "mode": "ib", "metric": "msa",
+        "trainable_parameters": 10, "score": pytest.approx(0.6), "n_seeds": 2}
+    assert by[("tiny", "dora", "point")]["trainable_parameters"] == 40
+    assert by[("tiny", "base", "box")]["trainable_parameters"] == 0
+    assert by[("other", "lora", "ip")]["score"] == pytest.approx(0.3)
+    spec = study_from_dict({**smoke_dict(), "base_model": ["tiny", "other"], "methods": ["lora", "dora"]})
+    text = markdown_report(spec, records, plots=["score_vs_parameters"])
+    assert "| lora @ tiny | 0.600 ± 0.141" in text and "| lora @ other | 0.300" in text
+    assert "| lora @ tiny | 10 |" in text and "| dora @ tiny | 40 |" in text  # resources per method and model
+    assert text.rstrip().endswith("(score_vs_parameters.png)") and "Base models `tiny, other`" in text
+
+
+@pytest.fixture(scope="module")
+def peft_run(tmp_path_factory):
+    """The smoke study with two of peft's methods beside the paper's LoRA (cells in-process)."""
+    shared_dataset(NUCLEI)
+    folder = tmp_path_factory.mktemp("peft_study")
+    spec = load_study(SMOKE, methods=["lora", "dora", "ia3"])
+    return folder, run_study(spec, folder, isolate=False, progress=False)
+
+
+def test_a_study_of_peft_methods_carries_their_parameters_and_plots_them(peft_run):
+    import hf_sam_peft
+    from hf_sam_peft.modeling import load_base_model
+
+    folder, result = peft_run
+    assert not result.failed and result.ran == [f"{NUCLEI}__{m}__s0" for m in ("base", "lora", "dora", "ia3")]
+    trainable = {r["method"]: r["trainable_parameters"] for r in result.records}
+    for method, options in (("lora", {"r": 4}), ("dora", {}), ("ia3", {})):  # the count of the model it trained
+        model = hf_sam_peft.apply_method(load_base_model("tiny")[0], method, **options)
+        assert trainable[method] == hf_sam_peft.count_parameters(model)[0] > 0
+    assert trainable["ia3"] < trainable["lora"] < trainable["dora"]
+    assert all(r["base_model"] == "tiny" for r in result.records)
+    points = efficiency_points(result.records)
+    assert {(p["method"], p["mode"]) for p in points} == {
+        (m, mode) for m in ("base", "lora", "dora", "ia3") for mode in ("point", "box", "ip", "ib")}
+    for p in points:
+        record = next(r for r in result.records if r["method"] == p["method"])
+        assert p["trainable_parameters"] == record["trainable_parameters"]
+        assert p["score"] == pytest.approx(record["scores"]["msa"][p["mode"]])
+    assert result.files["score_vs_parameters"] == folder / "score_vs_parameters.png"
+    assert (folder / "score_vs_parameters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (folder / "results.md").read_text()
+    assert "![score against trainable parameters (log scale)" in text and "(score_vs_parameters.png)" in text
+    import pandas as pd
+
+    frame = pd.read_csv(folder / "results.csv")
+    assert set(frame["base_model"]) == {"tiny"} and set(frame["method"]) == {"base", "lora", "dora", "ia3"}

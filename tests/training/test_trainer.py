@@ -404,6 +404,46 @@ def test_damaged_checkpoints_are_one_line_errors_never_tracebacks(dsb, two_check
         trainer.train(resume_from_checkpoint=True)
 
 
+def test_a_resume_reads_and_hashes_its_checkpoint_once(dsb, two_checkpoints, tmp_path, monkeypatch):
+    """hf_sam_peft.train checks the checkpoint before loading data and model, then SamInteractiveTrainer.train
+    checks it again: the second check finds the files unchanged and does not read them; a change since (even
+    one of the same size with its mtime put back) is read again and caught."""
+    import os
+    import shutil
+    import time
+
+    from hf_sam_peft.training import checkpoints
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    verified = []
+    full_check = checkpoints._verify_checkpoint
+    monkeypatch.setattr(checkpoints, "_verify_checkpoint", lambda folder: verified.append(folder.name) or full_check(folder))
+    # a fresh copy is younger than SETTLED_SECONDS: read in full every time (a same-tick change would not show)
+    assert [checkpoints.checkpoint_problem(out / "checkpoint-2") for _ in range(2)] == [None, None]
+    assert verified == ["checkpoint-2", "checkpoint-2"]
+    verified.clear()
+    monkeypatch.setattr(checkpoints, "SETTLED_SECONDS", 0.0)
+    time.sleep(0.05)  # the copy's stamps a clock tick behind every later write of this test
+
+    resume = checkpoints.resolve_resume_checkpoint(True, out)  # what hf_sam_peft.train does first
+    args = training_args(out, max_steps=4, n_sub_iterations=2, save_strategy="steps", save_steps=2, save_total_limit=None)
+    trainer = SamInteractiveTrainer(tiny_lora_sam(), args, train_dataset=dsb["train"])
+    trainer.train(resume_from_checkpoint=resume)
+    assert resume == str(out / "checkpoint-4")
+    assert verified == ["checkpoint-4"]
+
+    state = out / "checkpoint-4" / "trainer_state.json"
+    stamps = state.stat()
+    data = bytearray(state.read_bytes())
+    data[data.index(b"4")] = ord("5")  # same size, different content
+    state.write_bytes(bytes(data))
+    os.utime(state, ns=(stamps.st_atime_ns, stamps.st_mtime_ns))  # mtime put back; ctime cannot be
+    with pytest.raises(ValueError, match=r"trainer_state.json changed after the save"):
+        trainer.train(resume_from_checkpoint=resume)
+    assert verified == ["checkpoint-4", "checkpoint-4"]
+
+
 def test_a_failed_save_leaves_no_checkpoint_that_looks_valid(dsb, tmp_path, monkeypatch):
     import errno
 

@@ -18,11 +18,13 @@ class AttnTuneConfig(SelectiveConfig):
     residual `proj` of a stage's first block is not part of the attention.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("attn"))
+    # `attention`: SAM 3's ViT, whose q, k, v and output projections are four Linears (rotary positions: no table)
+    target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("attn", "attention"))
     trainable_parameters: list[str] = field(
         # rel_pos_h/w: ViT's relative position tables; attention_biases: TinyViT's
         default_factory=lambda: [
             "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "rel_pos_h", "rel_pos_w", "attention_biases",
+            *(f"{p}_proj.{t}" for p in "qkvo" for t in ("weight", "bias")),
         ]
     )
 

@@ -22,7 +22,10 @@ class FactConfig(SamTunerConfig):
     `init="reference"` uses PyTorch's default Linear init for every factor as micro-sam does.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("attn.qkv"))
+    # SAM 3's ViT: its separate q and v projections (one block's two share U and V, each has its S)
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=encoder_regex("attn.qkv", "attention.q_proj", "attention.v_proj")
+    )
     r: int = 16
     dropout: float = 0.1
     shared_factors: bool = False

@@ -1,4 +1,5 @@
-"""FacT layer on a fused qkv Linear: d → [q | k | v], each of width d_out (d_out = d but where SAM 2's Hiera widens)."""
+"""FacT layer on a fused qkv Linear: d → [q | k | v], each of width d_out (d_out = d but where SAM 2's Hiera widens),
+or on one of SAM 3's separate q / v projections (`role`), whose block shares U and V between the two."""
 
 from __future__ import annotations
 
@@ -27,17 +28,22 @@ class FactLayer(SamTunerLayer):
     other_param_names = ("fact_dropout",)
 
     def update_layer(
-        self, adapter_name: str, config: FactConfig, shared: Optional[SharedFactors] = None, **kwargs: Any
+        self, adapter_name: str, config: FactConfig, shared: Optional[SharedFactors] = None,
+        role: Optional[str] = None, **kwargs: Any,
     ) -> None:
+        """`role` None: a fused qkv Linear; "q" / "v": a separate q or v projection (only that S is created here)."""
         if not hasattr(self, "fact_u"):
             self.fact_u, self.fact_v = nn.ParameterDict(), nn.ParameterDict()
             self.fact_s_q, self.fact_s_v = nn.ParameterDict(), nn.ParameterDict()
             self.fact_dropout = nn.ModuleDict()
             self._factors: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+            self._roles: dict[str, Optional[str]] = {}
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear) or base.out_features % 3:
+        if role is None and (not isinstance(base, nn.Linear) or base.out_features % 3):
             raise TypeError(f"FacT targets fused qkv Linear layers (out = 3·d_out), got {base}")
-        d, d_out, r = base.in_features, base.out_features // 3, config.r
+        if role is not None and not isinstance(base, nn.Linear):
+            raise TypeError(f"FacT targets q / v projection Linear layers, got {base}")
+        d, d_out, r = base.in_features, base.out_features // (3 if role is None else 1), config.r
         ref = base.weight
 
         def new(rows: int, cols: int, zero: bool = False) -> nn.Parameter:
@@ -56,9 +62,16 @@ class FactLayer(SamTunerLayer):
         u = factor(self.fact_u, "u", d, r, d, zero=False)
         v = factor(self.fact_v, "v", d_out, d_out, r, zero=config.init == "identity")
         self._factors[adapter_name] = (u, v)
-        self.fact_s_q[adapter_name] = new(r, r)
-        self.fact_s_v[adapter_name] = new(r, r)
+        self._roles[adapter_name] = role
+        if role in (None, "q"):
+            self.fact_s_q[adapter_name] = new(r, r)
+        if role in (None, "v"):
+            self.fact_s_v[adapter_name] = new(r, r)
         self.fact_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def _scale(self, adapter_name: str) -> nn.Parameter:
+        """S of a separate projection (its role's)."""
+        return (self.fact_s_q if self._roles[adapter_name] == "q" else self.fact_s_v)[adapter_name]
 
     def _deltas(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u, v = self._factors[adapter_name]
@@ -70,12 +83,18 @@ class FactLayer(SamTunerLayer):
 
     def adapted_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         qkv = self.base_layer(x, *args, **kwargs)
+        if self._roles[adapter_name] is not None:  # one separate projection: out + V·drop(S·U x)
+            u, v = self._factors[adapter_name]
+            hidden = F.linear(x.to(qkv.dtype), u)
+            return qkv + F.linear(self.fact_dropout[adapter_name](F.linear(hidden, self._scale(adapter_name))), v)
         dq, dv = self._deltas(adapter_name, x.to(qkv.dtype))
         q, k, v = qkv.chunk(3, dim=-1)
         return torch.cat([q + dq, k, v + dv], dim=-1)
 
     def merged_values(self, adapter_name: str, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         u, v = (p.detach() for p in self._factors[adapter_name])
+        if self._roles[adapter_name] is not None:
+            return {"weight": current["weight"] + v @ self._scale(adapter_name).detach() @ u}
         delta_q = v @ self.fact_s_q[adapter_name].detach() @ u
         delta_v = v @ self.fact_s_v[adapter_name].detach() @ u
         zero = torch.zeros_like(delta_q)

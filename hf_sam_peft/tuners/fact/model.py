@@ -19,10 +19,14 @@ class FactModel(SamTunerModel):
     prefix: str = "fact_"
     tuner_layer_cls = FactLayer
 
-    def _layer_kwargs(self, adapter_name: str, config: PeftConfig) -> dict:
-        if not config.shared_factors:
-            return {}
-        if "_fact_shared" not in self.__dict__:
-            self.__dict__["_fact_shared"] = {}
-        shared: SharedFactors = self.__dict__["_fact_shared"]
-        return {"shared": shared}
+    def _layer_kwargs(self, adapter_name: str, config: PeftConfig, key: str = "") -> dict:
+        # SAM 3's ViT: q and v are Linears of their own (`attention.q_proj` / `v_proj`); one block's two share U and
+        # V (FacT's factors are per block, S per projection), so each gets its role and the block's factor dict
+        role = next((r for r in ("q", "v") if key.endswith(f".{r}_proj")), None)
+        kwargs: dict = {} if role is None else {"role": role}
+        if config.shared_factors:
+            kwargs["shared"] = self.__dict__.setdefault("_fact_shared", {})
+        elif role is not None:
+            blocks: dict[str, SharedFactors] = self.__dict__.setdefault("_fact_blocks", {})
+            kwargs["shared"] = blocks.setdefault(key.rsplit(".", 1)[0], {})
+        return kwargs
