@@ -478,6 +478,7 @@ def train_model(
             "best_is_base": trainer.best_is_base,
             "selection": trainer.selection_summary(),
             "point_multimask": args.point_multimask,
+            "resize_inputs": data_options(recipe, spec).resize_inputs,
             "adapter": str(adapter_dir),
             "loss_curve": str(output_dir / "loss_curve.png"),
         }
@@ -495,13 +496,16 @@ def save_trained(model, adapter_dir: Path, recipe: Recipe, summary: dict[str, An
     """The adapter with its provenance and model card (hub.save_adapter), plus a JSON summary of the run."""
     from .atomic import atomic_write_text
     from .hub import save_adapter
+    from .hub.provenance import RESIZE_INPUTS_KEY
 
     dataset = recipe.dataset if isinstance(recipe.dataset, str) else recipe.dataset.get("name", "custom")
     save_adapter(
         model, adapter_dir, base_model_id=recipe.base_model, method=recipe.method,
         training_data=f"{dataset} (recipe {recipe.name})",
         extra={**recipe.training, "steps": summary["steps"], "best_metric": summary["best_metric"],
-               "best_is_base": summary.get("best_is_base")},
+               "best_is_base": summary.get("best_is_base"),
+               # how images were served: evaluate / segment feed them the same way unless told otherwise
+               RESIZE_INPUTS_KEY: summary["resize_inputs"]},
         overwrite=True, point_multimask=summary.get("point_multimask"),
     )
     atomic_write_text(adapter_dir / "training_summary.json", json.dumps(summary, indent=2, default=str))

@@ -85,7 +85,9 @@ def test_a_run_that_never_beats_the_base_says_so(tmp_path, capsys):
     assert "FINE-TUNING DID NOT BEAT THE BASE" in printed
     summary = json.loads((out / "adapter" / "training_summary.json").read_text())
     assert summary["best_is_base"] is True and summary["best_checkpoint"].endswith("checkpoint-0")
-    assert json.loads((out / "adapter" / "hf_sam_peft.json").read_text())["point_multimask"] is False
+    provenance = json.loads((out / "adapter" / "hf_sam_peft.json").read_text())
+    assert provenance["point_multimask"] is False
+    assert provenance["extra"]["resize_inputs"] is False  # patches: evaluate / segment serve it so unless told
 
 
 def _free_port() -> int:

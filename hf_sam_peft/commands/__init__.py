@@ -43,19 +43,30 @@ def layout_reason(layout) -> str:
     return layout.reason.split(";")[0]
 
 
-def scoring_layout(data, split: str, chosen: bool) -> tuple[bool, str | None]:
+def scoring_layout(data, split: str, chosen: bool, adapter: str | None = None) -> tuple[bool, str | None]:
     """For ``evaluate`` / ``segment --data DIR``: whether to feed whole resized images scored per class (the
     ``resize`` layout), and the line saying why. ``chosen``: the user already picked (``--resize`` /
-    ``--label-mode``), nothing is decided here. Else the layout ``train --data DIR`` trains with decides, from
-    DIR's ``train`` split; a folder without one is scored as before (whole images, per object).
+    ``--label-mode``), nothing is decided here. Else an ``adapter`` that records how it was trained
+    (``resize_inputs`` in its provenance, written by ``train``) decides: a model is scored on images served as
+    it saw them. Else the layout ``train --data DIR`` trains with decides, from DIR's ``train`` split; a folder
+    without one is scored as before (whole images, per object).
 
     A folder without ``split`` is a one-line error saying what layout was expected and what was found.
     """
     # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..data.recipes import check_data_folder
+    from ..hub.provenance import recorded_resize_inputs
 
     splits = check_data_folder(data, (split,))
-    if chosen or "train" not in splits:
+    if chosen:
+        return False, None
+    recorded = recorded_resize_inputs(adapter) if adapter is not None else None
+    if recorded is not None:
+        what = "whole images resized to the model input, Dice per class" if recorded else "whole images at their own size, scored per object"
+        served = "resized whole images" if recorded else "patches"
+        return recorded, (f"data layout: the adapter was trained on {served} (resize_inputs in its provenance): {what}; "
+                          "--resize or --label-mode to choose")
+    if "train" not in splits:
         return False, None
     layout = data_layout(data)
     if layout.layout == "resize":

@@ -142,7 +142,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.results import ImageJournal
     from . import scoring_layout
 
-    resize, line = scoring_layout(args.data, args.split, args.label_mode is not None or args.resize is not None)
+    resize, line = scoring_layout(
+        args.data, args.split, args.label_mode is not None or args.resize is not None, adapter=args.adapter
+    )
     if line is not None:
         print(line)
     if resize:

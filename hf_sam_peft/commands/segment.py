@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.images or args.labels is not None:
             raise ValueError("--data takes the images and labels from DIR/<split>: pass IMAGE files or --data, not both")
-        resize, line = scoring_layout(args.data, args.split, args.resize is not None)
+        resize, line = scoring_layout(args.data, args.split, args.resize is not None, adapter=args.adapter)
         if line is not None:
             print(line)
         if resize:

@@ -52,6 +52,7 @@ from .provenance import (
     read_json_file,
     read_provenance,
     recorded_point_multimask,
+    recorded_resize_inputs,
 )
 from .push import DEFAULT_COMMIT_MESSAGE, prepare_upload, push_adapter_to_hub, push_folder_to_hub
 from .save import save_adapter
@@ -61,5 +62,5 @@ __all__ = [
     "POINT_MULTIMASK_KEY", "PROVENANCE_NAME", "REPO_FILES", "UNETR_SUBFOLDER", "adapter_unetr_settings",
     "check_adapter_folder", "describe_model", "from_pretrained", "load_adapter_folder", "markdown_table",
     "prepare_upload", "push_adapter_to_hub", "push_folder_to_hub", "read_json_file", "read_provenance",
-    "recorded_point_multimask", "recorded_quant_type", "render_card", "resolve_adapter_folder", "save_adapter",
+    "recorded_point_multimask", "recorded_quant_type", "recorded_resize_inputs", "render_card", "resolve_adapter_folder", "save_adapter",
 ]

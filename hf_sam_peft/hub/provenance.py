@@ -29,6 +29,7 @@ from ..sam_forward.forward import unwrap_sam
 
 PROVENANCE_NAME = "hf_sam_peft.json"
 POINT_MULTIMASK_KEY = "point_multimask"  # provenance key: how point prompts were trained (bool, or null)
+RESIZE_INPUTS_KEY = "resize_inputs"  # key in the provenance's `extra`: trained on whole resized images (bool)
 CARD_NAME = "README.md"
 UNETR_SUBFOLDER = "unetr"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -237,20 +238,32 @@ def _check_point_multimask(value: Any) -> bool | None:
     return value
 
 
-def recorded_point_multimask(adapter: str | os.PathLike | Mapping[str, Any]) -> bool | None:
-    """The `point_multimask` an adapter records (folder, Hub repo id or its provenance dict); None if none.
+def adapter_provenance(adapter: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
+    """The provenance of an adapter given as a folder, a Hub repo id or the provenance dict itself; {} if none.
 
     For a Hub id the provenance file is read from the Hub (or its cache offline); an adapter without one
     (saved by peft alone, or not reachable) records nothing.
     """
     if isinstance(adapter, Mapping):
-        return _check_point_multimask(adapter.get(POINT_MULTIMASK_KEY))
+        return adapter
     if os.path.isdir(adapter):
-        return _check_point_multimask(read_provenance(adapter).get(POINT_MULTIMASK_KEY))
-
+        return read_provenance(adapter)
     try:
         path = hf_hub_download(os.fspath(adapter), PROVENANCE_NAME)
     except (OSError, ValueError):  # no such file / repo, offline without a cache, not a repo id
-        return None
-    provenance = read_json_file(path)
-    return _check_point_multimask(provenance.get(POINT_MULTIMASK_KEY))
+        return {}
+    return read_json_file(path)
+
+
+def recorded_point_multimask(adapter: str | os.PathLike | Mapping[str, Any]) -> bool | None:
+    """The `point_multimask` an adapter records (folder, Hub repo id or its provenance dict); None if none."""
+    return _check_point_multimask(adapter_provenance(adapter).get(POINT_MULTIMASK_KEY))
+
+
+def recorded_resize_inputs(adapter: str | os.PathLike | Mapping[str, Any]) -> bool | None:
+    """Whether the adapter was trained on whole images resized to the model input (``resize_inputs``, recorded by
+    ``train`` in the provenance's ``extra``); None where it records nothing (older adapters, plain peft)."""
+    value = adapter_provenance(adapter).get("extra", {}).get(RESIZE_INPUTS_KEY)
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{RESIZE_INPUTS_KEY} in the adapter's {PROVENANCE_NAME} must be true or false, got {value!r}")
+    return value

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.sam.modeling_sam import SamVisionAttention
 
+from .private_ops import cpu_flash_attention, cpu_flash_attention_available, cpu_flash_attention_backward
+
 
 # ViT-B global block (64 x 64 keys), forward + backward of the attention module, 2 CPU cores, one run each
 # (the measurement of benchmarks/encoder_attention.py; benchmarks/RESULTS.md): float32 3.08 s
@@ -175,12 +177,13 @@ def _tile_operands(
 
 
 def _lean_applies(query: torch.Tensor, dropout: float) -> bool:
-    """:class:`_LeanFlashAttention` serves the CPU without dropout (SAM's encoder has none).
+    """:class:`_LeanFlashAttention` serves the CPU without dropout (SAM's encoder has none), where torch's private
+    flash operators work as called (:mod:`hf_sam_peft.modeling.private_ops`; else the public SDPA path).
 
     With gradients it keeps the unwidened tensors for backward; under ``no_grad`` (a frozen encoder in training,
     inference) it only runs its key-tiled forward, which is faster than one call over all keys there too.
     """
-    return query.device.type == "cpu" and dropout == 0.0
+    return query.device.type == "cpu" and dropout == 0.0 and cpu_flash_attention_available()
 
 
 def _sdpa_dtype(query: torch.Tensor) -> torch.dtype:
@@ -210,7 +213,7 @@ class _LeanFlashAttention(torch.autograd.Function):
             out = logsumexp = None
             for tile in tiles:
                 operands = _tile_operands(scaled_query, key, value, rel_h, rel_w, tile)
-                tile_out, tile_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*operands, scale=1.0)
+                tile_out, tile_lse = cpu_flash_attention(*operands)
                 tile_out = tile_out[..., :head_dim]
                 if out is None:
                     out, logsumexp = (tile_out if len(tiles) == 1 else tile_out.float()), tile_lse
@@ -247,8 +250,7 @@ class _LeanFlashAttention(torch.autograd.Function):
         grad_key, grad_value = (query.new_empty(batch, heads, height, width, head_dim) for _ in range(2))
         for tile in tiles:
             operands = _tile_operands(scaled_query.detach(), key, value, rel_h.detach(), rel_w.detach(), tile)
-            g_query, g_key, g_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_wide_out, *operands, wide_out, logsumexp, 0.0, False, scale=1.0)
+            g_query, g_key, g_value = cpu_flash_attention_backward(grad_wide_out, *operands, wide_out, logsumexp)
             n_rows = tile.shape[0]
             grad_scaled += g_query[..., :head_dim]
             grad_rel_h[..., tile.rows] += g_query[..., head_dim:head_dim + n_rows]

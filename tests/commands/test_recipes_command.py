@@ -158,3 +158,34 @@ def test_evaluate_data_scores_a_medical_folder_as_train_would_serve_it(tmp_path,
                      "--n-corrections", "0", "--no-progress", "--label-mode", "instances"]) == 0
     printed = capsys.readouterr().out
     assert "data layout" not in printed and " msa " in printed and not seen
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_evaluate_serves_the_data_as_the_adapter_was_trained(tmp_path, capsys, monkeypatch, recorded):
+    """An adapter that records resize_inputs (train writes it) decides the layout over the folder's guess: DSB
+    nuclei (tiles by their look) resized for an adapter trained resized, HC18 (resize by its look) per object for
+    one trained on patches."""
+    import torch
+    from transformers import SamModel
+
+    import hf_sam_peft
+    from hf_sam_peft.evaluation import resized
+    from hf_sam_peft.hub import recorded_resize_inputs, save_adapter
+    from hf_sam_peft.modeling.sam import tiny_sam_config
+
+    data = shared_dataset(DSB if recorded else HC18)
+    torch.manual_seed(0)
+    model = hf_sam_peft.apply_method(SamModel(tiny_sam_config()), "freeze_encoder")
+    adapter = save_adapter(model, tmp_path / "adapter", base_model_id="tiny", method="freeze_encoder",
+                           extra={"resize_inputs": recorded})
+    assert recorded_resize_inputs(adapter) is recorded
+    seen: list[int] = []
+    original = resized.ResizedPredictor.set_image
+    monkeypatch.setattr(resized.ResizedPredictor, "set_image", lambda self, image: (seen.append(self.target),
+                                                                                  original(self, image))[1])
+    assert cli_main(["evaluate", "--model", "tiny", "--adapter", str(adapter), "--data", str(data), "--mode",
+                     "interactive", "--max-images", "1", "--n-corrections", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    served = "resized whole images" if recorded else "patches"
+    assert printed.startswith(f"data layout: the adapter was trained on {served}")
+    assert (" dice " in printed and seen == [256]) if recorded else (" msa " in printed and not seen)
