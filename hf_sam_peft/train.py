@@ -235,11 +235,8 @@ RESUME_MAY_CHANGE = frozenset({
     "max_steps", "num_train_epochs", "use_cpu", "logging_steps", "logging_strategy", "logging_first_step",
     "report_to", "run_name", "disable_tqdm", "plot_loss_curve", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor",
-    # hf_sam_peft.training.efficiency: how a step runs, not what it computes
-    "autocast_dtype", "encoder_attention", "encoder_key_tile", "decoder_attention", "fuse_decoder_projections",
-    "contiguous_layout", "retain_freed_memory", "flush_denormals", "checkpoint_encoder", "encoder_mlp_recompute",
-    "backward_per_round", "checkpoint_rounds", "frozen_encoder_no_grad", "cache_embeddings",
 })
+"""(With the speed settings, :func:`speed_settings`: how a step runs, not what it computes.)"""
 OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
 """Training arguments a resumed optimizer state would override with its saved values (so applying a change
 needs :attr:`SamInteractiveTrainer.reset_optimizer_hyperparameters`)."""
@@ -257,6 +254,13 @@ def run_settings(recipe: Recipe) -> dict[str, Any]:
     for section in ("method_options", "data", "training"):
         flat.update({f"{section}.{k}": v for k, v in getattr(recipe, section).items()})
     return json.loads(json.dumps(flat, default=str))
+
+
+def speed_settings() -> frozenset[str]:
+    """The training arguments generated from ``EfficiencyOptions`` (and ``speed_preset``): they may change on resume."""
+    from .training.efficiency import argument_fields
+
+    return frozenset(name for name, _, _ in argument_fields())
 
 
 def _training_default(name: str) -> Any:
@@ -277,13 +281,14 @@ def _training_default(name: str) -> Any:
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``[(setting, saved value, current value)]`` for every setting that differs, training arguments compared
     by their effective value (a recipe's unset key is the argument's default); the ones in
-    :data:`RESUME_MAY_CHANGE` are not compared."""
+    :data:`RESUME_MAY_CHANGE` and :func:`speed_settings` are not compared."""
     unset = "(unset)"
+    may_change = RESUME_MAY_CHANGE | speed_settings()
     changes = []
     for key in sorted(set(saved) | set(current)):
         section, _, name = key.partition(".")
         if section == "training" and name:
-            if name in RESUME_MAY_CHANGE:
+            if name in may_change:
                 continue
             default = _training_default(name)
             old, new = saved.get(key, default), current.get(key, default)

@@ -43,18 +43,10 @@ def cpu_flash_attention_backward(
 def cpu_flash_attention_available() -> bool:
     """Whether both operators exist with the schema used here and agree with the public SDPA (probed once)."""
     try:
-        generator = torch.Generator().manual_seed(0)
-        query, key, value = (torch.randn(1, 1, 4, 8, generator=generator) for _ in range(3))
-        grad = torch.randn(1, 1, 4, 8, generator=generator)
-        out, logsumexp = cpu_flash_attention(query, key, value)
-        g_query, g_key, g_value = cpu_flash_attention_backward(grad, query, key, value, out, logsumexp)
-        leaves = [t.clone().requires_grad_(True) for t in (query, key, value)]
-        reference = F.scaled_dot_product_attention(*leaves, scale=1.0)
-        reference.backward(grad)
-        agree = torch.allclose(out, reference.detach(), atol=1e-5) and all(
-            torch.allclose(ours, leaf.grad, atol=1e-5) for ours, leaf in zip((g_query, g_key, g_value), leaves))
-        if not agree:
-            raise RuntimeError("results differ from F.scaled_dot_product_attention")
+        # the probe runs wherever the first attention call happens (under no_grad, inference_mode or autocast):
+        # it needs its own graph and float32
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            return _probe()
     except (AttributeError, RuntimeError, TypeError) as error:
         warnings.warn(
             f"torch {torch.__version__}: aten.{_FORWARD} / backward not usable as this package calls them "
@@ -63,4 +55,20 @@ def cpu_flash_attention_available() -> bool:
             RuntimeWarning, stacklevel=2,
         )
         return False
+
+
+def _probe() -> bool:
+    """Both operators on a tiny input against the public SDPA's output and gradients (raises where they differ)."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 1, 4, 8, generator=generator) for _ in range(3))
+    grad = torch.randn(1, 1, 4, 8, generator=generator)
+    out, logsumexp = cpu_flash_attention(query, key, value)
+    g_query, g_key, g_value = cpu_flash_attention_backward(grad, query, key, value, out, logsumexp)
+    leaves = [t.clone().requires_grad_(True) for t in (query, key, value)]
+    reference = F.scaled_dot_product_attention(*leaves, scale=1.0)
+    reference.backward(grad)
+    agree = torch.allclose(out, reference.detach(), atol=1e-5) and all(
+        torch.allclose(ours, leaf.grad, atol=1e-5) for ours, leaf in zip((g_query, g_key, g_value), leaves))
+    if not agree:
+        raise RuntimeError("results differ from F.scaled_dot_product_attention")
     return True

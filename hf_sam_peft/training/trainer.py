@@ -56,11 +56,10 @@ What it does (µSAM's ``SamTrainer`` in ``micro_sam/training/sam_trainer.py``, a
   each process checks its own loss: a fault on one process only stops that one (the others then wait in
   the next collective until the launcher's timeout);
 - a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
-- efficiency (``autocast_dtype``, ``encoder_attention``, ``encoder_key_tile``, ``decoder_attention``, ``fuse_decoder_projections``,
-  ``contiguous_layout``, ``checkpoint_encoder``, ``encoder_mlp_recompute``, ``backward_per_round``, ``checkpoint_rounds``,
-  ``frozen_encoder_no_grad``, ``cache_embeddings``, ``retain_freed_memory``, ``flush_denormals``; see
-  ``hf_sam_peft.training.efficiency``) changes how a step runs, not what it computes; the model-side options
-  are applied to ``model`` when the trainer is built.
+- efficiency (one argument per ``EfficiencyOptions`` field, ``autocast_dtype``, ``encoder_attention``, ...,
+  generated from it, and ``speed_preset``: plain, default or low_memory; see ``hf_sam_peft.training.efficiency``)
+  changes how a step runs, not what it computes; the model-side options are applied to ``model`` when the
+  trainer is built.
 
 Deliberate deviations from µSAM:
 
@@ -103,7 +102,6 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from hf_sam_peft.modeling.attention import DEFAULT_KEY_TILE
 from hf_sam_peft.modeling.unetr import ATTRIBUTE_NAME as DECODER_ATTRIBUTE
 from hf_sam_peft.sam_forward.forward import encode_images, unwrap_sam
 from hf_sam_peft.sam_forward.kinds import main_embedding
@@ -123,10 +121,10 @@ from hf_sam_peft.training.collate import SamInteractiveCollator
 from hf_sam_peft.training.efficiency import (
     EfficiencyOptions,
     EmbeddingCache,
+    arguments_class,
     autocast_context,
-    checkpoint_option,
     encoder_embeddings,
-    none_option,
+    options_from_arguments,
     prepare_model,
 )
 from hf_sam_peft.training.interactive import (
@@ -223,9 +221,20 @@ def worst_mode(candidate: dict[str, float], base: dict[str, float]) -> tuple[str
     return mode, base[mode], candidate[mode]
 
 
+SpeedArguments = arguments_class()
+"""The speed fields of :class:`InteractiveTrainingArguments`: one per
+:class:`~hf_sam_peft.training.efficiency.EfficiencyOptions` field (same name, default and help) plus
+``speed_preset``, generated from the options' declarations (a new option needs no change here)."""
+
+
 @dataclass
-class InteractiveTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with µSAM's interactive-training knobs and the paper's defaults."""
+class InteractiveTrainingArguments(SpeedArguments, TrainingArguments):
+    """``TrainingArguments`` with µSAM's interactive-training knobs and the paper's defaults.
+
+    The speed options (how a step runs, never what it computes: ``hf_sam_peft.training.efficiency``,
+    ``benchmarks/RESULTS.md``) come from :data:`SpeedArguments`; ``speed_preset`` (plain, default, low_memory)
+    picks their base values and any speed option set to other than its default wins over the preset.
+    """
 
     n_objects: int | None = field(default=25, metadata={"help": "Objects sampled per image (None: all)."})
     n_sub_iterations: int = field(default=8, metadata={"help": "Rounds per batch: initial prompt + corrections."})
@@ -235,50 +244,6 @@ class InteractiveTrainingArguments(TrainingArguments):
     decoder_min_size: int = field(default=25, metadata={"help": "Objects below this size leave the AIS targets."})
     early_stopping_patience: int | None = field(default=None, metadata={"help": "Evaluations without improvement."})
     plot_loss_curve: bool = field(default=True, metadata={"help": "Write loss_curve.png to output_dir at the end."})
-    # how a step runs, never what it computes (hf_sam_peft.training.efficiency; benchmarks/RESULTS.md)
-    autocast_dtype: str | None = field(
-        default="auto", metadata={"help": "bf16/fp16 autocast of the forward; 'auto': bf16 where native; None: off."}
-    )
-    encoder_attention: str | None = field(
-        default="fused", metadata={"help": "Encoder attention: fused (rel-pos bias inside one SDPA call), eager or sdpa."}
-    )
-    encoder_key_tile: int | None = field(
-        default=DEFAULT_KEY_TILE,
-        metadata={"help": "Fused encoder attention on CPU: side of the key tiles (narrower flash calls); 0 or None: "
-                          "one call over all keys (0 is how the command line spells None)."},
-    )
-    decoder_attention: str | None = field(
-        default="auto", metadata={"help": "Mask decoder attention: auto (eager on CPU, else the model's), eager or sdpa."}
-    )
-    fuse_decoder_projections: bool = field(
-        default=True, metadata={"help": "Mask decoder: project the image tokens once per layer (exact, fewer passes)."}
-    )
-    contiguous_layout: bool = field(
-        default=True, metadata={"help": "Keep patch-embedding and decoder conv outputs contiguous (no slow mixed layouts)."}
-    )
-    retain_freed_memory: bool = field(
-        default=True, metadata={"help": "CPU: let glibc keep freed memory for the next step (no page faults; process-wide)."}
-    )
-    flush_denormals: bool = field(
-        default=True, metadata={"help": "CPU: flush denormal floats (< 1.2e-38) to zero on torch's threads (process-wide)."}
-    )
-    # str (not bool | str): HfArgumentParser would parse the field as a bool and reject "auto"
-    checkpoint_encoder: str = field(
-        default="auto",
-        metadata={"help": "Recompute the trainable encoder blocks in backward (less memory, slower): true, false, "
-                          "or auto (on for CPUs without native bf16)."},
-    )
-    encoder_mlp_recompute: str | None = field(
-        default="auto",
-        metadata={"help": "Rebuild the encoder MLPs' wide activations in backward (less memory): activation, hidden, "
-                          "or auto (hidden for float32 CPU steps without encoder checkpointing); None: keep them."},
-    )
-    backward_per_round: bool = field(
-        default=True, metadata={"help": "Differentiate each round's loss at once and free its graph (no recompute)."}
-    )
-    checkpoint_rounds: bool = field(default=True, metadata={"help": "Without backward_per_round: recompute rounds in backward."})
-    frozen_encoder_no_grad: bool = field(default=True, metadata={"help": "Run a frozen encoder without a graph."})
-    cache_embeddings: bool = field(default=False, metadata={"help": "Frozen encoder: reuse embeddings of equal images."})
     point_multimask: bool = field(
         default=True, metadata={"help": "Point steps train the multimask outputs (False: the single mask)."}
     )
@@ -334,19 +299,9 @@ class InteractiveTrainingArguments(TrainingArguments):
 
 
     def efficiency_options(self) -> EfficiencyOptions:
-        """The step's :class:`~hf_sam_peft.training.efficiency.EfficiencyOptions` from these arguments."""
-        return EfficiencyOptions(
-            autocast_dtype=none_option(self.autocast_dtype), encoder_attention=none_option(self.encoder_attention),
-            encoder_key_tile=None if self.encoder_key_tile == 0 else self.encoder_key_tile,
-            decoder_attention=none_option(self.decoder_attention),
-            checkpoint_encoder=checkpoint_option(self.checkpoint_encoder),
-            encoder_mlp_recompute=none_option(self.encoder_mlp_recompute),
-            backward_per_round=self.backward_per_round, checkpoint_rounds=self.checkpoint_rounds,
-            frozen_encoder_no_grad=self.frozen_encoder_no_grad, cache_embeddings=self.cache_embeddings,
-            fuse_decoder_projections=self.fuse_decoder_projections,
-            contiguous_layout=self.contiguous_layout, retain_freed_memory=self.retain_freed_memory,
-            flush_denormals=self.flush_denormals,
-        )
+        """The step's :class:`~hf_sam_peft.training.efficiency.EfficiencyOptions` from these arguments
+        (:func:`~hf_sam_peft.training.efficiency.options_from_arguments`)."""
+        return options_from_arguments(self)
 
 
 class LossCurveCallback(TrainerCallback):

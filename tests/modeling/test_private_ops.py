@@ -45,3 +45,17 @@ def test_a_wrong_result_is_refused_too(monkeypatch):
             assert not private_ops.cpu_flash_attention_available()
     finally:
         private_ops.cpu_flash_attention_available.cache_clear()
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "bf16 autocast"])
+def test_the_probe_holds_wherever_the_first_attention_call_runs(context):
+    """Evaluation's first encoder call runs under no_grad / inference_mode, training's under autocast: the probe
+    builds its own graph in float32 there."""
+    wrapper = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "bf16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[context]
+    private_ops.cpu_flash_attention_available.cache_clear()
+    try:
+        with wrapper():
+            assert private_ops.cpu_flash_attention_available()
+    finally:
+        private_ops.cpu_flash_attention_available.cache_clear()
