@@ -12,20 +12,17 @@ only depends on the image, and projects the 4,096 image tokens of every object t
   object's queries attend to the same keys, folded into the query axis of one attention call: rows of an
   attention are independent, so this is exact); and every later projection's bias + projected positional
   encoding, head-major;
-- per object, later layers and the final attention never project the image tokens: an attention between T
-  prompt tokens and N image tokens needs ``W x`` only inside ``q . W x`` and ``P W x``, so the projection
-  moves onto the tokens (``(q W) . x``, ``(P x) W^T``; :func:`_folded_scores`, :func:`_attend_image`), and
-  the image->token output projection onto the tokens' values (:func:`_attend_few_keys_output`). With T <= 16
-  tokens (SAM's 8 heads of 16) that is fewer multiply-adds and no ``(N, c)`` tensors written and read back;
-- the mask head: the hypernetwork MLPs and the mask product run only for the mask tokens that are returned
-  (1 of 4 for single-mask output), and the upscaling stays in the convolutions' channels-last layout;
+- per object, later layers and the final attention never project the image tokens (their projections fold
+  into the few prompt tokens), and the mask head runs only for the mask tokens that are returned: that
+  arithmetic, shared with training's decoder path, lives in :mod:`hf_sam_peft.modeling.mask_decoder` (the one
+  module that overrides transformers' decoder; its docstring lists every override and why);
 - objects go through in small groups (:func:`objects_per_pass`) whose maps stay in cache.
 
 The order of the arithmetic differs from transformers' (float32 results agree to rounding,
-``tests/evaluation/test_fast_eval.py``); the modules are the model's own (LayerNorms, MLPs, self-attention,
-projection weights, upscaling convolutions, IoU head), so fine-tuned decoders (peft ``modules_to_save``
-copies) run through it too. With a mask input (``dense``) the image tokens differ per object and layer 0
-runs per object like the later layers.
+``tests/modeling/test_mask_decoder.py``, ``tests/evaluation/test_fast_eval.py``); the modules are the model's
+own (LayerNorms, MLPs, self-attention, projection weights, upscaling convolutions, IoU head), so fine-tuned
+decoders (peft ``modules_to_save`` copies) run through it too. With a mask input (``dense``) the image tokens
+differ per object and layer 0 runs per object like the later layers.
 
 Precision: with ``autocast_dtype`` (:class:`~hf_sam_peft.evaluation.predictor.SamPredictor` passes bf16
 where the device runs it natively and faster, :func:`hf_sam_peft.sam_forward.precision.fast_autocast_dtype`) the
@@ -44,14 +41,18 @@ from typing import ContextManager
 
 import torch
 from torch import nn
-from transformers.models.sam.modeling_sam import SamMaskDecoder, SamTwoWayTransformer
+from transformers.models.sam.modeling_sam import SamMaskDecoder
 
-from hf_sam_peft.modeling.layout import _contiguous_output
 from hf_sam_peft.modeling.mask_decoder import (
-    _attend,
-    _attentions,
-    _plain_linears,
-    _project,
+    attend_few_keys,
+    attend_projected,
+    decoder_overrides_apply,
+    folded_final_token_to_image,
+    folded_two_way_layer,
+    head_addend,
+    head_split,
+    mask_head,
+    project,
     token_layout,
     token_self_attention,
 )
@@ -79,7 +80,8 @@ def _decoder(sam: nn.Module) -> SamMaskDecoder:
 
 
 def fast_decoder_supported(model: nn.Module) -> bool:
-    """Whether :func:`decode_objects` reproduces ``model``'s decoder: transformers' ``SamMaskDecoder`` and
+    """Whether :func:`decode_objects` reproduces ``model``'s decoder
+    (:func:`~hf_sam_peft.modeling.mask_decoder.decoder_overrides_apply`): transformers' ``SamMaskDecoder`` and
     two-way transformer (or our fused one) with plain ``nn.Linear`` attention projections (an adapter
     wrapping them, e.g. LoRA on the decoder, is decoded through the model's forward instead).
 
@@ -87,10 +89,7 @@ def fast_decoder_supported(model: nn.Module) -> bool:
     the two high-resolution maps, and its single-mask choice differs (``sam_forward.forward``); reproducing
     those here would be a second copy of that decoder to keep in step with transformers. SAM 2 models decode
     through the model's forward (the plain path), which training uses too."""
-    decoder = _decoder(unwrap_sam(model))
-    if type(decoder) is not SamMaskDecoder or not isinstance(decoder.transformer, SamTwoWayTransformer):
-        return False
-    return _plain_linears(*_attentions(decoder.transformer))
+    return decoder_overrides_apply(_decoder(unwrap_sam(model)))
 
 
 @dataclass
@@ -135,139 +134,21 @@ def image_tokens(model: nn.Module, embeddings: torch.Tensor, autocast_dtype: tor
         _, dense = sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=box, input_masks=None)
         keys = _tokens(embeddings + dense)
         layers = transformer.layers
-        key_addends = [_head_addend(layer.cross_attn_token_to_image, "k_proj", positions) for layer in layers]
-        query_addends = [_head_addend(layer.cross_attn_image_to_token, "q_proj", positions) for layer in layers]
-        final_key_addend = _head_addend(transformer.final_attn_token_to_image, "k_proj", positions)
+        key_addends = [head_addend(layer.cross_attn_token_to_image, "k_proj", positions) for layer in layers]
+        query_addends = [head_addend(layer.cross_attn_image_to_token, "q_proj", positions) for layer in layers]
+        final_key_addend = head_addend(transformer.final_attn_token_to_image, "k_proj", positions)
         to_image, to_token = layers[0].cross_attn_token_to_image, layers[0].cross_attn_image_to_token
-        key, query = _project(keys + positions, (to_image.k_proj, to_token.q_proj))
+        key, query = project(keys + positions, (to_image.k_proj, to_token.q_proj))
         value = to_image.v_proj(keys)
-        query = _head_split(query, to_token.num_attention_heads).transpose(-1, -2).contiguous()  # (1, heads, d, N)
+        query = head_split(query, to_token.num_attention_heads).transpose(-1, -2).contiguous()  # (1, heads, d, N)
     return ImageTokens(embeddings, keys, key.contiguous(), value.contiguous(), query,
                        key_addends, query_addends, final_key_addend, autocast_dtype)
 
 
-def _head_addend(attention: nn.Module, name: str, positions: torch.Tensor) -> torch.Tensor:
-    """``attention.<name>`` of the positional encoding (bias included), head-major ``(heads, d, h*w)``
-    contiguous: what the folded scores (:func:`_folded_scores`) add per head."""
-    projected = getattr(attention, name)(positions)[0, 0]  # (h*w, c)
-    heads = attention.num_attention_heads
-    return projected.reshape(projected.shape[0], heads, -1).permute(1, 2, 0).contiguous()
-
-
-def _head_split(hidden: torch.Tensor, heads: int) -> torch.Tensor:
-    """``(B, 1, L, c)`` -> ``(B, heads, L, c / heads)`` (a view), as ``SamAttention._separate_heads``."""
-    b, _, length, channels = hidden.shape
-    return hidden.reshape(b, length, heads, channels // heads).transpose(1, 2)
-
-
-def _folded_scores(linear: nn.Linear, head_queries: torch.Tensor, image_t: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
-    """Attention scores ``(B, heads, T, N)`` of a few (already scaled) queries ``(B, heads, T, d)`` against image
-    tokens ``image_t`` ``(B, C, N)`` (:func:`_image_operands`) that ``linear`` would project (``addend``: its bias and projected positions,
-    :func:`_head_addend`), without projecting them: ``q_h . (W_h x + a_h) = (q_h W_h) . x + q_h . a_h``.
-
-    ``(B, heads * T, C) @ (C, N)`` multiply-adds instead of a ``(N, C) @ (C, c)`` projection per object (fewer
-    while ``heads * T < c``: T < 16 for SAM's decoder; interactive evaluation's prompts give T = 7 to 21), and
-    no projected ``(N, c)`` tensor is written or read back.
-    """
-    b, heads, n_queries, head_dim = head_queries.shape
-    # scores in float32 whatever the autocast: bf16 scores (8 bits) move the softmax by percents (the fused
-    # attention kernels accumulate scores in float32 too); the operands may be bf16, products are exact in float32
-    with torch.autocast(device_type=image_t.device.type, enabled=False):
-        folded = torch.matmul(head_queries.float(), linear.weight.reshape(heads, head_dim, -1).float())  # (B, heads, T, C)
-        scores = torch.matmul(folded.reshape(b, heads * n_queries, -1), image_t.float())
-        scores = scores.view(b, heads, n_queries, -1)
-        for i in range(b):
-            scores[i].baddbmm_(head_queries[i].float(), addend.float())
-    return scores
-
-
-def _image_operands(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image tokens ``(B, 1, N, C)`` as the folded attentions read them: ``(B, N, C)`` and its transposed
-    view ``(B, C, N)``, cast to the autocast dtype once per layer (autocast would cast them at every matmul)."""
-    image = keys[:, 0]
-    if torch.is_autocast_enabled(image.device.type):
-        image = image.to(torch.get_autocast_dtype(image.device.type))
-    return image, image.transpose(1, 2)
-
-
-def _attend_image(module: nn.Module, query: torch.Tensor, image: tuple[torch.Tensor, torch.Tensor],
-                  key_addend: torch.Tensor) -> torch.Tensor:
-    """A token->image attention (``SamAttention`` with ``query`` ``(B, 1, T, c)`` already projected) over the raw
-    image tokens ``image`` (:func:`_image_operands`), with its key and value projections folded into the few queries:
-    scores by :func:`_folded_scores`, and ``P_h (W_h x + b_h) = (P_h x) W_h^T + b_h`` for the values (rows of
-    ``P_h`` sum to 1). Returns ``out_proj`` of the attention, ``(B, 1, T, c_out)``."""
-    heads = module.num_attention_heads
-    head_queries = _head_split(query * module.scaling, heads)
-    b, _, n_queries, head_dim = head_queries.shape
-    tokens, tokens_t = image
-    probs = _folded_scores(module.k_proj, head_queries, tokens_t, key_addend).softmax(dim=-1, dtype=torch.float32)
-    mixed = torch.matmul(probs.view(b, heads * n_queries, -1).to(tokens.dtype), tokens)  # (B, heads * T, C)
-    value_weights = module.v_proj.weight.reshape(heads, head_dim, -1).transpose(1, 2)  # (heads, C, d)
-    out = torch.matmul(mixed.view(b, heads, n_queries, -1), value_weights) + module.v_proj.bias.view(heads, 1, head_dim)
-    return module.out_proj(out.transpose(1, 2).reshape(b, 1, n_queries, heads * head_dim))
-
-
-def attend_few_keys(module: nn.Module, head_queries: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """The image->token attention of layer 0 with its output projection, arranged for few keys (inference only;
-    ``SamAttention.forward``'s arithmetic with eager attention, in another order). ``head_queries``: the
-    projected image queries head-major ``(1 or B, heads, d, N)`` (:attr:`ImageTokens.first_query`), ``key`` and
-    ``value`` the objects' few projected tokens ``(B, 1, T, c)``. The scores ``(B, heads, T, N)`` are one
-    ``(T, d) @ (d, N)`` matmul per head and object, then :func:`_attend_few_keys_output`.
-    """
-    heads = module.num_attention_heads
-    head_keys = _head_split(key * module.scaling, heads)  # (B, heads, T, d)
-    objects, _, n_keys, _ = head_keys.shape
-    scores = head_keys.new_empty(objects, heads, n_keys, head_queries.shape[-1], dtype=torch.float32)
-    with torch.autocast(device_type=scores.device.type, enabled=False):  # float32 scores, as _folded_scores
-        for i in range(objects):
-            torch.matmul(head_keys[i].float(), head_queries[min(i, head_queries.shape[0] - 1)].float(), out=scores[i])
-    return _attend_few_keys_output(module, scores, value)
-
-
-def _attend_few_keys_output(module: nn.Module, scores: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """An image->token attention (4,096 image queries, a handful of token keys) from its scores
-    ``(B, heads, T, N)`` and the tokens' projected values ``(B, 1, T, c)``, with its output projection.
-    Returns ``(B, 1, N, c_out)``.
-
-    - the softmax over the keys is taken along a non-last axis, where the CPU kernel vectorises over the
-      4,096 queries instead of over rows of ~10 keys;
-    - the output projection is folded into the values: ``out_proj(concat_h P_h V_h) = sum_h P_h (V_h W_h^T) + b``
-      is one ``(N, heads*T) @ (heads*T, c_out)`` matmul per object instead of ``P V`` and a
-      ``(N, c) @ (c, c_out)`` projection over all image tokens (fewer multiply-adds while
-      ``heads * T < c + T``: T <= 18 for SAM's decoder), and since each row of ``P_h`` sums to 1 the
-      bias rides on the values (``b / heads`` per head) instead of a pass over the output.
-    """
-    objects, heads, n_keys, n_queries = scores.shape
-    probs = scores.softmax(dim=-2, dtype=torch.float32)
-    out_proj = module.out_proj
-    head_values = _head_split(value, heads)
-    head_weights = out_proj.weight.reshape(-1, heads, head_values.shape[-1]).permute(1, 2, 0)  # (heads, d, c_out)
-    projected = torch.matmul(head_values, head_weights) + out_proj.bias / heads  # (B, heads, T, c_out)
-    out = torch.matmul(probs.reshape(objects, heads * n_keys, n_queries).transpose(1, 2),
-                       projected.reshape(objects, heads * n_keys, -1).to(probs.dtype))
-    return out.reshape(objects, 1, n_queries, -1)
-
-
-def _later_layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pos: torch.Tensor,
-                 key_addend: torch.Tensor, query_addend: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A two-way layer (``two_way_layer``: same steps, same modules) for image tokens ``keys`` ``(B, 1, N, C)``
-    that differ per object, with no projection of them: both cross attentions fold their image-side
-    projections into the object's few tokens (:func:`_attend_image`, :func:`_folded_scores`)."""
-    queries = token_self_attention(layer, queries, query_pos)
-    to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-    image = _image_operands(keys)
-    queries = layer.layer_norm2(queries + _attend_image(to_image, to_image.q_proj(queries + query_pos), image, key_addend))
-    queries = layer.layer_norm3(queries + layer.mlp(queries))
-
-    head_keys = _head_split(to_token.k_proj(queries + query_pos) * to_token.scaling, to_token.num_attention_heads)
-    scores = _folded_scores(to_token.q_proj, head_keys, image[1], query_addend)  # (B, heads, T, N)
-    keys = layer.layer_norm4(keys + _attend_few_keys_output(to_token, scores, to_token.v_proj(queries)))
-    return queries, keys
-
-
 def _first_layer_shared(layer: nn.Module, queries: torch.Tensor, query_pos: torch.Tensor,
                         tokens: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer 0 of the two-way transformer (``two_way_layer``) for N objects whose image tokens are shared.
+    """Layer 0 of the two-way transformer (:func:`~hf_sam_peft.modeling.mask_decoder.two_way_layer`) for N
+    objects whose image tokens are shared (the evaluation cache's part of the decoder).
 
     ``queries`` ``(N, 1, T, C)``. The token->image attention runs once with all objects' queries stacked
     (``(1, 1, N*T, .)``) against the cached keys / values; the image->token attention uses the cached image
@@ -278,7 +159,7 @@ def _first_layer_shared(layer: nn.Module, queries: torch.Tensor, query_pos: torc
 
     to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     query = to_image.q_proj(queries + query_pos).reshape(1, 1, n * n_tokens, -1)
-    attn_out = _attend(to_image, query, tokens.first_key, tokens.first_value, None).reshape(n, 1, n_tokens, -1)
+    attn_out = attend_projected(to_image, query, tokens.first_key, tokens.first_value, None).reshape(n, 1, n_tokens, -1)
     queries = layer.layer_norm2(queries + attn_out)
     queries = layer.layer_norm3(queries + layer.mlp(queries))
 
@@ -286,42 +167,6 @@ def _first_layer_shared(layer: nn.Module, queries: torch.Tensor, query_pos: torc
     attn_out = attend_few_keys(to_token, tokens.first_query, token_key, to_token.v_proj(queries))
     keys = layer.layer_norm4(tokens.keys + attn_out)
     return queries, keys
-
-
-def _channels_last_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` without the training layout hook (:func:`hf_sam_peft.modeling.layout.set_contiguous_layout`,
-    which the trainer's ``prepare_model`` leaves on a trained model): that hook only copies the output into
-    contiguous (N, C, H, W) memory, same values, which the mask head below would copy back to channels-last.
-    Measured on LiteMedSAM (demo tile, 16 boxes, 1 thread): 0.30 s per decode without it, 0.58 s with it,
-    so a fine-tuned model was evaluated slower than its base. Any other hook runs as usual (``module(x)``)."""
-    hooks = list(module._forward_hooks.values())
-    if (hooks and all(hook is _contiguous_output for hook in hooks) and not module._forward_pre_hooks
-            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks):
-        return module.forward(x)
-    return module(x)
-
-
-def _mask_head(decoder: SamMaskDecoder, queries: torch.Tensor, keys: torch.Tensor, size: tuple[int, int],
-               multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``SamMaskDecoder.forward`` after the transformer, for the returned mask tokens only.
-
-    ``keys`` ``(N, 1, h*w, C)`` are channels-last already: the upscaling convolutions take them as a
-    channels-last view (no transpose copy) and the mask product runs over that layout (also for a model
-    trained with the contiguous-layout hook: :func:`_channels_last_call`).
-    """
-    n = keys.shape[0]
-    height, width = size
-    grid = keys.reshape(n, height, width, -1).permute(0, 3, 1, 2)  # (N, C, h, w), channels-last memory
-    upscaled = decoder.upscale_conv1(grid)
-    upscaled = decoder.activation(decoder.upscale_layer_norm(upscaled))
-    upscaled = decoder.activation(_channels_last_call(decoder.upscale_conv2, upscaled))  # (N, c, 4h, 4w)
-    picked = range(1, decoder.num_mask_tokens) if multimask else range(1)
-    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 0, 1 + i]) for i in picked], dim=1)
-    pixels = upscaled.permute(0, 2, 3, 1).reshape(n, -1, upscaled.shape[1])  # (N, 16hw, c): free when channels-last
-    masks = (pixels @ hyper_in.transpose(1, 2).to(pixels.dtype)).transpose(1, 2)
-    masks = masks.reshape(n, len(picked), *upscaled.shape[-2:])
-    iou = decoder.iou_prediction_head(queries[:, 0, 0])[:, list(picked)]
-    return masks, iou
 
 
 # Objects decoded together per pass through the transformer and mask head. Each object carries ~8 MiB
@@ -391,14 +236,13 @@ def _decode_group(decoder: SamMaskDecoder, tokens: ImageTokens, point_embeddings
         queries, keys = _first_layer_shared(layers[0], queries, point_embeddings, tokens)
     else:
         keys = _tokens(tokens.embeddings + dense)
-        queries, keys = _later_layer(layers[0], queries, keys, point_embeddings, tokens.key_addends[0], tokens.query_addends[0])
+        queries, keys = folded_two_way_layer(layers[0], queries, keys, point_embeddings, tokens.key_addends[0],
+                                             tokens.query_addends[0])
     for layer, key_addend, query_addend in zip(layers[1:], tokens.key_addends[1:], tokens.query_addends[1:]):
-        queries, keys = _later_layer(layer, queries, keys, point_embeddings, key_addend, query_addend)
-    final = transformer.final_attn_token_to_image
-    attn_out = _attend_image(final, final.q_proj(queries + point_embeddings), _image_operands(keys), tokens.final_key_addend)
-    queries = transformer.layer_norm_final_attn(queries + attn_out)
+        queries, keys = folded_two_way_layer(layer, queries, keys, point_embeddings, key_addend, query_addend)
+    queries = folded_final_token_to_image(transformer, queries, keys, point_embeddings, tokens.final_key_addend)
     # the mask head in float32: its logits are thresholded at 0 on small objects' boundaries, where bf16
     # upscaling moved masks by a pixel (LiteMedSAM demo tile, box round 0: mean IoU 0.95 vs 0.99+)
     with torch.autocast(device_type=tokens.keys.device.type, enabled=False):
-        masks, iou = _mask_head(decoder, queries.float(), keys.float(), tokens.size, multimask)
+        masks, iou = mask_head(decoder, queries.float(), keys.float(), tokens.size, multimask)
     return masks.float(), iou.float()

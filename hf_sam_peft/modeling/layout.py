@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 
-def _contiguous_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+def contiguous_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    """The forward hook :func:`set_contiguous_layout` registers (public so that a caller that wants the
+    convolution's own layout can recognise it: ``hf_sam_peft.modeling.mask_decoder.channels_last_call``)."""
     return output.contiguous()
 
 
@@ -42,12 +44,12 @@ def set_contiguous_layout(sam: nn.Module, enabled: bool) -> None:
     The hook is found by identity, so this is idempotent and survives ``copy.deepcopy``.
     """
     for module in layout_modules(sam):
-        ids = [key for key, hook in module._forward_hooks.items() if hook is _contiguous_output]
+        ids = [key for key, hook in module._forward_hooks.items() if hook is contiguous_output]
         if enabled and not ids:
-            module.register_forward_hook(_contiguous_output)
+            module.register_forward_hook(contiguous_output)
         elif not enabled:
             for key in ids:
                 del module._forward_hooks[key]
 
 
-__all__ = ["layout_modules", "set_contiguous_layout"]
+__all__ = ["contiguous_output", "layout_modules", "set_contiguous_layout"]

@@ -121,7 +121,7 @@ def test_layout_hook_does_not_change_the_fast_mask_head(tiny_lite):
     predictor.set_image(row["image"])
     # the strides of what the decoder's activations get: the upscaled maps stay in the layout the mask head reads
     strides: list[tuple[int, ...]] = []
-    activation = fast_decoder._decoder(unwrap_sam(tiny_lite)).activation
+    activation = fast_decoder.active_module(unwrap_sam(tiny_lite).mask_decoder).activation
     handle = activation.register_forward_pre_hook(lambda module, args: strides.append(args[0].stride()))
     try:
         without = predictor.predict(boxes=boxes)
@@ -133,21 +133,6 @@ def test_layout_hook_does_not_change_the_fast_mask_head(tiny_lite):
     assert strides == without_strides
     for a, b in zip(without, with_hook):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-
-
-def test_channels_last_call_skips_only_the_layout_hook():
-    conv = nn.ConvTranspose2d(4, 3, kernel_size=2, stride=2)
-    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
-    plain = conv(x)
-    conv.register_forward_hook(fast_decoder._contiguous_output)
-    assert conv(x).is_contiguous()  # the hook, as training uses it
-    skipped = fast_decoder._channels_last_call(conv, x)
-    assert skipped.stride() == plain.stride()  # the convolution's own layout, no copy
-    torch.testing.assert_close(skipped, plain, rtol=0, atol=0)
-    seen = []
-    conv.register_forward_hook(lambda module, args, output: seen.append(True))
-    fast_decoder._channels_last_call(conv, x)  # any other hook: the module runs with all its hooks
-    assert seen == [True]
 
 
 def test_warm_up_runs_the_evaluation_prompts_and_leaves_no_image(tiny_lite, decode_calls):

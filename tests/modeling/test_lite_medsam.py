@@ -216,7 +216,7 @@ def test_unknown_names_list_the_valid_ones(tmp_path):
         load_base_model(tmp_path)
     with pytest.raises(TypeError, match="name_or_path"):
         load_base_model(3)
-    assert set(BASE_MODELS) == {"lite_medsam", "tiny", "tiny_sam2"}
+    assert set(BASE_MODELS) == {"lite_medsam", "tiny", "tiny_sam2", "tiny_sam_hq", "tiny_sam3_tracker"}
 
 
 def test_preprocess_is_litemedsam_recipe():

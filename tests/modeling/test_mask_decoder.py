@@ -1,17 +1,27 @@
-"""The fused two-way transformer computes transformers' SamTwoWayTransformer: outputs and gradients."""
+"""Our decoder paths compute transformers' mask decoder: the fused two-way transformer (training; outputs and
+gradients) and evaluation's cached, folded path (hf_sam_peft.evaluation.fast_decoder), each against
+transformers' own ``SamModel`` forward; the override list, the version check and the fallbacks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from transformers import SamModel
 from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 
+from hf_sam_peft.evaluation.fast_decoder import decode_objects, fast_decoder_supported, image_tokens
+from hf_sam_peft.modeling import mask_decoder
+from hf_sam_peft.modeling.layout import contiguous_output
 from hf_sam_peft.modeling.mask_decoder import (
+    OVERRIDES,
     SamFusedTwoWayTransformer,
+    channels_last_call,
+    overrides_apply,
     set_decoder_projections,
     shared_position_shifts,
     token_layout,
+    transformers_checked,
 )
 from hf_sam_peft.modeling.sam import tiny_sam_config
 
@@ -158,3 +168,122 @@ def test_detached_shifts_carry_the_gradient_into_the_projection_weights():
     total = [(g if g is not None else torch.zeros_like(p)) + (v if v is not None else 0)
              for p, g, v in zip(params, param_grads, via_shifts)]
     _assert_close([emb_grad, *total], ref_grads, shared_scale=True)
+
+
+def sharp_tiny_sam() -> SamModel:
+    """:func:`tiny_sam` in float32, eval mode, with unit-gain decoder projections (std ``1/sqrt(fan_in)``) so
+    that the attentions are far from uniform: with the random init (std 0.02) softmax rows are near-constant
+    and a 0.1% error in the fused keys moved the masks by 5e-7 of their scale (below rounding); with this
+    init rounding gives 1e-6 and that error 4e-4 (measured), against the test's 1e-5."""
+    model = tiny_sam(torch.float32).eval()
+    torch.manual_seed(4)
+    for module in model.mask_decoder.transformer.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=1 / module.in_features**0.5)
+    return model
+
+
+def reference_and_prompts(model: SamModel, multimask: bool, mask_input: bool, objects: int = 3):
+    """transformers' own forward (``SamModel`` -> ``SamMaskDecoder``) for ``objects`` objects of one image with
+    points and a box each (and a mask input each when ``mask_input``): ``(masks (N, K, h', w'), iou (N, K))``
+    and the inputs."""
+    gen = torch.Generator().manual_seed(3)
+    side = model.config.vision_config.image_size
+    grid = model.config.prompt_encoder_config.image_embedding_size
+    channels = model.config.vision_config.output_channels
+    embedding = torch.randn(1, channels, grid, grid, generator=gen)
+    points = torch.rand(objects, 1, 3, 2, generator=gen) * side
+    labels = torch.tensor([[[1, 0, 1]]] * objects)
+    corner = torch.rand(objects, 1, 2, generator=gen) * side / 2
+    boxes = torch.cat([corner, corner + side / 3], dim=-1)  # (N, 1, 4)
+    masks = torch.randn(objects, 1, 4 * grid, 4 * grid, generator=gen) if mask_input else None
+    inputs = {"image_embeddings": embedding.expand(objects, -1, -1, -1), "input_points": points,
+              "input_labels": labels, "input_boxes": boxes, "input_masks": masks, "multimask_output": multimask}
+    with torch.no_grad():
+        out = model(**inputs)
+    return (out.pred_masks[:, 0], out.iou_scores[:, 0]), inputs
+
+
+def _assert_float32_close(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+    """Equal to float32 rounding: another order of the same arithmetic; tolerance relative to each output's max |x|."""
+    for actual, reference in zip(got, expected):
+        assert actual.shape == reference.shape
+        torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("mask_input", [False, True], ids=["no_mask", "mask_input"])
+@pytest.mark.parametrize("multimask", [False, True], ids=["single", "multimask"])
+@pytest.mark.parametrize("path", ["fused", "cached"])
+def test_decoder_paths_match_transformers_forward(path, multimask, mask_input):
+    """Training's fused path (inside ``shared_position_shifts``, as a training step) and evaluation's cached path
+    (``image_tokens`` + ``decode_objects``; the mask input as its dense embedding) give transformers' masks
+    and IoU predictions, points + boxes, with and without mask inputs, single- and multimask, float32."""
+    model = sharp_tiny_sam()
+    expected, inputs = reference_and_prompts(model, multimask, mask_input)
+    with torch.no_grad():
+        if path == "fused":
+            assert set_decoder_projections(model, fused=True)
+            with shared_position_shifts(model) as shared:
+                assert shared is not None
+                out = model(**inputs)
+            got = (out.pred_masks[:, 0], out.iou_scores[:, 0])
+        else:
+            assert fast_decoder_supported(model)
+            tokens = image_tokens(model, inputs["image_embeddings"][:1])
+            dense = None if inputs["input_masks"] is None else model.prompt_encoder.mask_embed(inputs["input_masks"])
+            got = decode_objects(model, tokens, inputs["input_points"], inputs["input_labels"], inputs["input_boxes"],
+                                 multimask, dense=dense)
+    assert expected[0].shape[1] == (3 if multimask else 1) and expected[0].abs().max() > 0
+    _assert_float32_close(got, expected)
+
+
+def test_every_listed_override_exists_and_is_public():
+    assert len({o.name for o in OVERRIDES}) == len(OVERRIDES)
+    for override in OVERRIDES:
+        assert override.name in mask_decoder.__all__ and hasattr(mask_decoder, override.name), override.name
+        assert override.replaces and override.reason
+
+
+def test_transformers_version_check_warns_once_on_an_unchecked_release(monkeypatch):
+    import transformers
+
+    transformers_checked.cache_clear()
+    try:
+        monkeypatch.setattr(transformers, "__version__", mask_decoder.CHECKED_TRANSFORMERS[0])
+        assert transformers_checked()
+        transformers_checked.cache_clear()
+        monkeypatch.setattr(transformers, "__version__", "4.40.0")
+        with pytest.warns(RuntimeWarning, match=r"transformers 4\.40\.0.*checked against"):
+            assert not transformers_checked()
+        assert not transformers_checked()  # cached: one warning per process
+    finally:
+        transformers_checked.cache_clear()
+
+
+def test_missing_transformers_internals_fall_back_to_transformers_forward(monkeypatch):
+    """An attribute the overrides read that a transformers release no longer has: both paths step aside."""
+    model = tiny_sam(torch.float32).eval()
+    expected, inputs = reference_and_prompts(model, multimask=True, mask_input=False)
+    set_decoder_projections(model, fused=True)
+    assert overrides_apply(model.mask_decoder.transformer) and fast_decoder_supported(model)
+    monkeypatch.setattr(mask_decoder, "_ATTENTION_ATTRS", (*mask_decoder._ATTENTION_ATTRS, "renamed_in_a_release"))
+    assert not overrides_apply(model.mask_decoder.transformer) and not fast_decoder_supported(model)
+    with torch.no_grad(), shared_position_shifts(model) as shared:
+        assert shared is None
+        out = model(**inputs)
+    torch.testing.assert_close(out.pred_masks[:, 0], expected[0], rtol=0, atol=0)  # transformers' own forward
+
+
+def test_channels_last_call_skips_only_the_layout_hook():
+    conv = nn.ConvTranspose2d(4, 3, kernel_size=2, stride=2)
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    plain = conv(x)
+    conv.register_forward_hook(contiguous_output)
+    assert conv(x).is_contiguous()  # the hook, as training uses it
+    skipped = channels_last_call(conv, x)
+    assert skipped.stride() == plain.stride()  # the convolution's own layout, no copy
+    torch.testing.assert_close(skipped, plain, rtol=0, atol=0)
+    seen = []
+    conv.register_forward_hook(lambda module, args, output: seen.append(True))
+    channels_last_call(conv, x)  # any other hook: the module runs with all its hooks
+    assert seen == [True]
