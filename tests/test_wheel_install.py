@@ -170,7 +170,8 @@ def test_train_by_recipe_name(installed):
 def test_evaluate_segment_and_push_from_the_wheel(installed, trained):
     result = installed.run("hf-sam-peft", "evaluate", "--model", "tiny", "--adapter", trained, "--data", DATA,
                            "--max-images", "1", "--n-corrections", "1", "--out", "results.csv", "--no-progress")
-    assert "data layout: tiles, as train --data would serve" in result.stdout
+    # the adapter records how it was trained (patches): evaluate serves the folder that way
+    assert "data layout: the adapter was trained on patches" in result.stdout
     assert (installed.work / "results.csv").read_text().count("\n") >= 2
     assert " AIS" in result.stdout  # the adapter's UNETR decoder was found and scored
     result = installed.run("hf-sam-peft", "segment", "--model", "tiny", "--adapter", trained, "--data", DATA,
