@@ -22,10 +22,15 @@ RECIPE_KEYS = {
     "name": str, "dataset": (str, dict), "base_model": str, "method": str, "method_options": dict, "ais": bool,
     "data": dict, "training": dict, "output_dir": str, "seed": int, "description": str,
 }
-DATA_KEYS = (
-    "max_images", "n_patches_per_image", "patch_shape", "min_size", "val_fraction", "with_objects_only",
-    "min_num_instances", "sampler_min_size", "augment", "max_attempts", "val_split",
-)
+def data_keys() -> tuple[str, ...]:
+    """The keys a recipe's ``data:`` section may set: :class:`hf_sam_peft.data.DataOptions`' fields, one list.
+
+    ``label_transform`` (a Python callable) has no YAML spelling; ``seed`` is listed so that setting it gets
+    :func:`data_options`' own message (the data follow the run's seed).
+    """
+    from .data.options import DataOptions  # lazy, as every package import of this module (it imports only stdlib + yaml at load)
+
+    return tuple(name for name in DataOptions.names() if name != "label_transform")
 
 
 @dataclass
@@ -75,9 +80,9 @@ def load_recipe(path: str | Path) -> Recipe:
             raise ValueError(f"recipe {path}: {key} has the wrong type {type(raw[key]).__name__}")
     if "dataset" not in raw:
         raise ValueError(f"recipe {path}: missing key 'dataset'")
-    bad_data = sorted(set(raw.get("data") or {}) - set(DATA_KEYS))
+    bad_data = sorted(set(raw.get("data") or {}) - set(data_keys()))
     if bad_data:
-        raise ValueError(f"recipe {path}: unknown data keys {bad_data} (allowed: {list(DATA_KEYS)})")
+        raise ValueError(f"recipe {path}: unknown data keys {bad_data} (allowed: {list(data_keys())})")
     raw.setdefault("name", path.stem)
     return Recipe(**{k: v for k, v in raw.items() if v is not None}, path=path)
 

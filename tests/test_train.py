@@ -395,9 +395,10 @@ def test_train_data_serves_the_same_first_batches_as_before_the_options_object(n
 
 def test_recipe_data_keys_are_data_options_and_reach_them():
     from hf_sam_peft.data import DataOptions, load_dataset_recipe
-    from hf_sam_peft.train import DATA_KEYS, Recipe, data_options
+    from hf_sam_peft.train import Recipe, data_keys, data_options
 
-    assert set(DATA_KEYS) <= set(DataOptions.names())
+    # one list: every option with a YAML spelling is a recipe key (resize_inputs, label_mode, min_objects too)
+    assert set(data_keys()) == set(DataOptions.names()) - {"label_transform"}
     spec = load_dataset_recipe("folder_tiles")
     recipe = Recipe(name="x", dataset="folder_tiles", seed=7,
                     data={"val_fraction": 0.25, "patch_shape": [64, 64], "augment": "none"})
@@ -409,3 +410,17 @@ def test_recipe_data_keys_are_data_options_and_reach_them():
         with pytest.raises(ValueError, match=message) as info:
             data_options(Recipe(name="x", dataset="folder_tiles", data=data), spec)
         assert "\n" not in str(info.value)
+
+
+def test_a_training_recipe_may_set_every_data_option(tmp_path):
+    """resize_inputs / label_mode in a training recipe's data: section load (they were refused before there was
+    one list of data keys), and an unknown key is one line listing the allowed ones."""
+    from hf_sam_peft.train import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ndataset: folder_resize\nbase_model: tiny\nmethod: lora\n"
+                    "data: {resize_inputs: true, label_mode: semantic, min_objects: 1}\n")
+    assert load_recipe(path).data["resize_inputs"] is True
+    path.write_text("name: r\ndataset: folder_resize\nbase_model: tiny\nmethod: lora\ndata: {resize: true}\n")
+    with pytest.raises(ValueError, match=r"unknown data keys \['resize'\] \(allowed: .*'resize_inputs'"):
+        load_recipe(path)

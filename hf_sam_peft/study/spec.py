@@ -226,7 +226,7 @@ def check_grid_size(where: str, spec: StudySpec) -> None:
 def _check_cell_settings(where: str, spec: StudySpec) -> None:
     """Every cell's method options and training arguments are valid before the first cell trains."""
     from ..methods import method_config
-    from ..train import DATA_KEYS, check_training_settings
+    from ..train import check_training_settings, data_keys
 
     for cell in expand_cells(spec):
         if cell.method == "base":
@@ -237,9 +237,9 @@ def _check_cell_settings(where: str, spec: StudySpec) -> None:
             check_training_settings({"seed": cell.seed, **training})
         except (ValueError, TypeError) as exc:
             _fail(where, f"cell {cell.cell_id}: {' '.join(str(exc).split())}")
-        unknown = sorted(set(data) - set(DATA_KEYS))
+        unknown = sorted(set(data) - set(data_keys()))
         if unknown:
-            _fail(where, f"cell {cell.cell_id}: unknown data keys {unknown} (allowed: {list(DATA_KEYS)})")
+            _fail(where, f"cell {cell.cell_id}: unknown data keys {unknown} (allowed: {list(data_keys())})")
 
 
 def _check_evaluation(where: str, evaluation: Any) -> dict[str, Any]:
