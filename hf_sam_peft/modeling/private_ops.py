@@ -43,9 +43,11 @@ def cpu_flash_attention_backward(
 def cpu_flash_attention_available() -> bool:
     """Whether both operators exist with the schema used here and agree with the public SDPA (probed once)."""
     try:
-        # the probe runs wherever the first attention call happens (under no_grad, inference_mode or autocast):
-        # it needs its own graph and float32
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        # the probe runs wherever the first attention call happens (under no_grad, inference_mode, autocast, or
+        # inside activation checkpointing, whose saved-tensor hooks count what the forward saves): it needs its own
+        # graph, float32, and identity hooks innermost so that its tensors never reach the caller's hooks
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             return _probe()
     except (AttributeError, RuntimeError, TypeError) as error:
         warnings.warn(

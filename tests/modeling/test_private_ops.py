@@ -59,3 +59,21 @@ def test_the_probe_holds_wherever_the_first_attention_call_runs(context):
             assert private_ops.cpu_flash_attention_available()
     finally:
         private_ops.cpu_flash_attention_available.cache_clear()
+
+
+def test_a_first_call_inside_activation_checkpointing_recomputes_alike():
+    """The probe's own graph stays out of checkpointing's saved-tensor hooks: without that the forward saved 26
+    tensors and the recomputation (probe cached) 21, and backward failed (seen on an AVX2 run of the trainer)."""
+    from torch.utils.checkpoint import checkpoint
+
+    eager, fused = pair(0)
+    x = torch.randn(2, 8, 8, 48, dtype=torch.float64, requires_grad=True)
+    private_ops.cpu_flash_attention_available.cache_clear()
+    try:
+        out = checkpoint(lambda t: fused(t)[0], x, use_reentrant=False)
+        out.sum().backward()
+    finally:
+        private_ops.cpu_flash_attention_available.cache_clear()
+    reference = x.detach().clone().requires_grad_(True)
+    fused(reference)[0].sum().backward()
+    assert torch.allclose(x.grad, reference.grad, atol=1e-10)
