@@ -80,6 +80,31 @@ def assert_close(a, b, atol: float = 0.0) -> None:
         assert torch.allclose(x, y, atol=atol, rtol=0), f"output {i} differs by {(x - y).abs().max():.2e}"
 
 
+def backward_interactive(model, modes) -> torch.optim.Optimizer:
+    """The interactive objective's losses on :func:`rows`, one per mode, backpropagated in training mode; returns
+    the SGD optimizer over the trainable parameters for the caller's step (after it has looked at the gradients)."""
+    batch = SamInteractiveCollator.from_model(model)(rows())
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for i, mode in enumerate(modes):
+        loss, _ = interactive_loss(model, batch, mode, n_objects=2, n_rounds=2, mask_prob=1.0,
+                                   generator=prompt_generator(0, 0, i))
+        loss.backward()
+    return optimizer
+
+
+def assert_trained_and_reloaded(model, base, folder) -> list[torch.Tensor]:
+    """``model`` (stepped) differs from ``base``, and its saved adapter loaded into a fresh ``base`` gives the same
+    outputs; returns those outputs."""
+    model.eval()
+    expected = outputs(model)
+    assert not torch.allclose(expected[-2], outputs(base)[-2], atol=1e-5)  # trained: not the base model
+    model.save_pretrained(folder)
+    reloaded = hf_sam_peft.load_adapter(copy.deepcopy(base), str(folder)).eval()
+    assert_close(outputs(reloaded), expected)
+    return expected
+
+
 def test_kinds_frames_and_embeddings_match_transformers(base):
     kind = model_kind(base)
     size = base.config.prompt_encoder_config.image_size
@@ -139,25 +164,12 @@ def test_method_trains_saves_reloads_and_merges(base, method, tmp_path):
         assert suffixes == SAM3_WRAPPED[method]
     assert_close(outputs(model), outputs(base), atol=1e-6)  # every method starts as the base model
 
-    # one step of the interactive objective, points then boxes
-    batch = SamInteractiveCollator.from_model(model)(rows())
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for i, mode in enumerate((POINT_MODE, BOX_MODE)):
-        loss, _ = interactive_loss(model, batch, mode, n_objects=2, n_rounds=2, mask_prob=1.0,
-                                   generator=prompt_generator(0, 0, i))
-        loss.backward()
+    optimizer = backward_interactive(model, (POINT_MODE, BOX_MODE))  # one step: points then boxes
     encoder_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "vision_encoder." in n]
     assert bool(encoder_grads) == (method != "freeze_encoder")
     assert any(g is not None and g.abs().sum() > 0 for g in encoder_grads) or method == "freeze_encoder"
     optimizer.step()
-    model.eval()
-    expected = outputs(model)
-    assert not torch.allclose(expected[-2], outputs(base)[-2], atol=1e-5)  # trained: not the base model
-
-    model.save_pretrained(tmp_path)
-    reloaded = hf_sam_peft.load_adapter(copy.deepcopy(base), str(tmp_path)).eval()
-    assert_close(outputs(reloaded), expected)
+    expected = assert_trained_and_reloaded(model, base, tmp_path)
     if method in MERGEABLE:
         merged = model.merge_and_unload()
         assert type(merged) is type(base)

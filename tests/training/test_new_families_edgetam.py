@@ -21,11 +21,10 @@ from transformers.models.edgetam import modeling_edgetam
 import hf_sam_peft
 from hf_sam_peft.modeling.base_models import load_base_model
 from hf_sam_peft.modeling.edgetam import tiny_edgetam_config
-from hf_sam_peft.sam_forward import encode_images, prompt_generator
+from hf_sam_peft.sam_forward import encode_images
 from hf_sam_peft.sam_forward.kinds import frame_of, model_kind
-from hf_sam_peft.training.collate import SamInteractiveCollator
-from hf_sam_peft.training.interactive import POINT_MODE, interactive_loss
-from tests.training.test_new_families import assert_close, outputs, rows
+from hf_sam_peft.training.interactive import POINT_MODE
+from tests.training.test_new_families import assert_trained_and_reloaded, backward_interactive
 
 WIDTHS = (8, 16, 32, 64)  # strides 4, 8, 16, 32 (tiny_edgetam_config lists them lowest resolution first)
 
@@ -96,11 +95,7 @@ def test_frozen_batch_norms_keep_their_statistics_in_training(monkeypatch):
     so the saved adapter and the trained model see the same encoder."""
     model = hf_sam_peft.apply_method(edgetam(monkeypatch), "freeze_encoder")
     stats = {k: v.clone() for k, v in model.base_model.model.vision_encoder.state_dict().items() if "running" in k}
-    batch = SamInteractiveCollator.from_model(model)(rows())
-    model.train()
-    loss, _ = interactive_loss(model, batch, POINT_MODE, n_objects=2, n_rounds=2, mask_prob=1.0,
-                               generator=prompt_generator(0, 0, 0))
-    loss.backward()
+    backward_interactive(model, (POINT_MODE,))
     after = model.base_model.model.vision_encoder.state_dict()
     assert stats and all(torch.equal(v, after[k]) for k, v in stats.items())
     decoder_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "conv_s0" in n]
@@ -109,23 +104,12 @@ def test_frozen_batch_norms_keep_their_statistics_in_training(monkeypatch):
 
 
 def test_freeze_encoder_trains_saves_and_reloads_through_peft(monkeypatch, tmp_path):
-    """peft's get_peft_model on EdgeTamModel (whose get_input_embeddings raises: methods._declare_untied_embeddings)
+    """peft's get_peft_model on EdgeTamModel (whose get_input_embeddings raises: tuners.base.declare_untied_embeddings)
     and the saved adapter loaded into a fresh base give the trained model's masks."""
     base = edgetam(monkeypatch)
     model = hf_sam_peft.apply_method(copy.deepcopy(base), "freeze_encoder")
-    batch = SamInteractiveCollator.from_model(model)(rows())
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    loss, _ = interactive_loss(model, batch, POINT_MODE, n_objects=2, n_rounds=2, mask_prob=1.0,
-                               generator=prompt_generator(0, 0, 0))
-    loss.backward()
-    optimizer.step()
-    model.eval()
-    expected = outputs(model)
-    assert not torch.allclose(expected[-2], outputs(base)[-2], atol=1e-5)  # trained: not the base model
-    model.save_pretrained(tmp_path)
-    reloaded = hf_sam_peft.load_adapter(copy.deepcopy(base), str(tmp_path)).eval()
-    assert_close(outputs(reloaded), expected)
+    backward_interactive(model, (POINT_MODE,)).step()
+    assert_trained_and_reloaded(model, base, tmp_path)
 
 
 def test_full_ft_batch_norms_train(monkeypatch):
