@@ -38,7 +38,7 @@ def attention_module(window: int):
 def time_kernel(kind: str, window: int, batch: int, dtype: torch.dtype | None, repeats: int) -> tuple[float, float]:
     """Median forward and backward seconds of ``kind`` (``fused:S``: key tile side S) on ``batch`` grids of ``window``²."""
     from hf_sam_peft.modeling.attention import DEFAULT_KEY_TILE
-    from hf_sam_peft.training.efficiency import set_encoder_attention
+    from hf_sam_peft.speed import set_encoder_attention
 
     kind, _, tile = kind.partition(":")
     key_tile = DEFAULT_KEY_TILE if not tile else None if tile == "none" else int(tile)

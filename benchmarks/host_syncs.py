@@ -59,7 +59,7 @@ def count_step(method: str, path: str, model: str, batch: int, objects: int, rou
     import hf_sam_peft
     from hf_sam_peft.row_loops import force_row_by_row
     from hf_sam_peft.training.collate import SamInteractiveCollator
-    from hf_sam_peft.training.efficiency import prepare_model
+    from hf_sam_peft.speed import prepare_model
     from hf_sam_peft.training.interactive import interactive_loss, prompt_generator, training_prompt_mode
 
     torch.manual_seed(0)

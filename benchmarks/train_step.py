@@ -79,7 +79,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 def parse_path(path: str):
     """``plain`` / ``optimized`` / ``optimized:key=value,...`` -> (EfficiencyOptions, fused optimizer)."""
-    from hf_sam_peft.training.efficiency import EfficiencyOptions
+    from hf_sam_peft.speed import EfficiencyOptions
 
     if path == "plain":
         return EfficiencyOptions.plain(), False
@@ -102,7 +102,7 @@ def measure(method: str, path: str, opts: dict, queue) -> None:
     torch.set_num_threads(opts["threads"])
     import hf_sam_peft
     from hf_sam_peft.training.collate import SamInteractiveCollator
-    from hf_sam_peft.training.efficiency import EmbeddingCache, optimizer_kwargs, prepare_model
+    from hf_sam_peft.speed import EmbeddingCache, optimizer_kwargs, prepare_model
     from hf_sam_peft.training.interactive import interactive_loss, prompt_generator, training_prompt_mode
 
     device = torch.device(opts["device"])

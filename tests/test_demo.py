@@ -354,7 +354,7 @@ def test_base_is_evaluated_after_the_same_warm_up_and_cpu_settings_as_the_tuned_
     runtime settings applied and the evaluation's shapes run once, before its timer starts."""
     from hf_sam_peft.evaluation import predictor as predictor_module
     from hf_sam_peft.modeling.lite_medsam import LiteSamModel, tiny_lite_sam_config
-    from hf_sam_peft.training import cpu_runtime
+    from hf_sam_peft.speed import cpu_runtime
 
     calls: list[str] = []
     monkeypatch.setattr(cpu_runtime, "retain_freed_memory", lambda: calls.append("memory") or True)

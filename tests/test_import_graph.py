@@ -2,7 +2,8 @@
 
 - evaluation/, app/ and hub/ never import ``hf_sam_peft.training`` (module-level or inside functions): they
   share SAM's forward with training through ``hf_sam_peft.sam_forward``, which sits beneath both.
-- ``hf_sam_peft.sam_forward`` imports neither training nor evaluation.
+- ``hf_sam_peft.sam_forward`` imports neither training nor evaluation; ``hf_sam_peft.speed`` imports nothing above
+  it (training, evaluation, hub, app, commands, study, the demo and train entry points).
 - hub/ never imports evaluation/ or app/ (at any level): evaluation and the app load adapters through the
   hub's loader, so the one direction is evaluation/app -> hub.
 - The module-level import graph of the package has no cycle of any length (every cycle is reported).
@@ -179,6 +180,19 @@ def test_sam_forward_sits_beneath_training_and_evaluation():
         if _under(module, f"{PACKAGE}.sam_forward")
     }
     assert not {m: t for m, t in offenders.items() if t}
+
+
+def test_speed_sits_beneath_training():
+    """The speed options apply to a model and to a step's rounds; they never reach up into what uses them."""
+    _, every = import_graph()
+    above = tuple(f"{PACKAGE}.{name}" for name in (
+        "training", "evaluation", "app", "hub", "commands", "study", "demo", "train", "cli"))
+    offenders = {
+        module: sorted(t for t in targets if _under(t, *above))
+        for module, targets in every.items()
+        if _under(module, f"{PACKAGE}.speed")
+    }
+    assert f"{PACKAGE}.speed.rounds" in every and not {m: t for m, t in offenders.items() if t}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -22,24 +22,23 @@ Deliberate deviations (mechanics, not science):
 - Randomness comes from one explicit ``torch.Generator`` (see :func:`prompt_generator`) instead of the
   global NumPy / Python RNGs, so a resumed run replays the same prompts.
 
-The rounds run in one of three ways (``EfficiencyOptions``), which compute the same losses: kept graphs
-(:func:`interactive_rounds`, also the reference), each round recomputed in backward
-(:func:`checkpointed_round_losses`) or each round differentiated at once (:func:`backward_round_losses`).
-One driver, :func:`_drive_rounds`, runs the rounds of all three (validation, the first round's multimask
-output, the corrections and mask inputs between rounds); each only says what one round computes.
+The rounds run in one loop, :func:`interactive_rounds`, beside micro-sam's ``_compute_iterative_loss``. How each
+round is executed — graph kept until backward (the reference), recomputed in backward, or differentiated at
+once — is the step's speed choice (:mod:`hf_sam_peft.speed.rounds`, from the ``EfficiencyOptions``): the losses
+are the same.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ContextManager, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from hf_sam_peft.modeling.mask_decoder import SharedPositions, shared_position_shifts
+from hf_sam_peft.deprecation import moved_names, warn_moved
 from hf_sam_peft.prompts import (
     boxes_from_masks,
     correction_points,
@@ -49,23 +48,13 @@ from hf_sam_peft.prompts import (
 # SAM's shared forward, re-exported: callers import decode / encode_images / unwrap_sam from this module too
 from hf_sam_peft.sam_forward.forward import decode, encode_images, unwrap_sam  # noqa: F401
 from hf_sam_peft.sam_forward.frames import Frames, Prompts
-from hf_sam_peft.sam_forward.kinds import (
-    ImageEmbeddings,
-    embedding_levels,
-    frame_of,
-    from_levels,
-    main_embedding,
-    map_embeddings,
-)
+from hf_sam_peft.sam_forward.kinds import ImageEmbeddings, frame_of, main_embedding, map_embeddings
 from hf_sam_peft.sam_forward.preprocess import postprocess_masks, transform_boxes, transform_coords  # noqa: F401
 from hf_sam_peft.sam_forward.seeding import EVAL_STREAM, TRAIN_STREAM, prompt_generator  # noqa: F401
-from hf_sam_peft.training.efficiency import (
-    EfficiencyOptions,
-    EmbeddingCache,
-    autocast_context,
-    encoder_embeddings,
-    maybe_checkpoint,
-)
+from hf_sam_peft.speed.encoder import EmbeddingCache, encoder_embeddings
+from hf_sam_peft.speed.options import EfficiencyOptions
+from hf_sam_peft.speed.resolve import autocast_context
+from hf_sam_peft.speed.rounds import BackwardPerRound, CheckpointedRounds, KeptGraphs, RoundExecution, round_execution
 from hf_sam_peft.training.losses import batch_round_loss
 
 T = TypeVar("T")
@@ -122,13 +111,29 @@ def _device_of(generator: torch.Generator | None) -> torch.device | str:
 
 @dataclass
 class RoundOutput:
-    """One round: mask logits per image at input resolution ``(N, K, H_b, W_b)``, IoU predictions ``(B, N, K)``."""
+    """One round: mask logits per image at input resolution ``(N, K, H_b, W_b)``, IoU predictions ``(B, N, K)``,
+    the low-res logits ``(B, N, K, h', w')`` and, where the round computed its loss, ``dice`` and ``mse``."""
 
     index: int
     masks: list[torch.Tensor]
     iou_predictions: torch.Tensor
     low_res_masks: torch.Tensor
     prompts: Prompts
+    dice: torch.Tensor | None = None
+    mse: torch.Tensor | None = None
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        """The round's loss, ``dice + mse`` (µSAM's mask loss plus IoU regression), or None."""
+        return None if self.dice is None else self.dice + self.mse
+
+    def detach(self) -> RoundOutput:
+        """The same round without graph (prompts never carry one)."""
+        def cut(t):
+            return None if t is None else t.detach()
+
+        return replace(self, masks=[m.detach() for m in self.masks], iou_predictions=self.iou_predictions.detach(),
+                       low_res_masks=self.low_res_masks.detach(), dice=cut(self.dice), mse=cut(self.mse))
 
     def best_masks(self) -> list[torch.Tensor]:
         """Per image, the logits ``(N, H, W)`` of the mask with the highest predicted IoU."""
@@ -178,49 +183,27 @@ def initial_prompts(
     return prompts
 
 
-# One round: (index, prompts, multimask, mask_inputs, use_mask) -> (what the round yields, and the float32
-# low-res logits, IoU predictions and upscaled logits that the next round's corrections are drawn from).
-RoundFn = Callable[..., tuple[Any, torch.Tensor, torch.Tensor, list[torch.Tensor]]]
 
-
-def _drive_rounds(
-    round_fn: RoundFn,
-    targets: Sequence[torch.Tensor],
-    frames: Frames,
+def _round(
+    model: nn.Module,
+    index: int,
     prompts: Prompts,
-    *,
-    n_rounds: int,
-    multimask_first: bool,
-    mask_prob: float,
-    generator: torch.Generator | None,
-) -> Iterator[Any]:
-    """Yield ``round_fn``'s result for each of ``n_rounds`` rounds; between rounds add the corrections.
-
-    Multimask output only in round 0 (and only if ``multimask_first``). After each round but the last,
-    :func:`next_round_inputs` draws the next prompts and mask inputs from the round's predictions, *after*
-    the consumer has taken the round's result (the order the generator is drawn from is fixed).
-    """
-    _check_rounds(n_rounds, mask_prob)
-    mask_inputs = use_mask = None
-    for index in range(n_rounds):
-        result, low, iou, masks = round_fn(index, prompts, multimask_first and index == 0, mask_inputs, use_mask)
-        yield result
-        if index < n_rounds - 1:
-            prompts, mask_inputs, use_mask = next_round_inputs(
-                low, iou, masks, targets, frames, prompts, mask_prob, generator
-            )
-
-
-def _round_masks(
-    model: nn.Module, embeddings: ImageEmbeddings, prompts: Prompts, multimask: bool,
-    mask_inputs: torch.Tensor | None, use_mask: torch.Tensor | None, frames: Frames,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """One round's float32 low-res logits ``(B, N, K, h', w')``, IoU predictions ``(B, N, K)`` and logits
-    upscaled per image to its input size ``(N, K, H_b, W_b)``."""
+    multimask: bool,
+    mask_inputs: torch.Tensor | None,
+    use_mask: torch.Tensor | None,
+    frames: Frames,
+    targets: Sequence[torch.Tensor] | None,
+    embeddings: ImageEmbeddings,
+) -> RoundOutput:
+    """One round: the decoder's masks from ``embeddings`` and the round's prompts, upscaled per image to its
+    input size, and (``targets`` given) the round's loss, as ``SamTrainer._compute_loss`` computes it."""
     low, iou = decode(model, embeddings, prompts, multimask, mask_inputs, use_mask)
     low, iou = low.float(), iou.float()  # no-op in float32; under autocast the masks are upscaled in float32
     masks = [frames.upscale(b, low[b]) for b in range(low.shape[0])]
-    return low, iou, masks
+    output = RoundOutput(index, masks, iou, low, prompts)
+    if targets is not None:
+        output.dice, output.mse = batch_round_loss(masks, iou, targets)
+    return output
 
 
 def interactive_rounds(
@@ -234,22 +217,40 @@ def interactive_rounds(
     multimask_first: bool,
     mask_prob: float = 0.0,
     generator: torch.Generator | None = None,
+    loss: bool = False,
+    execution: RoundExecution | None = None,
 ) -> Iterator[RoundOutput]:
     """Yield each round's predictions; between rounds add one positive + one negative correction point per object.
 
-    Corrections come from the binarised best mask (logits > 0) at input resolution; with probability
-    ``mask_prob`` per image and round the best low-res logits (detached) are the next round's mask input.
-    Multimask output only in round 0 (and only if ``multimask_first``).
+    The loop of ``SamTrainer._compute_iterative_loss`` (``micro_sam/training/sam_trainer.py``). Multimask output
+    only in round 0 (and only if ``multimask_first``). Corrections come from the binarised best mask (logits > 0)
+    at input resolution; with probability ``mask_prob`` per image and round the best low-res logits (detached)
+    are the next round's mask input. They are drawn after the consumer has taken the round's output (the order
+    ``generator`` is drawn from is fixed); none after the last round (µSAM draws them and drops them).
+
+    ``loss``: each output carries its round's ``dice`` and ``mse`` (:func:`batch_round_loss`). ``execution``
+    (:mod:`hf_sam_peft.speed.rounds`, built for these ``embeddings``): how each round runs — graph kept (the
+    default), recomputed in backward, or differentiated at once; the losses are the same.
     """
-
-    def one_round(index, prompts, multimask, mask_inputs, use_mask):
-        low, iou, masks = _round_masks(model, embeddings, prompts, multimask, mask_inputs, use_mask, frames)
-        return RoundOutput(index, masks, iou, low, prompts), low, iou, masks
-
-    return _drive_rounds(
-        one_round, targets, frames, prompts,
-        n_rounds=n_rounds, multimask_first=multimask_first, mask_prob=mask_prob, generator=generator,
-    )
+    _check_rounds(n_rounds, mask_prob)
+    if execution is None:
+        execution = KeptGraphs(model, embeddings, n_rounds)
+    elif execution.embeddings is not embeddings:
+        raise ValueError("execution must be built for the embeddings passed to interactive_rounds")
+    mask_inputs = use_mask = None
+    for index in range(n_rounds):
+        # a partial binds this round's inputs by value: a checkpointed round is recomputed in backward, after
+        # the loop has moved prompts and mask inputs on to later rounds
+        round_fn = functools.partial(
+            _round, model, index, prompts, multimask_first and index == 0, mask_inputs, use_mask, frames,
+            targets if loss else None,
+        )
+        output = execution.run(round_fn)
+        yield output
+        if index < n_rounds - 1:
+            prompts, mask_inputs, use_mask = next_round_inputs(
+                output.low_res_masks, output.iou_predictions, output.masks, targets, frames, prompts, mask_prob, generator
+            )
 
 
 def _check_rounds(n_rounds: int, mask_prob: float) -> None:
@@ -257,6 +258,7 @@ def _check_rounds(n_rounds: int, mask_prob: float) -> None:
         raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
     if not 0.0 <= mask_prob <= 1.0:
         raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+
 
 
 @torch.no_grad()
@@ -293,157 +295,6 @@ def next_round_inputs(
         use_mask = torch.rand(low.shape[0], generator=generator, device=_device_of(generator)) < mask_prob
     return prompts, mask_inputs, use_mask
 
-
-def _round_loss(
-    model: nn.Module,
-    embeddings: ImageEmbeddings,
-    prompts: Prompts,
-    multimask: bool,
-    mask_inputs: torch.Tensor | None,
-    use_mask: torch.Tensor | None,
-    frames: Frames,
-    targets: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """One round's ``(dice, mse)`` with its float32 low-res logits, IoU predictions and upscaled logits.
-
-    The last three feed :func:`next_round_inputs`.
-    """
-    low, iou, masks = _round_masks(model, embeddings, prompts, multimask, mask_inputs, use_mask, frames)
-    dice, mse = batch_round_loss(masks, iou, targets)
-    return dice, mse, low, iou, masks
-
-
-def checkpointed_round_losses(
-    model: nn.Module,
-    embeddings: ImageEmbeddings,
-    targets: Sequence[torch.Tensor],
-    frames: Frames,
-    prompts: Prompts,
-    *,
-    n_rounds: int,
-    multimask_first: bool,
-    mask_prob: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-round ``(dice, mse)`` as :func:`interactive_rounds` + :func:`batch_round_loss` give them, with each
-    round's decoder call, upscaling and loss recomputed in backward instead of kept (activation checkpointing).
-    """
-
-    def one_round(index, prompts, multimask, mask_inputs, use_mask):
-        # the closure binds this round's inputs: backward's recomputation sees them, not a later round's
-        def run(*levels):
-            emb = from_levels(levels, embeddings)
-            return _round_loss(model, emb, prompts, multimask, mask_inputs, use_mask, frames, targets)
-
-        dice, mse, low, iou, masks = maybe_checkpoint(True, run, *embedding_levels(embeddings))
-        return (dice, mse), low, iou, masks
-
-    losses = list(_drive_rounds(
-        one_round, targets, frames, prompts,
-        n_rounds=n_rounds, multimask_first=multimask_first, mask_prob=mask_prob, generator=generator,
-    ))
-    return [dice for dice, _ in losses], [mse for _, mse in losses]
-
-
-def backward_round_losses(
-    model: nn.Module,
-    embeddings: ImageEmbeddings,
-    targets: Sequence[torch.Tensor],
-    frames: Frames,
-    prompts: Prompts,
-    *,
-    n_rounds: int,
-    multimask_first: bool,
-    mask_prob: float = 0.0,
-    generator: torch.Generator | None = None,
-    shared: SharedPositions | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Per-round ``(dice, mse)`` (detached) as :func:`checkpointed_round_losses` gives them, plus a *surrogate*.
-
-    Each round's share of the loss, ``(dice + mse) / n_rounds``, is differentiated as soon as the round is
-    done (``torch.autograd.grad`` into the trainable parameters outside the image encoder and into the
-    embeddings), and its graph is freed: one round's graph is alive at a time, and nothing is recomputed.
-    The returned surrogate ``Σ (p · g_p) + Σ (embeddings · g_emb)`` (constant ``g``: the summed round
-    gradients) has exactly those gradients, so ``surrogate.backward()`` (inside whatever scaling the training
-    loop applies) fills ``p.grad`` and runs the encoder's backward once. Gradients equal the single-backward
-    path's up to float summation order.
-
-    ``shared``: the decoder's position shifts (:func:`~hf_sam_peft.modeling.mask_decoder.shared_position_shifts`
-    with ``detach=True``), made once for all rounds: they are differentiated like the embeddings, and their
-    graph into the projection weights is run once, by the surrogate.
-    """
-    _check_rounds(n_rounds, mask_prob)  # before touching the model
-    sam = unwrap_sam(model)
-    encoder_params = {id(p) for p in sam.vision_encoder.parameters()}
-    # SAM 2's conv_s0 / conv_s1 and no_memory_embedding act before the leaves (encode_images): their
-    # gradient (None here) reaches them through the surrogate's embedding term, as the encoder's does
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_params]
-    sources = [level for level in embedding_levels(embeddings) if level.requires_grad]
-    leaves = [level.detach().requires_grad_(level.requires_grad) for level in embedding_levels(embeddings)]
-    leaf = from_levels(leaves, embeddings)
-    wrt = params + [level for level in leaves if level.requires_grad]
-    if shared is not None:
-        pairs = zip(shared.graph.tensors(), shared.leaves())
-        shifts = [(graph, detached) for graph, detached in pairs if detached.requires_grad]
-        wrt += [detached for _, detached in shifts]
-        sources += [graph for graph, _ in shifts]
-    sums: list[torch.Tensor | None] = [None] * len(wrt)
-
-    def one_round(index, prompts, multimask, mask_inputs, use_mask):
-        nonlocal sums
-        dice, mse, low, iou, masks = _round_loss(model, leaf, prompts, multimask, mask_inputs, use_mask, frames, targets)
-        round_loss = (dice + mse) / n_rounds
-        if round_loss.requires_grad:
-            with torch.autocast(leaves[0].device.type, enabled=False):  # backward outside autocast, as loss.backward()
-                grads = torch.autograd.grad(round_loss, wrt, allow_unused=True)
-            sums = accumulate_gradients(sums, grads)
-        return (dice.detach(), mse.detach()), low.detach(), iou.detach(), [m.detach() for m in masks]
-
-    losses = list(_drive_rounds(
-        one_round, targets, frames, prompts,
-        n_rounds=n_rounds, multimask_first=multimask_first, mask_prob=mask_prob, generator=generator,
-    ))
-    sources = params + sources
-    terms = [(x * g.to(x.dtype)).sum() for x, g in zip(sources, sums) if g is not None]
-    surrogate = torch.stack(terms).sum() if terms else main_embedding(embeddings).sum() * 0.0
-    return [dice for dice, _ in losses], [mse for _, mse in losses], surrogate
-
-
-def accumulate_gradients(
-    sums: Sequence[torch.Tensor | None], grads: Sequence[torch.Tensor | None]
-) -> list[torch.Tensor | None]:
-    """``sums + grads`` item by item, None counting as zero, out of place (``grads`` may alias autograd's buffers).
-
-    The additions go in one multi-tensor call: on a GPU one kernel per dtype instead of one per tensor (~950
-    per training step of 8 rounds, ``benchmarks/host_syncs.py``); the same elementwise sums everywhere.
-    """
-    if len(sums) != len(grads):
-        raise ValueError(f"sums and grads must be as long, got {len(sums)} and {len(grads)}")
-    out = list(sums)
-    both = []
-    for i, (total, grad) in enumerate(zip(sums, grads)):
-        if grad is not None and total is None:
-            out[i] = grad
-        elif grad is not None:
-            both.append(i)
-    if both:
-        for i, total in zip(both, torch._foreach_add([sums[i] for i in both], [grads[i] for i in both])):
-            out[i] = total
-    return out
-
-
-def _shared_positions(model: nn.Module, enabled: bool, detach: bool = False) -> ContextManager[SharedPositions | None]:
-    """:func:`~hf_sam_peft.modeling.mask_decoder.shared_position_shifts` where ``enabled``, else a no-op yielding
-    None (as it yields for decoders other than SAM's fused one, e.g. SAM 2's, which project per call)."""
-    return shared_position_shifts(unwrap_sam(model), detach) if enabled else contextlib.nullcontext()
-
-
-def _fp16_autocast() -> bool:
-    """fp16 autocast needs the loop's loss scaling before any backward: round-wise backward would underflow."""
-    return any(
-        torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16
-        for kind in ("cpu", "cuda")
-    )
 
 
 def batch_objects(
@@ -487,10 +338,11 @@ def interactive_loss(
 
     Parts: ``dice_loss`` and ``iou_mse`` (mean over rounds), ``round_dice_loss`` ``(n_rounds,)``,
     ``n_objects`` (objects per image used). DDP-wrapped models are handled by :func:`in_single_forward`.
-    ``options`` (:class:`~hf_sam_peft.training.efficiency.EfficiencyOptions`; None: the plain path) choose how the
+    ``options`` (:class:`~hf_sam_peft.speed.EfficiencyOptions`; None: the plain path) choose how the
     step runs (autocast, no-grad frozen encoder, checkpointed rounds), not what it computes. Model-side options
-    (attention kernel, encoder checkpointing) are applied once by ``efficiency.prepare_model``.
+    (attention kernel, encoder checkpointing) are applied once by :func:`hf_sam_peft.speed.prepare_model`.
     """
+    _check_rounds(n_rounds, mask_prob)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return in_single_forward(model, lambda inner: interactive_loss(
             inner, batch, mode, n_objects=n_objects, n_rounds=n_rounds, mask_prob=mask_prob,
@@ -504,6 +356,8 @@ def interactive_loss(
 
 
 def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_jitter, generator, options, embedding_cache, embeddings):
+    # the steps of SamTrainer._interactive_train_iteration and _compute_iterative_loss (micro_sam/training/sam_trainer.py):
+    # objects sampled and cut to the batch's smallest count, the encoder once, the first prompt, the rounds
     kept, targets, frames = batch_objects(batch, n_objects, generator, frame_of(model))
     kept = kept.to(batch["pixel_values"].device)
     if embeddings is None:
@@ -515,30 +369,15 @@ def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_ji
         empty = torch.zeros((), device=zero.device)
         return zero, {"dice_loss": empty, "iou_mse": empty, "round_dice_loss": empty.repeat(n_rounds), "n_objects": empty}
     prompts = initial_prompts(targets, frames, mode, box_jitter, generator)
-    kwargs = dict(n_rounds=n_rounds, multimask_first=mode.multimask, mask_prob=mask_prob, generator=generator)
-    surrogate = None
-    # position shifts once per step (fused decoder), not under checkpointed rounds: their recomputation in
-    # backward runs after this block and must save what the forward saved
-    share = options is not None and options.fuse_decoder_projections
-    if options is not None and options.backward_per_round and torch.is_grad_enabled() and not _fp16_autocast():
-        with _shared_positions(model, share, detach=True) as shared:
-            dice_per_round, mse_per_round, surrogate = backward_round_losses(
-                model, embeddings, targets, frames, prompts, shared=shared, **kwargs
-            )
-    elif options is not None and options.checkpoint_rounds and torch.is_grad_enabled():
-        dice_per_round, mse_per_round = checkpointed_round_losses(model, embeddings, targets, frames, prompts, **kwargs)
-    else:
-        dice_per_round, mse_per_round = [], []
-        with _shared_positions(model, share):
-            for output in interactive_rounds(model, embeddings, targets, frames, prompts, **kwargs):
-                dice, mse = batch_round_loss(output.masks, output.iou_predictions, targets)
-                dice_per_round.append(dice)
-                mse_per_round.append(mse)
-    dice = torch.stack(dice_per_round)
-    mse = torch.stack(mse_per_round)
-    loss = (dice + mse).mean()
-    if surrogate is not None:  # value: the loss; gradient: the rounds' (already differentiated) gradients
-        loss = loss + (surrogate - surrogate.detach())
+    with round_execution(model, embeddings, options, n_rounds) as execution:
+        rounds = list(interactive_rounds(
+            model, embeddings, targets, frames, prompts, n_rounds=n_rounds, multimask_first=mode.multimask,
+            mask_prob=mask_prob, generator=generator, loss=True, execution=execution,
+        ))
+        dice = torch.stack([r.dice for r in rounds])
+        mse = torch.stack([r.mse for r in rounds])
+        # µSAM sums the rounds' losses and divides by their number (loss / num_subiter)
+        loss = execution.finish((dice + mse).mean())
     parts = {
         "dice_loss": dice.mean().detach(),
         "iou_mse": mse.mean().detach(),
@@ -546,3 +385,36 @@ def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_ji
         "n_objects": torch.tensor(float(targets[0].shape[0]), device=loss.device),
     }
     return loss, parts
+
+
+def checkpointed_round_losses(
+    model: nn.Module, embeddings: ImageEmbeddings, targets: Sequence[torch.Tensor], frames: Frames, prompts: Prompts,
+    **kwargs: Any,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Deprecated: ``interactive_rounds(..., loss=True, execution=CheckpointedRounds(...))``; per-round ``(dice, mse)``."""
+    warn_moved(__name__, "checkpointed_round_losses",
+               "interactive_rounds(..., loss=True, execution=hf_sam_peft.speed.CheckpointedRounds(...))")
+    execution = CheckpointedRounds(model, embeddings, kwargs["n_rounds"])
+    rounds = list(interactive_rounds(model, embeddings, targets, frames, prompts, loss=True, execution=execution, **kwargs))
+    return [r.dice for r in rounds], [r.mse for r in rounds]
+
+
+def backward_round_losses(
+    model: nn.Module, embeddings: ImageEmbeddings, targets: Sequence[torch.Tensor], frames: Frames, prompts: Prompts,
+    *, shared: Any = None, **kwargs: Any,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Deprecated: ``interactive_rounds(..., loss=True, execution=BackwardPerRound(...))``; per-round ``(dice, mse)``
+    (detached) and the surrogate (``BackwardPerRound.surrogate``)."""
+    warn_moved(__name__, "backward_round_losses",
+               "interactive_rounds(..., loss=True, execution=hf_sam_peft.speed.BackwardPerRound(...))")
+    _check_rounds(kwargs["n_rounds"], kwargs.get("mask_prob", 0.0))  # before touching the model
+    execution = BackwardPerRound(model, embeddings, kwargs["n_rounds"], shared=shared)
+    rounds = list(interactive_rounds(model, embeddings, targets, frames, prompts, loss=True, execution=execution, **kwargs))
+    return [r.dice for r in rounds], [r.mse for r in rounds], execution.surrogate()
+
+
+# names that moved to hf_sam_peft.speed.rounds: importable from here with a DeprecationWarning
+__getattr__ = moved_names(__name__, {
+    "accumulate_gradients": "hf_sam_peft.speed.rounds.accumulate_gradients",
+    "RoundFn": "hf_sam_peft.speed.rounds.RoundFn",
+})

@@ -57,7 +57,7 @@ What it does (µSAM's ``SamTrainer`` in ``micro_sam/training/sam_trainer.py``, a
   the next collective until the launcher's timeout);
 - a ``loss_curve.png`` (train and eval loss vs step) is written to ``output_dir`` at the end of training;
 - efficiency (one argument per ``EfficiencyOptions`` field, ``autocast_dtype``, ``encoder_attention``, ...,
-  generated from it, and ``speed_preset``: plain, default or low_memory; see ``hf_sam_peft.training.efficiency``)
+  generated from it, and ``speed_preset``: plain, default or low_memory; see ``hf_sam_peft.speed``)
   changes how a step runs, not what it computes; the model-side options are applied to ``model`` when the
   trainer is built.
 
@@ -118,7 +118,7 @@ from hf_sam_peft.training.checkpoints import (  # noqa: F401  (also imported fro
     resolve_resume_checkpoint,
 )
 from hf_sam_peft.training.collate import SamInteractiveCollator
-from hf_sam_peft.training.efficiency import (
+from hf_sam_peft.speed import (
     EfficiencyOptions,
     EmbeddingCache,
     arguments_class,
@@ -223,7 +223,7 @@ def worst_mode(candidate: dict[str, float], base: dict[str, float]) -> tuple[str
 
 SpeedArguments = arguments_class()
 """The speed fields of :class:`InteractiveTrainingArguments`: one per
-:class:`~hf_sam_peft.training.efficiency.EfficiencyOptions` field (same name, default and help) plus
+:class:`~hf_sam_peft.speed.EfficiencyOptions` field (same name, default and help) plus
 ``speed_preset``, generated from the options' declarations (a new option needs no change here)."""
 
 
@@ -231,7 +231,7 @@ SpeedArguments = arguments_class()
 class InteractiveTrainingArguments(SpeedArguments, TrainingArguments):
     """``TrainingArguments`` with µSAM's interactive-training knobs and the paper's defaults.
 
-    The speed options (how a step runs, never what it computes: ``hf_sam_peft.training.efficiency``,
+    The speed options (how a step runs, never what it computes: ``hf_sam_peft.speed``,
     ``benchmarks/RESULTS.md``) come from :data:`SpeedArguments`; ``speed_preset`` (plain, default, low_memory)
     picks their base values and any speed option set to other than its default wins over the preset.
     """
@@ -299,8 +299,8 @@ class InteractiveTrainingArguments(SpeedArguments, TrainingArguments):
 
 
     def efficiency_options(self) -> EfficiencyOptions:
-        """The step's :class:`~hf_sam_peft.training.efficiency.EfficiencyOptions` from these arguments
-        (:func:`~hf_sam_peft.training.efficiency.options_from_arguments`)."""
+        """The step's :class:`~hf_sam_peft.speed.EfficiencyOptions` from these arguments
+        (:func:`~hf_sam_peft.speed.options_from_arguments`)."""
         return options_from_arguments(self)
 
 

@@ -100,7 +100,7 @@ def test_encoder_runs_in_eval_mode_without_grad(tiny_lite):
 
 
 def test_trained_model_state_keeps_the_fast_path_and_its_masks(tiny_lite, decode_paths):
-    from hf_sam_peft.training.efficiency import EfficiencyOptions, prepare_model
+    from hf_sam_peft.speed import EfficiencyOptions, prepare_model
 
     peft = peft_of(tiny_lite)
     plain = evaluate(peft)

@@ -71,7 +71,7 @@ def test_key_codes_are_row_then_column_one_hots():
 
 
 def test_switching_a_whole_encoder_keeps_its_output():
-    from hf_sam_peft.training.efficiency import set_encoder_attention
+    from hf_sam_peft.speed import set_encoder_attention
 
     torch.manual_seed(0)
     model = SamModel(tiny_sam_config()).eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_sam_peft.sam_forward import precision
-from hf_sam_peft.training.efficiency import resolve_autocast_dtype
+from hf_sam_peft.speed import resolve_autocast_dtype
 
 
 @pytest.fixture

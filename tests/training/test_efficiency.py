@@ -10,12 +10,11 @@ import torch
 
 from hf_sam_peft import apply_method
 from hf_sam_peft.training.collate import SamInteractiveCollator
-from hf_sam_peft.training.efficiency import (
+from hf_sam_peft.speed import (
     EfficiencyOptions,
     EmbeddingCache,
     autocast_context,
     encoder_embeddings,
-    last_blocks_overrides,
     prepare_model,
     resolve_autocast_dtype,
     resolve_checkpoint_encoder,
@@ -29,7 +28,7 @@ from hf_sam_peft.training.interactive import (
     training_prompt_mode,
     unwrap_sam,
 )
-from tests.training.corrections import decisive_tiny_sam_config
+from tests.training.corrections import assert_gradients_close, decisive_tiny_sam_config
 
 BF16_NATIVE = resolve_autocast_dtype("auto", "cpu") is not None
 
@@ -82,22 +81,7 @@ def compare(method: str, options: EfficiencyOptions, rtol: float, corrections, s
         assert ref_grads and set(grads) == set(ref_grads)
         assert torch.allclose(loss, ref_loss, rtol=rtol, atol=rtol), (step, loss, ref_loss)
         assert torch.allclose(parts["round_dice_loss"], ref_parts["round_dice_loss"], rtol=rtol, atol=rtol)
-        # Float32 rounding in a gradient scales with the terms summed into it, not with the result: a parameter
-        # whose gradient nearly cancels (k-projection biases: exactly 0 in exact arithmetic, ~1e-18 here; others
-        # ~1e-8) carries the rounding of its whole component. So the tolerance is relative to the tensor's own
-        # max |g| plus a 10x smaller part relative to the largest gradient of its component (encoder, prompt
-        # encoder, mask decoder), never to a fixed floor.
-        group_scale = {}
-        for name, ref in ref_grads.items():
-            group = _component(name)
-            group_scale[group] = max(group_scale.get(group, 0.0), ref.abs().max().item())
-        for name, ref in ref_grads.items():
-            tolerance = rtol * (10 * ref.abs().max().item() + group_scale[_component(name)])
-            assert (grads[name] - ref).abs().max().item() <= tolerance, (name, tolerance)
-
-
-def _component(name: str) -> str:
-    return next((part for part in ("vision_encoder", "prompt_encoder", "mask_decoder") if part in name), "other")
+        assert_gradients_close(grads, ref_grads, rtol)
 
 
 FLOAT32_OPTIONS = {
@@ -115,7 +99,7 @@ FLOAT32_OPTIONS = {
     "frozen_encoder_no_grad": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True)),
     "cache_embeddings": ("freeze_encoder", EfficiencyOptions.plain(frozen_encoder_no_grad=True, cache_embeddings=True)),
     "fuse_decoder_projections": ("full_ft", EfficiencyOptions.plain(fuse_decoder_projections=True)),
-    # the position shifts shared by all rounds as leaves differentiated per round (backward_round_losses)
+    # the position shifts shared by all rounds as leaves differentiated per round (speed.rounds.BackwardPerRound)
     "fuse_decoder_projections_per_round": (
         "full_ft", EfficiencyOptions.plain(fuse_decoder_projections=True, backward_per_round=True)
     ),
@@ -226,22 +210,19 @@ def test_prepare_model_and_attention_switch():
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_last_blocks_overrides_adapt_only_the_last_blocks_and_backward_stops_early():
+def test_adapters_in_the_last_block_only_train_there_and_backward_stops_early():
     from transformers import SamModel
 
     from hf_sam_peft.modeling.sam import tiny_sam_config
 
     config = tiny_sam_config()
     n_layers = config.vision_config.num_hidden_layers
-    model = apply_method(SamModel(config), "lora", **last_blocks_overrides("lora", n_layers, 1)).train()
+    model = apply_method(SamModel(config), "lora", layers=[-1]).train()
     adapted = {n.split("layers.")[1].split(".")[0] for n, p in model.named_parameters() if "lora_" in n}
     assert adapted == {str(n_layers - 1)}
     loss, _, grads = loss_and_grads(model, EfficiencyOptions.plain(), disc_batch())
     assert any("lora_" in n for n in grads) and torch.isfinite(loss)
-    with pytest.raises(ValueError, match="k must be"):
-        last_blocks_overrides("lora", n_layers, n_layers + 1)
-    with pytest.raises(ValueError, match="no per-block"):
-        last_blocks_overrides("full_ft", n_layers, 1)
+    assert not any("vision_encoder.layers.0." in n for n in grads)
 
 
 def test_backward_per_round_leaves_gradients_to_the_loops_backward():
@@ -267,7 +248,7 @@ def test_backward_per_round_leaves_gradients_to_the_loops_backward():
 
 
 def test_decoder_attention_auto_is_eager_on_cpu_only():
-    from hf_sam_peft.training.efficiency import set_decoder_attention
+    from hf_sam_peft.speed import set_decoder_attention
 
     sam = unwrap_sam(tiny_model("lora"))
     set_decoder_attention(sam, "auto", device="cuda")
@@ -334,11 +315,11 @@ def test_trainer_arguments_carry_the_options(tmp_path):
 
 def test_checkpoint_encoder_auto_follows_native_bf16(monkeypatch, tmp_path):
     """"auto" checkpoints the trainable encoder exactly where a CPU step's activations must stay float32."""
-    import hf_sam_peft.training.efficiency as efficiency
+    import hf_sam_peft.speed.resolve as resolve
     from hf_sam_peft.training.trainer import InteractiveTrainingArguments
 
     for native, expected in ((torch.bfloat16, False), (None, True)):
-        monkeypatch.setattr(efficiency, "native_autocast_dtype", lambda device, native=native: native)
+        monkeypatch.setattr(resolve, "native_autocast_dtype", lambda device, native=native: native)
         assert resolve_checkpoint_encoder("auto", "cpu") is expected
         sam = unwrap_sam(prepare_model(tiny_model("lora"), EfficiencyOptions()))
         assert sam.vision_encoder.gradient_checkpointing is expected
@@ -355,20 +336,20 @@ def test_checkpoint_encoder_auto_follows_native_bf16(monkeypatch, tmp_path):
 
 
 def test_encoder_mlp_recompute_auto_is_on_for_float32_cpu_steps_without_checkpointing(monkeypatch, tmp_path):
-    import hf_sam_peft.training.efficiency as efficiency
+    import hf_sam_peft.speed.resolve as resolve
     from hf_sam_peft.modeling.mlp import SamRecomputedMLPBlock
     from hf_sam_peft.training.trainer import InteractiveTrainingArguments
 
     # (native bf16, bf16 faster than float32) -> "auto": AMX, AVX512-BF16 without AMX, AVX2
     for native, fast, expected in ((torch.bfloat16, torch.bfloat16, None), (torch.bfloat16, None, "hidden"), (None, None, None)):
-        monkeypatch.setattr(efficiency, "native_autocast_dtype", lambda device, native=native: native)
-        monkeypatch.setattr(efficiency, "fast_autocast_dtype", lambda device, fast=fast: fast)
+        monkeypatch.setattr(resolve, "native_autocast_dtype", lambda device, native=native: native)
+        monkeypatch.setattr(resolve, "fast_autocast_dtype", lambda device, fast=fast: fast)
         assert resolve_mlp_recompute(EfficiencyOptions(), "cpu") == expected
         sam = unwrap_sam(prepare_model(tiny_model("lora"), EfficiencyOptions()))
         recomputed = [type(layer.mlp) is SamRecomputedMLPBlock for layer in sam.vision_encoder.layers]
         assert all(recomputed) if expected else not any(recomputed)
     # explicit float32 where bf16 would be chosen; an explicit choice; not on other devices
-    monkeypatch.setattr(efficiency, "native_autocast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(resolve, "native_autocast_dtype", lambda device: torch.bfloat16)
     assert resolve_mlp_recompute(EfficiencyOptions(autocast_dtype=None), "cpu") == "hidden"
     assert resolve_mlp_recompute(EfficiencyOptions(autocast_dtype=None, checkpoint_encoder=True), "cpu") is None
     assert resolve_mlp_recompute(EfficiencyOptions(encoder_mlp_recompute="activation"), "cpu") == "activation"

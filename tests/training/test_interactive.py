@@ -1,4 +1,4 @@
-"""The interactive step's plumbing: per-round gradient sums, and the batched forms a GPU takes (row_loops)."""
+"""The interactive step's plumbing: the batched forms a GPU takes (row_loops)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,13 @@ from transformers import SamModel
 from hf_sam_peft import apply_method
 from hf_sam_peft.row_loops import force_row_by_row
 from hf_sam_peft.training.collate import SamInteractiveCollator
-from hf_sam_peft.training.efficiency import EfficiencyOptions, prepare_model
+from hf_sam_peft.speed import EfficiencyOptions, prepare_model
 from hf_sam_peft.training.interactive import (
-    accumulate_gradients,
     interactive_loss,
     prompt_generator,
     training_prompt_mode,
 )
 from tests.training.corrections import decisive_tiny_sam_config
-
-
-def test_accumulate_gradients_is_the_plain_sum_with_none_as_zero():
-    gen = torch.Generator().manual_seed(0)
-    a32, b32 = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
-    a16, b16 = torch.randn(7, generator=gen).bfloat16(), torch.randn(7, generator=gen).bfloat16()
-    expanded = torch.randn(1, 3, generator=gen).expand(5, 3)  # autograd can hand out such views
-    before = expanded.clone()
-    sums = [a32, None, a16, None, expanded]
-    grads = [b32, b16, b16, None, a32]
-    out = accumulate_gradients(sums, grads)
-    assert torch.equal(out[0], a32 + b32) and out[1] is b16 and torch.equal(out[2], a16 + b16)
-    assert out[2].dtype == torch.bfloat16 and out[3] is None and torch.equal(out[4], expanded + a32)
-    assert torch.equal(expanded, before)  # out of place: nothing it was given changes
-    assert accumulate_gradients([], []) == []
-    with pytest.raises(ValueError, match="as long"):
-        accumulate_gradients([a32], [])
 
 
 def step_losses_and_grads(step: int) -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ from transformers import Sam2Model
 from hf_sam_peft.modeling.sam2 import tiny_sam2_config
 from hf_sam_peft.sam_forward import encode_images, prompt_generator
 from hf_sam_peft.training.collate import SamInteractiveCollator
-from hf_sam_peft.training.efficiency import EfficiencyOptions, EmbeddingCache, encoder_embeddings
+from hf_sam_peft.speed import EfficiencyOptions, EmbeddingCache, encoder_embeddings
 from hf_sam_peft.training.interactive import BOX_MODE, POINT_MODE, interactive_loss
 from hf_sam_peft.training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
 from tests.conftest import shared_dataset

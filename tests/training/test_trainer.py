@@ -162,7 +162,7 @@ def test_prompt_modes():
 @pytest.mark.parametrize("method", ["lora", "ssf"])
 def test_training_loss_goes_down_and_the_adapter_reloads(dsb, tmp_path, method):
     from hf_sam_peft import load_adapter
-    from hf_sam_peft.training.efficiency import prepare_model
+    from hf_sam_peft.speed import prepare_model
 
     args = training_args(tmp_path, learning_rate=1e-2, max_steps=30)
     model = tiny_sam_with(method)

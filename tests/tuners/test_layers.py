@@ -17,7 +17,7 @@ from hf_sam_peft.methods import count_parameters
 from hf_sam_peft.modeling.sam import tiny_sam_config
 from hf_sam_peft.tuners import register_qv_lora
 from hf_sam_peft.tuners.base import LAYERS_PATTERN
-from hf_sam_peft.training.efficiency import EfficiencyOptions, last_blocks_overrides, prepare_model
+from hf_sam_peft.speed import EfficiencyOptions, prepare_model
 from tests.tuners.helpers import assert_outputs_close, outputs, perturb_trainable
 
 ADAPTERS = ("ln_tune", "bias_tune", "attn_tune", "lora", "adaptformer", "ssf", "fact")
@@ -92,8 +92,13 @@ def test_lora_uses_peft_layers_to_transform():
     assert hf_sam_peft.method_config("lora", layers=[-2, -1]).layers_to_transform == [-2, -1]
 
 
-def test_last_blocks_overrides_is_layers():
-    assert last_blocks_overrides("lora", 12, 2) == {"layers": [10, 11]}
+def test_deprecated_last_blocks_overrides_is_layers():
+    from hf_sam_peft.training.efficiency import last_blocks_overrides
+
+    with pytest.warns(DeprecationWarning, match=r"layers=list\(range\(-2, 0\)\)"):
+        assert last_blocks_overrides("lora", 12, 2) == {"layers": [10, 11]}
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="k must be"):
+        last_blocks_overrides("lora", 12, 13)
 
 
 @pytest.mark.parametrize("name", list(VIT_B_ENCODER))
@@ -132,8 +137,6 @@ def test_bad_layers_are_one_line_errors(sam4, name, layers, message):
 def test_freeze_encoder_rejects_layers(sam4):
     with pytest.raises(ValueError, match="layers must stay None for FreezeEncoderConfig: it adapts no encoder block"):
         hf_sam_peft.apply_method(copy.deepcopy(sam4), "freeze_encoder", layers=[1])
-    with pytest.raises(ValueError, match="no per-block encoder adapters"):
-        last_blocks_overrides("freeze_encoder", 12, 2)
 
 
 def test_lora_layers_with_own_target_modules_is_an_error():

@@ -11,7 +11,7 @@ import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_sam_peft.sam_forward.forward import unwrap_sam
-from hf_sam_peft.training.efficiency import (
+from hf_sam_peft.speed import (
     PRESETS,
     EfficiencyOptions,
     arguments_class,

@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from hf_sam_peft.training.cpu_runtime import flush_denormals, retain_freed_memory
+from hf_sam_peft.speed.cpu_runtime import flush_denormals, retain_freed_memory
 
 
 @pytest.fixture
