@@ -15,6 +15,7 @@ _bnb_cpu_logger = _logging.getLogger("bitsandbytes.backends.cpu.ops")
 if _bnb_cpu_logger.level == _logging.NOTSET:
     _bnb_cpu_logger.setLevel(_logging.ERROR)
 
+# after the logger setting on purpose: these imports load peft, which loads bitsandbytes when it is installed
 from .loading import load_adapter
 from .methods import (
     METHOD_NAMES,
@@ -43,6 +44,7 @@ _LAZY = {
 }
 
 
+# PEP 562 module __getattr__: called only for names not found in the module, i.e. the _LAZY ones
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)

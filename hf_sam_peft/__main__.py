@@ -5,4 +5,5 @@ import sys
 from .cli import main
 
 if __name__ == "__main__":
+    # prog: usage and error lines name the command the way it was run
     sys.exit(main(prog="python -m hf_sam_peft"))

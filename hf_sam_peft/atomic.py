@@ -29,11 +29,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# O_EXCL: never reuse an existing name (another writer's temporary, or a planted file); O_NOFOLLOW: never write
+# through a symlink planted at the name; O_CLOEXEC: the fd is not inherited by child processes (loader workers)
 _FILE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL
     | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 )
+# 4 random bytes per name: collisions are rare, so 100 failed tries end the loop instead of spinning
 _ATTEMPTS = 100
+# EDQUOT is missing on some platforms (Windows): fall back to ENOSPC alone
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 # how writers that wrap the OS error in their own exception say it: the OS text, Rust's io::ErrorKind
 _NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "storagefull", "os error 28")
@@ -63,16 +67,21 @@ def is_no_space(exc: BaseException, folder: str | os.PathLike | None = None) -> 
     """
     seen: set[int] = set()
     current: BaseException | None = exc
+    # `seen` stops at a cause/context chain that loops back on itself
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in _NO_SPACE_ERRNOS:
             return True
         if any(text in str(current).lower() for text in _NO_SPACE_TEXT):
             return True
+        # the explicit cause (raise ... from) first, else the implicit context
         current = current.__cause__ or current.__context__
+    # torch's stream writer raises RuntimeError("file write failed"), with no errno
     if folder is not None and isinstance(exc, (OSError, RuntimeError)):
         try:
+            # f_bavail: blocks available to unprivileged users, so a root reserve left over still reads as full
             return os.statvfs(folder).f_bavail == 0
+        # AttributeError: no os.statvfs on Windows
         except (OSError, AttributeError):
             return False
     return False
@@ -90,7 +99,10 @@ def _no_space_as_error(create: Callable[[], Path], path: Path) -> Path:
 
 def _backups(out_dir: Path) -> list[Path]:
     """The hidden `.NAME.XXXX.old` folders `atomic_folder` moves a replaced folder into, oldest first."""
+    # glob.escape: a folder name with [ ] * ? must match itself only
     found = [Path(p) for p in glob.glob(os.path.join(glob.escape(str(out_dir.parent)), f".{glob.escape(out_dir.name)}.*.old"))]
+    # symlinks are skipped: recovery renames and deletes, never through a link someone planted; mtime order puts the
+    # newest replaced content last
     return sorted((p for p in found if p.is_dir() and not p.is_symlink()), key=lambda p: p.stat().st_mtime_ns)
 
 
@@ -110,11 +122,14 @@ def recover_folder(out_dir: str | os.PathLike) -> bool:
     if not backups:
         return False
     recovered = False
+    # a dangling symlink at out_dir still occupies the name: nothing is renamed over it
     if not (out_dir.exists() or out_dir.is_symlink()):
+        # the newest backup holds the content that was in place when the interrupted save began
         os.replace(backups[-1] / "folder", out_dir)
         print(f"note: recovered {out_dir} from an interrupted save (it was left in {backups[-1]})", file=sys.stderr)
         recovered = True
     for backup in backups:
+        # the unfinished .tmp of the same save shares the backup's token (see atomic_folder)
         shutil.rmtree(backup.with_name(backup.name[: -len(".old")] + ".tmp"), ignore_errors=True)
         shutil.rmtree(backup, ignore_errors=True)
     return recovered
@@ -129,6 +144,7 @@ def _create_file(parent: Path, name: str, suffix: str) -> Path:
     for _ in range(_ATTEMPTS):
         tmp = _temporary_name(parent, name, suffix)
         try:
+            # closed at once: writers (safetensors, torch.save) open the path themselves
             os.close(os.open(tmp, _FILE_FLAGS, 0o666))
         except FileExistsError:
             continue
@@ -160,12 +176,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     try:
         write(str(tmp))
         try:
+            # before the rename, so the final path never shows the temporary's mode; & 0o777 keeps the permission
+            # bits only (no setuid / setgid / sticky)
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) & 0o777)
         except FileNotFoundError:
             pass  # a new file: keep the mode the umask gave it
         os.replace(tmp, path)
+    # BaseException: Ctrl-C inside `write` removes the temporary as well
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        # a NoSpaceLeft from `write` is already in its final form: do not wrap it twice
         if not isinstance(exc, NoSpaceLeft) and is_no_space(exc, path.parent):
             raise NoSpaceLeft(path) from exc
         raise
@@ -185,6 +205,7 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     body writes is :class:`NoSpaceLeft` naming `out_dir` (the old folder is untouched).
     """
     out_dir = Path(out_dir)
+    # first: a half-done earlier replacement must be undone before out_dir's emptiness is judged
     recover_folder(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir must be a folder, but {out_dir} is a file")
@@ -201,12 +222,17 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
             raise
         old = None
         if out_dir.exists():
+            # mkdir fails when the name is taken, where a rename onto an empty folder of that name would silently
+            # replace it
             old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")  # the same token: recover_folder pairs them
             os.mkdir(old, 0o777)
+            # the backup is complete once `folder` exists inside it: recover_folder only restores backups that have it
             os.replace(out_dir, old / "folder")
+        # out_dir is gone at this point, so this rename cannot meet a non-empty target
         os.replace(tmp, out_dir)
         if old is not None:
             shutil.rmtree(old)
     finally:
+        # after a successful rename tmp no longer exists; on any failure the half-written folder goes
         if tmp.exists():
             shutil.rmtree(tmp)

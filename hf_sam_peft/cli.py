@@ -25,6 +25,7 @@ def build_parser(prog: str = "hf-sam-peft") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hf-sam-peft {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>", dest="command")
     for name in COMMANDS:
+        # each module adds its own subparser and sets `func` on it (see run_command)
         importlib.import_module(f"hf_sam_peft.commands.{name}").register(sub)
     return parser
 
@@ -34,6 +35,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "hf-sam-peft") -> int
     warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    # no subcommand given: argparse set no `func`
     if not hasattr(args, "func"):
         parser.print_help()
         return 1
@@ -41,11 +43,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "hf-sam-peft") -> int
 
 
 # errors a user can fix from the message alone (a bad input, a missing file, a full disk): one line, status 2
+# ImportError: a missing optional extra (commands/app.py re-raises gradio's with the install hint); OSError
+# covers run_lock.FolderInUse and atomic.NoSpaceLeft. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
 def error_line(exc: BaseException) -> str:
     """`exc` as one line: its first line, or its type when it says nothing."""
+    # str.split() with no argument also splits on newlines: a multi-line message is joined into one line
     text = " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__
     return text
 
@@ -53,6 +58,7 @@ def error_line(exc: BaseException) -> str:
 def run_command(func, args: argparse.Namespace, prog: str) -> int:
     """Run a subcommand; a user error becomes `PROG: error: MESSAGE` on stderr (one line) and exit status 2."""
     try:
+        # a command that returns None has succeeded: status 0
         return int(func(args) or 0)
     except USER_ERRORS as exc:
         print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)

@@ -128,6 +128,7 @@ class DemoConfig:
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
         if self.max_eval_images is not None and (not isinstance(self.max_eval_images, int) or self.max_eval_images < 1):
             raise ValueError(f"max_eval_images must be a positive int or None, got {self.max_eval_images!r}")
+        # bool is a subclass of int: min_size=True must not pass as 1
         if self.min_size is not None and (not isinstance(self.min_size, int) or isinstance(self.min_size, bool)
                                           or self.min_size < 0):
             raise ValueError(f"min_size must be an int >= 0 or None (the recipe's), got {self.min_size!r}")
@@ -148,9 +149,11 @@ def _wheel_file(distribution: str, relative: str) -> Path:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         raise ImportError(DEMO_INSTALL_MESSAGE) from None
+    # `files` is None when the installed distribution lists no files (no RECORD)
     for file in dist.files or ():
         if file.as_posix() == relative:
             path = Path(dist.locate_file(file))
+            # RECORD may list a file that was deleted since: only an existing one counts
             if path.is_file():
                 return path
     raise ImportError(DEMO_INSTALL_MESSAGE)
@@ -186,6 +189,7 @@ def _stardist_windows(shape: tuple[int, int], tile: int) -> dict[str, tuple[slic
     """Where each split lies in the nuclei image: ``train`` above the bottom tile row, ``val`` the tile left
     of the bottom-right one, ``test`` the bottom-right ``tile x tile`` tile."""
     height, width = shape
+    # the top part trains and the bottom tile row holds val and test side by side: two tiles per side at least
     if height < 2 * tile or width < 2 * tile:
         raise ValueError(f"tile must be at most half the image side {min(height, width)}, got {tile}")
     return {
@@ -226,9 +230,11 @@ def tile_rows(rows: list[dict[str, Any]], tile: int) -> list[dict[str, Any]]:
     for row in rows:
         height, width = row["labels"].shape
         th, tw = min(tile, height), min(tile, width)
+        # range stops at the last full tile: a remainder strip narrower than `tile` at the bottom / right is not scored
         for y in range(0, height - th + 1, th):
             for x in range(0, width - tw + 1, tw):
                 labels = row["labels"][y : y + th, x : x + tw]
+                # a tile without objects has nothing to prompt
                 if labels.max() > 0:
                     out.append(_row(row["image"][y : y + th, x : x + tw], labels, f"{row['id']}_y{y}_x{x}"))
     return out
@@ -276,7 +282,9 @@ def choose_layout(rows: list[dict[str, Any]], requested: str | None = None) -> D
         labels = np.asarray(row["semantic"] if "semantic" in row else row["labels"])
         sizes = label_sizes(labels)  # not bincount: stored ids can be huge (hashed ids: gigabytes)
         counts.append(len(sizes))
+        # each label's area as a fraction of its own image: images in a folder may differ in size
         areas.extend((sizes / labels.size).tolist())
+    # median over images for the count, over all labels of all images for the area
     n_objects, area = float(np.median(counts)), float(np.median(areas)) if areas else 0.0
     stats = (f"median {n_objects:g} labels per training image, each covering a median {100 * area:.1f}% of its "
              "image")
@@ -331,6 +339,7 @@ def demo_data(config: DemoConfig, size: int, out: Path) -> DemoData:
     from hf_sam_peft.data.recipes import FOLDER_RECIPE, check_data_folder, folder_dataset_recipe
 
     if config.data is None:
+        # always rewritten from the wheel: the folder under `out` is the demo's own
         root = write_stardist_folder(Path(out) / STARDIST_FOLDER, config.tile)
         layout: DataLayout | None = DataLayout("tiles", "the built-in nuclei: many small objects")
     else:
@@ -338,21 +347,27 @@ def demo_data(config: DemoConfig, size: int, out: Path) -> DemoData:
     splits = check_data_folder(root, ("train",), what="data")
     if layout is None:
         layout = data_layout(root, requested=config.layout)
+    # test/ first; without it val/ is scored and validation comes out of train/ (below)
     test_split = "test" if "test" in splits else "val" if "val" in splits else None
     if test_split is None:
         raise DataError(f"data {root}: needs a test/ or val/ split (<split>/images + <split>/labels) to score on")
+    # resize: the model's own input side; tiles: the demo's patch side
     side = size if layout.layout == "resize" else config.tile
+    # the data's random draws (patches, held-out images) follow the demo's seed, as `train`'s follow the run's
     overrides: dict[str, Any] = {"patch_shape": (side, side), "seed": config.seed}
     if config.min_size is not None:
         overrides["min_size"] = config.min_size
     if test_split == "val":
         overrides["val_split"] = None  # val/ is the test set: hold validation out of train/
     options = DataOptions.from_recipe(folder_dataset_recipe(root, layout.layout), **overrides)
+    # allow_no_val: a single training image leaves nothing to hold out, so val is None
     served = train_val_datasets(root, options, allow_no_val=True)
     val = served["val"]
     if val is not None and config.max_eval_images is not None:
         val = val.select(range(min(len(val), config.max_eval_images)))
+    # min_size=0: the test labels keep every object, min_size filters what training sees only
     rows = list(iter_rows(root, test_split, min_size=0, label_mode=options.label_mode))
+    # the cap is taken after tiling: with tiles, max_eval_images counts tiles
     test = (rows if layout.layout == "resize" else tile_rows(rows, config.tile))[: config.max_eval_images]
     if not test:
         raise DataError(f"data {root}: {test_split}/ holds no labelled object to score")
@@ -369,12 +384,12 @@ def _prepare_fair_timing(model: torch.nn.Module) -> None:
     """Put the process in the state the fine-tuned model's evaluation will find it in, before the base's.
 
     Why: the two evaluations are timed against each other. Training applies process-wide CPU settings
-    (:mod:`hf_sam_peft.training.cpu_runtime`: the allocator keeps freed pages, denormals flushed) and leaves
+    (:mod:`hf_sam_peft.speed.cpu_runtime`: the allocator keeps freed pages, denormals flushed) and leaves
     oneDNN primitives and allocator pages warm, so without this the base, evaluated first, pays one-off costs
     the fine-tuned model never sees. The settings change no value above 1e-38; the warm-up keeps nothing.
     """
     from hf_sam_peft.evaluation.predictor import SamPredictor, model_device_dtype, warm_up
-    from hf_sam_peft.training.cpu_runtime import flush_denormals, retain_freed_memory
+    from hf_sam_peft.speed.cpu_runtime import flush_denormals, retain_freed_memory
 
     if model_device_dtype(model)[0].type == "cpu":
         retain_freed_memory()
@@ -419,12 +434,15 @@ def finetune(model: torch.nn.Module, train: Any, val: Any | None, config: DemoCo
     )
 
     peft_model = apply_method(model, config.method, **METHOD_OPTIONS.get(config.method, {}))
+    # an empty validation set counts as none: the Trainer cannot evaluate zero rows
     val = val if val is not None and len(val) else None
     validate = "steps" if val is not None else "no"
     args = InteractiveTrainingArguments(
         output_dir=str(out / "training"),
         max_steps=config.steps,
         learning_rate=config.learning_rate,
+        # the trainer's default is µSAM's ReduceLROnPlateau (patience 10 evaluations), which a run of a few evaluations
+        # never reaches; its factor / patience kwargs do not fit the constant schedule, hence the empty dict
         lr_scheduler_type="constant",
         lr_scheduler_kwargs={},
         per_device_train_batch_size=1,
@@ -434,15 +452,19 @@ def finetune(model: torch.nn.Module, train: Any, val: Any | None, config: DemoCo
         mask_prob=config.mask_prob,
         point_multimask=False,
         eval_strategy=validate,
+        # min(.., steps): without eval_every the single evaluation (and checkpoint) falls on the last step
         eval_steps=min(config.eval_every or config.steps, config.steps),
         save_strategy=validate,
         save_steps=min(config.eval_every or config.steps, config.steps),
+        # save_total_limit=1 still keeps the best checkpoint (load_best_model_at_end protects it); save_only_model:
+        # no optimizer state, the demo never resumes
         save_total_limit=1,
         save_only_model=True,
         load_best_model_at_end=val is not None,
         logging_steps=max(1, config.steps // 8),
         report_to="none",
         seed=config.seed,
+        # data_seed: the sampler's order follows the demo's seed too
         data_seed=config.seed,
         use_cpu=config.device == "cpu",
         disable_tqdm=not config.progress,
@@ -451,6 +473,7 @@ def finetune(model: torch.nn.Module, train: Any, val: Any | None, config: DemoCo
     trainer = SamInteractiveTrainer(peft_model, args=args, train_dataset=train, eval_dataset=val)
     add_epoch_callback(trainer, train)
     trainer.train()
+    # with validation, the best checkpoint's weights (the base possibly) are loaded into trainer.model by now
     return trainer.model.eval(), trainer
 
 
@@ -505,6 +528,7 @@ class DemoResult:
         metric = self.metric
         name = {"msa": "mSA", "dice": "Dice"}[metric]
         box_b, box_t = self.base[metric]["box"], self.tuned[metric]["box"]
+        # inf when the base scores 0 on boxes: any gain is then infinitely large
         ratio = box_t / box_b if box_b > 0 else float("inf")
         point = "iou" if metric == "msa" else "dice"
         lines = [
@@ -527,6 +551,7 @@ class DemoResult:
         worse = [
             f"{mode} {name} {self.base[metric][key]:.3f} -> {self.tuned[metric][key]:.3f}"
             for mode, key in (("Box", "box"), ("Point", "point"), ("I_B", "ib"), ("I_P", "ip"))
+            # 1e-9: equal scores up to float noise are not reported as a loss
             if self.tuned[metric][key] < self.base[metric][key] - 1e-9
         ]
         if worse:
@@ -543,6 +568,7 @@ def _overlay(
     for name, result in (("base", base), ("fine-tuned", tuned)):
         for start in ("box", "point"):
             key = f"{name} ({start})"
+            # [0][0]: the first test image, round 0 (the single initial box / point, as the title says)
             panels[key] = result["segmentations"][start][0][0]
             image_scores = result["images"][0][start]
             first = f"Dice {image_scores['dice'][0]:.3f}" if metric == "dice" else f"mSA {image_scores['msa'][0]:.3f}"
@@ -583,6 +609,7 @@ def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] | N
     say = report or (lambda line: None)
     check_demo_extra(need_stardist=config.data is None)
     if config.threads is not None:
+        # the default 2 threads match the 2 CPU cores DemoConfig's timing was measured on
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     out = Path(config.out)
@@ -605,6 +632,7 @@ def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] | N
     seconds["load"] = time.perf_counter() - start
 
     _prepare_fair_timing(model)
+    # process_time: CPU seconds of all this process's threads, reported beside the wall time
     tick, cpu = time.perf_counter(), time.process_time()
     base = _evaluate(model, data.test, config, resize_to)
     seconds["evaluate_base"] = time.perf_counter() - tick
@@ -622,11 +650,13 @@ def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] | N
     table.add_evaluation(dataset, config.method, "adapter", tuned, metrics=("msa", "dice", "iou"))
     results_path = table.write(out / "results.csv")
     best_is_base = trainer.best_is_base
+    # paths, the device and the progress display say nothing about the adapter: left out of its record
     settings = {k: v for k, v in asdict(config).items() if k not in ("out", "progress", "device", "data")}
     settings.update(layout=layout.layout, best_is_base=best_is_base, data_recipe=data.recipe,
                     data_options=data.options.to_dict())
     if resize_to is not None:
         settings["resize_to"] = resize_to
+    # overwrite=True: `out/adapter` is the demo's own output, rewritten on every run
     adapter_dir = save_adapter(
         tuned_model, out / "adapter", base_model_id="lite_medsam", method=config.method,
         training_data=training_data, metrics=table.to_records(), extra=settings, overwrite=True,
@@ -636,6 +666,7 @@ def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] | N
     overlay_path = _overlay(out / "overlay.png", data.test[0], base, tuned, dataset, metric)
     rounds_path = _round_curves(out / "rounds.png", base, tuned, config, dataset)
     seconds["total"] = time.perf_counter() - start
+    # step 0 stands for the untouched base
     best_step = None if best_is_base is None else (0 if best_is_base else trainer.state.best_global_step)
     selection = getattr(trainer, "selection_summary", None)
     return DemoResult(

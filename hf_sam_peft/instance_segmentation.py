@@ -48,6 +48,7 @@ def _as_map(array: object, argument: str) -> np.ndarray:
         raise TypeError(f"{argument} must be a real-valued numeric map, got dtype {values.dtype}")
     if values.ndim != 2:
         raise ValueError(f"{argument} must be a 2D map, got shape {values.shape}")
+    # float32 throughout: bool maps become 0/1, and scipy's smoothing keeps float32 (half a float64 map's memory)
     return values.astype(np.float32, copy=False)
 
 
@@ -95,14 +96,20 @@ def _seeded_watershed(
     boundary_distance_threshold: float,
 ) -> np.ndarray:
     """Watershed on the (smoothed) boundary distance from seeds where both distances are small."""
+    # as torch_em's watershed_from_center_and_boundary_distances (torch_em/util/segmentation.py): centre distance
+    # alone merges narrow touching objects, boundary distance alone seeds concave cells twice
     seed_mask = (center_distances < center_distance_threshold) & (boundary_distances < boundary_distance_threshold)
+    # skimage's default full connectivity (8-neighbours in 2D), the same `label` call torch_em makes; seeds outside
+    # the foreground mask are dropped there too (marker_map[~fg_mask] = 0)
     seeds = connected_component_labels(seed_mask & foreground_mask)
+    # flooding the inverted boundary distance rises from the seeds (low) to the object rims (high, 1 on background)
     return watershed(boundary_distances, markers=seeds, mask=foreground_mask)
 
 
 def _size_filter(segmentation: np.ndarray, min_size: int) -> np.ndarray:
     """Remove objects smaller than ``min_size`` pixels and relabel 1..n (as micro-sam's size_filter)."""
     sizes = np.bincount(segmentation.ravel())
+    # max(.., 1): ids without pixels (gaps left by stitching) go too, so the output is 1..n even for min_size 0
     keep = sizes >= max(min_size, 1)
     keep[0] = False
     lookup = (np.cumsum(keep) * keep).astype(np.uint32)  # kept ids -> 1..n in order, others -> 0
@@ -121,6 +128,7 @@ POSTPROCESS_HALO = 128
 def _root(parent: dict[int, int], x: int) -> int:
     """Union-find: the representative of ``x`` (paths halved on the way)."""
     while parent.get(x, x) != x:
+        # ids absent from `parent` are their own roots: the dict only holds ids that were ever joined
         parent[x] = parent.get(parent[x], parent[x])
         x = parent[x]
     return x
@@ -152,6 +160,7 @@ def _blockwise_instances(
     height, width = foreground.shape
     output = np.zeros((height, width), dtype=np.uint32)
     done = np.zeros((height, width), dtype=bool)
+    # parent[id] -> smaller id of a joined object; the root is the earliest (smallest) id
     parent: dict[int, int] = {}
     next_id = 1
     for rows, cols in itertools.product(_tiles_1d(height, block, halo), _tiles_1d(width, block, halo)):
@@ -159,28 +168,38 @@ def _blockwise_instances(
         local = _untiled_instances(
             foreground[window], center_distances[window], boundary_distances[window], **kwargs
         ).astype(np.int64)
+        # offset by the ids already handed out, so no two blocks share an id
         local[local > 0] += next_id - 1  # global ids
+        # `band`: the part of this window (halo included) that earlier blocks' inner parts already wrote
         band, written = done[window], output[window].astype(np.int64)
         if band.any():
             in_band = band & (local > 0) & (written > 0)
+            # one np.unique over (local, written) id pairs packed into int64 (exact while ids stay below 2**31)
             pairs, counts = np.unique(local[in_band] * (1 << 32) + written[in_band], return_counts=True)
             local_sizes = dict(zip(*np.unique(local[band & (local > 0)], return_counts=True)))
             written_sizes = dict(zip(*np.unique(written[band & (written > 0)], return_counts=True)))
             for pair, count in zip(pairs.tolist(), counts.tolist()):
                 a, b = pair >> 32, pair & 0xFFFFFFFF
+                # 2 * count > min(..): the overlap holds more than half of the band pixels of at least one of the two
                 if 2 * count > min(local_sizes[a], written_sizes[b]):
                     ra, rb = _root(parent, a), _root(parent, b)
                     if ra != rb:
+                        # link the larger root under the smaller, so every object ends under its earliest id
                         parent[max(ra, rb)] = min(ra, rb)
         inner = (slice(rows[2] - rows[0], rows[3] - rows[0]), slice(cols[2] - cols[0], cols[3] - cols[0]))
+        # only the inner part is written: the halo served as context, and inner parts of different blocks are disjoint
         output[rows[2] : rows[3], cols[2] : cols[3]] = local[inner].astype(np.uint32)
         done[rows[2] : rows[3], cols[2] : cols[3]] = True
+        # local.max() already carries the offset; a block without objects leaves next_id as it was
         next_id = max(next_id, int(local.max()) + 1)
+    # free the H*W mask before the lookup pass allocates another H*W array
     del done
     if parent:
+        # flatten the union-find into one lookup table: one vectorised pass over the output instead of per-object writes
         lookup = np.arange(next_id, dtype=np.uint32)
         for x in list(parent):
             lookup[x] = _root(parent, x)
+        # the size filter below also closes the id gaps the joins left
         output = lookup[output]
     return _size_filter(output, min_size)
 
@@ -253,6 +272,8 @@ def _tiles_1d(length: int, tile: int, halo: int) -> list[tuple[int, int, int, in
         return [(0, length, 0, length)]  # one window holds the whole axis
     windows = []
     for start in range(0, length, tile):
+        # the window is shifted inwards near the far border (length - window) so it never runs past the image, and
+        # still contains its inner block, as outer_start <= start and outer_start + window >= inner stop
         outer_start = min(max(start - halo, 0), length - window)
         windows.append((outer_start, outer_start + window, start, min(start + tile, length)))
     return windows
@@ -291,7 +312,9 @@ def predict_tiled(
                 f"got {prediction.shape}"
             )
         if output is None:
+            # dtype and channel count come from the first tile's prediction
             output = np.zeros((prediction.shape[0],) + values.shape[:2], dtype=prediction.dtype)
+        # keep the tile's inner block only: its halo predictions (border effects) are dropped, neighbours cover them
         output[:, rows[2] : rows[3], cols[2] : cols[3]] = prediction[
             :, rows[2] - rows[0] : rows[3] - rows[0], cols[2] - cols[0] : cols[3] - cols[0]
         ]
@@ -348,6 +371,7 @@ def grid_search_watershed(
             f"predictions and ground_truths must be non-empty and of equal length, "
             f"got {len(predictions)} and {len(ground_truths)}"
         )
+    # repeated values would make duplicate grid tuples, and `index` below keeps only the last of each
     grids = {  # duplicates removed, order kept
         "center_distance_threshold": list(dict.fromkeys(center_distance_thresholds)),
         "boundary_distance_threshold": list(dict.fromkeys(boundary_distance_thresholds)),
@@ -365,13 +389,16 @@ def grid_search_watershed(
 
     points = list(itertools.product(*grids.values()))
     totals = np.zeros(len(points))
+    # a grid point's tuple is (t_c, t_b, sigma, min_size), the order of `grids`: the loops below reuse that order
     index = {point: i for i, point in enumerate(points)}
     for prediction, ground_truth in zip(predictions, ground_truths):
         foreground, center, boundary = _as_maps(*_as_prediction(prediction, "predictions[i]"))
         ground_truth = np.asarray(ground_truth)
         if ground_truth.dtype != bool and not np.issubdtype(ground_truth.dtype, np.integer):
             raise TypeError(f"ground_truths must hold integer label images, got dtype {ground_truth.dtype}")
+        # connected components of the ground truth: a label id split into pieces counts as several objects
         true_objects = connected_component_labels(ground_truth)  # once per image, as mSA does
+        # foreground smoothing and threshold are not searched: one foreground mask per image serves every grid point
         foreground_mask = _smooth(foreground, foreground_smoothing) > foreground_threshold
         for sigma in grids["distance_smoothing"]:
             center_s, boundary_s = _smooth(center, sigma), _smooth(boundary, sigma)

@@ -71,18 +71,27 @@ def _pick_pixels(regions: Sequence[torch.Tensor], n: int, generator: torch.Gener
     their picks cyclically (sampling with replacement, as µSAM does for tiny objects).
     """
     first = regions[0]
+    # one key per pixel of every row, whatever the regions: the draws consumed depend on the shape only, so later
+    # draws (the negatives after the positives) do not shift with the mask contents
     keys = torch.rand(first.shape, generator=generator, device=first.device)
     level = torch.full(first.shape, float("-inf"), device=first.device)
+    # reversed: the first (highest-priority) region is written last and gets the highest level; keys lie in [0, 1),
+    # so U(0, 1) + level never crosses into another level, and a pixel in several regions takes its best one
     for rank, region in enumerate(reversed(regions)):
         level = torch.where(region, float(rank), level)
     keys = keys + level
+    # candidates per row: pixels in any region (the rest carry -inf keys and must never be picked)
     count = torch.stack(list(regions)).any(0).sum(-1, keepdim=True)
     if (count == 0).any():
         raise ValueError("no pixel available to sample a point from (empty region and fallbacks)")
     if n == 1:
+        # same pick as topk(1), without topk's sort
         return keys.argmax(-1, keepdim=True)
+    # topk cannot ask for more than H*W entries
     idx = keys.topk(min(n, keys.shape[-1]), dim=-1).indices
     if idx.shape[-1] < n or (count < n).any():
+        # position j reuses pick j % count: the first `count` picks are the valid pixels in key order, the rest of
+        # topk's columns may be -inf (outside every region) and are never read
         j = torch.arange(n, device=first.device).expand(first.shape[0], n)
         source = torch.where(j < count, j, j % count)
         idx = idx.gather(-1, source.clamp(max=idx.shape[-1] - 1))
@@ -117,12 +126,15 @@ def _pick_one(regions: Sequence[Region], generator: torch.Generator | None) -> t
     """
     first = regions[0]
     device = first.device
+    # one draw per row up front, before any region is looked at: the draws consumed do not depend on which
+    # fallbacks run
     draws = torch.rand(first.shape[0], generator=generator, device=device)
     picks = torch.zeros(first.shape[0], dtype=torch.long, device=device)
     todo = torch.ones(first.shape[0], dtype=torch.bool, device=device)
     for region in regions:
         region = region() if callable(region) else region
         rows = torch.nonzero(todo).flatten()
+        # first pass (all rows still open): skip the advanced-index copy of the full (M, H*W) map
         sub = region if rows.numel() == region.shape[0] else region[rows]
         counts = _row_counts(sub)
         found = counts > 0
@@ -130,8 +142,10 @@ def _pick_one(regions: Sequence[Region], generator: torch.Generator | None) -> t
             continue
         if not bool(found.all()):
             rows, sub, counts = rows[found], sub[found], counts[found]
+        # floor(u * count) is uniform over 0..count-1; the clamp catches float32 rounding u * count up to count
         k = (draws[rows] * counts).long().clamp(max=counts - 1)
         starts = counts.cumsum(0) - counts  # nonzero() lists the pixels row by row
+        # column 1 of nonzero() is the flat pixel index within the row
         picks[rows] = torch.nonzero(sub)[starts + k, 1]
         todo[rows] = False
         if not bool(todo.any()):
@@ -145,6 +159,7 @@ def _or_everywhere(region: torch.Tensor) -> torch.Tensor:
 
 
 def _flat_to_xy(idx: torch.Tensor, width: int) -> torch.Tensor:
+    # flat index = y * W + x (row-major): x = column, y = row; float because SAM's processor takes float coordinates
     return torch.stack([idx % width, idx // width], dim=-1).float()
 
 
@@ -152,6 +167,9 @@ def _dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
     """Square (Chebyshev) dilation by ``radius`` pixels, i.e. ``radius`` iterations of a 3x3 dilation."""
     if radius <= 0:
         return masks
+    # max_pool2d needs (N, C, H, W) and does not take bool; its padding never wins the max, so the image border stays
+    # background. A (2r+1)² window equals µSAM's r rounds of a 3x3 kornia dilation (prompt_generators.py,
+    # PointAndBoxPromptGenerator._sample_negative_points)
     flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
     dilated = F.max_pool2d(flat, kernel_size=2 * radius + 1, stride=1, padding=radius)
     return dilated.reshape(masks.shape).bool()
@@ -162,6 +180,8 @@ def _box_region(boxes: torch.Tensor, shape: tuple[int, int], margin: int) -> tor
     height, width = shape
     ys = torch.arange(height, device=boxes.device)
     xs = torch.arange(width, device=boxes.device)
+    # (..., 1) each, broadcast against the pixel ranges; comparing with arange clips the widened box to the image,
+    # as µSAM's max(.., 0) / min(.., shape) slicing does
     x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))
     inside_y = (ys >= y0 - margin) & (ys < y1 + margin)
     inside_x = (xs >= x0 - margin) & (xs < x1 + margin)
@@ -191,10 +211,13 @@ def sample_objects(
     for lab in labels:
         ids = torch.unique(lab)
         ids = ids[ids != 0]
+        # randperm draws on its generator's device (a CPU generator cannot draw on CUDA): draw there, then move
         device = generator.device if generator is not None else ids.device
         order = torch.randperm(len(ids), generator=generator, device=device).to(ids.device)
         chosen.append(ids[order][: n_objects if n_objects is not None else len(ids)])
+    # the batch's objects are stacked into one (B, N, H, W) prompt batch, so every image keeps the same N
     n = min(len(ids) for ids in chosen)
+    # (N, H, W) by broadcasting the chosen ids against the label map
     return [lab[None] == ids[:n, None, None] for lab, ids in zip(labels, chosen)]
 
 
@@ -217,13 +240,19 @@ def sample_point_prompts(
     lead, (height, width) = masks.shape[:-2], masks.shape[-2:]
     flat = masks.reshape(-1, height * width)
     coords, labels = [], []
+    # positives draw before negatives: swapping the two changes every prompt drawn from a fixed generator state
     if n_pos:
         coords.append(_flat_to_xy(_pick_pixels([flat], n_pos, generator), width))
         labels.append(torch.ones(flat.shape[0], n_pos, dtype=torch.long, device=masks.device))
     if n_neg:
+        # `background` is the object's complement only: other objects count as background, as in µSAM's
+        # _ensure_num_points (object_mask == 0)
         background = ~masks
+        # exact box (jitter 0 draws nothing from the generator), widened by the margin, minus the equally dilated
+        # object: µSAM's ring that keeps negatives off imprecise object borders (dilation_strength)
         ring = _box_region(boxes_from_masks(masks, jitter=0.0), (height, width), negative_margin)
         ring = ring & ~_dilate(masks, negative_margin)
+        # _or_everywhere: an object filling the image has no background; µSAM would fail there (choice from nothing)
         regions = [ring.reshape(flat.shape), _or_everywhere(background.reshape(flat.shape))]
         coords.append(_flat_to_xy(_pick_pixels(regions, n_neg, generator), width))
         labels.append(torch.zeros(flat.shape[0], n_neg, dtype=torch.long, device=masks.device))
@@ -246,18 +275,24 @@ def boxes_from_masks(
         raise ValueError(f"jitter must be >= 0, got {jitter}")
     _check_nonempty(masks)
     height, width = masks.shape[-2:]
+    # (..., H) row occupancy and (..., W) column occupancy; argmax (first True) does not take bool, hence .float()
     rows, cols = masks.any(-1), masks.any(-2)
     y0 = rows.float().argmax(-1)
+    # the flipped argmax is the last occupied row counted from the end: H - it is the exclusive maximum
     y1 = height - rows.flip(-1).float().argmax(-1)
     x0 = cols.float().argmax(-1)
     x1 = width - cols.flip(-1).float().argmax(-1)
     boxes = torch.stack([x0, y0, x1, y1], dim=-1).float()
     if jitter == 0:
         return boxes
+    # jitter scales with the exact box's sides, as µSAM's ConvertToSamInputs._distort_boxes (training/util.py)
     side = torch.stack([x1 - x0, y1 - y0, x1 - x0, y1 - y0], dim=-1).float()
+    # one independent U(0, jitter) per side (µSAM draws four np.random.uniform per box)
     push = torch.rand(boxes.shape, generator=generator, device=masks.device) * jitter * side
+    # minima move out (down), maxima move out (up)
     boxes = boxes + push * torch.tensor([-1.0, -1.0, 1.0, 1.0], device=masks.device)
     upper = torch.tensor([width, height, width, height], device=masks.device, dtype=boxes.dtype)
+    # clip, then round: µSAM's order (int(round(max(0, ..))) and min(shape, ..))
     return torch.minimum(boxes.clamp(min=0), upper).round()
 
 
@@ -277,15 +312,21 @@ def correction_points(
     _check_nonempty(gt, "gt_masks")
     lead, (height, width) = gt.shape[:-2], gt.shape[-2:]
     n_flat = gt.reshape(-1, height * width).shape
+    # positive fallback (no false negative: the prediction covers the object): a true-positive pixel, as µSAM's
+    # IterativePromptGenerator._get_positive_points (prompt_generators.py); drawn before the negative (RNG order)
     pos = _pick_one([(gt & ~pred).reshape(n_flat), lambda: (gt & pred).reshape(n_flat)], generator)
 
+    # µSAM's _get_negative_locations_in_obj_bbox (custom_df=3): the tight box widened by 3 px minus the object;
+    # built only for rows without a false positive
     def box() -> torch.Tensor:
         region = _box_region(boxes_from_masks(gt, jitter=0.0), (height, width), CORRECTION_BOX_MARGIN) & ~gt
         return region.reshape(n_flat)
 
+    # last fallback: any background pixel (µSAM: true_obj == 0), everywhere for an object that fills the image
     negative_regions = [(pred & ~gt).reshape(n_flat), box, lambda: _or_everywhere((~gt).reshape(n_flat))]
     neg = _pick_one(negative_regions, generator)
     points = _flat_to_xy(torch.cat([pos, neg], dim=1), width).reshape(*lead, 2, 2)
+    # expand() is a stride-0 view: clone so callers may write into the labels
     labels = torch.tensor([1, 0], dtype=torch.long, device=gt.device).expand(*lead, 2).clone()
     return points, labels
 
@@ -302,6 +343,7 @@ def center_points(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     masks = _check_masks(masks)
     lead, (height, width) = masks.shape[:-2], masks.shape[-2:]
+    # scipy's distance transform is CPU/numpy only: one device-to-host copy for all objects
     flat = masks.reshape(-1, height, width).cpu().numpy()
     rows, cols = flat.any(2), flat.any(1)  # numpy: 10x faster than torch's strided any() on bool maps
     if not rows.any(1).all():
@@ -310,8 +352,12 @@ def center_points(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x0s, x1s = cols.argmax(1), width - cols[:, ::-1].argmax(1)
     xy = np.zeros((flat.shape[0], 2), dtype=np.float32)
     for i, (x0, y0, x1, y1) in enumerate(zip(x0s, y0s, x1s, y1s)):
+        # the 1-px background pad stands for the pixels just outside the tight box (all background), so the crop's
+        # transform equals the full image's, and the image border counts as boundary
         distance = distance_transform_edt(np.pad(flat[i, y0:y1, x0:x1], 1))[1:-1, 1:-1]  # outside the mask: 0
+        # np.argmax returns the first maximum: ties go to the first pixel in raster order (the documented rule)
         row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+        # crop offsets back to the mask frame, x (column) first as SAM expects
         xy[i] = (x0 + col, y0 + row)
     points = torch.from_numpy(xy).to(masks.device).reshape(*lead, 1, 2)
     labels = torch.ones(*lead, 1, dtype=torch.long, device=masks.device)

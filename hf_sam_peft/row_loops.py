@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
+# None: decide by device; True / False only inside force_row_by_row
 _forced: bool | None = None
 
 
@@ -33,6 +34,7 @@ def force_row_by_row(enabled: bool | None) -> Iterator[None]:
     global _forced
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+    # restore the outer value on exit, so the blocks nest
     previous, _forced = _forced, enabled
     try:
         yield

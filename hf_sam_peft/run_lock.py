@@ -28,6 +28,8 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["LOCK_NAME", "FolderInUse", "is_main_process", "output_lock", "read_holder"]
 
 LOCK_NAME = ".hf_sam_peft.lock"
+# no O_TRUNC: a second run opening the file must not wipe the live holder's PID before its flock fails;
+# O_NOFOLLOW: never lock or truncate through a symlink planted at the lock path
 _FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -37,6 +39,7 @@ class FolderInUse(OSError):
 
 def _alive(pid: int) -> bool:
     try:
+        # signal 0 only checks that the process exists; nothing is sent
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
@@ -61,6 +64,7 @@ def read_holder(path: str | os.PathLike) -> tuple[int | None, str]:
 def is_main_process() -> bool:
     """Whether this is the process that takes a run's lock: rank 0 under torchrun / accelerate launch (DDP
     ranks of one run share its output folder), or the only process."""
+    # torchrun and accelerate launch set RANK for every process; a plain run has none
     return os.environ.get("RANK", "0") in ("", "0")
 
 
@@ -69,10 +73,12 @@ def _open_locked(path: Path, shown: str) -> int:
     while True:
         fd = os.open(path, _FLAGS, 0o666)
         try:
+            # LOCK_NB: a second run fails at once instead of waiting for the first to end
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             pid, command = read_holder(path)
+            # an empty record: the holder has taken the flock but not yet written its PID (see output_lock)
             who = f"PID {pid}" if pid is not None else "a process that is just starting"
             what = f": {command}" if command else ""
             raise FolderInUse(
@@ -124,9 +130,11 @@ def output_lock(
         return
     try:
         pid, _ = read_holder(path)
+        # the flock is ours now, so a PID on record (another process) is not holding it: dead, or its number reused
         if pid is not None and pid != os.getpid():
             state = "no longer running" if not _alive(pid) else "no longer holding it"
             print(f"note: took over the stale lock of {shown} left by PID {pid} ({state})", file=sys.stderr)
+        # rewrite through the locked fd, in place: the lock belongs to this inode, a new file would not be locked
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n{' '.join(sys.argv)}\n".encode("utf-8", "replace"), 0)
         yield path

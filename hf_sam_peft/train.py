@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+# the type each recipe key must have; `dataset` is a name / path (str) or an inline dataset recipe (dict)
 RECIPE_KEYS = {
     "name": str, "dataset": (str, dict), "base_model": str, "method": str, "method_options": dict, "ais": bool,
     "data": dict, "training": dict, "output_dir": str, "seed": int, "description": str,
@@ -76,6 +77,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if unknown:
         raise ValueError(f"recipe {path}: unknown keys {unknown} (allowed: {sorted(RECIPE_KEYS)})")
     for key, expected in RECIPE_KEYS.items():
+        # null is "unset": such keys are dropped below, so the dataclass default applies
         if key in raw and raw[key] is not None and not isinstance(raw[key], expected):
             raise ValueError(f"recipe {path}: {key} has the wrong type {type(raw[key]).__name__}")
     if "dataset" not in raw:
@@ -83,6 +85,7 @@ def load_recipe(path: str | Path) -> Recipe:
     bad_data = sorted(set(raw.get("data") or {}) - set(data_keys()))
     if bad_data:
         raise ValueError(f"recipe {path}: unknown data keys {bad_data} (allowed: {list(data_keys())})")
+    # the name defaults to the file's stem; it names the default output folder (outputs/NAME-METHOD)
     raw.setdefault("name", path.stem)
     return Recipe(**{k: v for k, v in raw.items() if v is not None}, path=path)
 
@@ -94,6 +97,8 @@ def _parse_value(text: str, key: str = "KEY") -> Any:
     the setting `key`.
     """
     low = text.strip().lower()
+    # bool / None first, then int before float: "10" must stay an int (max_steps is type-checked as one), "1e-4"
+    # becomes a float
     if low in ("true", "false"):
         return low == "true"
     if low in ("none", "null"):
@@ -103,6 +108,7 @@ def _parse_value(text: str, key: str = "KEY") -> Any:
             return cast(text)
         except ValueError:
             pass
+    # only brackets go through YAML: YAML would also turn bare words (no, off, yes) into booleans
     if text.strip()[:1] in ("[", "{"):
         try:
             return yaml.safe_load(text)
@@ -126,6 +132,7 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
         recipe.training["max_steps"] = args.max_steps
     device = getattr(args, "device", None)
     if device is not None:
+        # transformers' TrainingArguments spells the device choice as use_cpu
         recipe.training["use_cpu"] = device == "cpu"
     if args.ais is not None:
         recipe.ais = args.ais
@@ -136,6 +143,7 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        # a key without a known section is a training argument (--set learning_rate=1e-4 == training.learning_rate)
         section, _, name = key.partition(".")
         if section in ("training", "data", "method_options") and name:
             getattr(recipe, section)[name] = _parse_value(value, key)
@@ -214,6 +222,7 @@ def check_output_dir(output_dir: Path, resume: Optional[str | bool], overwrite: 
                          f"{output_dir} or replace it, not both")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
+        # a real file, not just mkdir: exist_ok passes on a read-only folder; the probe file goes when it is closed
         with tempfile.TemporaryFile(dir=output_dir, prefix=".write_test_"):
             pass
     except OSError as exc:
@@ -228,6 +237,7 @@ def check_output_dir(output_dir: Path, resume: Optional[str | bool], overwrite: 
         )
     for name in run:  # (every DDP process may get here: whichever comes first deletes)
         path = output_dir / name
+        # ignore_errors / missing_ok: another DDP process may have deleted it first
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
@@ -258,12 +268,13 @@ def run_settings(recipe: Recipe) -> dict[str, Any]:
         flat["dataset"] = recipe.dataset
     for section in ("method_options", "data", "training"):
         flat.update({f"{section}.{k}": v for k, v in getattr(recipe, section).items()})
+    # JSON round trip: tuples become lists and other objects strings, exactly as run_config.json reads back
     return json.loads(json.dumps(flat, default=str))
 
 
 def speed_settings() -> frozenset[str]:
     """The training arguments generated from ``EfficiencyOptions`` (and ``speed_preset``): they may change on resume."""
-    from .training.efficiency import argument_fields
+    from .speed import argument_fields
 
     return frozenset(name for name, _, _ in argument_fields())
 
@@ -277,6 +288,7 @@ def _training_default(name: str) -> Any:
     for f in dataclasses.fields(InteractiveTrainingArguments):
         if f.name == name:
             if f.default is not dataclasses.MISSING:
+                # normalised like run_settings' values, so a default compares equal to the same value saved in the file
                 return json.loads(json.dumps(f.default, default=str))
             if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 return json.loads(json.dumps(f.default_factory(), default=str))  # type: ignore[misc]
@@ -296,6 +308,7 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tup
             if name in may_change:
                 continue
             default = _training_default(name)
+            # a key the recipe does not set counts as the argument's default: writing the default out is no change
             old, new = saved.get(key, default), current.get(key, default)
         else:
             old, new = saved.get(key, unset), current.get(key, unset)
@@ -325,6 +338,7 @@ def prepare_run_config(
 
     path = output_dir / RUN_CONFIG_NAME
     current = run_settings(recipe)
+    # every process checks (so all fail alike); only the main one prints and writes the file
     main = PartialState().is_main_process
     changes: list[tuple[str, Any, Any]] = []
     if resume:
@@ -342,6 +356,7 @@ def prepare_run_config(
                              f"(restore it, or start a new run in another --output-dir)") from None
         changes = changed_settings(saved, current)
         listing = ", ".join(f"{_spell(k)} {old!r} -> {new!r}" for k, old, new in changes)
+        # the key's section: method_options.r is fixed because method_options is
         fixed = [k for k, _, _ in changes if k.split(".")[0] in FIXED_ON_RESUME]
         if fixed:
             shown = ", ".join(f"{_spell(k)} {old!r} -> {new!r}" for k, old, new in changes if k in fixed)
@@ -350,6 +365,7 @@ def prepare_run_config(
         if changes and not allow_changed_settings:
             raise ValueError(f"--resume: settings differ from the run's saved configuration {path}: {listing}; "
                              "drop the changes, or pass --allow-changed-settings to apply them")
+        # a resume that changes nothing leaves run_config.json as it was
         if not changes:
             return []
         if main:
@@ -364,8 +380,11 @@ def _expected_type(hint: Any) -> tuple[type, ...] | None:
     import types
     import typing
 
+    # `int | None` (PEP 604) has origin types.UnionType, not typing.Union, before Python 3.14
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     plain = tuple(a for a in args if isinstance(a, type) and a is not type(None))
+    # str / dict / list fields and non-builtin types (enums such as IntervalStrategy) take strings from YAML that
+    # TrainingArguments converts itself: not checked here
     if not plain or any(a in (str, dict, list) or not a.__module__ == "builtins" for a in plain):
         return None
     return plain
@@ -377,6 +396,7 @@ def check_training_settings(settings: dict[str, Any]) -> None:
 
     from .training.trainer import InteractiveTrainingArguments
 
+    # resolves string annotations (postponed evaluation) into the real types
     hints = typing.get_type_hints(InteractiveTrainingArguments)
     for key, value in settings.items():
         if key not in hints:
@@ -384,6 +404,7 @@ def check_training_settings(settings: dict[str, Any]) -> None:
         expected = _expected_type(hints[key])
         if expected is None or value is None:
             continue
+        # bool is a subclass of int: true must not pass where an int goes
         ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
         if not ok and float in expected and isinstance(value, int) and not isinstance(value, bool):
             ok = True  # an int where a float goes
@@ -392,6 +413,7 @@ def check_training_settings(settings: dict[str, Any]) -> None:
                                 "true/false" if t is bool else t.__name__ for t in expected)
             raise ValueError(f"training argument {key}={value!r}: expected {names}")
     max_steps = settings.get("max_steps")
+    # -1 is TrainingArguments' "no step limit: num_train_epochs decides"
     if max_steps is not None and max_steps != -1 and max_steps < 1:
         raise ValueError(f"training argument max_steps={max_steps}: expected a positive number of steps (or -1: epochs)")
     if settings.get("use_cpu") is False:
@@ -411,10 +433,13 @@ def run_training_loss(trainer, result) -> float:
     `TrainOutput.training_loss` averages the steps of this call only: 0.0 for a resumed run with no step left.
     A resumed run averages the logged losses of every step instead (each weighted by the steps it covers).
     """
+    # Trainer sets _initial_global_step to the step it resumed from (0 for a fresh run)
     if not getattr(trainer, "_initial_global_step", 0):
         return result.training_loss
     logged = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
     total = steps = 0
+    # each logged loss is the mean since the previous log (Trainer divides by the steps in between): weight it by
+    # those steps; an entry at or before a step already counted is skipped, so no step counts twice
     for step, loss in logged:
         if step > steps:
             total += loss * (step - steps)
@@ -448,6 +473,7 @@ def train_model(
     from .training.trainer import InteractiveTrainingArguments, SamInteractiveTrainer
 
     output_dir = default_output_dir(recipe)
+    # the run's seed also goes to TrainingArguments.seed (its data order and dropout)
     settings = {"seed": recipe.seed, **recipe.training}
     check_training_settings(settings)
     method_config(recipe.method, **recipe.method_options)  # a bad method option fails before any work
@@ -461,6 +487,7 @@ def train_model(
         changed = prepare_run_config(output_dir, recipe, resume_from_checkpoint, allow_changed_settings)
         train_ds, val_ds, spec = build_datasets(recipe)
         ais = bool(spec.get("ais", False)) if recipe.ais is None else recipe.ais
+        # train_decoder from `ais` first, so a recipe's explicit training.train_decoder wins
         args = InteractiveTrainingArguments(output_dir=str(output_dir), **{"train_decoder": ais, **settings})
         model = build_model(recipe, ais)
         trainer = SamInteractiveTrainer(model, args, train_dataset=train_ds, eval_dataset=val_ds)
@@ -494,6 +521,7 @@ def train_model(
         }
         if resume_from_checkpoint:
             summary["resumed_from"] = str(resume_from_checkpoint)
+        # one process writes the adapter: under DDP the others would race on the same folder
         if trainer.is_world_process_zero():
             try:
                 save_trained(model, adapter_dir, recipe, summary)
@@ -516,6 +544,8 @@ def save_trained(model, adapter_dir: Path, recipe: Recipe, summary: dict[str, An
                "best_is_base": summary.get("best_is_base"),
                # how images were served: evaluate / segment feed them the same way unless told otherwise
                RESIZE_INPUTS_KEY: summary["resize_inputs"]},
+        # overwrite=True: check_output_dir already allowed replacing this run's adapter (fresh run, --resume or
+        # --overwrite); save_adapter replaces the whole folder atomically, so the summary goes in after it
         overwrite=True, point_multimask=summary.get("point_multimask"),
     )
     atomic_write_text(adapter_dir / "training_summary.json", json.dumps(summary, indent=2, default=str))
@@ -624,6 +654,7 @@ def recipe_from_args(args: argparse.Namespace) -> tuple[Recipe, Optional[str]]:
     if getattr(args, "data", None) is None:
         return load_recipe(find_recipe(args.recipe, "training")), None
     check_data_folder(args.data, ("train",))
+    # absolute, so run_config.json records the same root from whichever working directory a resume runs
     root = Path(args.data).expanduser().resolve()
     if args.recipe is not None:
         recipe = load_recipe(find_recipe(args.recipe, "training"))
@@ -649,6 +680,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     recipe, line = recipe_from_args(args)
+    # under DDP only the main process prints
     if line is not None and PartialState().is_main_process:
         print(line)
     recipe = apply_overrides(recipe, args)

@@ -19,14 +19,18 @@ from hf_sam_peft.data.normalize import normalize_image
 
 __all__ = ["colorize_instances", "instance_colors", "overlay_figure", "round_curves_figure", "save_overlay"]
 
+# golden-ratio conjugate: hue steps of 0.618 turns keep consecutive ids (often neighbours) far apart on the
+# colour wheel, and no two ids ever get exactly the same hue
 _GOLDEN = 0.6180339887498949
 
 
 def instance_colors(n: int) -> np.ndarray:
     """RGB colours ``(n + 1, 3)`` in [0, 1] for ids 0..n (id 0, the background, is black)."""
+    # imported on use, as in every function here: importing the module (and what imports it) stays light
     from matplotlib.colors import hsv_to_rgb
 
     ids = np.arange(1, n + 1)
+    # saturation cycles over 4 levels and brightness over 2, so ids whose hues land close still differ
     hsv = np.stack([(ids * _GOLDEN) % 1.0, 0.65 + 0.3 * ((ids * 7) % 4) / 3, 0.85 + 0.15 * (ids % 2)], axis=-1)
     return np.concatenate([np.zeros((1, 3)), hsv_to_rgb(hsv)]) if n else np.zeros((1, 3))
 
@@ -41,6 +45,7 @@ def _check_labels(labels: Any, name: str, shape: tuple[int, int] | None) -> np.n
         raise ValueError(f"{name} must not contain negative labels, got minimum {labels.min()}")
     if shape is not None and labels.shape != shape:
         raise ValueError(f"{name} shape {labels.shape} does not match the image shape {shape}")
+    # int64: the labels index the colour table below; bool masks become ids 0 / 1
     return labels.astype(np.int64, copy=False)
 
 
@@ -52,10 +57,12 @@ def colorize_instances(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4
     labels = _check_labels(labels, "labels", rgb.shape[:2])
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    # (H, W, 3): each pixel looks up its id's colour (background black, never shown: `inside` excludes it)
     colors = instance_colors(int(labels.max()) if labels.size else 0)[labels]
     inside = labels > 0
     out = rgb.copy()
     out[inside] = (1 - alpha) * rgb[inside] + alpha * colors[inside]
+    # mode="inner": the outline lies on the object's own pixels, so touching objects each keep theirs
     edges = find_boundaries(labels, mode="inner") & inside
     out[edges] = colors[edges]
     return out
@@ -96,13 +103,17 @@ def overlay_figure(
         panels.append((str(name), _check_labels(labels, f"predictions[{name!r}]", shape)))
     scores = dict(scores or {})
 
+    # panels keep the image's aspect ratio; max(.., 1) guards a zero-width image
     aspect = shape[0] / max(shape[1], 1)
+    # height for the titles on top: more when a figure title is added
     figure = Figure(figsize=(panel_size * len(panels), panel_size * aspect + (0.9 if title else 0.6)))
+    # attaching the Agg canvas is what lets savefig render without pyplot or a display
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for axis, (name, labels) in zip(axes, panels):
         if labels is None:
             axis.imshow(normalize_image(array))
+            # width × height, the order image sizes are usually quoted in
             axis.set_title(f"image ({shape[1]}×{shape[0]} px)", fontsize=11)
         else:
             axis.imshow(colorize_instances(array, labels))
@@ -134,6 +145,7 @@ def save_overlay(
 
     figure = overlay_figure(image, predictions, ground_truth, title, scores)
     # a temporary name, then a rename: a kill or a full disk never leaves half a PNG under the final name
+    # format given explicitly: the temporary file ends in .tmp, from which savefig could not infer PNG
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
     return path
 
@@ -149,6 +161,7 @@ def round_curves_figure(results: Mapping[str, Mapping[str, Any]], metric: str = 
 
     if not results:
         raise ValueError("results must map at least one model name to an evaluate_interactive result")
+    # every start that any model has, first-seen order, each once
     starts = list(dict.fromkeys(start for result in results.values() for start in result["rounds"]))
     figure = Figure(figsize=(4.6 * len(starts), 3.8), dpi=110)
     FigureCanvasAgg(figure)
