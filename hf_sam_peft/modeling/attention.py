@@ -56,7 +56,9 @@ DEFAULT_KEY_TILE = 32
 
 def _key_position_codes(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``(height*width, height+width)``: for key token ``i*width + j``, one-hot ``i`` then one-hot ``j``."""
+    # tokens are row-major over the grid, so token t has row t // width (each eye row repeated width times) ...
     rows = torch.eye(height, device=device, dtype=dtype).repeat_interleave(width, dim=0)
+    # ... and column t % width (the whole eye tiled height times)
     cols = torch.eye(width, device=device, dtype=dtype).repeat(height, 1)
     return torch.cat([rows, cols], dim=1)
 
@@ -65,7 +67,7 @@ class SamVisionFusedAttention(SamVisionAttention):
     """``SamVisionAttention`` computed by one maskless SDPA call (same parameters, same result).
 
     Switch an existing module with ``module.__class__ = SamVisionFusedAttention`` (see
-    ``hf_sam_peft.training.efficiency.set_encoder_attention``). ``output_attentions=True`` falls back to the
+    ``hf_sam_peft.speed.set_encoder_attention``). ``output_attentions=True`` falls back to the
     eager computation, the only one that has the weights to return.
 
     ``key_tile``: on the CPU (training and ``no_grad``), the side of the square key tiles the attention is cut
@@ -81,22 +83,31 @@ class SamVisionFusedAttention(SamVisionAttention):
             return super().forward(hidden_states, output_attentions=True)
         batch, height, width, _ = hidden_states.shape
         heads, tokens = self.num_attention_heads, height * width
+        # transformers' SamVisionAttention.forward splits qkv this way; unbind keeps the heads axis instead of its
+        # reshape to (batch * heads, ...), which is the layout SDPA takes
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)  # (batch, heads, tokens, head_dim)
         head_dim = query.shape[-1]
+        # transformers applies it through F.dropout(training=self.training): the same rule
         dropout = self.dropout if self.training else 0.0
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale)
         else:
+            # outside the autograd Function: the tables' gradients reach rel_pos_h / rel_pos_w through get_rel_pos's own
+            # interpolate and gather under autograd
             table_h = self.get_rel_pos(height, height, self.rel_pos_h)
             table_w = self.get_rel_pos(width, width, self.rel_pos_w)
             if _lean_applies(query, dropout):
                 dtype = _sdpa_dtype(query)
+                # cast before the Function (inside it autocast is off): autograd carries the gradients back through
+                # these casts to the float32 parameters
                 query, key, value, table_h, table_w = (t.to(dtype) for t in (query, key, value, table_h, table_w))
                 out = _LeanFlashAttention.apply(
                     query, key, value, table_h, table_w, self.scale, height, width, self.key_tile)
                 return self.proj(out.view(batch, height, width, heads * head_dim)), None
             operands = _widened_operands(query, key, value, table_h, table_w, self.scale, height, width)
+            # scale=1.0: the queries are pre-scaled and the appended bias terms must stay unscaled; the slice cuts the
+            # zero padding of the values
             out = F.scaled_dot_product_attention(*operands, dropout_p=dropout, scale=1.0)[..., :head_dim]
         out = out.transpose(1, 2).reshape(batch, height, width, heads * head_dim)
         return self.proj(out), None
@@ -111,7 +122,9 @@ def _relative_terms(
     tables; ``rel_h(q)[i*width + j, k] = q · table_h[i, k]`` (transformers' ``get_decomposed_rel_pos``).
     """
     batch, heads, tokens, head_dim = query.shape
+    # from the unscaled query, as transformers' get_decomposed_rel_pos (SamVisionAttention scales only q . k)
     grid = query.reshape(batch * heads, height, width, head_dim)
+    # transformers' einsums: here "b" is batch * heads and "h" / "w" the query's row and column
     rel_h = torch.einsum("bhwc,hkc->bhwk", grid, table_h).reshape(batch, heads, tokens, height)
     rel_w = torch.einsum("bhwc,wkc->bhwk", grid, table_w).reshape(batch, heads, tokens, width)
     return rel_h, rel_w
@@ -170,8 +183,10 @@ def _tile_operands(
             batch, heads, n_rows * n_cols, head_dim)
 
     wide_query = torch.cat([scaled_query, rel_h[..., tile.rows], rel_w[..., tile.cols]], dim=-1)
+    # codes index rows and columns within the tile, matching rel_h / rel_w sliced to the tile's rows and columns
     codes = _key_position_codes(n_rows, n_cols, key.device, key.dtype)
     wide_key = torch.cat([keys_of_tile(key), codes.expand(batch, heads, -1, -1)], dim=-1)
+    # zero padding: those output channels are probabilities times 0, cut by the callers
     wide_value = F.pad(keys_of_tile(value), (0, n_rows + n_cols))
     return wide_query, wide_key, wide_value
 
@@ -207,6 +222,8 @@ class _LeanFlashAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, table_h, table_w, scale: float, height: int, width: int, tile_side):
         batch, heads, tokens, head_dim = query.shape
         tiles = _key_tiles(height, width, tile_side)
+        # autocast off: the operands are already in one dtype (cast by the caller), which autocast would override
+        # for the einsums
         with torch.autocast("cpu", enabled=False):
             rel_h, rel_w = _relative_terms(query, table_h, table_w, height, width)
             scaled_query = query * scale
@@ -216,13 +233,17 @@ class _LeanFlashAttention(torch.autograd.Function):
                 tile_out, tile_lse = cpu_flash_attention(*operands)
                 tile_out = tile_out[..., :head_dim]
                 if out is None:
+                    # several tiles: accumulate in float32, so the bf16 result is rounded once, at the end
                     out, logsumexp = (tile_out if len(tiles) == 1 else tile_out.float()), tile_lse
                     continue
+                # the online-softmax merge: rescale what is merged so far and the new tile to the combined normaliser
                 merged = torch.logaddexp(logsumexp, tile_lse)
                 out.mul_((logsumexp - merged).exp_().unsqueeze(-1))
                 out.add_(tile_out * (tile_lse - merged).exp_().unsqueeze(-1))
                 logsumexp = merged
         out = out.to(query.dtype).transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        # only unwidened tensors: the widened operands are rebuilt in backward (module docstring); `out` is also
+        # returned, so saving it costs no extra memory
         ctx.save_for_backward(query, key, value, table_h, table_w, out, logsumexp)
         ctx.geometry = (scale, height, width, tile_side)
         return out
@@ -235,6 +256,8 @@ class _LeanFlashAttention(torch.autograd.Function):
         batch, heads, tokens, head_dim = query.shape
         tiles = _key_tiles(height, width, tile_side)
         needs = [ctx.needs_input_grad[i] for i in (0, 3, 4)]
+        # the bias terms are recomputed on detached copies under enable_grad (backward runs without grad mode): a small
+        # graph from the wide query's parts back to query and the tables, differentiated below
         sources = [t.detach().requires_grad_(need) for t, need in zip((query, table_h, table_w), needs)]
         with torch.enable_grad():
             scaled_query = sources[0] * scale
@@ -244,15 +267,21 @@ class _LeanFlashAttention(torch.autograd.Function):
         def widened(t: torch.Tensor) -> torch.Tensor:  # (batch, tokens, heads*head_dim) -> padded (b, h, t, wide)
             return F.pad(t.reshape(batch, tokens, heads, head_dim).transpose(1, 2), pad)
 
+        # the true wide output has zeros in the padded channels and their gradient is zero (they are cut), so padding
+        # the unwidened out / grad_out with zeros gives the flash backward its exact operands
         grad_wide_out, wide_out = widened(grad_out), widened(out)
         accumulate = torch.float32 if len(tiles) > 1 else query.dtype
         grad_scaled, grad_rel_h, grad_rel_w = (query.new_zeros(t.shape, dtype=accumulate) for t in (query, rel_h, rel_w))
+        # new_empty is safe: the tiles partition the key grid, so every key's gradient is written exactly once below
         grad_key, grad_value = (query.new_empty(batch, heads, height, width, head_dim) for _ in range(2))
         for tile in tiles:
             operands = _tile_operands(scaled_query.detach(), key, value, rel_h.detach(), rel_w.detach(), tile)
+            # the merged out and log-sum-exp, not the tile's: the kernel's probabilities are then the whole softmax's on
+            # this tile's keys, and per-tile query gradients sum to the exact one
             g_query, g_key, g_value = cpu_flash_attention_backward(grad_wide_out, *operands, wide_out, logsumexp)
             n_rows = tile.shape[0]
             grad_scaled += g_query[..., :head_dim]
+            # the wide query is [scaled q | rel_h on the tile's rows | rel_w on its columns]: its gradient splits so
             grad_rel_h[..., tile.rows] += g_query[..., head_dim:head_dim + n_rows]
             grad_rel_w[..., tile.cols] += g_query[..., head_dim + n_rows:]
             for whole, part in ((grad_key, g_key), (grad_value, g_value)):
@@ -260,9 +289,11 @@ class _LeanFlashAttention(torch.autograd.Function):
         wanted = [t for t in sources if t.requires_grad]
         found = iter(torch.autograd.grad(
             [scaled_query, rel_h, rel_w], wanted,
+            # grad_outputs in the recomputed tensors' dtype (the accumulators may be float32)
             [g.to(query.dtype) for g in (grad_scaled, grad_rel_h, grad_rel_w)], allow_unused=True) if wanted else ())
         grad_query, grad_table_h, grad_table_w = (next(found) if t.requires_grad else None for t in sources)
         return (grad_query, grad_key.reshape(query.shape), grad_value.reshape(query.shape),
+                # None for scale, height, width and tile_side (not tensors)
                 grad_table_h, grad_table_w, None, None, None, None)
 
 

@@ -59,6 +59,7 @@ BASE_MODELS: dict[str, str] = {
 # model classes by config class (`load_base_model` of a folder or Hub id). A SAM 3 checkpoint (`facebook/sam3`,
 # a Sam3VideoConfig) loads as its tracker: transformers' Sam3TrackerModel takes the tracker out of it.
 _MODEL_CLASSES: tuple[tuple[type, type], ...] = (
+    # first isinstance match wins: LiteSamConfig subclasses SamConfig, so it must come before it
     (Sam2Config, Sam2Model), (LiteSamConfig, LiteSamModel), (SamConfig, SamModel), (SamHQConfig, SamHQModel),
     (Sam3TrackerConfig, Sam3TrackerModel), (Sam3VideoConfig, Sam3TrackerModel), (EdgeTamConfig, EdgeTamModel),
 )
@@ -74,6 +75,7 @@ def _lite_medsam() -> tuple[SamModel, SamProcessor]:
 
 def _seeded(model_class, config):
     """A random ``model_class(config)`` drawn with seed 0, without touching the caller's random state."""
+    # devices=[]: only the CPU generator is forked and restored (no CUDA initialisation for a CPU model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return model_class(config)
@@ -133,16 +135,19 @@ def sam2_processor(config: Sam2Config):
     except (ImportError, RuntimeError):  # RuntimeError: a torchvision built for another torch
         return None
     size = config.prompt_encoder_config.image_size
+    # the decoder's low-resolution masks are 4x the embedding grid (image_size // patch_size)
     mask = 4 * size // config.prompt_encoder_config.patch_size
     image_processor = Sam2ImageProcessor(size={"height": size, "width": size}, mask_size={"height": mask, "width": mask})
     return Sam2Processor(image_processor=image_processor)
 
 
 def _default_processor(config: SamConfig | Sam2Config):
+    # order matters: Sam2Config is one of the square configs, but its processor can be built (with torchvision)
     if isinstance(config, Sam2Config):
         return sam2_processor(config)
     if isinstance(config, _SQUARE_CONFIGS):  # SAM 3 tracker, EdgeTAM: their processors need torchvision
         return None
+    # before sam_processor: a LiteSamConfig is a SamConfig, but LiteMedSAM preprocesses its own way
     if isinstance(config, LiteSamConfig):
         return lite_medsam_processor(config.vision_config.image_size)
     return sam_processor(config)
@@ -186,6 +191,7 @@ def _load_pretrained(source: str, **hub_kwargs) -> tuple[SamModel | Sam2Model, S
     model = model_class.from_pretrained(source, **hub_kwargs)
     if folder is not None:
         has_processor = any((folder / name).is_file() for name in _PROCESSOR_FILES)
+        # a local folder: a missing processor is known from its files, no Hub call to find out
         return model, _processor_from(source, config) if has_processor else _default_processor(config)
     try:
         return model, _processor_from(source, config, **hub_kwargs)
@@ -210,6 +216,7 @@ def load_base_model(
         model, processor = _LOADERS[name]()
     elif os.path.isdir(name) or _HUB_ID.fullmatch(name):
         model, processor = _load_pretrained(name, **hub_kwargs)
+    # looks like a path (not a name, not owner/name): a missing folder is the likelier mistake than a wrong name
     elif os.sep in name or name.startswith("."):
         raise FileNotFoundError(f"name_or_path {name!r} is not a folder (nor a Hub repo id such as 'owner/name')")
     else:

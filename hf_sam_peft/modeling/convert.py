@@ -99,6 +99,8 @@ def convert_checkpoint(
     check_folder_target(out_dir, overwrite)  # before reading a large file
     name = str(path)
     raw = read_checkpoint(Path(path))
+    # the two detectors that answer None for a foreign file run first; sam_state_of comes last because it raises,
+    # with the one-line message that names what the file is instead
     sam2_state = sam2_state_of(raw, name)
     if sam2_state is not None:
         return write_sam2_folder(
@@ -123,6 +125,7 @@ def convert_checkpoint(
 def export_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> tuple[Path, str]:
     """Write `model` in the original layout of its architecture; returns the path and the layout's name (a key
     of `EXPORT_LAYOUTS`): a ViT SAM as `export_to_segment_anything`, a LiteMedSAM as `export_to_lite_medsam`."""
+    # searched through modules(), so a peft wrapper around a LiteSamModel is recognised too
     if isinstance(model, nn.Module) and any(isinstance(m, LiteSamModel) for m in model.modules()):
         return export_to_lite_medsam(model, path, overwrite=overwrite), "lite_medsam"
     return export_to_segment_anything(model, path, overwrite=overwrite), "segment_anything"

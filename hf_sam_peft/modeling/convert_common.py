@@ -82,6 +82,7 @@ def first_line(error: BaseException, limit: int = 120) -> str:
 
 def _template_regex(template: str, placeholders: Mapping[str, str]) -> re.Pattern:
     """Compile a key template into a full-match regex with one named group per placeholder."""
+    # with the capturing group, odd entries are placeholder names and even ones the literal text between them
     parts = re.split(r"\{(\w+)\}", template)
     pattern = "".join(
         f"(?P<{part}>{placeholders[part]})" if k % 2 else re.escape(part) for k, part in enumerate(parts)
@@ -100,6 +101,7 @@ def compile_key_rules(templates: tuple[tuple[str, str], ...], placeholders: Mapp
 
 def translate_key(key: str, to_hf: bool, rules: KeyRules) -> str | None:
     """The key on the other side of the table, or None when no rule knows it."""
+    # the first rule whose regex matches the whole key translates it
     for sa_regex, sa_template, hf_regex, hf_template in rules:
         match = (sa_regex if to_hf else hf_regex).fullmatch(key)
         if match:
@@ -145,6 +147,7 @@ def read_checkpoint(path: str | os.PathLike) -> object:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
+        # map_location="cpu": a checkpoint saved from a GPU loads on a CPU-only machine
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights only" in str(error).lower():
@@ -164,9 +167,11 @@ def build_with_weights(model_class: type[nn.Module], config, state_dict: Mapping
         model = model_class(config)
     name = model_class.__name__
     try:
+        # assign=True: the meta tensors (no storage) are replaced by the checkpoint's, not copied into
         model.load_state_dict(dict(state_dict), strict=True, assign=True)
     except RuntimeError as error:
         raise ValueError(f"state_dict does not fit {name}: {' '.join(str(error).split())[:500]}") from None
+    # assign replaced the parameter objects, so ties (SamModel's alias of the positional basis) are re-made here
     model.tie_weights()
     leftover = [key for key, tensor in model.state_dict().items() if tensor.is_meta]
     if leftover:
@@ -212,6 +217,7 @@ def plain_model_of(model: nn.Module, model_class: type[nn.Module]) -> nn.Module:
         raise TypeError(f"model must be a {name} or a peft model wrapping one, got {type(model).__name__}")
     if hasattr(model, "merge_and_unload"):
         try:
+            # on a copy: merge_and_unload changes the wrapped model in place
             model = copy.deepcopy(model).merge_and_unload()
         except (ValueError, NotImplementedError, AttributeError, TypeError, RuntimeError) as error:
             raise ValueError(
@@ -231,6 +237,7 @@ def plain_model_of(model: nn.Module, model_class: type[nn.Module]) -> nn.Module:
 def plain_state(module: nn.Module, skip_prefix: str | None = None) -> dict[str, Tensor]:
     """`module.state_dict()` as contiguous CPU tensors, without keys under `skip_prefix`."""
     return {
+        # on the CPU, so a GPU model exports a file that loads anywhere; contiguous: safetensors refuses strided views
         k: v.detach().to("cpu").contiguous()
         for k, v in module.state_dict().items()
         if skip_prefix is None or not k.startswith(skip_prefix)
@@ -244,5 +251,6 @@ def weights_and_decoder(
     without one)."""
     sam = plain_model_of(model, model_class)
     decoder = getattr(sam, UNETR_ATTRIBUTE, None)
+    # without the decoder's keys, which no original key table knows; they are returned as its own state
     state = plain_state(sam, skip_prefix=f"{UNETR_ATTRIBUTE}.")
     return sam, state, None if decoder is None else plain_state(decoder)

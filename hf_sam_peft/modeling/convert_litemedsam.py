@@ -48,12 +48,14 @@ def lite_medsam_state_of(raw: object, name: str) -> dict[str, Tensor] | None:
     if not isinstance(raw, Mapping):
         return None
     state = raw
+    # "model": LiteMedSAM's training checkpoints and export_to_lite_medsam with a decoder; the other two as for SAM
     for wrapper_key in ("model", "state_dict", "model_state"):
         if isinstance(state.get(wrapper_key), Mapping):
             state = state[wrapper_key]
             break
     if LITE_MEDSAM_SIGNATURE not in state:
         return None
+    # checked after the signature: a SAM or SAM 2 file with a decoder_state must not warn here
     if DECODER_STATE in raw:
         warnings.warn(
             f"checkpoint {name!r} also holds a UNETR decoder ('{DECODER_STATE}'); it is not converted",
@@ -81,8 +83,10 @@ def to_lite_medsam_state_dict(state_dict: Mapping[str, Tensor], config) -> dict[
     `config`: the model's `LiteSamConfig` (its head counts fix the q/k/v order)."""
     state = dict(state_dict)
     prefix = "vision_encoder."
+    # popped, so what is left is exactly the prompt encoder and decoder for SAM's key table (which refuses leftovers)
     encoder = {"image_encoder." + k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
     vision = config.vision_config
+    # from stage 1: stage 0 is MBConv blocks, without attention
     for stage in range(1, len(vision.depths)):
         for block in range(vision.depths[stage]):
             for param in ("weight", "bias"):
@@ -95,6 +99,7 @@ def to_lite_medsam_state_dict(state_dict: Mapping[str, Tensor], config) -> dict[
 def _qkv_to_tiny_vit_order(tensor: Tensor, num_heads: int) -> Tensor:
     """Rows from SAM's `[q | k | v]` order back to TinyViT's per-head `[q_h, k_h, v_h]` order."""
     head_dim = tensor.shape[0] // (3 * num_heads)
+    # (3, heads, d) -> (heads, 3, d): the inverse of lite_medsam._qkv_to_sam_order's permutation
     return tensor.reshape(3, num_heads, head_dim, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape).contiguous()
 
 
@@ -113,5 +118,6 @@ def export_to_lite_medsam(model: nn.Module, path: str | os.PathLike, *, overwrit
             "writes it"
         )
     state = to_lite_medsam_state_dict(state, sam.config)
+    # a plain state dict without a decoder, the wheel's lite_medsam.pth layout that MedSAMLite.load_state_dict takes
     payload = state if decoder is None else {"model": state, DECODER_STATE: decoder}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))

@@ -60,6 +60,7 @@ _PE_KEY = "shared_image_embedding.positional_embedding"
 _PE_ALIAS = "prompt_encoder.shared_embedding.positional_embedding"
 
 # Prefixes that training wrappers put before SAM's keys: torch_em/micro-sam ("sam."), DDP ("module.").
+# (micro_sam/util.py strips "sam." from a torch_em "model_state" the same way when it loads or exports one)
 _WRAPPER_PREFIXES = ("module.sam.", "module.", "sam.")
 # Keys that every original SAM has; their absence means another architecture.
 _SIGNATURE_KEYS = (
@@ -96,6 +97,7 @@ _RULE_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("prompt_encoder.point_embeddings.{i}.weight", "prompt_encoder.point_embed.{i}.weight"),
     ("prompt_encoder.not_a_point_embed.weight", "prompt_encoder.not_a_point_embed.weight"),
     ("prompt_encoder.no_mask_embed.weight", "prompt_encoder.no_mask_embed.weight"),
+    # nn.Sequential indices: 2 and 5 are parameter-free activations (likewise output_upscaling.2 and .4 below)
     ("prompt_encoder.mask_downscaling.0.{p}", "prompt_encoder.mask_embed.conv1.{p}"),
     ("prompt_encoder.mask_downscaling.1.{p}", "prompt_encoder.mask_embed.layer_norm1.{p}"),
     ("prompt_encoder.mask_downscaling.3.{p}", "prompt_encoder.mask_embed.conv2.{p}"),
@@ -116,6 +118,8 @@ _RULE_TEMPLATES: tuple[tuple[str, str], ...] = (
     *(
         (f"mask_decoder.{head}.layers.{sa_layer}.{{p}}", f"mask_decoder.{head}.{hf_layer}.{{p}}")
         for head in ("output_hypernetworks_mlps.{i}", "iou_prediction_head")
+        # segment_anything's MLP numbers its linears layers.0..2; transformers' SamFeedForward names them
+        # proj_in, layers.0 (the hidden ones), proj_out
         for sa_layer, hf_layer in (("0", "proj_in"), ("1", "layers.0"), ("2", "proj_out"))
     ),
 )
@@ -147,6 +151,7 @@ def sam_state_of(raw: object, name: str) -> dict[str, Tensor]:
     if not isinstance(raw, Mapping):
         raise ValueError(f"checkpoint {name!r} holds a {type(raw).__name__}, expected a state dict (a mapping)")
     state = raw
+    # the first wrapper found wins; a decoder_state is looked for only beside one (micro-sam's combined layout)
     for wrapper_key in ("model_state", "state_dict", "model"):
         if isinstance(state.get(wrapper_key), Mapping):
             if "decoder_state" in state:
@@ -158,12 +163,15 @@ def sam_state_of(raw: object, name: str) -> dict[str, Tensor]:
             break
     state = dict(state)
     for prefix in _WRAPPER_PREFIXES:
+        # all keys or none: a real SAM key never starts with these, so a prefix only some keys carry is left for the
+        # key table to refuse; no break, so "module." then "sam." also unwraps a DDP-wrapped torch_em model
         if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise ValueError(f"checkpoint {name!r} is not a state dict: non-tensor entries {examples(not_tensors)}")
     missing = [k for k in _SIGNATURE_KEYS if k not in state]
+    # a LiteMedSAM file shares the prompt encoder and decoder keys: name the format rather than a missing key
     if missing and LITE_MEDSAM_SIGNATURE in state:
         raise ValueError(
             f"checkpoint {name!r} is a LiteMedSAM (TinyViT encoder) checkpoint, not an original SAM (ViT) one; "
@@ -191,15 +199,20 @@ def _shape(state_dict: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
 def _vision_config(state_dict: Mapping[str, Tensor]) -> SamVisionConfig:
     """The image encoder's configuration: heads from the relative position tables (their width is the head
     dimension), global blocks from the table lengths (2 * grid - 1), image size from the position embedding."""
+    # the patch embedding conv weight: (hidden, image channels, patch, patch)
     hidden, channels, patch, _ = _shape(state_dict, "image_encoder.patch_embed.proj.weight")
     depth = count_numbered(state_dict, r"image_encoder\.blocks\.(\d+)\.")
     if depth == 0:
         raise ValueError("state_dict has no image_encoder.blocks: not an original SAM (ViT) checkpoint")
+    # pos_embed is (1, grid, grid, hidden): the token grid of the full image
     grid = _shape(state_dict, "image_encoder.pos_embed")[1]
     rel_pos = [_shape(state_dict, f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
+    # rel_pos_h is (2 * size - 1, head_dim) with size the grid (global blocks) or the window (windowed ones)
     head_dim = rel_pos[0][1]
     if hidden % head_dim:
         raise ValueError(f"state_dict: relative position width {head_dim} does not divide the hidden size {hidden}")
+    # a windowed block whose window equals the grid reads as global: harmless, one unpadded window is global
+    # attention over the same tokens
     global_blocks = [i for i, (length, _) in enumerate(rel_pos) if length == 2 * grid - 1]
     windows = {(length + 1) // 2 for i, (length, _) in enumerate(rel_pos) if i not in global_blocks}
     if len(windows) > 1:
@@ -220,6 +233,7 @@ def _vision_config(state_dict: Mapping[str, Tensor]) -> SamVisionConfig:
         patch_size=patch,
         qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state_dict,
         mlp_dim=_shape(state_dict, "image_encoder.blocks.0.mlp.lin1.weight")[0],
+        # no windowed block at all: window 0 (transformers' value for "every block global")
         window_size=windows.pop() if windows else 0,
         global_attn_indexes=global_blocks,
         num_pos_feats=num_pos_feats,
@@ -240,6 +254,7 @@ def sam_config_from_state_dict(state_dict: Mapping[str, Tensor], decoder_num_hea
         hidden_size=output_channels,
         image_size=image_size,
         patch_size=patch,
+        # mask_downscaling.3 is the second conv: its output width is segment_anything's mask_in_chans
         mask_input_channels=_shape(state_dict, "prompt_encoder.mask_downscaling.3.weight")[0],
         num_point_embeddings=count_numbered(state_dict, r"prompt_encoder\.point_embeddings\.(\d+)\."),
     )
@@ -254,6 +269,7 @@ def sam_config_from_state_dict(state_dict: Mapping[str, Tensor], decoder_num_hea
         num_hidden_layers=count_numbered(state_dict, r"mask_decoder\.transformer\.layers\.(\d+)\."),
         num_attention_heads=decoder_num_heads,
         attention_downsample_rate=output_channels // attention_dim,
+        # one mask token for the single-mask output plus one per multimask output
         num_multimask_outputs=_shape(state_dict, "mask_decoder.mask_tokens.weight")[0] - 1,
         iou_head_depth=count_numbered(state_dict, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\."),
         iou_head_hidden_dim=_shape(state_dict, "mask_decoder.iou_prediction_head.layers.0.weight")[0],
@@ -271,6 +287,7 @@ def detect_model_type(state_dict: Mapping[str, Tensor]) -> str:
         num_attention_heads=vision.num_attention_heads,
         global_attn_indexes=list(vision.global_attn_indexes),
     )
+    # a named size also needs SAM's 1024² input and 256-wide embedding: a ViT-B trunk at another resolution is custom
     standard = vision.image_size == 1024 and vision.output_channels == 256
     for name, size in VIT_SIZES.items():
         if standard and found == {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in size.items()}:
@@ -286,6 +303,7 @@ def detect_model_type(state_dict: Mapping[str, Tensor]) -> str:
 def convert_sam_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """segment_anything keys -> transformers `SamModel` keys (tensors are shared, not copied)."""
     state = dict(state_dict)
+    # popped before translation (the table does not know them); only a non-default value is worth a warning
     for key, default in zip(_PIXEL_KEYS, (PIXEL_MEAN, PIXEL_STD)):
         value = state.pop(key, None)
         if value is not None and not torch.allclose(value.flatten().float(), torch.tensor(default)):
@@ -299,6 +317,7 @@ def convert_sam_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
         remedy="adapter or extra-head weights? merge or drop them first", rules=_RULES,
     )
     if _PE_KEY in converted:
+        # the same tensor: SamModel ties the alias to the basis (_tied_weights_keys), unlike Sam2Model's two buffers
         converted[_PE_ALIAS] = converted[_PE_KEY]
     return converted
 
@@ -311,6 +330,7 @@ def to_segment_anything_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str
     """
     state = dict(state_dict)
     alias = state.pop(_PE_ALIAS, None)
+    # tied in SamModel, so they differ only in a state dict edited by hand; segment_anything has room for one
     if alias is not None and _PE_KEY in state and not torch.equal(alias, state[_PE_KEY]):
         raise ValueError(f"state_dict: {_PE_ALIAS!r} and {_PE_KEY!r} differ; SAM has one positional basis")
     converted = translate_all(
@@ -358,6 +378,7 @@ def write_sam_folder(
     """`sam_model_from_state_dict` written to `out_dir` with SAM's processor for its image size (safetensors +
     config + processor config), beside `out_dir` first and renamed into place."""
     out_dir = Path(out_dir)
+    # before the model is built: a refused target fails without the conversion's cost
     check_folder_target(out_dir, overwrite)
     model = sam_model_from_state_dict(state_dict, decoder_num_heads=decoder_num_heads)
     save_model_folder(model, sam_processor(model.config), out_dir)
@@ -390,5 +411,6 @@ def export_to_segment_anything(
             "export_to_lite_medsam writes LiteMedSAM's own layout"
         )
     state = to_segment_anything_state_dict(state)
+    # plain state dict without a decoder: what segment_anything's build_sam loads; with one, micro-sam's layout
     payload = state if decoder is None else {"model_state": state, DECODER_STATE: decoder}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))

@@ -70,6 +70,8 @@ _MEMORY_PREFIXES = ("memory_attention.", "memory_encoder.", "mask_downsample.", 
 _MEMORY_KEYS = ("maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial")
 
 _PLACEHOLDERS = {
+    # each placeholder becomes a named group (convert_common._template_regex), so a template may use a name only once:
+    # `i` and `j` are two independent numbers in one key (blocks.{i}.norm{j})
     "i": r"\d+",
     "j": r"\d+",
     "p": r"weight|bias",
@@ -93,6 +95,7 @@ _RULE_TEMPLATES: tuple[tuple[str, str], ...] = (
     (f"{_TRUNK}.blocks.{{i}}.attn.proj.{{p}}", f"{_HF_TRUNK}.blocks.{{i}}.attn.proj.{{p}}"),
     (f"{_TRUNK}.blocks.{{i}}.mlp.layers.0.{{p}}", f"{_HF_TRUNK}.blocks.{{i}}.mlp.proj_in.{{p}}"),
     (f"{_TRUNK}.blocks.{{i}}.mlp.layers.1.{{p}}", f"{_HF_TRUNK}.blocks.{{i}}.mlp.proj_out.{{p}}"),
+    # only blocks whose width changes have it (sam2 hieradet.py, MultiScaleBlock.__init__: `if dim != dim_out`)
     (f"{_TRUNK}.blocks.{{i}}.proj.{{p}}", f"{_HF_TRUNK}.blocks.{{i}}.proj.{{p}}"),  # stage change: wider
     # image encoder: FPN neck
     ("image_encoder.neck.convs.{i}.conv.{p}", "vision_encoder.neck.convs.{i}.{p}"),
@@ -100,6 +103,8 @@ _RULE_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "shared_image_embedding.positional_embedding"),
     ("sam_prompt_encoder.not_a_point_embed.weight", "prompt_encoder.not_a_point_embed.weight"),
     ("sam_prompt_encoder.no_mask_embed.weight", "prompt_encoder.no_mask_embed.weight"),
+    # nn.Sequential indices in sam2's PromptEncoder.mask_downscaling (sam/prompt_encoder.py): 2 and 5 are the
+    # parameter-free activations, hence absent here (likewise output_upscaling.2 and .4 below)
     ("sam_prompt_encoder.mask_downscaling.0.{p}", "prompt_encoder.mask_embed.conv1.{p}"),
     ("sam_prompt_encoder.mask_downscaling.1.{p}", "prompt_encoder.mask_embed.layer_norm1.{p}"),
     ("sam_prompt_encoder.mask_downscaling.3.{p}", "prompt_encoder.mask_embed.conv2.{p}"),
@@ -147,12 +152,14 @@ def sam2_state_of(raw: object, name: str) -> dict[str, Tensor] | None:
     ignored with a warning."""
     if not isinstance(raw, Mapping):
         return None
+    # a bare state dict is accepted too (e.g. one a user already unwrapped from its {'model': ...})
     state = raw["model"] if isinstance(raw.get("model"), Mapping) else raw
     if not any(isinstance(key, str) and key.startswith(_SIGNATURE_PREFIXES) for key in state):
         return None
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise ValueError(f"checkpoint {name!r} is not a SAM 2 state dict: non-tensor entries {examples(not_tensors)}")
+    # only beside "model": in a bare state dict "decoder_state" would be an (unknown) weight key, refused later
     if state is not raw and DECODER_STATE in raw:
         warnings.warn(
             f"checkpoint {name!r} also holds a UNETR decoder ('{DECODER_STATE}'); it is not converted", stacklevel=3
@@ -187,6 +194,7 @@ def _split(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
     """(image-model tensors, video-memory tensors); unknown keys stay with the image model, whose table refuses them."""
     image, memory = {}, {}
     for key, value in state_dict.items():
+        # unknown keys go to the image side on purpose: its key table refuses them by name (the memory side is dropped)
         (memory if _is_memory_key(key) else image)[key] = value
     return image, memory
 
@@ -213,6 +221,7 @@ def convert_sam2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
         remedy="adapter or extra-head weights? merge or drop them first", rules=_RULES,
     )
     if points:
+        # row i of point_embed is label i (transformers indexes it by label), so a gap would shift every later label
         if sorted(points) != list(range(len(points))):
             raise ValueError(f"state_dict has gaps in the numbering of its point embeddings: {sorted(points)}")
         converted[_HF_POINT_KEY] = torch.cat([points[i] for i in range(len(points))])
@@ -226,7 +235,9 @@ def to_sam2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     state = dict(state_dict)
     alias = state.pop(_PE_ALIAS, None)
     if alias is not None:
+        # setdefault: a state dict holding only the alias (partial export) still yields the one official basis
         basis = state.setdefault(_PE_KEY, alias)
+        # meta tensors have no values to compare (_check_fits runs this on a meta-device model's state dict)
         if not (alias.is_meta or basis.is_meta or torch.equal(alias, basis)):
             raise ValueError(
                 f"state_dict: {_PE_ALIAS!r} and {_PE_KEY!r} differ, but SAM 2 has one positional basis (a Sam2Model "
@@ -239,6 +250,7 @@ def to_sam2_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     )
     if points is not None:
         for i in range(points.shape[0]):
+            # clone: each row its own storage, as sam2's separate nn.Embedding weights (a view keeps the stacked one)
             converted[f"sam_prompt_encoder.point_embeddings.{i}.weight"] = points[i : i + 1].clone()
     return converted
 
@@ -255,8 +267,10 @@ def _hiera_shape(state_dict: Mapping[str, Tensor]) -> tuple[int, list[int]]:
     if key not in state_dict:
         raise ValueError(f"state_dict lacks {key!r}: not a complete SAM 2 checkpoint")
     depth = count_numbered(state_dict, r"image_encoder\.trunk\.blocks\.(\d+)\.")
+    # the first block of every stage after the first has `proj` (sam2 hieradet.py: `if dim != dim_out`)
     starts = [i for i in range(depth) if f"{_TRUNK}.blocks.{i}.proj.weight" in state_dict]
     bounds = [0, *starts, depth]
+    # patch_embed's conv weight is (embed_dim, 3, 7, 7): its first dimension is the first stage's width
     return state_dict[key].shape[0], [end - start for start, end in zip(bounds, bounds[1:])]
 
 
@@ -273,6 +287,7 @@ def detect_sam2_model_type(state_dict: Mapping[str, Tensor]) -> str:
 def _canonical(model_type: str) -> str:
     if model_type not in SAM2_MODEL_TYPES:
         raise ValueError(f"model_type must be one of {', '.join(SAM2_MODEL_TYPES)} or None, got {model_type!r}")
+    # a sam2.1_ name shares its size's SAM 2.0 config (sam2.SAM2_SIZES), and detection returns the 2.0 name
     return model_type.replace("sam2.1_", "sam2_", 1)
 
 
@@ -338,6 +353,7 @@ def _resolve_config(
             raise ValueError(
                 f"decoder_num_heads must divide the decoder attention width {width}, got {decoder_num_heads!r}"
             )
+        # on the copy load_sam2_config / sam2_config returned, never on the caller's config object
         decoder.num_attention_heads = decoder_num_heads
     return config, what
 
@@ -380,6 +396,7 @@ def sam2_model_from_state_dict(
     image, _ = _split(state_dict)
     converted = convert_sam2_state_dict(image)  # unknown keys fail here, before anything is built
     config, what = _resolve_config(image, name, model_type, config, decoder_num_heads)
+    # in official names (`image`, not `converted`), so its messages name the keys the user's file has
     _check_fits(image, config, name, what)
     return build_with_weights(Sam2Model, config, converted)
 
@@ -438,6 +455,7 @@ def convert_sam2_checkpoint(
     if model_type is not None:
         _canonical(model_type)
     if config is not None:
+        # checked again by write_sam2_folder (as the folder is); here a bad config fails before the checkpoint is read
         config = load_sam2_config(config)  # before reading a large file
     out_dir = Path(out_dir)
     check_folder_target(out_dir, overwrite)
@@ -459,6 +477,7 @@ def _memory_from(path: str | os.PathLike, image: Mapping[str, Tensor]) -> dict[s
     shapes = {k: tuple(v.shape) for k, v in image.items()}
     donor = {k: tuple(v.shape) for k, v in donor_image.items()}
     if shapes != donor:
+        # keys present on one side only first; with the same keys, those whose shapes differ
         differing = sorted(set(shapes) ^ set(donor)) or [k for k in shapes if shapes[k] != donor[k]]
         raise ValueError(
             f"memory_from {name!r} is a SAM 2 of other shapes than the model ({examples(differing)} differ), so its "
@@ -488,6 +507,7 @@ def export_sam2_checkpoint(
     _, state, decoder = weights_and_decoder(model, Sam2Model)
     state = to_sam2_state_dict(state)
     if memory_from is not None:
+        # the image side comes from the model; only the donor's memory tensors are added (memory keys never collide)
         state.update(_memory_from(memory_from, state))
     payload = {"model": state} if decoder is None else {"model": state, DECODER_STATE: decoder}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))

@@ -25,12 +25,14 @@ from torch import nn
 def contiguous_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     """The forward hook :func:`set_contiguous_layout` registers (public so that a caller that wants the
     convolution's own layout can recognise it: ``hf_sam_peft.modeling.mask_decoder.channels_last_call``)."""
+    # a no-op (the same tensor) where the output is contiguous already
     return output.contiguous()
 
 
 def layout_modules(sam: nn.Module) -> list[nn.Module]:
     """The modules of ``sam`` whose outputs :func:`set_contiguous_layout` makes contiguous (those it has)."""
     candidates = (
+        # getattr: not every vision encoder has a top-level patch_embed (Sam2Model's sits inside its backbone)
         getattr(sam.vision_encoder, "patch_embed", None),
         sam.prompt_encoder.mask_embed,
         sam.mask_decoder.upscale_conv2,
@@ -44,6 +46,7 @@ def set_contiguous_layout(sam: nn.Module, enabled: bool) -> None:
     The hook is found by identity, so this is idempotent and survives ``copy.deepcopy``.
     """
     for module in layout_modules(sam):
+        # identity survives copy.deepcopy: deepcopy keeps functions as they are, so a copied model's hook is this one
         ids = [key for key, hook in module._forward_hooks.items() if hook is contiguous_output]
         if enabled and not ids:
             module.register_forward_hook(contiguous_output)

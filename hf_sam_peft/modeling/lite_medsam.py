@@ -101,6 +101,8 @@ class LiteSamConfig(SamConfig):
         vision, prompt, decoder = self.vision_config, self.prompt_encoder_config, self.mask_decoder_config
         if not isinstance(vision, LiteSamVisionConfig):
             raise TypeError(f"vision_config must be a LiteSamVisionConfig, got {type(vision).__name__}")
+        # image_embedding_size (image_size // patch_size) is the grid of get_image_wide_positional_embeddings and
+        # of the dense prompt embeddings, which are added to the encoder's output
         if prompt.image_size != vision.image_size or prompt.image_embedding_size != vision.embedding_size:
             raise ValueError(
                 f"prompt_encoder_config must have image_size {vision.image_size} and image_size // patch_size = "
@@ -123,15 +125,18 @@ class LiteSamModel(SamModel):
 
     def __init__(self, config: LiteSamConfig):
         # SamModel.__init__ with the encoder swapped (it would build a ViT from the vision config).
+        # skips SamModel.__init__ (which would build a SamVisionEncoder from this vision config), not its methods
         SamPreTrainedModel.__init__(self, config)
         self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
         self.vision_encoder = TinyViTVisionEncoder(config.vision_config)
         self.prompt_encoder = SamPromptEncoder(config)
+        # as SamModel.__init__: the decoder is not a PreTrainedModel, so it reads the attention kernel from its config
         config.mask_decoder_config._attn_implementation = config._attn_implementation
         self.mask_decoder = SamMaskDecoder(config.mask_decoder_config)
         self.post_init()
 
 
+# exist_ok: re-importing the module (a reload, a test's fresh import) must not raise
 AutoConfig.register(LiteSamVisionConfig.model_type, LiteSamVisionConfig, exist_ok=True)
 AutoConfig.register(LiteSamConfig.model_type, LiteSamConfig, exist_ok=True)
 AutoModel.register(LiteSamVisionConfig, TinyViTVisionEncoder, exist_ok=True)
@@ -150,6 +155,8 @@ def tiny_lite_sam_config(image_size: int = 32, output_channels: int = 16) -> Lit
         embed_dims=(8, 16, 24, 32),
         depths=(1, 1, 2, 1),
         num_heads=(1, 2, 3, 4),
+        # stage grids 32, 16, 8, 8 at image_size 32: windows 5 and 3 do not divide theirs (the padded path), 4 does
+        # (stage 0's 7 is unused: MBConv)
         window_sizes=(7, 5, 4, 3),
         output_channels=output_channels,
         num_pos_feats=output_channels // 2,
@@ -177,6 +184,7 @@ def lite_medsam_checkpoint_path() -> Path:
         distribution = importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise ImportError(INSTALL_MESSAGE) from None
+    # `files` is None where the installer wrote no RECORD file
     for file in distribution.files or ():
         if file.as_posix() == CHECKPOINT_FILE:
             path = Path(distribution.locate_file(file))
@@ -191,6 +199,8 @@ _QKV_KEY = "vision_encoder.layers.{stage}.blocks.{block}.attn.qkv.{param}"
 def _qkv_to_sam_order(tensor: Tensor, num_heads: int) -> Tensor:
     """Rows from TinyViT's per-head `[q_h, k_h, v_h]` order to SAM's `[q | k | v]` order."""
     head_dim = tensor.shape[0] // (3 * num_heads)
+    # (heads, 3, d) -> (3, heads, d): row h*3d + s*d + c (head h, part s of q/k/v) moves to s*heads*d + h*d + c;
+    # works for the weight (rows, in) and the bias (rows,) alike
     return tensor.reshape(num_heads, 3, head_dim, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
 
 
@@ -198,6 +208,7 @@ def _unwrap_checkpoint(state: Mapping[str, Any]) -> Mapping[str, Tensor]:
     """The model weights of a plain state dict or of LiteMedSAM's training checkpoints (`{"model": ...}`)."""
     if not isinstance(state, Mapping):
         raise TypeError(f"state_dict must be a mapping of tensors, got {type(state).__name__}")
+    # training checkpoints hold the weights under "model" beside other entries, which are ignored
     for key in ("model", "state_dict"):
         if isinstance(state.get(key), Mapping):
             return state[key]
@@ -216,12 +227,15 @@ def convert_lite_medsam(state_dict: Mapping[str, Tensor], config: LiteSamConfig 
     if not encoder:
         raise ValueError("state_dict has no image_encoder.* keys: not a LiteMedSAM checkpoint")
     vision = config.vision_config
+    # from stage 1: stage 0 is MBConv blocks, without attention
     for stage in range(1, len(vision.depths)):
         for block in range(vision.depths[stage]):
             for param in ("weight", "bias"):
                 key = _QKV_KEY.format(stage=stage, block=block, param=param)
                 if key in encoder:
                     encoder[key] = _qkv_to_sam_order(encoder[key], vision.num_heads[stage])
+    # prompt encoder and mask decoder are segment_anything's modules: SAM's key table converts them (and refuses
+    # any key it does not know, so every key is consumed)
     rest = convert_sam_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
     return build_with_weights(LiteSamModel, config, {**encoder, **rest})
 
@@ -279,10 +293,13 @@ def lite_medsam_preprocess(
     tensor = torch.from_numpy(_as_channels_last(image)).permute(2, 0, 1)
     height, width = tensor.shape[-2:]
     new_h, new_w = _resized_shape(height, width, image_size, resize)
+    # antialias: like the original's cv2.INTER_AREA it averages source pixels when shrinking (values differ slightly)
     if (new_h, new_w) != (height, width):
         tensor = F.interpolate(tensor[None], (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    # min-max after the resize, as LiteMedSAM's inference script (over all three channels at once)
     low, high = tensor.min(), tensor.max()
     tensor = (tensor - low) / (high - low) if high > low else torch.zeros_like(tensor)
+    # zeros at the right and bottom: the image keeps the top-left of the frame, where boxes and masks map
     return F.pad(tensor, (0, image_size - new_w, 0, image_size - new_h)), (new_h, new_w)
 
 
@@ -297,6 +314,7 @@ class LiteMedSamImageProcessor(SamImageProcessorPil):
     pad_size = {"height": 256, "width": 256}
     mask_size = {"longest_edge": 256}
     mask_pad_size = {"height": 256, "width": 256}
+    # lite_medsam_preprocess already returns [0, 1] and LiteMedSAM has no mean/std: both SAM steps off
     do_rescale = False
     do_normalize = False
     image_mean = [0.0, 0.0, 0.0]
@@ -311,6 +329,7 @@ class LiteMedSamImageProcessor(SamImageProcessorPil):
         self.resize_mode = resize_mode
 
     def _get_preprocess_shape(self, old_shape: tuple[int, int], longest_edge: int) -> tuple[int, int]:
+        # SamProcessor maps boxes and points into the frame through this method, so "square" scales x and y apart
         return _resized_shape(int(old_shape[0]), int(old_shape[1]), longest_edge, self.resize_mode)
 
     def preprocess(self, images: Any, segmentation_maps: Any = None, return_tensors: Any = None, **kwargs) -> BatchFeature:
@@ -325,8 +344,10 @@ class LiteMedSamImageProcessor(SamImageProcessorPil):
         size = int(self.size["longest_edge"])
         pixel_values, originals, reshaped = [], [], []
         for image in images:
+            # converted here to read (H, W) the same way for arrays, tensors and PIL images (PIL's .size is (W, H))
             array = _as_channels_last(image)
             values, new_size = lite_medsam_preprocess(array, size, self.resize_mode)
+            # numpy, so BatchFeature's tensor_type decides the returned type (as SAM's processor)
             pixel_values.append(values.numpy())
             originals.append(list(array.shape[:2]))
             reshaped.append(list(new_size))

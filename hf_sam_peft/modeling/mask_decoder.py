@@ -4,7 +4,7 @@ transformers' ``SamMaskDecoder`` / ``SamTwoWayTransformer`` / ``SamAttention`` s
 state dict, LayerNorms, MLPs, self-attention, kernels); the functions here re-run parts of their forwards in
 another order, with the same modules. Two paths use them:
 
-- **training** (:class:`SamFusedTwoWayTransformer`, switched on by ``training.efficiency``'s
+- **training** (:class:`SamFusedTwoWayTransformer`, switched on by ``hf_sam_peft.speed``'s
   ``fuse_decoder_projections`` through :func:`set_decoder_projections`; :func:`shared_position_shifts` around a
   training step, ``training.interactive``): gradients flow as through transformers' forward;
 - **evaluation** (``hf_sam_peft.evaluation.fast_decoder``, no gradients): its per-image cache
@@ -157,6 +157,7 @@ _DECODER_ATTRS = ("transformer", "iou_token", "mask_tokens", "num_mask_tokens", 
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
+    # digits only, so "5.25.0.dev0" and "5.25.1" compare as (5, 25): patch and dev releases of a checked minor pass
     return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
 
@@ -190,6 +191,8 @@ def image_attentions(transformer: SamTwoWayTransformer) -> list[SamAttention]:
 
 def plain_projections(*modules: SamAttention) -> bool:
     """True when every projection is a plain ``nn.Linear`` (not an adapter wrapper whose ``weight`` is not all)."""
+    # `type(...) is`, not isinstance: project() reads `.weight` directly, which is not the layer's map for a wrapper
+    # (peft's LoRA layer) nor for an nn.Linear subclass holding quantised weights (bitsandbytes' Linear8bitLt)
     return all(type(getattr(m, name)) is nn.Linear for m in modules for name in ("q_proj", "k_proj", "v_proj"))
 
 
@@ -201,6 +204,7 @@ def overrides_apply(transformer: nn.Module) -> bool:
         return False
     layers = list(transformer.layers)
     attentions = [transformer.final_attn_token_to_image] + [
+        # getattr with a default: this list is built before the per-layer attribute check below has run
         getattr(layer, name, None) for layer in layers for name in ("self_attn", "cross_attn_token_to_image",
                                                                      "cross_attn_image_to_token")]
     if not all(_has(layer, _LAYER_ATTRS) for layer in layers) or not all(
@@ -217,6 +221,8 @@ def decoder_overrides_apply(decoder: nn.Module) -> bool:
 
 def project(hidden: torch.Tensor, linears: Sequence[nn.Linear], bias: bool = True) -> tuple[torch.Tensor, ...]:
     """``linear(hidden)`` for each of ``linears`` as one matmul over their stacked weights (views of one output)."""
+    # cat per call (weights are small: 3 x 128 x 256 in SAM's decoder), so gradients reach each Linear's own weight and
+    # bias through the cat; the split outputs are views of one tensor, which callers only read (no in-place ops)
     weight = torch.cat([linear.weight for linear in linears])
     stacked_bias = torch.cat([linear.bias for linear in linears]) if bias else None
     out = F.linear(hidden, weight, stacked_bias)
@@ -226,9 +232,11 @@ def project(hidden: torch.Tensor, linears: Sequence[nn.Linear], bias: bool = Tru
 def attend_projected(module: SamAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_similarity: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
     """``SamAttention.forward`` from already projected ``(B, P, tokens, internal_dim)`` query, key and value."""
+    # read before _separate_heads folds the point batch into the batch axis, as SamAttention.forward does
     point_batch_size = query.shape[1]
     heads = module.num_attention_heads
     query, key, value = (module._separate_heads(t, heads) for t in (query, key, value))
+    # the kernel transformers' own forward would pick (eager / sdpa / flash by config), so only the projections differ
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
     out, _ = interface(module, query, key, value, attention_mask=attention_similarity, dropout=0.0,
                        scaling=module.scaling, is_causal=module.is_causal, **kwargs)
@@ -242,13 +250,14 @@ class SamFusedTwoWayTransformer(SamTwoWayTransformer):
     """``SamTwoWayTransformer`` that projects the image tokens once per layer; see the module docstring.
 
     Switch an existing module with :func:`set_decoder_projections` (``module.__class__`` is swapped; used by
-    ``hf_sam_peft.training.efficiency``). Falls back to transformers' forward where :func:`overrides_apply` is
+    ``hf_sam_peft.speed``). Falls back to transformers' forward where :func:`overrides_apply` is
     False (e.g. a LoRA layer wrapping a decoder attention projection).
     """
 
     def forward(self, point_embeddings: torch.Tensor, image_embeddings: torch.Tensor,
                 image_positional_embeddings: torch.Tensor, attention_similarity: torch.Tensor | None,
                 target_embedding: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # image_embeddings None: transformers' forward raises its own ValueError for it
         if image_embeddings is None or not overrides_apply(self):
             return super().forward(point_embeddings, image_embeddings, image_positional_embeddings,
                                    attention_similarity, target_embedding, **kwargs)
@@ -257,10 +266,13 @@ class SamFusedTwoWayTransformer(SamTwoWayTransformer):
         keys = token_layout(image_embeddings).contiguous()
         positions = token_layout(image_positional_embeddings)
         shared: SharedPositions | None = getattr(self, "_shared_positions", None)
+        # positions arrive repeated per object (SamMaskDecoder.forward's repeat_interleave), hence the row-wise match;
+        # a call whose encoding differs (another image size, a changed basis) projects its own shifts
         shifts = shared.shifts if shared is not None and shared.matches(positions) else None
         queries = point_embeddings
         for index, layer in enumerate(self.layers):
             if target_embedding is not None:
+                # in place, as transformers: on layer 0 `queries` is `point_embeddings`, so query positions change too
                 queries += target_embedding
             queries, keys = two_way_layer(layer, queries, keys, point_embeddings, positions, attention_similarity,
                                           shifts=None if shifts is None else shifts.layers[index], **kwargs)
@@ -287,6 +299,7 @@ class PositionShifts:
         """The shifts of ``positions`` (token layout ``(B, 1, h*w, C)``) through ``transformer``'s weights."""
         projections = [(layer.cross_attn_token_to_image.k_proj, layer.cross_attn_image_to_token.q_proj)
                        for layer in transformer.layers]
+        # bias-free: each bias is added once, with the image tokens' projection (two_way_layer), not twice
         layers = [project(positions, pair, bias=False) for pair in projections]
         (final,) = project(positions, (transformer.final_attn_token_to_image.k_proj,), bias=False)
         return cls(layers, final)
@@ -297,6 +310,7 @@ class PositionShifts:
     @classmethod
     def from_tensors(cls, tensors: Sequence[torch.Tensor]) -> PositionShifts:
         """Inverse of :meth:`tensors`."""
+        # order of tensors(): (token->image key, image->token query) per layer, then the final key
         *pairs, final = tensors
         return cls([(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)], final)
 
@@ -307,7 +321,7 @@ class SharedPositions:
 
     ``graph``: the shifts with their autograd graph (into the projection weights). ``shifts``: what the decoder
     adds, ``graph`` itself or, for round-wise backward, detached leaves whose gradients the caller collects and
-    sends into ``graph`` once (as ``backward_round_losses`` does for the image embeddings).
+    sends into ``graph`` once (as ``hf_sam_peft.speed.rounds.BackwardPerRound`` does for the image embeddings).
     """
 
     source: torch.Tensor  # (1, 1, h*w, C) token layout, no graph
@@ -316,6 +330,7 @@ class SharedPositions:
 
     def matches(self, positions: torch.Tensor) -> bool:
         """Whether ``positions`` ``(B, 1, h*w, C)`` is ``source`` in every row (else the call projects its own)."""
+        # cheap checks first; torch.equal then compares every object's row against the one image's encoding
         return (positions.dtype == self.source.dtype and positions.shape[1:] == self.source.shape[1:]
                 and torch.equal(positions, self.source.expand_as(positions)))
 
@@ -344,16 +359,22 @@ def shared_position_shifts(sam: nn.Module, detach: bool = False) -> Iterator[Sha
     graph = PositionShifts.project(transformer, positions)
     shifts = graph
     if detach:
+        # a leaf needs a gradient only where its graph does (frozen decoder projections and basis: nothing to collect)
         shifts = PositionShifts.from_tensors([t.detach().requires_grad_(t.requires_grad) for t in graph.tensors()])
+    # source detached: only compared against (the shifts' graph holds what backward needs)
     transformer._shared_positions = SharedPositions(positions.detach(), graph, shifts)
     try:
         yield transformer._shared_positions
     finally:
+        # removed even on error: after an optimizer step the projection weights change, and shifts left on the module
+        # would be added to every later call whose positions still match
         del transformer._shared_positions
 
 
 def token_self_attention(layer: nn.Module, queries: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
     """The first step of ``SamTwoWayAttentionBlock.forward``: the prompt tokens' self-attention and LayerNorm."""
+    # layer 0 (skip_first_layer_pe): no positions and no residual, the attention output replaces the tokens, as
+    # transformers' SamTwoWayAttentionBlock
     if layer.skip_first_layer_pe:
         queries, _ = layer.self_attn(query=queries, key=queries, value=queries)
     else:
@@ -374,16 +395,21 @@ def two_way_layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, q
     """
     queries = token_self_attention(layer, queries, query_pos)
     to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    # one projection serves both cross attentions: `keys` only change at the end of the layer (layer_norm4), so the
+    # image->token query sees the same image tokens as the token->image key and value
     image_key, image_value, image_query = project(keys, (to_image.k_proj, to_image.v_proj, to_token.q_proj))
     if shifts is None:
         shifts = project(key_pos, (to_image.k_proj, to_token.q_proj), bias=False)
     key_shift, query_shift = shifts
 
     query = to_image.q_proj(queries + query_pos)
+    # the value is the image tokens without positions, as transformers' value=keys
     attn_out = attend_projected(to_image, query, image_key + key_shift, image_value, attention_similarity, **kwargs)
     queries = layer.layer_norm2(queries + attn_out)
     queries = layer.layer_norm3(queries + layer.mlp(queries))
 
+    # image->token: the image tokens are the queries, the prompt tokens keys and values; no attention_similarity (as
+    # transformers, which passes it to the token->image attention only)
     token_key = to_token.k_proj(queries + query_pos)
     attn_out = attend_projected(to_token, image_query + query_shift, token_key, to_token.v_proj(queries), None, **kwargs)
     keys = layer.layer_norm4(keys + attn_out)
@@ -426,8 +452,11 @@ def set_decoder_projections(sam: nn.Module, fused: bool) -> bool:
 def head_addend(attention: nn.Module, name: str, positions: torch.Tensor) -> torch.Tensor:
     """``attention.<name>`` of the positional encoding ``(1, 1, h*w, C)`` (bias included), head-major
     ``(heads, d, h*w)`` contiguous: what the folded scores (:func:`folded_scores`) add per head."""
+    # through the module, so the bias is included (unlike PositionShifts): the folded scores add it nowhere else;
+    # [0, 0]: evaluation passes one image's encoding, shared by all objects
     projected = getattr(attention, name)(positions)[0, 0]  # (h*w, c)
     heads = attention.num_attention_heads
+    # output channels are head-major (h0's d channels first), the split SamAttention._separate_heads makes
     return projected.reshape(projected.shape[0], heads, -1).permute(1, 2, 0).contiguous()
 
 
@@ -451,9 +480,12 @@ def folded_scores(linear: nn.Linear, head_queries: torch.Tensor, image_t: torch.
     # scores in float32 whatever the autocast: bf16 scores (8 bits) move the softmax by percents (the fused
     # attention kernels accumulate scores in float32 too); the operands may be bf16, products are exact in float32
     with torch.autocast(device_type=image_t.device.type, enabled=False):
+        # weight (c, C) -> (heads, d, C): rows grouped per head as _separate_heads splits the projected channels
         folded = torch.matmul(head_queries.float(), linear.weight.reshape(heads, head_dim, -1).float())  # (B, heads, T, C)
         scores = torch.matmul(folded.reshape(b, heads * n_queries, -1), image_t.float())
         scores = scores.view(b, heads, n_queries, -1)
+        # per object, in place: the addend (heads, d, N) is shared by all objects, and one batched baddbmm over
+        # B * heads would need it expanded into a copy
         for i in range(b):
             scores[i].baddbmm_(head_queries[i].float(), addend.float())
     return scores
@@ -479,9 +511,12 @@ def attend_image(module: nn.Module, query: torch.Tensor, image: tuple[torch.Tens
     b, _, n_queries, head_dim = head_queries.shape
     tokens, tokens_t = image
     probs = folded_scores(module.k_proj, head_queries, tokens_t, key_addend).softmax(dim=-1, dtype=torch.float32)
+    # probs in the tokens' dtype (bf16 under autocast, cast once by image_operands): one dtype for the (N, C) operand
     mixed = torch.matmul(probs.view(b, heads * n_queries, -1).to(tokens.dtype), tokens)  # (B, heads * T, C)
     value_weights = module.v_proj.weight.reshape(heads, head_dim, -1).transpose(1, 2)  # (heads, C, d)
+    # the bias after the mixing: rows of P sum to 1, so P (W x + b) = P W x + b
     out = torch.matmul(mixed.view(b, heads, n_queries, -1), value_weights) + module.v_proj.bias.view(heads, 1, head_dim)
+    # (B, heads, T, d) -> (B, 1, T, heads * d), head-major channels as _recombine_heads
     return module.out_proj(out.transpose(1, 2).reshape(b, 1, n_queries, heads * head_dim))
 
 
@@ -493,11 +528,13 @@ def attend_few_keys(module: nn.Module, head_queries: torch.Tensor, key: torch.Te
     ``(T, d) @ (d, N)`` matmul per head and object, then :func:`attend_few_keys_output`.
     """
     heads = module.num_attention_heads
+    # scaling on the few keys instead of the 4,096 queries: the same scores (q . k s = q s . k), T * d multiplies
     head_keys = head_split(key * module.scaling, heads)  # (B, heads, T, d)
     objects, _, n_keys, _ = head_keys.shape
     scores = head_keys.new_empty(objects, heads, n_keys, head_queries.shape[-1], dtype=torch.float32)
     with torch.autocast(device_type=scores.device.type, enabled=False):  # float32 scores, as folded_scores
         for i in range(objects):
+            # min(): layer 0's image queries are cached once per image (leading dim 1) and shared by every object
             torch.matmul(head_keys[i].float(), head_queries[min(i, head_queries.shape[0] - 1)].float(), out=scores[i])
     return attend_few_keys_output(module, scores, value)
 
@@ -516,11 +553,14 @@ def attend_few_keys_output(module: nn.Module, scores: torch.Tensor, value: torch
       bias rides on the values (``b / heads`` per head) instead of a pass over the output.
     """
     objects, heads, n_keys, n_queries = scores.shape
+    # dim=-2 is the key axis of (B, heads, T, N): the softmax over keys, as eager's dim=-1 over (..., N, T)
     probs = scores.softmax(dim=-2, dtype=torch.float32)
     out_proj = module.out_proj
     head_values = head_split(value, heads)
+    # out_proj.weight (c_out, c): its input channels split head-major, as the heads were recombined
     head_weights = out_proj.weight.reshape(-1, heads, head_values.shape[-1]).permute(1, 2, 0)  # (heads, d, c_out)
     projected = torch.matmul(head_values, head_weights) + out_proj.bias / heads  # (B, heads, T, c_out)
+    # (B, N, heads * T) @ (B, heads * T, c_out): the sum over heads and keys in one matmul, in probs' dtype (float32)
     out = torch.matmul(probs.reshape(objects, heads * n_keys, n_queries).transpose(1, 2),
                        projected.reshape(objects, heads * n_keys, -1).to(probs.dtype))
     return out.reshape(objects, 1, n_queries, -1)
@@ -538,6 +578,8 @@ def folded_two_way_layer(layer: nn.Module, queries: torch.Tensor, keys: torch.Te
     queries = layer.layer_norm2(queries + attend_image(to_image, to_image.q_proj(queries + query_pos), image, key_addend))
     queries = layer.layer_norm3(queries + layer.mlp(queries))
 
+    # roles swapped for folded_scores: the few token keys stand in for its queries and the image-side q_proj is the one
+    # folded, giving the scores transposed, (B, heads, T, N), the layout attend_few_keys_output takes
     head_keys = head_split(to_token.k_proj(queries + query_pos) * to_token.scaling, to_token.num_attention_heads)
     scores = folded_scores(to_token.q_proj, head_keys, image[1], query_addend)  # (B, heads, T, N)
     keys = layer.layer_norm4(keys + attend_few_keys_output(to_token, scores, to_token.v_proj(queries)))
@@ -560,6 +602,7 @@ def channels_last_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Measured on LiteMedSAM (demo tile, 16 boxes, 1 thread): 0.30 s per decode without it, 0.58 s with it,
     so a fine-tuned model was evaluated slower than its base. Any other hook runs as usual (``module(x)``)."""
     hooks = list(module._forward_hooks.values())
+    # module.forward bypasses every hook, so only where the layout hook is the only one (global hooks included)
     if (hooks and all(hook is contiguous_output for hook in hooks) and not module._forward_pre_hooks
             and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks):
         return module.forward(x)
@@ -577,14 +620,18 @@ def mask_head(decoder: SamMaskDecoder, queries: torch.Tensor, keys: torch.Tensor
     """
     n = keys.shape[0]
     height, width = size
+    # tokens are row-major over the grid (token_layout flattens (h, w)), so token y * w + x is pixel (y, x)
     grid = keys.reshape(n, height, width, -1).permute(0, 3, 1, 2)  # (N, C, h, w), channels-last memory
     upscaled = decoder.upscale_conv1(grid)
     upscaled = decoder.activation(decoder.upscale_layer_norm(upscaled))
     upscaled = decoder.activation(channels_last_call(decoder.upscale_conv2, upscaled))  # (N, c, 4h, 4w)
+    # transformers' mask_slice: mask token 0 is the single-mask output, tokens 1-3 the multimask ones
     picked = range(1, decoder.num_mask_tokens) if multimask else range(1)
+    # token 0 of the transformer output is the IoU token, mask token i is at 1 + i
     hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 0, 1 + i]) for i in picked], dim=1)
     pixels = upscaled.permute(0, 2, 3, 1).reshape(n, -1, upscaled.shape[1])  # (N, 16hw, c): free when channels-last
     masks = (pixels @ hyper_in.transpose(1, 2).to(pixels.dtype)).transpose(1, 2)
     masks = masks.reshape(n, len(picked), *upscaled.shape[-2:])
+    # the head predicts all four IoUs in one small MLP; the pick matches the returned masks
     iou = decoder.iou_prediction_head(queries[:, 0, 0])[:, list(picked)]
     return masks, iou

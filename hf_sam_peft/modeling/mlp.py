@@ -33,8 +33,10 @@ class _Recipes:
     def __init__(self, block: SamMLPBlock, x: torch.Tensor, recompute_hidden: bool) -> None:
         self.lin1, self.act, self.recompute_hidden = block.lin1, block.act, recompute_hidden
         self.x: torch.Tensor | None = x
+        # autograd's own version check does not see `x` through a recipe: this one replaces it
         self.x_version = x._version
         device = x.device.type
+        # backward runs outside the forward's autocast: the recomputation re-enters it, so h comes out in the same dtype
         self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         self.hidden: torch.Tensor | None = None  # the forward's h and a, to recognise them (dropped after it)
         self.activation: torch.Tensor | None = None
@@ -43,6 +45,7 @@ class _Recipes:
         self.stash: torch.Tensor | None = None  # h rebuilt for a, until the GELU's backward (next) takes it
 
     def pack(self, tensor: torch.Tensor) -> Any:
+        # the GELU saves h; lin2 saves a only where its weight trains; everything else (x, weights) is saved as usual
         if self.hidden is not None and _view_of(tensor, self.hidden):
             if self.recompute_hidden:
                 self.hidden_is_recipe = True
@@ -57,16 +60,19 @@ class _Recipes:
         if isinstance(packed, torch.Tensor):
             return packed
         kind, recipes, (size, stride, offset) = packed
+        # as_strided: autograd may have saved a reshaped view (a matmul's 2-d input), which must come back as that view
         return recipes.rebuild(kind).as_strided(size, stride, offset)
 
     def finish_forward(self) -> None:
         """Drop the forward's references: only what a recipe needs stays (``x``, unless ``h`` is kept)."""
         self.hidden = self.activation = None
         if self.kept_hidden is not None:
+            # h is kept, so a is rebuilt from it and x is not needed here (autograd still holds its own reference)
             self.x = None
 
     def rebuild(self, kind: str) -> torch.Tensor:
         if kind == "hidden":
+            # taken once: the stash is cleared so the rebuilt h is freed right after the GELU's backward
             hidden, self.stash = (self.stash, None) if self.stash is not None else (self._hidden(), None)
             return hidden
         hidden = self.kept_hidden if self.kept_hidden is not None else self._hidden()
@@ -79,6 +85,7 @@ class _Recipes:
         if self.x is None or self.x._version != self.x_version:
             raise RuntimeError("the MLP input kept for recomputation was modified in place after the forward")
         with self._forward_state():
+            # F.linear on lin1's own parameters, outside any hook: the same op and inputs as the forward's call
             return F.linear(self.x, self.lin1.weight, self.lin1.bias)
 
     def _forward_state(self) -> torch.autocast:
@@ -90,6 +97,7 @@ def _view_of(view: torch.Tensor, base: torch.Tensor) -> bool:
     """Whether ``view`` shows exactly ``base``'s (contiguous) data: ``base`` itself or a reshape of it, as a
     matmul saves its 3-d input (autograd may also hand the hook another Python object for the same tensor)."""
     return view is base or (
+        # same storage, offset and element count, both contiguous: the same data in the same order
         view.dtype == base.dtype and view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
         and view.storage_offset() == base.storage_offset() and view.numel() == base.numel()
         and view.is_contiguous() and base.is_contiguous()
@@ -112,11 +120,13 @@ class SamRecomputedMLPBlock(SamMLPBlock):
     recompute_hidden: bool = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # no grad: nothing is saved; an adapter around lin1 (not a plain Linear) might not rerun identically
         if not torch.is_grad_enabled() or type(self.lin1) is not nn.Linear:
             return super().forward(hidden_states)
         recipes = _Recipes(self, hidden_states, self.recompute_hidden)
         with torch.autograd.graph.saved_tensors_hooks(recipes.pack, recipes.unpack):
             hidden = self.lin1(hidden_states)
+            # set after lin1 ran: its own saved tensors (x, the weight) are packed as usual
             recipes.hidden = hidden
             activation = self.act(hidden)
             recipes.activation = activation
@@ -136,6 +146,7 @@ def set_mlp_recompute(encoder: nn.Module, enabled: bool, recompute_hidden: bool 
         elif not enabled and type(module) is SamRecomputedMLPBlock:
             module.__class__ = SamMLPBlock
             changed += 1
+        # also on modules switched earlier, so one call sets recompute_hidden for the whole encoder
         if isinstance(module, SamRecomputedMLPBlock):
             module.recompute_hidden = recompute_hidden
     return changed

@@ -28,6 +28,7 @@ _BACKWARD = "_scaled_dot_product_flash_attention_for_cpu_backward"
 
 def cpu_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's CPU flash attention at scale 1, no mask, no dropout: ``(output, logsumexp)``."""
+    # scale 1: the callers fold the softmax scale into the queries (the appended bias terms must stay unscaled)
     return getattr(torch.ops.aten, _FORWARD)(query, key, value, scale=1.0)
 
 
@@ -36,6 +37,7 @@ def cpu_flash_attention_backward(
     logsumexp: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients ``(query, key, value)`` of :func:`cpu_flash_attention` given its ``out`` and ``logsumexp``."""
+    # positional 0.0, False: dropout_p and is_causal, as the forward ran
     return getattr(torch.ops.aten, _BACKWARD)(grad_out, query, key, value, out, logsumexp, 0.0, False, scale=1.0)
 
 
@@ -61,6 +63,8 @@ def cpu_flash_attention_available() -> bool:
 
 def _probe() -> bool:
     """Both operators on a tiny input against the public SDPA's output and gradients (raises where they differ)."""
+    # its own generator: the probe runs at the first attention call, and drawing from the global RNG there would
+    # shift every later random draw of the run
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(1, 1, 4, 8, generator=generator) for _ in range(3))
     grad = torch.randn(1, 1, 4, 8, generator=generator)
@@ -69,6 +73,7 @@ def _probe() -> bool:
     leaves = [t.clone().requires_grad_(True) for t in (query, key, value)]
     reference = F.scaled_dot_product_attention(*leaves, scale=1.0)
     reference.backward(grad)
+    # float32 (autocast is off around the probe), where the two kernels agree to rounding
     agree = torch.allclose(out, reference.detach(), atol=1e-5) and all(
         torch.allclose(ours, leaf.grad, atol=1e-5) for ours, leaf in zip((g_query, g_key, g_value), leaves))
     if not agree:

@@ -41,9 +41,12 @@ def tiny_sam_config(
         num_attention_heads=2,
         mlp_dim=2 * hidden_size,
         image_size=image_size,
+        # the last block global, the others windowed: both attention paths (and SAM-HQ's fusion input) exist
         global_attn_indexes=[num_hidden_layers - 1],
         output_channels=output_channels,
+        # divides the 16 x 16 token grid of 256² at patch 16: windowed blocks run unpadded
         window_size=4,
+        # sin and cos of num_pos_feats features each make the output_channels-wide positional encoding
         num_pos_feats=output_channels // 2,
         initializer_range=0.02,  # the default 1e-10 makes random tiny models output constants
     )

@@ -60,6 +60,7 @@ def sam2_config(model_type: str = "sam2_hiera_tiny") -> Sam2Config:
         raise ValueError(f"model_type must be one of {', '.join(SAM2_SIZES)}, got {model_type!r}")
     backbone = _hiera(**HIERA_SIZES[model_type])
     vision = Sam2VisionConfig(
+        # the neck reads the stage widths lowest resolution (widest) first
         backbone_config=backbone, backbone_channel_list=list(reversed(backbone.embed_dim_per_stage))
     )
     return Sam2Config(vision_config=vision)
@@ -81,9 +82,11 @@ def tiny_sam2_config(hidden_size: int = 16, image_size: int = 256, fpn_hidden_si
     vision = Sam2VisionConfig(
         backbone_config=backbone,
         backbone_channel_list=list(reversed(backbone.embed_dim_per_stage)),
+        # the three highest-resolution levels (strides 4, 8, 16): the decoder's image embedding (16) and its skips
         backbone_feature_sizes=[[image_size // (stride * 2**i)] * 2 for i in range(3)],
         fpn_hidden_size=fpn_hidden_size,
     )
+    # the prompt encoder's and mask decoder's width is the FPN's: they read its output
     prompt = Sam2PromptEncoderConfig(hidden_size=fpn_hidden_size, image_size=image_size, mask_input_channels=4)
     decoder = Sam2MaskDecoderConfig(
         hidden_size=fpn_hidden_size, mlp_dim=2 * fpn_hidden_size, num_attention_heads=2,

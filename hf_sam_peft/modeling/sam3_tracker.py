@@ -29,10 +29,12 @@ def tiny_sam3_tracker_config(hidden_size: int = 64, num_hidden_layers: int = 2, 
     grid = image_size // patch
     backbone = Sam3ViTConfig(
         hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_hidden_layers,
+        # half the grid: the windowed block runs 2 x 2 whole windows (16 / 8) beside the global one
         num_attention_heads=2, image_size=image_size, patch_size=patch, window_size=grid // 2,
         global_attn_indexes=[num_hidden_layers - 1], pretrain_image_size=image_size,
     )
     vision = Sam3VisionConfig(
+        # 4x, 2x and 1x the ViT grid, highest resolution first: the tracker's three levels (strides 3.5, 7 and 14)
         backbone_config=backbone, fpn_hidden_size=fpn_hidden_size, scale_factors=[4.0, 2.0, 1.0],
         backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2],
     )

@@ -84,6 +84,8 @@ class LiteSamVisionConfig(PreTrainedConfig):
         for dim, heads in zip(self.embed_dims[1:], self.num_heads[1:]):
             if dim % heads:
                 raise ValueError(f"num_heads must divide embed_dims per stage, got {heads} heads for width {dim}")
+        # SAM's Fourier positional encoding concatenates sin and cos of num_pos_feats features each: the decoder adds it
+        # to the image embedding, so it must be output_channels wide
         if 2 * self.num_pos_feats != self.output_channels:
             raise ValueError(
                 f"num_pos_feats must be output_channels // 2 = {self.output_channels // 2}, got {self.num_pos_feats}"
@@ -97,6 +99,7 @@ class LiteSamVisionConfig(PreTrainedConfig):
             side = _conv_output_size(side, self.patch_embed_kernel_size, self.patch_embed_stride)
         sides = [side]
         for stride in self.downsample_strides:
+            # 3: the size of PatchMerging's strided depthwise convolution (conv2)
             sides.append(_conv_output_size(sides[-1], 3, stride))
         return sides
 
@@ -107,6 +110,7 @@ class LiteSamVisionConfig(PreTrainedConfig):
 
 
 def _conv_output_size(size: int, kernel: int, stride: int) -> int:
+    # padding kernel // 2, as Conv2dBN pads
     return (size + 2 * (kernel // 2) - kernel) // stride + 1
 
 
@@ -121,6 +125,7 @@ class Conv2dBN(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, groups: int = 1):
         super().__init__()
         self.add_module(
+            # no bias: the BatchNorm's shift that follows would absorb it (and the original has none)
             "c", nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         )
         self.add_module("bn", nn.BatchNorm2d(out_channels))
@@ -137,6 +142,7 @@ class DropPath(nn.Module):
         if not self.training or self.drop_prob == 0.0:
             return x
         keep = 1.0 - self.drop_prob
+        # one draw per sample, broadcast over the rest; dividing by `keep` keeps the expectation (no rescale in eval)
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
 
@@ -194,10 +200,13 @@ class PatchMerging(nn.Module):
         self.resolution = resolution
         self.act = ACT2FN[config.hidden_act]
         self.conv1 = Conv2dBN(dim, out_dim)
+        # `stride` from the config: the original tiny_vit_sam.py's PatchMerging hard-codes stride 1 when out_dim is 320,
+        # 448 or 576 (each TinyViT size's last stage), else 2; LiteMedSAM's (2, 2, 1) is that rule spelled out
         self.conv2 = Conv2dBN(out_dim, out_dim, 3, stride, groups=out_dim)
         self.conv3 = Conv2dBN(out_dim, out_dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # tokens (B, H*W, C) after attention stages; stage 0's MBConv blocks hand over maps (B, C, H, W)
         if hidden_states.ndim == 3:
             batch = hidden_states.shape[0]
             hidden_states = hidden_states.view(batch, self.resolution, self.resolution, -1).permute(0, 3, 1, 2)
@@ -223,6 +232,7 @@ class TinyViTMlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
+# cached per (window, device): only the integer index, which never changes; the bias itself is gathered per forward
 @functools.lru_cache(maxsize=32)
 def _relative_offset_index(window: int, device: torch.device) -> torch.Tensor:
     """(N, N) index into the per-offset bias table: |dy| * window + |dx| for N = window² tokens.
@@ -251,6 +261,7 @@ class TinyViTAttention(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # one entry per (|dy|, |dx|) offset, each 0..window-1: window² entries, the original's table size
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
 
     def attention_bias(self) -> torch.Tensor:
@@ -261,8 +272,13 @@ class TinyViTAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = hidden_states.shape
         qkv = self.qkv(self.norm(hidden_states))
+        # dim 2 is q/k/v, then heads: the [q | k | v] row order (SamVisionAttention reshapes its qkv the same way); the
+        # original splits view(B, N, heads, 3 * d) per head instead, hence the row permutation on load
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # SDPA wants a float mask in the query's dtype (bf16 under autocast; the table is a float32 parameter)
         bias = self.attention_bias().to(q.dtype)
+        # SDPA's default scale head_dim**-0.5 is the original's key_dim**-0.5 (TinyViTBlock builds Attention with
+        # key_dim = head_dim, attn_ratio=1); the (heads, N, N) bias broadcasts over batch * windows
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, -1))
 
@@ -288,8 +304,11 @@ class TinyViTBlock(GradientCheckpointingLayer):
         padded = math.ceil(side / window) * window
         x = hidden_states.view(batch, side, side, channels)
         if padded != side:
+            # F.pad's pairs run from the last dim: channels untouched, then right (W) and bottom (H) padding
             x = F.pad(x, (0, 0, 0, padded - side, 0, padded - side))
         n = padded // window
+        # (B, rows, w, cols, w, C) -> (B, rows, cols, w, w, C): windows row-major, tokens row-major within each window,
+        # the order _relative_offset_index assumes
         x = x.view(batch, n, window, n, window, channels).transpose(2, 3).reshape(-1, window * window, channels)
         x = self.attn(x)
         x = x.view(batch, n, n, window, window, channels).transpose(2, 3).reshape(batch, padded, padded, channels)
@@ -301,6 +320,7 @@ class TinyViTBlock(GradientCheckpointingLayer):
             raise ValueError(f"TinyViTBlock expects {self.resolution}² tokens, got {tokens} (wrong image size?)")
         x = hidden_states + self.drop_path(self._windowed_attention(hidden_states))
         x = x.transpose(1, 2).reshape(batch, channels, self.resolution, self.resolution)
+        # no residual around the depthwise conv, as the original TinyViTBlock
         x = self.local_conv(x).view(batch, channels, tokens).transpose(1, 2)
         return x + self.drop_path(self.mlp(x))
 
@@ -351,6 +371,8 @@ class TinyViTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """TinyViT's initialisation: Linear truncated normal (std `initializer_range`), zero biases and
         attention bias tables, unit norms; the last BatchNorm of each MBConv starts at zero (identity block)."""
+        # transformers.initialization, not torch.nn.init: its functions skip tensors flagged as loaded
+        # (`_is_hf_initialized`), so from_pretrained never re-initialises checkpoint weights
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std)
@@ -381,6 +403,7 @@ class TinyViTVisionEncoder(TinyViTPreTrainedModel):
         self.image_size = config.image_size
         self.patch_embed = PatchEmbed(config)
         resolutions = config.stage_resolutions()
+        # device="cpu": converters build this model under `torch.device("meta")`, where .tolist() would fail
         rates = torch.linspace(0, float(config.drop_path_rate), sum(config.depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(config.embed_dims, config.depths)):
@@ -409,6 +432,7 @@ class TinyViTVisionEncoder(TinyViTPreTrainedModel):
         if mode and self.config.freeze_batch_norm:
             for module in self.modules():
                 if isinstance(module, nn.BatchNorm2d):
+                    # after super().train(mode): that call would set every BatchNorm back to training mode
                     module.eval()
         return self
 
@@ -434,13 +458,16 @@ class TinyViTVisionEncoder(TinyViTPreTrainedModel):
             output, hidden_states = stage(hidden_states)
             stage_outputs.append(output)
         side = self.config.embedding_size
+        # the last stage has no PatchMerging, so hidden_states are its tokens (B, s*s, C); the neck wants (B, C, s, s)
         embedding = hidden_states.view(hidden_states.shape[0], side, side, -1).permute(0, 3, 1, 2)
         embedding = self.neck(embedding)
         all_hidden = None
         if output_hidden_states:
+            # stage 0 (MBConv) outputs maps (B, C, H, W), the attention stages tokens: both made (B, h, w, C)
             all_hidden = (stage_outputs[0].permute(0, 2, 3, 1),) + tuple(
                 out.view(out.shape[0], r, r, -1) for out, r in zip(stage_outputs[1:], self.config.stage_resolutions()[1:])
             )
         if return_dict is False:
+            # transformers' tuple convention: None entries are left out
             return tuple(v for v in (embedding, all_hidden) if v is not None)
         return SamVisionEncoderOutput(last_hidden_state=embedding, hidden_states=all_hidden)

@@ -78,10 +78,13 @@ class UNETRConfig:
     def __post_init__(self) -> None:
         if self.frame not in ("pad", "square"):
             raise ValueError(f"frame must be 'pad' or 'square', got {self.frame!r}")
+        # a JSON round trip gives a list: back to a tuple, so a loaded config equals the one saved
         self.features = tuple(int(f) for f in self.features)
         if self.upsampling not in UPSAMPLING_MODES:
             raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {self.upsampling!r}")
         f = self.features
+        # non-increasing: each pseudo-skip (features[i]) is cropped down to the upsampled tensor it joins
+        # (features[i + 1]), which needs it at least as wide
         if len(f) != 4 or any(c <= 0 for c in f) or any(a < b for a, b in zip(f, f[1:])):
             raise ValueError(f"features must be 4 positive, non-increasing channel counts, got {f}")
         for name in ("embed_dim", "out_channels"):
@@ -112,6 +115,7 @@ class _TransposedUpsample(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
+        # torch_em's SingleDeconv2DBlock (unetr.py), key `block`
         self.block = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +130,7 @@ class _InterpolateUpsample(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch_em's Upsampler2d (unet.py): interpolate, then the 1x1 conv; key `conv` as there
         return self.conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
 
 
@@ -152,6 +157,7 @@ class ConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.block = nn.Sequential(
+            # InstanceNorm2d's default affine=False: no parameters, as torch_em's get_norm_layer("InstanceNorm")
             nn.InstanceNorm2d(in_channels),
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
@@ -170,6 +176,7 @@ class UpBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, upsampling: str) -> None:
         super().__init__()
         self.block = nn.Sequential(
+            # torch_em's Deconv2DBlock (unetr.py): keys block.0 (upsampler), block.1.block (conv), block.2 (BatchNorm)
             _upsample(upsampling, in_channels, out_channels),
             _Conv3x3(out_channels, out_channels),
             nn.BatchNorm2d(out_channels),
@@ -184,6 +191,8 @@ def _centre_channels(skip: torch.Tensor, channels: int) -> torch.Tensor:
     """The middle `channels` channels of `skip` (the reference crops skips to the upsampled tensor's shape,
     channels included: with features (512, 256, 128, 64) each pseudo-skip has twice the channels of the
     tensor it joins, and only its middle half reaches the ConvBlock)."""
+    # as torch_em's Decoder._crop (unet.py), whose slice(d, n - d) is one channel wider when n - channels is odd
+    # (a shape mismatch there); here always exactly `channels` (the reference's features give even differences)
     start = (skip.shape[1] - channels) // 2
     return skip[:, start : start + channels]
 
@@ -212,6 +221,8 @@ def sam_resized_shape(original_shape: Sequence[int], image_size: int) -> tuple[i
     """Shape after SAM's resize of the longest side to `image_size` (before padding to a square)."""
     h, w = _as_shape(original_shape, "original_shape")
     scale = image_size / max(h, w)
+    # round half up, as torch_em's UNETRBase.get_preprocess_shape: the crop must match the preprocessing's resize
+    # to the pixel
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
@@ -268,12 +279,14 @@ class UNETRDecoder(nn.Module):
                 f"image_embeddings must have {self.config.embed_dim} channels, got {image_embeddings.shape[1]}"
             )
         z = image_embeddings
+        # torch_em's UNETR.forward without skip connections: the chain z9 -> z6 -> z3 -> z0 all grows from the embedding
         skip1 = self.deconv1(z)
         skip2 = self.deconv2(skip1)
         skip3 = self.deconv3(skip2)
         skip4 = self.deconv4(skip3)
 
         x = self.decoder(self.base(z), [skip1, skip2, skip3])
+        # skip4 (the 16x level) is concatenated whole: deconv_out keeps features[-1] channels, so no crop is needed
         x = self.decoder_head(torch.cat([self.deconv_out(x), skip4], dim=1))
         x = self.out_conv(x)
         if self.config.sigmoid:
@@ -286,13 +299,17 @@ class UNETRDecoder(nn.Module):
         """Square output → crop of the un-padded input → original size."""
         size = self.config.image_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
+            # torch_em's UNETRBase.postprocess_masks resizes to img_size unconditionally; skipping the identity resize
+            # only saves work (bilinear to the same size returns the same values)
             x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
         if input_shape is None and original_shape is not None and self.config.frame == "pad":
+            # the padded square's side is the output's side here (after the resize above)
             input_shape = sam_resized_shape(original_shape, max(x.shape[-2:]))
         if input_shape is not None:
             h, w = _as_shape(input_shape, "input_shape")
             if h > x.shape[-2] or w > x.shape[-1]:
                 raise ValueError(f"input_shape {(h, w)} exceeds the decoder output {tuple(x.shape[-2:])}")
+            # SAM pads at the bottom and right, so the image is the top-left h x w
             x = x[..., :h, :w]
         if original_shape is not None:
             target = _as_shape(original_shape, "original_shape")
@@ -311,6 +328,8 @@ def save_unetr(decoder: UNETRDecoder, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+    # each file is replaced atomically on its own, not the pair: a failure between the two writes leaves the
+    # previous config beside the new weights
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     text = json.dumps(decoder.config.to_dict(), indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
@@ -324,7 +343,9 @@ def load_unetr(directory: str | os.PathLike, device: str | torch.device = "cpu")
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{directory} must contain {CONFIG_NAME} and {WEIGHTS_NAME}")
     decoder = UNETRDecoder(UNETRConfig.from_dict(json.loads(config_path.read_text())))
+    # strict by default: a missing or extra key (or a config that does not fit the weights) raises here
     decoder.load_state_dict(load_file(str(weights_path), device=str(device)))
+    # load_state_dict copies into the freshly built CPU tensors; the module moves to `device` only here
     return decoder.to(device)
 
 
@@ -366,6 +387,7 @@ def attach_unetr(
     )  # 4-bit encoders hold uint8 weights: take device/dtype from a float parameter
     if reference is not None:
         decoder.to(device=reference.device, dtype=reference.dtype)
+    # a registered submodule: it is in model.state_dict() and peft's modules_to_save can name it
     setattr(model, ATTRIBUTE_NAME, decoder)
     return decoder
 
@@ -384,6 +406,7 @@ def predict_distances(
     from hf_sam_peft.sam_forward.forward import encode_images
     from hf_sam_peft.sam_forward.kinds import main_embedding
 
+    # under peft, base.unetr_decoder is the ModulesToSaveWrapper, which runs the active adapter's trained copy
     base = _base_model(model)
     if not hasattr(base, ATTRIBUTE_NAME):
         raise ValueError("model has no UNETR decoder: call attach_unetr(model) first")
