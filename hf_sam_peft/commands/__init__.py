@@ -8,6 +8,8 @@ import argparse
 def add_resize_argument(parser: argparse.ArgumentParser) -> None:
     """``--resize [SIZE]`` of ``evaluate`` and ``segment`` (read by
     :func:`hf_sam_peft.evaluation.resized.resized_if`)."""
+    # three states: absent -> None (no resizing), bare --resize -> 0 (resized_if reads 0 as the model's own input
+    # size, which is only known once the model is loaded), --resize N -> N px
     parser.add_argument(
         "--resize", nargs="?", type=int, const=0, default=None, metavar="SIZE",
         help="feed each image whole, longest side resized to SIZE (default: the model's input size) and padded, "
@@ -33,6 +35,8 @@ def data_layout(root, split: str = "train", requested: str | None = None, flag: 
     # lazy: kept off the CLI start-up path (every command module is imported to build --help)
     from ..data import iter_rows
 
+    # min_size=0: small objects count towards the statistics (DataOptions' default 25 would drop them); "semantic"
+    # keeps the stored label values, which choose_layout counts ("instances" would split each into its regions)
     rows = list(iter_rows(root, split, min_size=0, label_mode="semantic", max_images=LAYOUT_PROBE_IMAGES))
     return choose_layout(rows)
 
@@ -40,6 +44,7 @@ def data_layout(root, split: str = "train", requested: str | None = None, flag: 
 def layout_reason(layout) -> str:
     """The data statistics behind a chosen layout, without the demo's own flag hint (``--tiles`` is the demo's
     option; each command names its own)."""
+    # choose_layout's reason is "<statistics>: <verdict>; --tiles/--resize to ...": the part after ';' is the hint
     return layout.reason.split(";")[0]
 
 
@@ -57,6 +62,7 @@ def scoring_layout(data, split: str, chosen: bool, adapter: str | None = None) -
     from ..data.recipes import check_data_folder
     from ..hub.provenance import recorded_resize_inputs
 
+    # checked even when the user chose: a missing split is an error either way, and better before the model loads
     splits = check_data_folder(data, (split,))
     if chosen:
         return False, None
@@ -66,6 +72,7 @@ def scoring_layout(data, split: str, chosen: bool, adapter: str | None = None) -
         served = "resized whole images" if recorded else "patches"
         return recorded, (f"data layout: the adapter was trained on {served} (resize_inputs in its provenance): {what}; "
                           "--resize or --label-mode to choose")
+    # a test-only folder gives no training statistics to decide from: the older default (whole images, per object)
     if "train" not in splits:
         return False, None
     layout = data_layout(data)

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401  (lazy: optional dependency, the `app` extra; its absence gives INSTALL_HINT)
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
+    # checked here, before loading the models (slow), rather than left to Gradio's bind after it
     if args.port is not None and not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
 
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..app.ui import launch
     from ..evaluation.predictor import load_base
 
+    # an adapter only fits the base (size) it was trained on, so the first adapter's record beats the default
     base = args.base or (recorded_base(args.adapter[0]) if args.adapter else None) or "lite_medsam"
     print(f"loading base model {base!r} and {len(args.adapter)} adapter(s) ...", flush=True)
     bank = ModelBank(load_base(base, args.device), args.adapter)

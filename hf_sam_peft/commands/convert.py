@@ -112,8 +112,12 @@ def run(args: argparse.Namespace) -> int:
     from hf_sam_peft.modeling.convert import convert_checkpoint
     from hf_sam_peft.modeling.convert_sam2 import convert_sam2_checkpoint
 
+    # the converters warn about what they leave out (a UNETR decoder, SAM 2's video memory, odd normalisation);
+    # recorded and printed as plain notes, without Python's file:line prefix; "always" so none is deduplicated
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
+        # --config is SAM 2 only and only convert_sam2_checkpoint takes it; --decoder-heads goes on as None there so
+        # the config's head count stands, while convert_checkpoint needs the number (8: SAM's and SAM 2's)
         if args.config is not None:
             model = convert_sam2_checkpoint(
                 args.checkpoint, args.out_dir, args.model_type, config=args.config,
@@ -156,6 +160,7 @@ def run_export(args: argparse.Namespace) -> int:
     from hf_sam_peft.modeling.convert_sam2 import SAM2_LAYOUT, export_sam2_checkpoint
 
     model = _load_model(args.model, args.base)
+    # searched among the modules: an adapter comes back as a PeftModel around the base, not the Sam2Model itself
     is_sam2 = any(isinstance(module, Sam2Model) for module in model.modules())
     if args.memory_from is not None and not is_sam2:
         raise ValueError(f"--memory-from is for SAM 2 models, but {args.model!r} is not one")
@@ -166,6 +171,7 @@ def run_export(args: argparse.Namespace) -> int:
         else:
             path, name = export_checkpoint(model, args.output, overwrite=args.overwrite)
             layout = EXPORT_LAYOUTS[name]
+    # e.g. an unmergeable method, or weights the layout has no key for; _one_line keeps the CLI error one line
     except (ValueError, TypeError) as error:
         raise ValueError(f"cannot export {args.model!r}: {_one_line(error)}") from None
     print(f"exported {args.model} -> {path} ({layout})")
@@ -186,6 +192,8 @@ def _load_model(model: str, base: str | None):
     from hf_sam_peft.modeling.base_models import load_base_model
 
     folder = Path(model)
+    # a full fine-tuning folder has no adapter_config.json but does have hf_sam_peft.json: it goes through
+    # from_pretrained too, which also restores its UNETR decoder and recorded point_multimask
     is_adapter = folder.is_dir() and (
         (folder / ADAPTER_CONFIG_NAME).is_file() or (folder / PROVENANCE_NAME).is_file()
     )
@@ -213,5 +221,6 @@ def _load_model(model: str, base: str | None):
     except ImportError as error:  # e.g. the LiteMedSAM base without its wheel: the install command
         raise ImportError(f"cannot export {model!r}: {_one_line(error)}") from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        # from_pretrained's messages name its Python keyword; the CLI user's spelling of it is --base
         message = _one_line(error).replace("pass base_model=", "pass --base")
         raise ValueError(f"cannot export adapter {model!r}: {message}") from None

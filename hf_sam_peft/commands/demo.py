@@ -10,6 +10,7 @@ from ..methods import METHOD_NAMES
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..demo import DemoConfig
 
+    # the help's defaults are read from DemoConfig, so the CLI and the Python API cannot drift apart
     defaults = DemoConfig.__dataclass_fields__
     parser = subparsers.add_parser(
         "demo",
@@ -103,8 +104,10 @@ def contention_note(seconds: dict[str, float], threads: int) -> str | None:
     worst = None
     for name in ("evaluate_base", "evaluate_tuned"):
         wall, cpu = seconds.get(name), seconds.get(f"{name}_cpu")
+        # a run under a second is too short for its CPU/wall ratio to say anything about contention
         if wall and cpu is not None and wall > 1.0:
             share = cpu / wall
+            # the lower share of the two is named: that evaluation's time is the least trustworthy
             if share < 0.6 * threads and (worst is None or share < worst[1]):
                 worst = (name, share)
     if worst is None:

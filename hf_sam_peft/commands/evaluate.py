@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="results file to write or update (.csv or .json)")
     parser.add_argument("--dataset", help="dataset name in the table (default: the data folder's name)")
     parser.add_argument("--method", help="method name in the table (default: the adapter's peft type, or 'base')")
+    # 7: micro-sam's run_inference_with_iterative_prompting (micro_sam/evaluation/inference.py) runs n_iterations=8,
+    # the first prompt and 7 corrections
     parser.add_argument("--n-corrections", type=int, default=7, help="correction rounds after the first prompt (default: 7)")
     parser.add_argument("--seed", type=int, default=0, help="prompt sampling seed (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="objects per mask-decoder call (default: 16)")
@@ -94,6 +96,7 @@ def _stamp(path: str | None) -> Any:
     other weights or data is never taken for this one's; a Hub id or name as it is."""
     if path is None or not Path(path).exists():
         return path
+    # sizes and mtimes, not content hashes: hashing would read every byte (gigabytes for a vit_h) on every run
     root = Path(path).resolve()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     return [str(root)] + [[p.relative_to(root).as_posix() if p != root else "", p.stat().st_size, p.stat().st_mtime_ns]
@@ -102,6 +105,7 @@ def _stamp(path: str | None) -> Any:
 
 def journal_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything an evaluation's per-image results depend on (the key of its ImageJournal)."""
+    # the grid-search split changes the AIS parameters and so every AIS result: its files are part of the key too
     splits = [args.split] + ([args.grid_search_split] if args.grid_search_split else [])
     return {
         "base": _stamp(args.base), "adapter": _stamp(args.adapter),
@@ -116,6 +120,7 @@ def journal_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _details(result: dict[str, Any] | None) -> dict[str, Any] | None:
     if result is None:
         return None
+    # the segmentations are label images (numpy arrays): too large for the results file and not JSON
     return {k: v for k, v in result.items() if k != "segmentations"}
 
 
@@ -147,10 +152,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if line is not None:
         print(line)
+    # resize 0: the model's own input size (resized_if); medical data is scored per class, by Dice unless --metric
     if resize:
         args.resize, args.label_mode, args.metric = 0, "semantic", args.metric or ["dice"]
+    # defaulted only now: scoring_layout above reads a None label_mode as "the user did not choose"
     args.label_mode = args.label_mode or "instances"
     # finished images are kept beside the table as they come: a crash or a full disk loses at most one image
+    # keyed after the layout is resolved: on the label_mode / resize the per-image results were computed with
     journal = ImageJournal(args.out, journal_settings(args)) if args.out is not None else None
     model = load_model(args.base, args.adapter, device=args.device)
     rows = _rows(args, args.split)
@@ -162,6 +170,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         predictor = resized_if(SamPredictor(model, bf16=args.bf16), args.resize, image_size_of(model))
         interactive = evaluate_interactive(
             predictor, rows, n_corrections=args.n_corrections, seed=args.seed, batch_size=args.batch_size,
+            # without --out there is no journal: done / on_image are None (score every image, record nothing)
             progress=progress, done=journal and journal.done("interactive"),
             on_image=journal and journal.callback("interactive"),
         )
@@ -181,7 +190,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     table = ResultsTable()
     table.add_evaluation(
         dataset, args.method or method_name(args.adapter), args.adapter or "", interactive, ais,
-        metrics=tuple(dict.fromkeys(args.metric or ["msa"])),
+        metrics=tuple(dict.fromkeys(args.metric or ["msa"])),  # a repeated --metric once, in the order given
     )
     if args.out is not None:
         out = Path(args.out)
@@ -191,6 +200,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             "interactive": _details(interactive), "ais": _details(ais), "resize": args.resize,
         }
         merged.write(out, details=details)
+        # only after the table is written: until then the journal is the only copy of the finished images
         journal.remove()
     print(table.format())
     if interactive is not None:

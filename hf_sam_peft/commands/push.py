@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def hub_offline() -> bool:
     """Whether huggingface_hub is in offline mode (HF_HUB_OFFLINE, read now or when it was imported)."""
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: the environment is read again for a later change
     value = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
     return bool(constants.HF_HUB_OFFLINE) or value in {"1", "ON", "YES", "TRUE"}
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if args.dry_run:
+        # the very folder a real push would upload, built in a throwaway place: ADAPTER_DIR is never written to
         with tempfile.TemporaryDirectory(prefix="hf_sam_peft_push_") as tmp:
             files = prepare_upload(args.adapter_dir, args.repo_id, tmp, base_model=args.base)
             print((Path(tmp) / CARD_NAME).read_text(encoding="utf-8"))
@@ -81,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
             announce=lambda folder, files: list_upload(folder, files, "uploading", args.repo_id),
         )
     except Exception as exc:
+        # offline, huggingface_hub fails with OfflineModeIsEnabled or with a plain OSError (e.g. a cache miss, a
+        # LocalEntryNotFoundError, while fetching the base to count parameters): both name the switch as the cause
         if isinstance(exc, OfflineModeIsEnabled) or (hub_offline() and isinstance(exc, OSError)):
             raise ValueError(
                 f"cannot upload {args.adapter_dir} to {args.repo_id}: the Hub is switched off (HF_HUB_OFFLINE=1); "

@@ -49,11 +49,12 @@ def format_listing() -> str:
 
     lines = []
     for kind, names in list_recipes().items():
-        if not names:
+        if not names:  # an installation without that kind's folder: no empty heading
             continue
         width = max(len(n) for n in names)
         lines.append(USES[kind])
         for name in names:
+            # rstrip: a recipe without a description would leave the padding as trailing spaces
             lines.append(f"  {name.ljust(width)}  {recipe_summary(find_any_recipe(name))}".rstrip())
         lines.append("")
     lines.append(f"(in {RECIPES_DIR}; copy one: hf-sam-peft recipes show NAME > my.yaml)")
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action is None:
         print(format_listing())
     elif args.action == "show":
+        # end="": the file's own last newline is kept as is, so `show NAME > my.yaml` is a byte-for-byte copy
         print(find_any_recipe(args.name).read_text(encoding="utf-8"), end="")
     else:
         print(find_any_recipe(args.name))

@@ -60,6 +60,7 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
         if not sep or key not in DEFAULT_WATERSHED:
             raise ValueError(f"--param must be KEY=VALUE with KEY in {sorted(DEFAULT_WATERSHED)}, got {item!r}")
         try:
+            # min_size is a pixel count; the other watershed parameters are thresholds and smoothing sigmas
             params[key] = int(value) if key == "min_size" else float(value)
         except ValueError:
             raise ValueError(f"--param {key} needs a number, got {value!r}") from None
@@ -71,6 +72,7 @@ def _load_2d(path: str, labels: bool = False, shape: tuple[int, ...] | None = No
     from ..data import load_image, load_labels
 
     array = load_labels(path) if labels else load_image(path, spatial_shape=shape)
+    # an image may be grey (H x W) or RGB (H x W x 3, channel-last after load_image); labels only H x W
     is_2d = array.ndim == 2 or (not labels and array.ndim == 3 and array.shape[-1] == 3)
     if not is_2d:
         kind = "label image" if labels else "image"
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if line is not None:
             print(line)
         if resize:
-            args.resize = 0
+            args.resize = 0  # 0: the model's own input size (resized_if)
         pairs = find_pairs(args.data, args.split)
         args.images, args.labels = [str(p.image_path) for p in pairs], [str(p.label_path) for p in pairs]
     elif not args.images:
@@ -115,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if args.labels is not None and len(args.labels) != len(args.images):
         raise ValueError(f"--boxes-from needs one label image per image: got {len(args.labels)} for {len(args.images)} images")
     params = _parse_params(args.param)
+    # outputs are named by stem: two inputs with one stem (a/x.png, b/x.tif) would write the same files; checked
+    # before the model loads
     stems: set[str] = set()
     for image_path in args.images:
         stem = file_id(image_path)  # "x.nii.gz" -> "x", as datasets pair files
@@ -133,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         for index, image_path in enumerate(args.images):
             stem = file_id(image_path)  # "x.nii.gz" -> "x", as datasets pair files
             labels = _load_2d(args.labels[index], labels=True) if args.labels is not None else None
+            # the label shape settles a 3 x H x W file: RGB if the labels are H x W (load_image's spatial_shape)
             image = _load_2d(image_path, shape=None if labels is None else labels.shape)
             if labels is not None and image.shape[:2] != labels.shape:
                 raise ValueError(f"image {image_path} shape {image.shape[:2]} does not match labels shape {labels.shape}")
@@ -144,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 predictions["from boxes"] = segment_from_labels(predictor, image, labels, batch_size=args.batch_size)
                 _write_tif(out / f"{stem}_boxes.tif", predictions["from boxes"])
             save_overlay(out / f"{stem}_overlay.png", image, predictions, ground_truth=labels, title=Path(image_path).name)
+            # count_nonzero over the unique ids: the objects, background 0 not counted
             summary = ", ".join(f"{name}: {np.count_nonzero(np.unique(p))} objects" for name, p in predictions.items())
             print(f"{image_path}: {summary} -> {out / (stem + '_overlay.png')}")
         return 0

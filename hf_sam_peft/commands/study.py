@@ -54,12 +54,15 @@ def run(args: argparse.Namespace) -> int:
     from ..study import load_study, run_study, study_folder
     from ..study.cell import RESULT_NAME
 
+    # find_recipe takes a packaged study name or a path; --methods / --models replace the file's keys before the
+    # grid is expanded, so the cell ids and the saved study.yaml follow them
     spec = load_study(find_recipe(args.study, "studies"), methods=args.methods, models=args.models)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive number, got {args.threads}")
     if args.list:
         folder = study_folder(spec, args.output_dir)
         for cell in spec.cells():
+            # the result file is written last and atomically by a cell: its presence is what "finished" means
             done = (folder / "cells" / cell.cell_id / RESULT_NAME).is_file()
             print(f"{'done' if done else 'todo'}  {cell.cell_id}")
         return 0
@@ -72,4 +75,4 @@ def run(args: argparse.Namespace) -> int:
     for cell_id, message in result.failed.items():
         print(f"  FAILED {cell_id}: {message}")
     print("tables and plots: " + ", ".join(str(p) for p in result.files.values()))
-    return 1 if result.failed else 0
+    return 1 if result.failed else 0  # a failed cell makes the exit status non-zero: scripts and CI notice it

@@ -25,6 +25,7 @@ DEFAULT_LICENSE = "apache-2.0"  # SAM's own licence; pass license= when the trai
 def _cell(value: Any, code: bool = False) -> str:
     """A table cell: floats to 4 significant digits, ints with thousands separators; `code` puts strings in
     backticks (regexes and names then show as written, not as markdown)."""
+    # bool first: it is an int subclass, and True would otherwise print as "1"
     if isinstance(value, bool) or value is None:
         text = str(value)
     elif isinstance(value, float):
@@ -34,7 +35,8 @@ def _cell(value: Any, code: bool = False) -> str:
     elif isinstance(value, str):
         text = f"`{value}`" if code and value else value
     else:
-        text = f"`{json.dumps(value)}`"
+        text = f"`{json.dumps(value)}`"  # lists / dicts (e.g. target_modules) as JSON, not Python's repr
+    # a bare | would split the cell and a newline end the table row
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -73,6 +75,7 @@ def _training_data_text(data: Any) -> str:
 
 def _is_hub_id(name: str | None) -> bool:
     """Whether `name` reads as a Hub repo id ("org/name") rather than a local path or a model name."""
+    # an existing relative path such as "runs/base" has the shape of an id too: the existence check rules it out
     if not name or name.count("/") != 1 or os.path.exists(name) or name.startswith((".", "/")):
         return False
     try:
@@ -95,6 +98,7 @@ def _alternative_text(
             f'```python\nfrom transformers import {model_class}\n\nmodel = {model_class}.from_pretrained("{repo_id}")\n```'
         )
     elif method in ("lora", "qlora"):
+        # nf4: quantize_image_encoder's own default, for an adapter whose provenance records no quant_type
         quantize = f'hf_sam_peft.quantize_image_encoder(base, quant_type="{quant_type or "nf4"}")\n'
         text = (
             "peft does not record that this LoRA adapts only the q and v slices of the fused `qkv` projections, "
@@ -139,6 +143,7 @@ def render_card(provenance: Mapping[str, Any], repo_id: str, template: str | os.
     method = provenance["method"]
     title = provenance.get("method_title") or method
     base = provenance.get("base_model")
+    # the Hub picks the "use this model" snippet by library_name: full_ft is a plain transformers model folder
     front = ModelCardData(
         library_name="transformers" if method == "full_ft" else "peft",
         base_model=base if _is_hub_id(base) else None,  # the Hub only accepts repo ids here
@@ -148,6 +153,7 @@ def render_card(provenance: Mapping[str, Any], repo_id: str, template: str | os.
     ).to_yaml()
 
     hyper = provenance.get("hyperparameters") or {}
+    # a method outside METHODS (peft_lora: peft's own LoRA, or any method= given by hand) renders without a kind
     paper = METHODS[method] if method in METHODS else None
     method_text = f"**{title}**" + (f" ({paper.kind} fine-tuning of the image encoder)" if paper else "")
     method_text += "; the prompt encoder and mask decoder are trained in full and saved with the adapter."
@@ -213,7 +219,9 @@ def render_card(provenance: Mapping[str, Any], repo_id: str, template: str | os.
             model_class,
         ),
         "file_list": "\n".join(f"- `{f}`" for f in files) if files else "- see the repository",
+        # the version that wrote the adapter, not this one: a card re-rendered for push keeps its origin
         "version": provenance.get("hf_sam_peft_version", _version()),
     }
     text = Path(template).read_text(encoding="utf-8") if template is not None else _template_path().read_text("utf-8")
+    # substitute, not safe_substitute: a placeholder the values lack is a KeyError, never a "$name" in a card
     return string.Template(text).substitute(values)

@@ -47,6 +47,8 @@ def resolve_adapter_folder(adapter_id: str | os.PathLike, hub_kwargs: dict[str, 
     A local folder that a kill left half-replaced (only in its hidden ``.old`` copy) is put back first
     (:func:`hf_sam_peft.atomic.recover_folder`).
     """
+    # before the isdir test: killed mid-replacement, the folder exists only as its backup; for a Hub id ("org/name",
+    # no local "org/") this does nothing
     recover_folder(adapter_id)
     if os.path.isdir(adapter_id):
         return Path(adapter_id)
@@ -58,6 +60,7 @@ def resolve_adapter_folder(adapter_id: str | os.PathLike, hub_kwargs: dict[str, 
     )
 
     try:
+        # only an adapter repo's own files: whatever else a repo holds (optimizer states, logs) is not fetched
         return Path(snapshot_download(str(adapter_id), allow_patterns=list(REPO_FILES), **hub_kwargs))
     except HFValidationError:
         raise FileNotFoundError(f"adapter {str(adapter_id)!r} is neither a local folder nor a Hub repo id") from None
@@ -83,6 +86,8 @@ def _load_base(base_id: str, hub_kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _check_size(adapter_id: str, provenance: Mapping[str, Any], base: nn.Module) -> None:
+    # only the fields the adapter recorded are compared (an older record with fewer still checks those); a field
+    # the base lacks reads as None and so differs
     saved = provenance.get("base_model_size") or {}
     current = _size_signature(base)
     for part, fields in saved.items():
@@ -157,6 +162,7 @@ def load_adapter_folder(
     provenance = read_provenance(folder)
     if config is None:
         config = read_adapter_config(str(folder))
+    # the SamModel itself, also when `model` is a PeftModel that already holds other adapters
     sam = unwrap_sam(model)
     _check_size(name, provenance, sam)
     settings = adapter_unetr_settings(folder, config)  # not None: the adapter's weights hold a decoder copy
@@ -166,12 +172,16 @@ def load_adapter_folder(
         # wrap a decoder it finds on the base and look for the copy this adapter does not hold
         config = copy.copy(config)
         config.modules_to_save = [module for module in listed if module != UNETR_ATTRIBUTE]
+    # the unetr/ copy first (it is the complete one, config included); else an empty decoder shaped from the
+    # adapter's weights, for peft to fill; a decoder already on the base is left for peft to wrap
     if own_model and (folder / UNETR_SUBFOLDER / UNETR_CONFIG_NAME).is_file():
         setattr(sam, UNETR_ATTRIBUTE, load_unetr(folder / UNETR_SUBFOLDER, device=_device_of(sam)))
     elif settings is not None and not hasattr(sam, UNETR_ATTRIBUTE):
         attach_unetr(sam, **settings)  # peft fills it from the adapter's copy
     quant_type = recorded_quant_type(provenance)
     if quant_type is not None and _is_quantized(sam) is None:
+        # the adapters already on this encoder were trained on full precision: quantizing under them would change
+        # their outputs
         if isinstance(model, PeftModel):
             raise ValueError(
                 f"adapter {name!r} is QLoRA (trained on a {quant_type} image encoder) but the model's encoder is "
@@ -225,15 +235,18 @@ def from_pretrained(
         if base_model is not None:
             raise ValueError(f"{name!r} is a complete SAM model, not an adapter; drop base_model")
         model = load_base_model(folder)[0]  # SamModel, LiteSamModel or Sam2Model, as its config says
+        # the decoder is not in model.safetensors (save_adapter writes it to unetr/ only)
         if (folder / UNETR_SUBFOLDER / UNETR_CONFIG_NAME).is_file():
             setattr(model, UNETR_ATTRIBUTE, load_unetr(folder / UNETR_SUBFOLDER, device=_device_of(model)))
         set_point_multimask(model, recorded_point_multimask(provenance))
         model.requires_grad_(is_trainable)
+        # requires_grad_ above unfroze everything; SAM's random Fourier basis stays fixed, as it trained
         if is_trainable:
             freeze_positional_basis(model)
         return model.train(is_trainable)
     if base_model is None or isinstance(base_model, (str, os.PathLike)):
         saved = read_json_file(folder / ADAPTER_CONFIG_NAME)
+        # save_adapter writes the same id into both files; an adapter saved by peft alone has only adapter_config's
         base_id = os.fspath(base_model) if base_model is not None else (
             provenance.get("base_model") or saved.get("base_model_name_or_path")
         )

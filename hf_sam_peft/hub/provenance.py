@@ -74,10 +74,12 @@ def _jsonable(value: Any, name: str) -> Any:
         return os.fspath(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
+    # duck-typed rather than isinstance(np.generic): catches numpy scalars and 0-d arrays alike
     if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
         return value.item()  # numpy scalar
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v, name) for k, v in value.items()}
+    # peft stores target_modules as a set: sorted, so the same config always writes the same JSON
     if isinstance(value, (set, frozenset)):
         return sorted(_jsonable(v, name) for v in value)
     if isinstance(value, (list, tuple)):
@@ -90,6 +92,8 @@ def _repo_files(folder: Path) -> list[str]:
     out = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
+        # fnmatchcase: case-sensitive on every OS (fnmatch folds case on Windows); its * also crosses "/", so
+        # "unetr/*" takes the whole subfolder
         if path.is_file() and any(fnmatch.fnmatchcase(rel, pattern) for pattern in REPO_FILES):
             out.append(rel)
     return out
@@ -97,6 +101,7 @@ def _repo_files(folder: Path) -> list[str]:
 
 def _active_adapter(model: PeftModel) -> str:
     name = model.active_adapter
+    # peft gives a list where several adapters are active at once; the first is the one saved and described
     return name if isinstance(name, str) else name[0]
 
 
@@ -118,8 +123,10 @@ def _unetr_of(model: nn.Module) -> UNETRDecoder | None:
 
 def _is_quantized(sam: nn.Module) -> str | None:
     """The 4-bit quant type of the image encoder's Linears (bitsandbytes), or None."""
+    # by class name: bitsandbytes is optional and not imported just to ask
     for module in sam.vision_encoder.modules():
         if type(module).__name__ == "Linear4bit":
+            # "fp4" is bitsandbytes' own default for Params4bit / Linear4bit when the weight records none
             return getattr(module.weight, "quant_type", None) or "fp4"
     return None
 
@@ -130,6 +137,7 @@ def _method_of(model: nn.Module, config: PeftConfig | None) -> str:
         return "full_ft"
     peft_type = str(getattr(config.peft_type, "value", config.peft_type)).lower()
     if peft_type == "lora":
+        # the paper's q/v LoRA registers its layer with LoraConfig._register_custom_module (register_qv_lora)
         if not getattr(config, "_custom_modules", None):
             return "peft_lora"  # peft's own LoRA, not the paper's q/v-only form
         return "qlora" if _is_quantized(unwrap_sam(model)) else "lora"
@@ -141,6 +149,8 @@ def _hyperparameters(method: str, config: PeftConfig | None, model: nn.Module) -
     if config is None:
         return {}
     values = _jsonable(config.to_dict(), "peft config")
+    # a default-constructed config is the reference for "differs"; some cannot be built bare (peft 0.21's
+    # AdaLoraConfig() raises without total_step): then every field counts as set
     try:
         defaults = _jsonable(type(config)().to_dict(), "peft config")
     except (TypeError, ValueError):
@@ -176,6 +186,8 @@ def _trainable_parameters(model: nn.Module) -> tuple[int, int]:
     if trainable or not isinstance(model, PeftModel):
         return trainable, total
 
+    # the saved tensors are the parameters themselves (no copies): matched by storage address, and popped so a
+    # tensor saved under two keys counts once; a saved buffer matches no parameter and counts 0
     sizes = {p.data_ptr(): p.numel() for p in model.parameters()}
     state = get_peft_model_state_dict(model, adapter_name=_active_adapter(model))
     return sum(sizes.pop(t.data_ptr(), 0) for t in state.values()), total
@@ -192,6 +204,7 @@ def describe_model(
     method = method or _method_of(model, config)
     if base_model_id is None:
         base_model_id = (config.base_model_name_or_path if config is not None else None) or None
+        # `or None`: peft and transformers record "" for a model built from a config, which names nothing
         base_model_id = base_model_id or getattr(sam.config, "_name_or_path", None) or None
     if base_model_id is not None and not isinstance(base_model_id, str):
         raise TypeError(f"base_model_id must be a string (Hub id, folder or model name), got {base_model_id!r}")

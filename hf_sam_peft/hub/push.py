@@ -36,12 +36,14 @@ def _upload(folder: Path, repo_id: str, private: bool, token: str | None, commit
         raise ValueError(f"commit_message must be a non-empty string, got {commit_message!r}")
     # looked up on the module at call time, so a replaced huggingface_hub.HfApi (a test's fake) is the one used
     api = api if api is not None else huggingface_hub.HfApi(token=token)
+    # exist_ok: pushing to an existing repo adds a commit (`private` then leaves its visibility as it is)
     repo_url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
     repo_id = getattr(repo_url, "repo_id", None) or repo_id  # the Hub may complete the namespace
     commit = api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model",
-        allow_patterns=list(REPO_FILES),
+        allow_patterns=list(REPO_FILES),  # a second filter, on huggingface_hub's side, over a folder already filtered
     )
+    # upload_folder's CommitInfo names the commit; RepoUrl (itself a str) is the fallback
     return str(getattr(commit, "commit_url", None) or getattr(repo_url, "url", None) or repo_url)
 
 
@@ -60,6 +62,8 @@ def check_upload_files(adapter_dir: str | os.PathLike) -> list[str]:
     root = Path(adapter_dir)
     real_root = root.resolve()
     out = []
+    # followlinks=False: a linked folder is not entered, but os.walk still lists it among `dirs`, where the
+    # lstat below finds and refuses it
     for folder, dirs, files in os.walk(root, followlinks=False):
         for name in sorted(dirs + files):
             path = Path(folder, name)
@@ -123,6 +127,7 @@ def prepare_upload(
         raise FileNotFoundError(f"adapter folder {src} does not exist")
     files = check_upload_files(src)  # before anything is read: only regular files inside the folder
     provenance = read_provenance(src)
+    # no provenance to render a card from: the folder is loaded and saved again, which writes one
     if not provenance:
         model = from_pretrained(src, base_model=base_model)
         save_adapter(model, dest, repo_id=repo_id, overwrite=True)
@@ -131,8 +136,9 @@ def prepare_upload(
         raise ValueError(f"{src} already records its base model in {PROVENANCE_NAME}; drop base_model")
     dest.mkdir(parents=True, exist_ok=True)
     for rel in files:
-        if rel != CARD_NAME:
+        if rel != CARD_NAME:  # the card is re-rendered below, for repo_id
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            # follow_symlinks=False: a file swapped for a link after the check is copied as the link, never its target
             shutil.copy2(src / rel, dest / rel, follow_symlinks=False)
     atomic_write_text(dest / CARD_NAME, render_card(provenance, repo_id))
     return _repo_files(dest)

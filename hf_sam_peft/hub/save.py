@@ -35,11 +35,14 @@ def _save_weights(model: nn.Module, folder: Path, base_model_id: str | None) -> 
     """peft's adapter files (or the whole SamModel for full fine-tuning), without the UNETR decoder copy
     of a plain SamModel (that goes to `unetr/`)."""
     if not isinstance(model, PeftModel):
+        # model.safetensors then holds exactly SamModel's keys: transformers loads it with nothing unexpected
         state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{UNETR_ATTRIBUTE}.")}
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
         return
     adapter = _active_adapter(model)
     config = model.peft_config[adapter]
+    # adapter_config.json is written from the live config: set the base id for the save only, so saving does not
+    # change the model the caller holds
     previous = config.base_model_name_or_path
     config.base_model_name_or_path = base_model_id or previous
     try:
@@ -89,6 +92,7 @@ def save_adapter(
     if not isinstance(license, str) or not license:
         raise ValueError(f"license must be a licence id such as 'apache-2.0', got {license!r}")
     _check_point_multimask(point_multimask)
+    # a loaded adapter carries its recorded value as an attribute (set_point_multimask): re-saving keeps it
     if point_multimask is None:
         point_multimask = getattr(unwrap_sam(model), POINT_MULTIMASK_ATTRIBUTE, None)
     out_dir = Path(out_dir)
@@ -103,11 +107,14 @@ def save_adapter(
     )
     provenance[POINT_MULTIMASK_KEY] = point_multimask
     decoder = _unetr_of(model)
+    # everything goes into a temporary folder renamed over out_dir at the end: a failure leaves the old one whole
     with atomic_folder(out_dir, overwrite) as tmp:
         _save_weights(model, tmp, provenance["base_model"])
         if decoder is not None:
             save_unetr(decoder, tmp / UNETR_SUBFOLDER)
+        # listed before the provenance and card are written (the provenance holds the list), so both are added
         provenance["files"] = sorted({*_repo_files(tmp), PROVENANCE_NAME, CARD_NAME})
         atomic_write_text(tmp / PROVENANCE_NAME, json.dumps(provenance, indent=2) + "\n")
+        # the card is rendered from the very dict just written, so README.md and hf_sam_peft.json cannot disagree
         atomic_write_text(tmp / CARD_NAME, render_card(provenance, repo_id or os.fspath(out_dir)))
     return out_dir

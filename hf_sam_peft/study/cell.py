@@ -51,8 +51,9 @@ def peak_memory_gib(device: str = "cpu") -> float:
     """Peak memory of this process so far: GPU memory allocated by torch on CUDA, else the peak RSS."""
     import torch
 
+    # both are high-water marks of the whole process and never go down: why each cell runs in a process of its own
     if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+        return torch.cuda.max_memory_allocated() / 2**30  # allocated tensors, not the allocator's reserved cache
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
@@ -76,6 +77,8 @@ def evaluation_rows(dataset: str, evaluation: dict[str, Any]) -> tuple[list[dict
         recipe["root"], evaluation["split"], patch_shape=patch, min_size=0, label_mode=recipe["label_mode"],
         seed=evaluation["seed"],
     )
+    # the cap counts scored rows (grid patches for instance sets), not files as iter_rows' max_images would; the
+    # generator is left as soon as it is reached, so the rest of the split is never read
     limit = evaluation["max_images"]
     out = []
     for row in rows:
@@ -108,15 +111,19 @@ def _train(cell: dict[str, Any], folder: Path, timer: StepTimer):
     if data.get("val_split", "val") == cell["evaluation"]["split"]:
         data["val_split"] = None
     # a study's patch count is for the datasets that sample patches; resized whole images are one row each
+    # asked with patch="auto" whatever the cell's evaluation says: this is about how the recipe trains
     if evaluation_resize(cell["dataset"], {"patch": "auto"}) is not None:
         data.pop("n_patches_per_image", None)
     recipe = Recipe(
         name=f"{cell['study']}-{cell['cell_id']}", dataset=cell["dataset"], base_model=cell["base_model"],
         method=cell["method"], method_options=dict(cell["method_options"]), ais=cell["ais"], data=data,
+        # no logging integrations picked up from the environment, no bars in log.txt; the study's own keys win
         training={"report_to": "none", "disable_tqdm": True, **cell["training"]}, output_dir=str(run_dir), seed=cell["seed"],
     )
     # This cell's own unfinished run (no cell_result.json yet): continue from its newest intact checkpoint, or,
     # with none, start it again. Nothing outside the study's cell folder is touched.
+    # True: resume from the newest intact checkpoint; with none, overwrite lets this cell's own leftovers (adapter,
+    # trainer_state.json) be replaced, which train_model otherwise refuses
     resume = True if run_dir.is_dir() and list_checkpoints(run_dir) else None
     overwrite = resume is None and run_dir.is_dir() and bool(existing_run(run_dir))
     return train_model(recipe, resume_from_checkpoint=resume, overwrite=overwrite, callbacks=[timer])
@@ -135,11 +142,13 @@ def run_cell(cell: dict[str, Any], folder: str | Path, progress: bool = False) -
 
     folder = Path(folder)
     start = time.perf_counter()
+    # CPU unless the study's training says use_cpu: false (TrainingArguments' key), so train and score agree
     device = "cuda" if cell["training"].get("use_cpu") is False else "cpu"
     timer = StepTimer()
     if cell["method"] == "base":
         model = load_base(cell["base_model"], device)
         # scored through the output the study's fine-tunes answer points with, so the rows compare like with like
+        # True: InteractiveTrainingArguments.point_multimask's default, what a fine-tune of this study trained with
         set_point_multimask(model, cell["training"].get("point_multimask", True))
         summary: dict[str, Any] = {"steps": 0, "best_is_base": None, "best_metric": None, "base_metric": None}
         trainable = 0
@@ -147,6 +156,7 @@ def run_cell(cell: dict[str, Any], folder: str | Path, progress: bool = False) -
         summary, model = _train(cell, folder, timer)
         set_point_multimask(model, summary["point_multimask"])
         trainable = summary["trainable_parameters"]
+    # read before scoring: the table's memory is training's (for a base cell: loading the model)
     peak_train = peak_memory_gib(device)
     train_s = time.perf_counter() - start
     model.eval()
@@ -155,6 +165,7 @@ def run_cell(cell: dict[str, Any], folder: str | Path, progress: bool = False) -
     rows, table_metric = evaluation_rows(cell["dataset"], evaluation)
     eval_start = time.perf_counter()
     with torch.no_grad():
+        # model_input_size 0 is never read: evaluation_resize gives None or the recipe's positive side
         predictor = resized_if(
             SamPredictor(model, bf16=evaluation.get("bf16", False)), evaluation_resize(cell["dataset"], evaluation), 0
         )
@@ -166,6 +177,7 @@ def run_cell(cell: dict[str, Any], folder: str | Path, progress: bool = False) -
         if has_unetr(model) and cell["method"] != "base":
             val_rows = None
             if evaluation["ais_grid_search"]:
+                # watershed parameters tuned on train: never on the split being scored, which may be val
                 val_rows, _ = evaluation_rows(cell["dataset"], {**evaluation, "split": "train"})
             ais = evaluate_ais(model, rows, val_rows=val_rows, progress=progress)
     result = {
@@ -201,6 +213,7 @@ def run_cell(cell: dict[str, Any], folder: str | Path, progress: bool = False) -
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
     }
+    # written last and atomically: its presence is the runner's "done"; default=float for numpy scalars
     atomic_write_text(folder / RESULT_NAME, json.dumps(result, indent=2, default=float))
     return result
 

@@ -46,6 +46,7 @@ def collect_records(spec: StudySpec, folder: Path) -> list[dict[str, Any]]:
     """The results of the study's finished cells, in grid order."""
     from ..hub.provenance import read_json_file
 
+    # walked from the spec, not the folder: cells a study file no longer lists stay out of its tables
     records = []
     for cell in spec.cells():
         path = folder / "cells" / cell.cell_id / RESULT_NAME
@@ -68,7 +69,7 @@ def long_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "method": record["method"], "base_model": record.get("base_model"),
                 "ablation": record.get("ablation_label", ""), "seed": record["seed"],
                 "metric": metric, **{mode: scores.get(mode) for mode in MODES},
-                "ais": ais["msa"] if ais and metric == "msa" else None,
+                "ais": ais["msa"] if ais and metric == "msa" else None,  # AIS is scored by mSA only
                 **{key: record.get(key) for key in RECORD_COLUMNS},
             })
     return rows
@@ -76,6 +77,7 @@ def long_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
+    # "\n", not csv's default "\r\n"; None becomes an empty field, which pandas reads as NaN
     writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -84,6 +86,7 @@ def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    # not scored (None) and NaN both stay out of the mean; a single value has no spread (stdev needs two)
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return None, None
@@ -99,6 +102,7 @@ def _fmt(mean: float | None, std: float | None = None, digits: int = 3) -> str:
 def _score(record: dict[str, Any], mode: str) -> float | None:
     if mode == "ais":
         return (record.get("ais") or {}).get("msa")
+    # each dataset by its own metric (mSA for instance sets, Dice for semantic ones), as the paper's tables
     return record["scores"][record["table_metric"]].get(mode)
 
 
@@ -141,6 +145,7 @@ def _score_table(records: Sequence[dict[str, Any]], ablation: bool, row_title: s
     header = [row_title] + [f"{d} {MODE_TITLES[m]} ({'mSA' if m == 'ais' or metric_of[d] == 'msa' else 'Dice'})"
                             for d, m in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    # rows in the order of the records (grid order), each once across its datasets
     row_keys = list(dict.fromkeys((name, label) for name, label, _ in groups))
     for name, label in row_keys:
         cells = []
@@ -163,6 +168,7 @@ def _resource_table(records: Sequence[dict[str, Any]]) -> list[str]:
         if not record.get("ablation_label"):
             by_method[_row_name(record["method"], "", record.get("base_model", ""), several)].append(record)
     for method, group in by_method.items():
+        # the first cell's count: seeds train the same parameters (a dataset that adds a UNETR decoder would not)
         params = group[0]["trainable_parameters"]
         time_it = _mean_std([r.get("time_per_iteration_s") for r in group])
         memory = _mean_std([r.get("peak_memory_gib") for r in group])
@@ -193,6 +199,7 @@ PLOT_TITLES = {
 def markdown_report(spec: StudySpec, records: Sequence[dict[str, Any]], plots: Sequence[str] = ()) -> str:
     """``results.md``: scores in the paper's layout, resources, ablations; ``plots``: names of the PNGs beside
     it (:data:`PLOT_TITLES` keys) to show under "Plots"."""
+    # base cells always carry seed 0 (nothing trains), so they do not count as a seed
     seeds = sorted({r["seed"] for r in records if r["method"] != "base"})
     lines = [
         f"# Study {spec.name}", "",
@@ -210,6 +217,7 @@ def markdown_report(spec: StudySpec, records: Sequence[dict[str, Any]], plots: S
         lines += ["", f"## Ablation: {method}", "", *_score_table(subset, ablation=True, row_title="setting")]
         defaults = [r for r in subset if not r.get("ablation_label")]
         if defaults:
+            # [2:]: the rows without the header and separator, appended under the ablation table
             default_row = _score_table(defaults, ablation=False, row_title="setting")[2:]
             lines += [line.replace(f"| {method} ", f"| {method} (study default) ", 1) for line in default_row]
     if plots:
@@ -243,6 +251,7 @@ def efficiency_points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
             points.append({
                 "model": model, "method": method, "dataset": dataset, "mode": mode,
                 "metric": "msa" if mode == "ais" else group[0]["table_metric"],
+                # one dataset's seeds: the same parameters train in each, so the first record's count stands
                 "trainable_parameters": int(group[0]["trainable_parameters"]), "score": score, "n_seeds": len(group),
             })
     return points
@@ -267,12 +276,13 @@ def _efficiency_figure(points: Sequence[dict[str, Any]]):
     for row, dataset in enumerate(datasets):
         for col in range(n_cols):
             ax = axes[row][col]
-            if col >= len(modes[dataset]):
+            if col >= len(modes[dataset]):  # a dataset without AIS has one panel fewer than the widest row
                 ax.set_visible(False)
                 continue
             mode = modes[dataset][col]
             here = [p for p in points if p["dataset"] == dataset and p["mode"] == mode]
             for j, model in enumerate(models):
+                # tab10 has 10 colours and there are 8 markers: cycling both keeps more models apart than either
                 style = dict(color=colors(j % 10), marker=_MARKERS[j % len(_MARKERS)])
                 for p in (p for p in here if p["model"] == model):
                     if p["method"] == "base":
@@ -297,6 +307,7 @@ def _efficiency_figure(points: Sequence[dict[str, Any]]):
     if handles:
         fig.legend(handles, labels, fontsize=7, loc="upper right", title="base model (dashed: untouched)",
                    title_fontsize=7)
+    # keep the right 1.5 inches of the figure (its width: 3.4 * n_cols + 1.6) free for the legend
     fig.tight_layout(rect=(0, 0, 1 - 1.5 / (3.4 * n_cols + 1.6), 1))
     return fig
 
@@ -304,6 +315,7 @@ def _efficiency_figure(points: Sequence[dict[str, Any]]):
 def _plots(records: Sequence[dict[str, Any]], folder: Path) -> dict[str, Path]:
     import matplotlib
 
+    # headless: a study runs on servers and in cell processes without a display; set before pyplot loads
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -332,6 +344,7 @@ def _plots(records: Sequence[dict[str, Any]], folder: Path) -> dict[str, Path]:
         for i, name in enumerate(series):
             group = [r for r in defaults if name_of(r) == name and r["dataset"] == dataset]
             values = [_mean_std([_score(r, m) for r in group])[0] for m in modes]
+            # bars centred on each mode's tick; NaN leaves a gap where 0 would read as a score
             ax.bar(x + (i - (len(series) - 1) / 2) * width, [np.nan if v is None else v for v in values], width,
                    label=name, color=colors(i % colors.N))
         metric = next(r["table_metric"] for r in defaults if r["dataset"] == dataset)
@@ -343,11 +356,13 @@ def _plots(records: Sequence[dict[str, Any]], folder: Path) -> dict[str, Path]:
         ax.set_ylabel("score")
     axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
+    # atomic_write calls the lambda at once, so it saves this figure before `fig` is rebound below
     atomic_write(folder / "scores.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     files["scores"] = folder / "scores.png"
 
     points = efficiency_points(defaults)
+    # a log axis needs a positive x: without a trained method there is nothing to place on it
     if any(p["method"] != "base" and p["trainable_parameters"] > 0 for p in points):
         fig = _efficiency_figure(points)
         atomic_write(folder / "score_vs_parameters.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -356,6 +371,7 @@ def _plots(records: Sequence[dict[str, Any]], folder: Path) -> dict[str, Path]:
 
     trained = [r for r in defaults if r["method"] != "base"]
     timed = [(r, r.get("time_per_iteration_s"), _mean_score(r)) for r in trained]
+    # no step timed (None, or 0) or no score: nothing to place
     timed = [p for p in timed if p[1] and p[2] is not None]
     if timed:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -385,6 +401,7 @@ def write_reports(spec: StudySpec, folder: Path) -> tuple[list[dict[str, Any]], 
 
     records = collect_records(spec, folder)
     atomic_write_text(folder / "results.csv", _csv_text(long_rows(records)))
+    # the plots first: results.md links only the ones actually written
     plots = _plots(records, folder)
     atomic_write_text(folder / "results.md", markdown_report(spec, records, plots=list(plots)))
     return records, {"csv": folder / "results.csv", "markdown": folder / "results.md", **plots}

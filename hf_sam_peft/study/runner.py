@@ -61,6 +61,8 @@ def cell_settings(spec: StudySpec, cell: Cell) -> dict[str, Any]:
         "seed": cell.seed,
         "ablation": dict(cell.ablation),
         "base_model": spec.model_of(cell),
+        # a base cell trains nothing: method options and data settings do not touch its result, and leaving them
+        # out keeps a finished base cell valid when they change
         "method_options": options if cell.method != "base" else {},
         "training": training,
         "data": data if cell.method != "base" else {},
@@ -70,6 +72,8 @@ def cell_settings(spec: StudySpec, cell: Cell) -> dict[str, Any]:
 
 
 def _canonical(value: Any) -> str:
+    # compared as canonical JSON text: key order and tuple-vs-list make no difference, so the settings read back
+    # from cell.json equal the live ones they were written from
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -94,6 +98,7 @@ def _finished(folder: Path, settings: dict[str, Any], overwrite: bool) -> bool:
             f"cell {settings['cell_id']} in {folder.parent.parent} {state} with other settings than the study now "
             "gives; pass another output folder, or overwrite=True (--overwrite) to run it again"
         )
+    # only run/ goes: log.txt is appended to, cell.json rewritten and the result unlinked by the runner
     if overwrite and started:
         shutil.rmtree(folder / RUN_FOLDER, ignore_errors=True)
     return False
@@ -119,11 +124,13 @@ def _run_isolated(folder: Path, progress: bool, threads: Optional[int]) -> None:
         command.append("--progress")
     if threads:
         command += ["--threads", str(threads)]
+    # unbuffered: log.txt holds the output up to the moment of a crash; appended, so earlier attempts stay
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(folder / "log.txt", "a", encoding="utf-8") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if code != 0:
         lines = (folder / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        # the last line is the cell's one-line error (run_command's "PROG: error: ...") or a traceback's last line
         raise RuntimeError(lines[-1] if lines else f"exit status {code}")
 
 
@@ -155,6 +162,7 @@ def run_study(
             atomic_write_text(folder / "study.yaml", _study_text(spec))
         result = StudyResult(folder=folder)
         cells = spec.cells()
+        # every cell is judged before any runs: a cell whose settings changed stops the study at once, not hours in
         todo: list[tuple[Cell, Path, dict[str, Any]]] = []
         for cell in cells:
             cell_dir = folder / CELLS / cell.cell_id
@@ -170,6 +178,7 @@ def run_study(
             bar.set_postfix_str(cell.cell_id)
             cell_dir.mkdir(parents=True, exist_ok=True)
             (cell_dir / RESULT_NAME).unlink(missing_ok=True)  # (only reached with overwrite) not done until rerun
+            # the cell process reads its settings from this file; written before it starts, and before the result
             atomic_write_text(cell_dir / SPEC_NAME, json.dumps(settings, indent=2, default=str))
             try:
                 if isolate:
@@ -181,6 +190,7 @@ def run_study(
                 message = " ".join(str(exc).split()) or type(exc).__name__
                 result.failed[cell.cell_id] = message
                 tqdm.write(f"cell {cell.cell_id} failed: {message} (see {cell_dir / 'log.txt'})")
+            # after every cell: a killed study still leaves tables of everything finished so far
             result.records, result.files = write_reports(spec, folder)
         if not todo:
             result.records, result.files = write_reports(spec, folder)

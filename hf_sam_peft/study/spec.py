@@ -50,7 +50,7 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
     "split": "val",  # the split scored (the shared sets' held-out images; training holds out its own validation)
     "patch": "auto",  # auto: the dataset's patch_shape grid for instance sets, whole images for semantic ones
     "max_images": None,  # images (after cutting into patches: patches) scored per dataset; None: all
-    "n_corrections": 7,
+    "n_corrections": 7,  # micro-sam's iterative evaluation: n_iterations=8, the first prompt + 7 corrections
     "batch_size": 16,
     "seed": 0,
     "ais_grid_search": False,  # True: grid-search the watershed on the training images first
@@ -78,6 +78,8 @@ class Cell:
     @property
     def cell_id(self) -> str:
         """A folder-safe unique name: ``<dataset>[__<model>]__<method>[__<ablation>]__s<seed>``."""
+        # the id is a folder name: a Hub id's "/" (and anything else unsafe) becomes "_"; "." and "-" stay for
+        # values such as 1e-4
         model = [re.sub(r"[^A-Za-z0-9_.=,+-]", "_", self.model)] if self.model else []
         parts = [self.dataset, *model, self.method]
         if self.ablation:
@@ -122,6 +124,7 @@ class StudySpec:
         """``(method_options, training, data)`` of a cell: the study's, then the cell's ablation values."""
         options = dict(self.method_options.get(cell.method, {}))
         training, data = dict(self.training), dict(self.data)
+        # ablation values are applied after the study-wide sections, so they win over them
         for key, value in cell.ablation:
             section, _, name = key.partition(".")
             if section == "training" and name:
@@ -182,6 +185,7 @@ def _check_datasets(where: str, datasets: Any) -> list[str]:
 
 
 def _check_seeds(where: str, seeds: Any) -> list[int]:
+    # bool excluded (an int subclass); non-negative: numpy's generators refuse negative seeds
     ok = isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     if not ok or len(set(seeds)) != len(seeds):
         _fail(where, f"seeds must be a non-empty list of distinct non-negative ints; got {seeds!r}")
@@ -198,6 +202,7 @@ def _check_ablations(where: str, ablations: Any, methods: list[str]) -> dict[str
         for key, values in axes.items():
             if not isinstance(values, list) or not values:
                 _fail(where, f"ablations.{method}.{key} must be a non-empty list of values; got {values!r}")
+            # by repr: values may be unhashable (lists), and 1, 1.0 and True compare equal yet are different settings
             if len({repr(v) for v in values}) != len(values):
                 _fail(where, f"ablations.{method}.{key} repeats a value: {values}")
         out[method] = {k: list(v) for k, v in axes.items()}
@@ -228,6 +233,7 @@ def _check_cell_settings(where: str, spec: StudySpec) -> None:
     from ..methods import method_config
     from ..train import check_training_settings, data_keys
 
+    # base cells train nothing: they have no method options or training arguments to check
     for cell in expand_cells(spec):
         if cell.method == "base":
             continue
@@ -236,7 +242,7 @@ def _check_cell_settings(where: str, spec: StudySpec) -> None:
             method_config(cell.method, **options)
             check_training_settings({"seed": cell.seed, **training})
         except (ValueError, TypeError) as exc:
-            _fail(where, f"cell {cell.cell_id}: {' '.join(str(exc).split())}")
+            _fail(where, f"cell {cell.cell_id}: {' '.join(str(exc).split())}")  # multi-line messages made one line
         unknown = sorted(set(data) - set(data_keys()))
         if unknown:
             _fail(where, f"cell {cell.cell_id}: unknown data keys {unknown} (allowed: {list(data_keys())})")
@@ -248,6 +254,7 @@ def _check_evaluation(where: str, evaluation: Any) -> dict[str, Any]:
     unknown = sorted(set(evaluation) - set(EVALUATION_DEFAULTS))
     if unknown:
         _fail(where, f"unknown evaluation keys {unknown} (allowed: {sorted(EVALUATION_DEFAULTS)})")
+    # completed with the defaults here, so cell.json records every evaluation setting a result depends on
     out = {**EVALUATION_DEFAULTS, **evaluation}
     patch = out["patch"]
     if not (patch in ("auto", None) or (isinstance(patch, list) and len(patch) == 2
@@ -327,6 +334,7 @@ def load_study(
     if models is not None:
         overrides["base_model"] = list(models)
     where = f"study file {path}"
+    # a file that is not a mapping is left for study_from_dict's own one-line error
     if overrides and isinstance(raw, dict):
         raw = {**raw, **overrides}
         where += f" with {', '.join(overrides)} from the command line"
@@ -341,12 +349,13 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
     seed every method's default cell and its ablation cells (the cartesian product of its ablation axes, in the
     order the file lists them); a grid larger than :data:`MAX_STUDY_CELLS` is a one-line ValueError."""
     check_grid_size(f"study {spec.name}", spec)
+    # "": a one-model study's cell ids leave the model out, so they stay what they were before models were an axis
     models = spec.base_models if len(spec.base_models) > 1 else [""]
     cells: list[Cell] = []
     for dataset in spec.datasets:
         for model in models:
             if spec.base:
-                cells.append(Cell(dataset, "base", 0, model=model))
+                cells.append(Cell(dataset, "base", 0, model=model))  # nothing trains: one seed is enough
             for seed in spec.seeds:
                 for method in spec.methods:
                     cells.append(Cell(dataset, method, seed, model=model))
@@ -356,6 +365,7 @@ def expand_cells(spec: StudySpec) -> list[Cell]:
                     keys = list(axes)
                     for values in itertools.product(*(axes[k] for k in keys)):
                         cells.append(Cell(dataset, method, seed, tuple(zip(keys, values)), model=model))
+    # cell ids name the folders: where two cells give one id (e.g. models "a/b" and "a_b"), the first is kept
     unique: dict[str, Cell] = {}
     for cell in cells:
         unique.setdefault(cell.cell_id, cell)
