@@ -48,7 +48,7 @@ __all__ = ["LABEL_MODES", "DataOptions", "build_dataset", "holdout_split", "iter
            "training_dataset"]
 _FORMAT_VERSION = 1  # bump when row contents change, to invalidate cached tables
 _SLICES_VERSION = 1  # the same for the tables of whole raw slices behind the training split
-_MAX_ATTEMPTS_PER_PATCH = 50
+_MAX_ATTEMPTS_PER_PATCH = 50  # fixed random rows: draws per wanted patch (50 k)
 
 
 def _make_row(
@@ -67,11 +67,14 @@ def _make_row(
     """
     patch_shape, label_transform, resize_to = options.patch_shape, options.label_transform, options.resize_to
     if position is not None:
+        # cut before normalising: intensities are scaled per patch, as peft-sam's raw transform runs per patch
         window = tuple(slice(p, p + s) for p, s in zip(position, patch_shape))
         image, labels = image[window], labels[window]
     # files are checked when read (load_image); this names the file for tables cached before that check
     check_finite(image, source)
     if position is not None:
+        # crop at (0, 0) only pads (the window was cut above), and after normalising: the zero padding stays out of
+        # the min-max range and is 0 in the served image (torch_em pads the raw image before its raw_transform)
         image = crop(normalize_image(image), (0, 0), patch_shape)
         labels = crop(labels, (0, 0), patch_shape)
     else:
@@ -90,6 +93,7 @@ def _make_row(
     instances = to_instances(labels, options.min_size)
     row = {"image": image, "labels": instances}
     if options.label_mode == "semantic":
+        # class values only where an object survived min_size, so both maps agree on what is background
         row["semantic"] = np.where(instances > 0, labels, 0).astype(np.int32)
     return row
 
@@ -120,6 +124,7 @@ def _positions(
         yield from grid_positions(shape, patch_shape)
         return
     seen: set[tuple[int, int]] = set()
+    # stop once every position was drawn: a small image cannot give n distinct patches, more draws only repeat
     n_possible = int(np.prod([max(s - p, 0) + 1 for s, p in zip(shape, patch_shape)]))
     for _ in range(_MAX_ATTEMPTS_PER_PATCH * n_patches):
         if len(seen) >= n_possible:
@@ -131,6 +136,8 @@ def _positions(
 
 
 def _iter_rows(
+    # **_cache_key: the file signature and format version ride in gen_kwargs only so that datasets' hash of
+    # them (the cache key) changes with the files; unused here
     pairs: Sequence[FilePair], options: DataOptions, flat: bool = False, **_cache_key: Any
 ) -> Iterator[dict[str, Any]]:
     """Rows of all pairs in order: slices of volumes, then patches per slice (grid or seeded random), or
@@ -141,6 +148,7 @@ def _iter_rows(
         for z, image_2d, labels_2d in iter_slices(image, labels):
             base_id = pair.id if z is None else f"{pair.id}_z{z:03d}"
             # One generator per slice, seeded by (seed, id): rows do not depend on which other files are read.
+            # crc32, not hash(): str hashes are salted per process (PYTHONHASHSEED); rows must not vary between runs
             rng = np.random.default_rng([options.seed, zlib.crc32(base_id.encode())])
             positions = (
                 [None] if patch_shape is None or options.resize_inputs
@@ -149,10 +157,12 @@ def _iter_rows(
             n_accepted = 0
             for position in positions:
                 row = _make_row(image_2d, labels_2d, position, options, pair.image_path)
+                # a rejected row does not count towards n_patches_per_image: random positions keep coming (up to 50 n)
                 if options.with_objects_only and not _keep(row["labels"], options):
                     continue
                 row["id"] = base_id if position is None else f"{base_id}_y{position[0]}_x{position[1]}"
                 row["source"] = str(pair.image_path)
+                # Array2D takes one shape per column: rows of several shapes are stored flat with a shape (_unflatten)
                 if flat:
                     row["shape"] = list(row["labels"].shape)
                     for key in ("image", "labels", "semantic"):
@@ -196,6 +206,7 @@ def _unflatten(batch: dict[str, list]) -> dict[str, list]:
     out = {k: v for k, v in batch.items() if k != "shape"}
     shapes = [tuple(int(s) for s in shape) for shape in batch["shape"]]
     if "image" in batch:
+        # the transform gets Python lists (no format is set on these tables): the dtypes are restored here
         out["image"] = [np.asarray(v, dtype=np.uint8).reshape(*s, 3) for v, s in zip(batch["image"], shapes)]
     for key in ("labels", "semantic"):
         if key in batch:
@@ -209,6 +220,7 @@ def _file_signature(pairs: Sequence[FilePair]) -> tuple:
     for pair in pairs:
         for path in (pair.image_path, pair.label_path):
             stat = path.stat()
+            # resolved: one file reached by two paths (a symlink, a relative root) gets one cache entry
             signature.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
     return tuple(signature)
 
@@ -243,15 +255,20 @@ def _build(
     (:meth:`DataOptions.row_key`), the generator's code and :data:`_FORMAT_VERSION`."""
     row_shape = options.patch_shape
     if row_shape is None:
+        # headers only (no decoding); [-2:]: slices of a volume share its H x W
         shapes = {spatial_shape_of(pair.label_path)[-2:] for pair in pairs}
         row_shape = shapes.pop() if len(shapes) == 1 else None
     flat = row_shape is None
     gen_kwargs = dict(
+        # tuples, never lists: datasets splits a generator over the lists in its gen_kwargs as shards
+        # (datasets/utils/sharding.py); row_key(): options that change no row must not split the cache
         pairs=tuple(pairs), options=options.row_key(), flat=flat, files=_file_signature(pairs), version=_FORMAT_VERSION
     )
     try:
         dataset = _generate(_iter_rows, _features(row_shape, options.label_mode), gen_kwargs, cache_dir)
     except ValueError as err:
+        # a generator that yields nothing: datasets raises a plain ValueError ('Instruction ... corresponds to no
+        # data!', arrow_reader.py), told from others by its message only
         if "corresponds to no data" not in str(err):
             raise
         n = options.min_num_instances
@@ -318,11 +335,14 @@ def _iter_slices(pairs: Sequence[FilePair], image_dtype: str, **_cache_key: Any)
     for pair in pairs:
         image, labels = load_pair(pair)
         for z, image_2d, labels_2d in iter_slices(image, labels):
+            # ids past int32 (e.g. hashed ids) renumbered 1..N with 0 kept, to fit the int32 column; only which pixels
+            # share an id matters downstream (load_labels has already refused negative ids)
             if labels_2d.size and (labels_2d.max() > np.iinfo(np.int32).max or labels_2d.min() < 0):
                 labels_2d = relabel_sequential(labels_2d - labels_2d.min() if labels_2d.min() < 0 else labels_2d)[0]
             yield {
+                # float32 for non-8-bit data holds uint16 exactly (rounds above 2^24); patches are normalised as served
                 "image": np.asarray(image_2d, dtype=image_dtype).ravel(),
-                "image_shape": list(image_2d.shape),
+                "image_shape": list(image_2d.shape),  # may carry the RGB axis; "shape" is the labels' H x W
                 "labels": labels_2d.astype(np.int32).ravel(),
                 "shape": list(labels_2d.shape),
                 "id": pair.id if z is None else f"{pair.id}_z{z:03d}",
@@ -379,6 +399,8 @@ def holdout_split(pairs: Sequence[FilePair], val_fraction: float, seed: int) -> 
         raise ValueError(f"val_fraction: expected a float in (0, 1), got {val_fraction!r}")
     if len(pairs) < 2:
         raise DataError(f"cannot hold out validation data from {len(pairs)} file(s); add a val/ split folder")
+    # at least one file on each side; the permutation depends on the seed and the file count only, so a folder
+    # always splits the same way
     n_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
     chosen = set(np.random.default_rng(seed).permutation(len(pairs))[:n_val].tolist())
     train = [p for i, p in enumerate(pairs) if i not in chosen]
@@ -422,6 +444,7 @@ def train_val_datasets(
         val_pairs = []
     else:
         train_pairs, val_pairs = holdout_split(train_pairs, options.val_fraction, options.seed)
+    # after the split: the holdout is drawn from all files, so max_images never changes which files validate
     train_pairs, val_pairs = train_pairs[: options.max_images], val_pairs[: options.max_images]
     val = _build(val_pairs, options, cache_dir=cache_dir, description=f"{root} (val)") if val_pairs else None
     if not options.random_train:

@@ -30,6 +30,8 @@ class SetEpochCallback(TrainerCallback):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is a float (epoch + (step + 1) / steps_in_epoch): the 1e-9 keeps a value a rounding error below
+        # the integer e from flooring to e - 1, which would replay the previous epoch's patches
         self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
         return control
 

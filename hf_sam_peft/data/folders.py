@@ -40,11 +40,14 @@ def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Pa
     """Data files by id (:func:`~hf_sam_peft.data.io.file_id`: ``case1.nii.gz`` -> ``case1``); a dangling or
     looping symlink named like a data file is an error naming it (never a silently smaller dataset)."""
     found: dict[str, list[Path]] = {}
+    # sorted: iterdir order depends on the filesystem, and pair order decides the holdout split and max_images
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or suffix_of(path) not in suffixes:
             continue
         check_link(path)
+        # checked before is_file(): a dangling link is no file and would otherwise vanish from the dataset unnoticed
         if path.is_file():
+            # a list per id: case1.png beside case1.tif is reported by find_pairs, never resolved by picking one
             found.setdefault(file_id(path), []).append(path)
     return found
 
@@ -97,12 +100,16 @@ def check_nifti_pair(pair: FilePair) -> None:
     (image_shape, image_affine), (label_shape, label_affine) = (
         nifti_geometry(pair.image_path), nifti_geometry(pair.label_path)
     )
+    # spatial axes only, padded to three: a 2D NIfTI has two, and an image may carry a 4th (channel / time) axis
+    # that its labels lack
     image_xyz, label_xyz = ((tuple(shape[:3]) + (1, 1))[:3] for shape in (image_shape, label_shape))
     if image_xyz != label_xyz:
         raise DataError(
             f"NIfTI image {pair.image_path} and labels {pair.label_path} differ in shape: (x, y, z) "
             f"{'x'.join(map(str, image_xyz))} vs {'x'.join(map(str, label_xyz))}"
         )
+    # rtol=0: the translation column is in mm and often in the hundreds, where a relative tolerance would loosen
+    # the check most
     if not np.allclose(image_affine, label_affine, rtol=0.0, atol=AFFINE_ATOL):
         worst = float(np.abs(image_affine - label_affine).max())
         raise DataError(
@@ -119,6 +126,7 @@ def load_pair(pair: FilePair) -> tuple[np.ndarray, np.ndarray]:
     both files), then every pair by :func:`~hf_sam_peft.data.io.load_image` (image shape vs label shape)."""
     if is_nifti(pair.image_path) and is_nifti(pair.label_path):
         check_nifti_pair(pair)
+    # labels first: their shape tells load_image whether a 3 x H x W file is RGB or a volume of three slices
     labels = load_labels(pair.label_path)
     image = load_image(pair.image_path, spatial_shape=labels.shape)
     return image, labels

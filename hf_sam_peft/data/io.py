@@ -48,6 +48,7 @@ class DataError(ValueError):
 def check_declared_size(shape: Sequence[int], path: str | Path) -> None:
     """A one-line :class:`DataError` when a header's ``shape`` holds more samples than :data:`MAX_IMAGE_PIXELS`."""
     limit = MAX_IMAGE_PIXELS
+    # dtype=object multiplies Python ints: a forged header's product cannot overflow int64 and slip under the limit
     count = int(np.prod([int(s) for s in shape], dtype=object)) if len(shape) else 0
     if limit is not None and count > limit:
         raise DataError(
@@ -59,6 +60,7 @@ def check_declared_size(shape: Sequence[int], path: str | Path) -> None:
 def suffix_of(path: str | Path) -> str:
     """The data suffix of a file name, lower-case; ``.nii.gz`` is one suffix (``Path.suffix`` says ``.gz``)."""
     name = Path(path).name.lower()
+    # a file named just '.nii.gz' has no stem: Path gives it the suffix '.gz', so it is no data file
     return ".nii.gz" if name.endswith(".nii.gz") and len(name) > len(".nii.gz") else Path(name).suffix
 
 
@@ -99,6 +101,8 @@ def _nifti_axes(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]
     """``(singleton axes to drop, order of the rest)`` mapping nibabel's ``(x, y, z, ...)`` to our
     ``(z, y, x, ...)``: the spatial axes reversed (see the module notes), extra axes kept last, singleton extra
     axes (e.g. ``x, y, z, 1``) dropped."""
+    # only extra axes (4th on) are dropped: a 2D slice stored as (x, y, 1) reads as 1 x H x W, which load_labels
+    # and _to_channel_last squeeze, so spatial axes never move
     drop = tuple(i for i in range(3, len(shape)) if shape[i] == 1)
     ndim = len(shape) - len(drop)
     spatial = min(ndim, 3)
@@ -149,6 +153,7 @@ def check_link(path: Path) -> None:
     if not path.is_symlink():
         return
     try:
+        # stat() follows the link: it fails exactly when the target is missing or the chain loops
         path.stat()
     except OSError as err:
         if err.errno == errno.ELOOP:
@@ -178,6 +183,7 @@ def _read_array(path: Path, *, drop_alpha: bool) -> np.ndarray:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile
 
+            # series 0 is what asarray() decodes by default (no key, no series): the checked shape is the one allocated
             with tifffile.TiffFile(path) as tif:  # the header first: its declared size is checked before decoding
                 check_declared_size(tif.series[0].shape, path)
                 array = np.asarray(tif.asarray())
@@ -185,10 +191,11 @@ def _read_array(path: Path, *, drop_alpha: bool) -> np.ndarray:
             from PIL import Image
 
             with Image.open(path) as img:
+                # palette images become the colours shown; labels (drop_alpha=False) keep the palette indices: their ids
                 if drop_alpha and img.mode == "P":
                     img = img.convert("RGBA" if "transparency" in img.info else "RGB")
                 if drop_alpha and img.mode in ("RGBA", "LA", "PA"):
-                    img = img.convert("RGB" if img.mode != "LA" else "L")
+                    img = img.convert("RGB" if img.mode != "LA" else "L")  # LA -> L: grey stays one channel
                 array = np.asarray(img)
     except DataError:
         raise
@@ -269,6 +276,7 @@ def load_labels(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     labels = _read_array(path, drop_alpha=False)
+    # one singleton end squeezed: a one-page stack or a one-slice NIfTI (1 x H x W), or a channel axis of one
     if labels.ndim >= 3 and 1 in (labels.shape[0], labels.shape[-1]):
         labels = labels[0] if labels.shape[0] == 1 else labels[..., 0]
     if labels.ndim not in (2, 3):
@@ -284,6 +292,7 @@ def load_labels(path: str | Path) -> np.ndarray:
         labels = labels.astype(np.int64)
     elif not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"label file {path} has dtype {labels.dtype}; expected integer ids")
+    # to_instances treats only 0 as background, so a negative 'ignore' value (-1) would silently become objects
     if labels.size and labels.min() < 0:
         raise DataError(f"label file {path} has negative values (min {labels.min()}); expected ids >= 0")
     return labels
@@ -311,11 +320,15 @@ def spatial_shape_of(path: str | Path) -> tuple[int, ...]:
         raise
     except Exception as err:
         raise DataError(f"could not read {path}: {type(err).__name__}: {err}") from err
+    # the same squeeze as load_labels: this header shape decides whether a table gets fixed-shape columns
+    # (builder._build), so it must equal the decoded shape
     if len(shape) >= 3 and 1 in (shape[0], shape[-1]):
         shape = shape[1:] if shape[0] == 1 else shape[:-1]
     return shape
 
 
+# np.asarray(img)'s dtype per PIL mode, except bilevel '1' (bool there), counted as uint8 as load_image returns it;
+# 'P' is expanded to RGB by load_image, still uint8
 _PIL_MODE_DTYPES = {"1": np.uint8, "L": np.uint8, "P": np.uint8, "RGB": np.uint8, "RGBA": np.uint8, "LA": np.uint8,
                     "PA": np.uint8, "CMYK": np.uint8, "YCbCr": np.uint8, "I;16": np.uint16, "I;16B": np.uint16,
                     "I": np.int32, "F": np.float32}

@@ -22,10 +22,13 @@ def to_instances(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
         raise TypeError(f"labels: expected an integer array, got dtype {labels.dtype}")
     if min_size < 0:
         raise ValueError(f"min_size: expected >= 0, got {min_size}")
+    # connectivity=2 is the 8-neighbourhood, skimage's default for 2D, which torch_em's connected_components
+    # (torch_em/transform/label.py, called by MinSizeLabelTransform) gets by calling skimage.measure.label bare
     components = connected_components(labels, background=0, connectivity=2)
     sizes = np.bincount(components.ravel())
     keep = sizes >= max(min_size, 1)
-    keep[0] = False
+    keep[0] = False  # background is never an object, whatever min_size
+    # one gather renumbers: kept components -> 1..N in skimage's (raster) order, dropped ones and background -> 0
     lookup = np.zeros(len(sizes), dtype=np.int32)
     lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lookup[components]
@@ -47,6 +50,7 @@ def label_sizes(labels: np.ndarray) -> np.ndarray:
     if flat.size == 0:
         return np.zeros(0, dtype=np.int64)
     if flat.dtype == bool or int(flat.max()) <= 4 * flat.size:
+        # [1:] drops background; ids absent from the map (count 0) are dropped below, as np.unique never lists them
         sizes = np.bincount(flat.astype(np.intp, copy=False))[1:]
         return sizes[sizes > 0]
     values, sizes = np.unique(flat, return_counts=True)

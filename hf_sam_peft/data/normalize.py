@@ -21,6 +21,7 @@ def normalize_image(image: np.ndarray, percentiles: Sequence[float] | None = Non
     """
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image: expected a numpy array, got {type(image).__name__}")
+    # H x W x 1 is grey: squeezed so that it is copied to three channels below
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
@@ -34,6 +35,7 @@ def normalize_image(image: np.ndarray, percentiles: Sequence[float] | None = Non
         values = image.astype(np.float64)
         lo, hi = np.percentile(values, [low, high])
         image = _min_max(np.clip(values, lo, hi), lo, hi)
+    # uint8 passes untouched (no stretch): what makes a second call the identity on stored rows
     elif image.dtype != np.uint8:
         values = image.astype(np.float64)
         image = _min_max(values, float(values.min()), float(values.max()))
@@ -54,4 +56,6 @@ def _min_max(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
         return np.zeros(values.shape, dtype=np.uint8)
     half_range = hi / 2 - lo / 2  # finite for any finite lo < hi
     scaled = (values / 2 - lo / 2) * (255.0 / half_range)
+    # rounded to the nearest level; micro-sam's _to_image (micro_sam/util.py) truncates ((x * 255).astype("uint8")),
+    # so a level may be one above the reference's
     return np.round(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)

@@ -92,14 +92,17 @@ class DataOptions:
     val_split: str | None = "val"
 
     def __post_init__(self) -> None:
+        # frozen: checked values are written back through object.__setattr__ (the dataclasses idiom in __post_init__)
         def store(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
         shape = self.patch_shape
         if shape is not None:
+            # str / bytes refused first: b'@@' iterates as two ints and would pass as the shape (64, 64)
             if (isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 2
                     or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape)):
                 raise ValueError(f"patch_shape: expected None or two positive ints (h, w), got {shape!r}")
+            # one canonical form: a YAML list and a tuple of numpy ints must give the same, hashable cache key (row_key)
             store("patch_shape", (int(shape[0]), int(shape[1])))
         for name, low in (("min_size", 0), ("min_objects", 1), ("seed", 0), ("max_attempts", 1)):
             store(name, _check_int(name, getattr(self, name), low))
@@ -158,8 +161,10 @@ class DataOptions:
         from .recipes import dataset_kwargs
 
         merged = {k: v for k, v in dataset_kwargs(dict(recipe)).items() if k != "root"}
+        # a recipe key but no build keyword (dataset_kwargs leaves it out), so taken over here
         if "val_fraction" in recipe:
             merged["val_fraction"] = recipe["val_fraction"]
+        # root says where the data lives, not how it becomes rows: the builders take it as their own argument
         merged.update({k: v for k, v in overrides.items() if k != "root"})
         return cls.from_mapping(merged)
 
@@ -191,6 +196,7 @@ class DataOptions:
     def row_key(self) -> "DataOptions":
         """These options with those that change no fixed row reset to their defaults: the part of a cached
         table's key that comes from the options."""
+        # still a DataOptions (so label_transform stays in the key): datasets fingerprints it inside gen_kwargs
         return dataclasses.replace(self, **{name: _DEFAULTS[name] for name in _NOT_IN_ROWS})
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,4 +223,5 @@ def resolve_options(options: DataOptions | None, fields: Mapping[str, Any], call
         raise TypeError(f"{caller}: unexpected options {unknown}")
     if options is None:
         return DataOptions(**fields)
+    # replace() runs __post_init__ again, so overrides are checked (and normalised) like a fresh object
     return dataclasses.replace(options, **fields) if fields else options

@@ -14,6 +14,8 @@ def grid_starts(size: int, patch: int) -> list[int]:
     if size <= patch:
         return [0]
     n = math.ceil(size / patch)
+    # round() rounds halves to even (50.5 -> 50); starts are part of row ids and cached tables, so changing the
+    # rounding changes every grid row
     return sorted({int(round(i * (size - patch) / (n - 1))) for i in range(n)})
 
 
@@ -25,6 +27,7 @@ def grid_positions(shape: Sequence[int], patch_shape: Sequence[int]) -> list[tup
 def random_position(shape: Sequence[int], patch_shape: Sequence[int], rng: np.random.Generator) -> tuple[int, int]:
     """A uniformly random top-left corner with the patch inside the image (0 on axes where it does not fit),
     as torch_em samples training patches."""
+    # + 1: integers' high is exclusive, so the last start is reachable (torch_em's randint(0, sh - psh) misses it)
     return tuple(int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape[:2], patch_shape))  # type: ignore
 
 
@@ -33,6 +36,8 @@ def crop(array: np.ndarray, position: Sequence[int], patch_shape: Sequence[int])
     image is smaller than the patch (padding is background in labels and 0 in images)."""
     y, x = position
     h, w = patch_shape
+    # slicing past the end stops at the border, so only images smaller than the patch need padding: zeros at the
+    # bottom / right, as torch_em pads them (ImageCollectionDataset._ensure_patch_shape, image_collection_dataset.py)
     out = array[y : y + h, x : x + w]
     pad_h, pad_w = h - out.shape[0], w - out.shape[1]
     if pad_h or pad_w:

@@ -84,6 +84,8 @@ def find_recipe(name_or_path: str | Path, kind: str = "training") -> Path:
         raise TypeError(f"name_or_path: expected a recipe name or path, got {type(name_or_path).__name__}")
     directory, word = _kind_dir(kind), _KIND_WORDS[kind]
     path = Path(name_or_path)
+    # a YAML suffix always means a path: a missing livecell.yaml is an error (the hint names the packaged
+    # recipe), never a silent fallback to the package's own
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if path.is_file():
             return path
@@ -92,6 +94,7 @@ def find_recipe(name_or_path: str | Path, kind: str = "training") -> Path:
         raise FileNotFoundError(f"{word} file {path} does not exist{hint}")
     name = str(name_or_path)
     prefix = f"{RECIPE_KINDS[kind]}/"
+    # the FOLDER/NAME form list_recipes prints is accepted too
     if RECIPE_KINDS[kind] and name.startswith(prefix):
         name = name[len(prefix):]
     candidate = directory / f"{name}.yaml"
@@ -110,7 +113,7 @@ def find_any_recipe(name: str) -> Path:
     kinds = [k for k, f in RECIPE_KINDS.items() if f == folder]
     try:
         if not kinds:
-            raise ValueError(name)
+            raise ValueError(name)  # replaced below: one message for any unknown name
         return find_recipe(name, kinds[0])
     except (ValueError, FileNotFoundError):
         known = [n for names in list_recipes().values() for n in names]
@@ -122,6 +125,7 @@ def recipe_summary(path: Path) -> str:
     text = path.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text)
+    # a broken recipe still gets a line in the listing (its first comment) instead of failing it
     except yaml.YAMLError:
         raw = None
     if isinstance(raw, dict) and isinstance(raw.get("description"), str) and raw["description"].strip():
@@ -225,6 +229,7 @@ def _resolve_root(root: str, recipe_path: Path) -> str:
     if is_packaged(recipe_path):
         return str((Path.cwd() / root_path).resolve())
     folder = recipe_path.resolve().parent
+    # <project>/recipes/datasets/x.yaml: relative to <project>, the same rule as in the package's own layout
     base = folder.parents[1] if folder.name == "datasets" and folder.parent.name == "recipes" else folder
     return str((base / root_path).resolve())
 
@@ -253,6 +258,8 @@ def load_dataset_recipe(name_or_path: str | Path) -> dict[str, Any]:
         raise ValueError(f"dataset recipe {path}: missing keys {missing}")
     for key, value in recipe.items():
         expected = {**_REQUIRED, **_OPTIONAL}[key]
+        # YAML's true / false are bools, which isinstance(.., int) accepts; YAML reads 1 (no dot) as an int, a valid
+        # float value
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if expected is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -267,6 +274,8 @@ def load_dataset_recipe(name_or_path: str | Path) -> dict[str, Any]:
     for key, low in (("min_size", 0), ("min_num_instances", 1), ("sampler_min_size", 0), ("n_patches_per_image", 1)):
         if key in recipe and recipe[key] < low:
             raise ValueError(f"dataset recipe {path}: {key} must be >= {low}, got {recipe[key]}")
+    # 2: torch_em MinInstanceSampler()'s default (options.TRAINING_MIN_NUM_INSTANCES). Unlike DataOptions' None,
+    # set here it also applies the sampler rule to a recipe's fixed (validation) rows
     recipe.setdefault("min_num_instances", 2)
     recipe.setdefault("augment", default_augment(recipe["modality"]))
     if recipe["augment"] not in AUGMENTATIONS:

@@ -60,6 +60,8 @@ class LongestSideResize:
         """The image's shape inside the square (SAM's / torch_em's ``get_preprocess_shape`` rounding)."""
         height, width = self.original_shape
         scale = self.target * 1.0 / max(height, width)
+        # int(x + 0.5), not round(): halves go up, as in SAM's get_preprocess_shape and torch_em's copy of it; round()
+        # would send them to even and change the shape
         return int(height * scale + 0.5), int(width * scale + 0.5)
 
     @property
@@ -67,6 +69,7 @@ class LongestSideResize:
         """``((top, bottom), (left, right))``: torch_em pads ``ceil`` of half before, ``floor`` after."""
         out = []
         for missing in (self.target - side for side in self.resized_shape):
+            # an odd gap puts the extra row / column top / left (torch_em ResizeLongestSideInputs, transform/generic.py)
             out.append((math.ceil(missing / 2), math.floor(missing / 2)))
         return out[0], out[1]
 
@@ -92,7 +95,10 @@ class LongestSideResize:
         from skimage.transform import resize
 
         image = self._check(image, "image")
+        # H x W x C: the channel axis keeps its length; torch_em resizes channel-first, the same per-channel result
         shape = self.resized_shape + image.shape[2:]
+        # skimage's defaults, as torch_em passes none for images: order 1, anti-aliasing when shrinking; astype
+        # truncates (no rounding), as the reference's cast does
         resized = resize(image, shape, preserve_range=True).astype(image.dtype)
         return self._pad(resized)
 
@@ -101,6 +107,7 @@ class LongestSideResize:
         from skimage.transform import resize
 
         labels = self._check(labels, "labels")
+        # nearest neighbour without smoothing: no id is blended into a value that names no object
         resized = resize(labels, self.resized_shape, order=0, anti_aliasing=False, preserve_range=True)
         return self._pad(resized.astype(labels.dtype))
 
@@ -109,6 +116,8 @@ class LongestSideResize:
         coordinates times the scale, plus the padding offset)."""
         (top, _), (left, _) = self.padding
         scale_y, scale_x = self.scale
+        # points are (x, y), sizes and scales (y, x): hence the swap. new_tensor takes points' dtype, so float
+        # points are expected (an int tensor would truncate the scale)
         factor = points.new_tensor([scale_x, scale_y])
         offset = points.new_tensor([left, top])
         return points * factor + offset
@@ -132,6 +141,7 @@ class LongestSideResize:
         (as SAM's own postprocessing maps its logits to the original size)."""
         cropped = self._crop(logits)
         lead = cropped.shape[:-2]
+        # leading axes folded into the batch, one channel: interpolate takes (N, C, H, W)
         flat = cropped.reshape(-1, 1, *cropped.shape[-2:]).float()
         restored = F.interpolate(flat, size=self.original_shape, mode="bilinear", align_corners=False)
         return restored.reshape(*lead, *self.original_shape)

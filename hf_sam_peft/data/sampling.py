@@ -72,6 +72,7 @@ def min_instance_ok(labels: np.ndarray, min_num_instances: int, min_size: int | 
     """torch_em's ``MinInstanceSampler`` rule (``p_reject=1``): the number of distinct label values,
     **background 0 included**, that cover at least ``min_size`` pixels (all values when None) is at least
     ``min_num_instances``. So ``min_num_instances=2`` asks for one object besides the background."""
+    # np.unique as torch_em's MinInstanceSampler.__call__ has it: background 0 is one of the uniques
     uniques, sizes = np.unique(labels, return_counts=True)
     if min_size is not None:
         uniques = uniques[sizes >= min_size]
@@ -81,14 +82,16 @@ def min_instance_ok(labels: np.ndarray, min_num_instances: int, min_size: int | 
 def random_flips(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """Flip all ``arrays`` (H x W[...]) together: left-right with p = 0.5, then up-down with p = 0.5
     (kornia's RandomHorizontalFlip then RandomVerticalFlip, as torch_em's default 2D augmentation)."""
+    # both draws before any flip, in this order: the stream (and any later draw) never depends on the outcome
     horizontal = rng.random() < FLIP_PROBABILITY
     vertical = rng.random() < FLIP_PROBABILITY
     out = []
     for array in arrays:
         if horizontal:
-            array = array[:, ::-1]
+            array = array[:, ::-1]  # axis 1 (W): left-right, kornia's horizontal flip
         if vertical:
             array = array[::-1]
+        # flipped views have negative strides, which torch.from_numpy refuses: copied
         out.append(np.ascontiguousarray(array))
     return out
 
@@ -168,10 +171,11 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         self.max_attempts = int(max_attempts)
         self.attempts_per_image = int(attempts_per_image)
         self.name = name
+        # whole columns are read once here; a fetch then reads one row of the table (_load)
         self.slice_ids = [str(i) for i in slices["id"]]
         self._shapes = [tuple(int(s) for s in shape) for shape in slices["shape"]]
         counts = [samples_per_slice(s, patch_shape, n_patches_per_image) for s in self._shapes]
-        self._ends = np.cumsum(counts)
+        self._ends = np.cumsum(counts)  # exclusive ends: sample -> slice by searchsorted
         self._epoch = 0
 
     def __len__(self) -> int:
@@ -189,11 +193,13 @@ class RandomPatchDataset(torch.utils.data.Dataset):
 
     def slice_of(self, index: int) -> int:
         """Which slice sample ``index`` starts from."""
+        # side='right': an index equal to ends[k] is the first sample of slice k + 1
         return int(np.searchsorted(self._ends, index, side="right"))
 
     def _load(self, k: int) -> tuple[np.ndarray, np.ndarray, str, str]:
         row = self.slices[k]
         shape = self._shapes[k]
+        # the table holds flat arrays (slices differ in shape); image_shape may carry the RGB axis
         image = np.asarray(row["image"]).reshape(tuple(int(s) for s in row["image_shape"]))
         labels = np.asarray(row["labels"]).reshape(shape)
         return image, labels, str(row["id"]), str(row["source"])
@@ -214,18 +220,22 @@ class RandomPatchDataset(torch.utils.data.Dataset):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
+        # never numpy's global state: a sample draws the same stream in any DataLoader worker and in a resumed run.
+        # The order of draws (positions, slice switches, then the two flips) is part of the data: keep it
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._epoch, index]))
         k = self.slice_of(index)
         image, labels, slice_id, source = self._load(k)
         tried = [slice_id]
         on_this_slice = 0
         for _ in range(self.max_attempts):
+            # a slice with one possible position cannot improve by redrawing: move on after its first rejection
             if on_this_slice >= self.attempts_per_image or (on_this_slice and self._n_positions(labels.shape) == 1):
                 k = int(rng.integers(len(self._shapes)))  # torch_em: move on to a random image
                 image, labels, slice_id, source = self._load(k)
                 tried.append(slice_id)
                 on_this_slice = 0
             position = None if self.patch_shape is None else random_position(labels.shape, self.patch_shape, rng)
+            # judged on the served labels (after label_transform, components, min_size): see the module's deviations
             row = self.make_row(image, labels, position, source)
             on_this_slice += 1
             if self._accept(row["labels"]):
@@ -239,6 +249,7 @@ class RandomPatchDataset(torch.utils.data.Dataset):
                 f"{self.min_objects} object(s) in {self.max_attempts} attempts for sample {index} (images tried: {shown})"
             )
         if self.augment == "flips":
+            # image, labels and semantic flipped together by one pair of draws, as kornia reuses the raw's params
             keys = [key for key in ("image", "labels", "semantic") if key in row]
             for key, array in zip(keys, random_flips([row[key] for key in keys], rng)):
                 row[key] = array

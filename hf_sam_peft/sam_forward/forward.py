@@ -88,6 +88,8 @@ def vision_features(model: nn.Module, pixel_values: torch.Tensor) -> ImageEmbedd
         # SAM 3's neck has a fourth, stride-28 level that only its detector reads (Sam3TrackerVideoModel drops it)
         return list(output.fpn_hidden_states)[:3]
     if model_kind(sam) == SAM_HQ:
+        # the first global-attention block's output only: SamHQModel's mask decoder reads intermediate_embeddings[0]
+        # alone (transformers' models/sam_hq/modeling_sam_hq.py)
         return [output.intermediate_embeddings[0], output.last_hidden_state]
     return output.last_hidden_state
 
@@ -102,6 +104,8 @@ def frozen_batch_norms_in_eval(encoder: nn.Module) -> Iterator[None]:
     the mode they are in. A no-op for encoders without BatchNorm (the ViTs, Hiera)."""
     norms = [
         m for m in encoder.modules()
+        # only norms in training mode now, so that exactly these are switched back; a norm without parameters
+        # (affine=False) counts as frozen, as nothing of it can train
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
         and not any(p.requires_grad for p in m.parameters(recurse=False))
     ]
@@ -135,6 +139,8 @@ def embeddings_from_features(model: nn.Module, features: ImageEmbeddings) -> Ima
     if len(levels) != 3:
         raise ValueError(f"SAM 2 features must be three FPN levels, got {len(levels)}")
     decoder = sam.mask_decoder
+    # (1, 1, C) in transformers -> (1, C, 1, 1) to broadcast over the (B, C, h, w) map; cast to the map's dtype,
+    # since under autocast the map may be bf16 and adding the float32 parameter would promote it to float32
     memory = sam.no_memory_embedding.reshape(1, -1, 1, 1)
     return [decoder.conv_s0(levels[0]), decoder.conv_s1(levels[1]), levels[2] + memory.to(levels[2].dtype)]
 
@@ -162,6 +168,7 @@ def single_mask_token(model: nn.Module, dynamic_multimask: bool) -> Iterator[Non
         yield
     finally:
         for decoder in decoders:
+            # True is right for every one: only decoders that had it on were collected
             decoder.dynamic_multimask_via_stability = True
 
 
@@ -183,10 +190,14 @@ def decode(
     source = prompts.boxes if prompts.boxes is not None else prompts.points
     if source is None:
         raise ValueError("prompts must hold points and/or boxes")
-    batch, n_obj = source.shape[:2]
+    batch, n_obj = source.shape[:2]  # (B, N): boxes and points share them
     device = main_embedding(embeddings).device
+    # one decoder 'image' per object, image-major (b0o0, b0o1, ..., b1o0): the order flatten(0, 1) gives the
+    # prompts. transformers' SamMaskDecoder adds the dense (mask) embedding per image and only then repeats it
+    # over the point batch (models/sam/modeling_sam.py), so a point batch could not carry one mask per object
     flat_emb = map_embeddings(lambda t: t.repeat_interleave(n_obj, dim=0), embeddings)
     flat = {
+        # [:, None]: a point batch of one per row: points (B*N, 1, P, 2), labels (B*N, 1, P), boxes (B*N, 1, 4)
         "input_points": None if prompts.points is None else prompts.points.flatten(0, 1)[:, None],
         "input_labels": None if prompts.labels is None else prompts.labels.flatten(0, 1)[:, None],
         "input_boxes": None if prompts.boxes is None else prompts.boxes.flatten(0, 1)[:, None],
@@ -194,11 +205,13 @@ def decode(
     if mask_inputs is None or use_mask is None or not bool(use_mask.any()):
         groups = [(torch.arange(batch * n_obj, device=device), None)]
     else:
+        # separate calls: input_masks applies to every row of one call (rows without one need the no-mask embedding)
         flat_use = use_mask.to(device).repeat_interleave(n_obj)
         flat_masks = mask_inputs.flatten(0, 1)
         groups = [(torch.nonzero(~flat_use).flatten(), None), (torch.nonzero(flat_use).flatten(), flat_masks)]
     groups = [(index, masks) for index, masks in groups if index.numel() > 0]
     lows, ious, order = [], [], []
+    # with multimask the decoders return tokens 1-3 and never consult the switch: left untouched
     with single_mask_token(model, dynamic_multimask or multimask):
         for index, masks in groups:
             # one group of all rows (no mask input, or all images with one): no gather, no scatter in backward
@@ -210,12 +223,13 @@ def decode(
                 multimask_output=multimask,
                 **kwargs,
             )
-            lows.append(out.pred_masks[:, 0])
+            lows.append(out.pred_masks[:, 0])  # [:, 0]: the one point batch -> (rows, K, h', w')
             ious.append(out.iou_scores[:, 0])
             order.append(index)
     if len(groups) == 1:
         low, iou = lows[0], ious[0]
     else:
+        # the groups' rows concatenated in group order; argsort of their indices restores image / object order
         inverse = torch.argsort(torch.cat(order))
         low = torch.cat(lows)[inverse]
         iou = torch.cat(ious)[inverse]

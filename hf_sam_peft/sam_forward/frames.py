@@ -29,6 +29,7 @@ class Frames:
     frame: str = "pad"
 
     def select(self, index: torch.Tensor) -> "Frames":
+        # index selects images (rows of B); image_size and frame belong to the model and stay
         return replace(self, original_sizes=self.original_sizes[index], reshaped_sizes=self.reshaped_sizes[index])
 
     def coords(self, b: int, points: torch.Tensor) -> torch.Tensor:
@@ -54,4 +55,5 @@ class Prompts:
     def add_points(self, points: torch.Tensor, labels: torch.Tensor) -> "Prompts":
         if self.points is None:
             return replace(self, points=points, labels=labels)
+        # dim 2 is P: a correction click joins each object's earlier points (prompts accumulate over the rounds)
         return replace(self, points=torch.cat([self.points, points], 2), labels=torch.cat([self.labels, labels], 2))

@@ -69,6 +69,8 @@ def unwrap_sam(model: nn.Module) -> nn.Module:
     inner = model
     while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         inner = inner.module
+    # peft's get_base_model is the transformers model with the tuner layers injected (not a clean copy), so the
+    # adapters act in everything reached through it
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
     if not hasattr(inner, "vision_encoder") or not hasattr(inner, "mask_decoder"):
@@ -79,6 +81,7 @@ def unwrap_sam(model: nn.Module) -> nn.Module:
 
 
 def _config(model: nn.Module):
+    # a PeftModel forwards .config to the base model; DDP / DataParallel do not, hence the fallback
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):
         config = getattr(unwrap_sam(model), "config", None)
@@ -144,6 +147,7 @@ def main_embedding(embeddings: ImageEmbeddings) -> torch.Tensor:
 def unstack_embeddings(embeddings: ImageEmbeddings) -> list[ImageEmbeddings]:
     """Per image of the batch (for caches)."""
     levels = embedding_levels(embeddings)
+    # level[i] drops the batch axis; stack_embeddings puts it back
     return [from_levels([level[i] for level in levels], embeddings) for i in range(levels[0].shape[0])]
 
 

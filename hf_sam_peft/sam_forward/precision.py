@@ -1,7 +1,7 @@
 """Which reduced precision a device runs natively, and whether it is faster there: the one place training and
 inference ask.
 
-``hf_sam_peft.training.efficiency.resolve_autocast_dtype("auto", ...)`` and inference
+``hf_sam_peft.speed.resolve_autocast_dtype("auto", ...)`` and inference
 (:mod:`hf_sam_peft.evaluation.fast_decoder`) both want "bf16 where it makes this device faster, else nothing".
 Evaluation may not import ``hf_sam_peft.training`` (``tests/test_import_graph.py``), so the test lives here,
 beneath both.
@@ -60,6 +60,7 @@ def _cpu_flags() -> frozenset[str]:
 def _has_amx() -> bool:
     """Whether oneDNN may use AMX here: the CPU has it and ``ONEDNN_MAX_CPU_ISA`` does not cap it away."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    # the cap names the highest ISA oneDNN may use: only AMX-level values (e.g. AVX512_CORE_AMX) leave AMX on
     return "amx_bf16" in _cpu_flags() and (cap == "ALL" or "AMX" in cap)
 
 
@@ -68,9 +69,11 @@ def cpu_bf16_speedup(threads: int | None = None) -> float:
     """How many times faster one bf16 GEMM of ViT-B's MLP shape (1024 x 768 @ 768 x 3072) runs than float32 on
     this CPU with ``threads`` (default: torch's current count); best of three each. Cached per process."""
     threads = threads or torch.get_num_threads()
+    # the thread count is process-wide: restored in finally, so the probe leaves training's setting as it was
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        # an own generator: the probe must not advance the global RNG, which seeded training draws from
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(1024, 768, generator=generator)
         w = torch.randn(3072, 768, generator=generator)
@@ -86,7 +89,7 @@ def cpu_bf16_speedup(threads: int | None = None) -> float:
             best[dtype] = min(times)
     finally:
         torch.set_num_threads(previous)
-    return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
+    return best[torch.float32] / max(best[torch.bfloat16], 1e-9)  # a coarse timer may read 0
 
 
 def fast_autocast_dtype(device: torch.device | str) -> torch.dtype | None:

@@ -56,6 +56,8 @@ SAM3_PIXEL_STD = (127.5, 127.5, 127.5)
 def preprocess_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
     """Size ``(h, w)`` after resizing the longest side to ``image_size`` (SAM's rounding)."""
     scale = image_size * 1.0 / max(height, width)
+    # int(x + 0.5): halves up, as SAM's ResizeLongestSide.get_preprocess_shape (round() would go to even); the
+    # same rule as hf_sam_peft.data.resize.LongestSideResize.resized_shape
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
@@ -65,11 +67,13 @@ def _resized(
 ) -> torch.Tensor:
     """``image`` as float ``(3, h, w)`` on the [0, 255] scale, resized (bilinear, antialiased) to ``size``
     (None: SAM's longest side ``image_size``), normalised by ``mean`` / ``std`` (ImageNet's by default)."""
+    # through the package's one normalisation, which is numpy: a tensor comes back to the host first
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     tensor = torch.from_numpy(normalize_image(np.asarray(image))).to(torch.float32).permute(2, 0, 1)
     height, width = tensor.shape[-2:]
     new_h, new_w = preprocess_shape(height, width, image_size) if size is None else size
+    # already at size: bilinear at scale 1 is the identity, so the resize is skipped
     if (new_h, new_w) != (height, width):
         tensor = F.interpolate(tensor[None], (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
     return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
@@ -83,6 +87,8 @@ def preprocess_image(image: Any, image_size: int) -> tuple[torch.Tensor, tuple[i
     """
     tensor = _resized(image, None, image_size)
     new_h, new_w = tensor.shape[-2:]
+    # padded after normalising, so the padding is 0 in normalised units, as segment_anything's Sam.preprocess
+    # (modeling/sam.py: normalise, then F.pad bottom / right)
     return F.pad(tensor, (0, image_size - new_w, 0, image_size - new_h)), (int(new_h), int(new_w))
 
 
@@ -119,6 +125,7 @@ def image_preprocessor(model: Any) -> Preprocess:
 def transform_coords(coords: torch.Tensor, original_size: Sequence[int], reshaped_size: Sequence[int]) -> torch.Tensor:
     """Map ``(..., 2)`` (x, y) pixel coordinates of the input image into the resized model frame."""
     scale = torch.tensor(
+        # coordinates are (x, y), sizes (h, w): x scales with the widths, y with the heights
         [reshaped_size[1] / original_size[1], reshaped_size[0] / original_size[0]], device=coords.device
     )
     return coords.float() * scale
@@ -148,6 +155,8 @@ def postprocess_masks(
     masks = low_res_masks.reshape(-1, 1, *low_res_masks.shape[-2:])
     if frame == "pad":
         masks = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
+        # the padding lies bottom / right in the image_size frame: cropped before the resize to the input size, as
+        # segment_anything's Sam.postprocess_masks does
         masks = masks[..., : int(reshaped_size[0]), : int(reshaped_size[1])]
     target = (int(original_size[0]), int(original_size[1]))
     if tuple(masks.shape[-2:]) != target:  # same size: bilinear resize is the identity, skip its time and memory
