@@ -40,6 +40,7 @@ def adapter_weights_file(model_id: str, subfolder: str | None = None, **hub_kwar
     local = os.path.join(model_id, subfolder or "", ADAPTER_WEIGHTS)
     if os.path.isfile(local):
         return local
+    # a local folder without the file is an error here, not a Hub lookup of the path as a repo id
     if os.path.isdir(model_id):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in adapter folder {model_id!r}")
 
@@ -57,6 +58,8 @@ def adapter_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
         raise ValueError(f"adapter weights {path} are damaged or truncated ({detail})") from None
 
 
+# torch's load_state_dict message; `\S+ ?\S*` spans at most one space, i.e. shapes of up to two dims such as
+# "torch.Size([2, 64])": a mismatch of 3-D or 4-D tensors alone is not matched
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape (\S+ ?\S*) from checkpoint, the shape in current model is (\S+ ?\S*)\.")
 
 
@@ -65,6 +68,8 @@ def read_adapter_config(model_id: str, subfolder: str | None = None, **hub_kwarg
     local = os.path.join(model_id, subfolder or "", ADAPTER_CONFIG)
     if os.path.isdir(model_id) and not os.path.isfile(local):
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in adapter folder {model_id!r}")
+    # a local file is checked first: for these faults peft's own errors do not name the file (an unknown
+    # peft_type is a bare KeyError from its mapping)
     if os.path.isfile(local):
         try:
             with open(local, encoding="utf-8") as f:
@@ -118,7 +123,7 @@ def check_adapter_weights(path: str) -> dict[str, tuple[int, ...]]:
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     bad = int((~torch.isfinite(tensor)).sum())
                     raise ValueError(f"adapter weights {path}: tensor {name} has {bad} non-finite values (NaN/inf)")
-    except ValueError:
+    except ValueError:  # ours, from the checks above: not to be reworded as "damaged"
         raise
     except Exception as exc:  # SafetensorError, OSError: a truncated or corrupt file
         detail = " ".join(str(exc).split()) or type(exc).__name__
@@ -154,6 +159,7 @@ def load_adapter(
         config = read_adapter_config(model_id, **hub_kwargs)
     weights = adapter_weights_file(model_id, **hub_kwargs)
     shapes = check_adapter_weights(weights)
+    # a config read from disk never has custom modules (peft does not save them): the tensor shapes tell
     if isinstance(config, LoraConfig) and not config._custom_modules:
         if is_qv_lora_state(config, shapes):
             register_qv_lora(config)
@@ -179,10 +185,11 @@ def load_adapter(
             f"adapter {model_id!r} does not fit this base model (trained on another SAM size?): {key} has shape "
             f"{saved} in the adapter but {current} in the base model"
         ) from None
+    # the keys the loaded adapter would save, i.e. the file's key format; any not in the file kept its init values
     expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
     missing = sorted(expected - set(shapes))
     if missing:
-        if adding:
+        if adding:  # leave the caller's PeftModel as it was
             model.delete_adapter(adapter_name)
         if not (expected & set(shapes)):
             raise ValueError(
@@ -207,6 +214,7 @@ def _add_adapter(
             f"adapter {model_id!r} is a {kind} adapter but the model holds {', '.join(sorted(types))} adapters; "
             "peft keeps one adapter type per model (load it onto its own copy of the base)"
         )
+    # before add_adapter: the new layers take requires_grad from it
     config.inference_mode = not is_trainable
     model.add_adapter(adapter_name, config)  # the active adapter stays the active one
     try:
@@ -253,6 +261,7 @@ def unetr_config_from_weights(path: str) -> dict[str, Any] | None:
     shapes = {k.split(marker, 1)[1]: shape for k, shape in adapter_tensor_shapes(path).items() if marker in k}
     if not shapes:
         return None
+    # only the transposed-conv variant has this tensor; a Conv2d weight's dim 0 is its output channels
     transposed = "deconv1.block.0.block.weight" in shapes
     features = [shapes["base.block.1.weight"][0]]
     features += [shapes[f"decoder.blocks.{i}.block.1.weight"][0] for i in range(3)]

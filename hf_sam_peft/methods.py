@@ -94,6 +94,7 @@ def get_method(name: str) -> Method:
 
 
 def _config_fields(method: Method) -> set[str]:
+    # `-` binds tighter than `|`: (fields - {"peft_type"}) | extras; peft_type is fixed by the config class
     if method.build is qv_lora_config:  # peft's LoraConfig, plus our `layers` (its layers_to_transform)
         return {f.name for f in dataclasses.fields(LoraConfig) if f.init} - {"peft_type"} | {"layers"}
     native = getattr(method.build, "config_class", None)
@@ -135,6 +136,8 @@ def _build_config(method: Method, config_kw: dict[str, Any], model: Optional[nn.
         if model is not None:
             if config_kw.get("layers") is not None:
                 config_kw = {**config_kw, "layers": check_layers(config_kw["layers"], num_encoder_layers(model))}
+            # written into the config here because peft's own tuners (LoRA, native) cannot translate SAM's
+            # list to SAM 2's prompt encoder the way SamTunerModel._prepare_adapter_config does
             names = modules_to_save_for(model, config_kw.get("modules_to_save", default_modules_to_save()))
             check_fits(method.name, model)
             if method.kind == "peft":
@@ -144,10 +147,12 @@ def _build_config(method: Method, config_kw: dict[str, Any], model: Optional[nn.
                 config_kw["fused_qkv"] = False  # SAM 3's q and v are Linears of their own: peft's plain LoRA
         return method.build(**config_kw)
     except (ValueError, TypeError) as exc:
+        # peft's messages span lines: collapsed to one, prefixed with the method, without the chained traceback
         raise type(exc)(f"method {method.name!r}: {' '.join(str(exc).split())}") from None
 
 
-# SAM's and SAM 2's fixed random Fourier basis (`shared_image_embedding`, shared with the prompt encoder)
+# SAM's and SAM 2's fixed random Fourier basis (`shared_image_embedding`, shared with the prompt encoder);
+# by class name, so no model class has to be imported (or exist in the installed transformers) to match it
 POSITIONAL_BASIS_TYPES = frozenset({
     "SamPositionalEmbedding", "Sam2PositionalEmbedding", "SamHQPositionalEmbedding", "Sam3TrackerPositionalEmbedding",
     "EdgeTamPositionalEmbedding",
@@ -185,6 +190,7 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
     if method.build is None:
         layers = config_kw.get("layers")
         layers = None if layers is None else check_layers(layers, num_encoder_layers(model))
+        # everything on first (a model may come in frozen), then the encoder narrowed and the basis frozen again
         model.requires_grad_(True)
         if layers is not None:  # only these encoder blocks (and everything outside the encoder) train
             find_image_encoder(model).requires_grad_(False)
@@ -195,6 +201,7 @@ def apply_method(model: nn.Module, name: str, adapter_name: str = "default", **o
         return model
     # a bad option (or `layers` out of this model's range) fails before the model is touched
     config = _build_config(method, config_kw, model)
+    # before peft wraps the encoder: the 4-bit q/v LoRA layer is picked by the base layer's type (Linear4bit)
     if "quant_type" in model_opts:
         quantize_image_encoder(model, quant_type=model_opts["quant_type"])
     declare_untied_embeddings(model)
@@ -208,6 +215,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, counting shared tensors once and peft's frozen originals not at all."""
     seen: set[int] = set()
     trainable = total = 0
+    # a tensor reachable under two names (SAM's shared_image_embedding, FacT's shared factors) counts once;
+    # `.original_module.`: the frozen original that peft's ModulesToSaveWrapper keeps beside its trainable copy
     for name, p in model.named_parameters():
         if id(p) in seen or ".original_module." in name:
             continue
@@ -260,6 +269,7 @@ def parameter_table(
             raise ValueError(f"last_k={last_k} exceeds the {num_encoder_layers(base)} encoder blocks of {model_type}")
         placement = {} if last_k is None else {"layers": list(range(-last_k, 0))}
         for name in methods:
+            # Freeze Encoder rejects `layers` (it adapts no block)
             options = {} if name == "freeze_encoder" else placement
             # BOFT builds its permutation buffers element by element (`.item()`), which the meta device cannot:
             # those are made on the CPU (small, no weights) and peft moves them to the base's (meta) device
@@ -270,6 +280,8 @@ def parameter_table(
                 except ValueError as exc:
                     rows.append({"method": name, "title": METHODS[name].title, "trainable": None, "why": str(exc)})
                     continue
+            # a fresh copy per method: apply_method changes the model in place; QLoRA as LoRA (bitsandbytes does not
+            # quantize on the meta device; its trainable parameters are LoRA's)
             with context:
                 model = apply_method(copy.deepcopy(base), "lora" if name == "qlora" else name, **options)
             rows.append({"method": name, "title": METHODS[name].title, "trainable": count_parameters(model)[0]})

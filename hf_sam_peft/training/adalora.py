@@ -40,6 +40,8 @@ def adalora_regularizer(model: nn.Module) -> Optional[torch.Tensor]:
         if ("lora_A" in name or "lora_B" in name) and tuner.trainable_adapter_name in name:
             if parameter.shape == torch.Size([0]):  # a DeepSpeed ZeRO-3 shard placeholder: not gathered here
                 continue
+            # A is (r, in): A Aᵀ is r×r; B is (out, r): Bᵀ B is r×r. The identity in the matrix's dtype and
+            # device, as AdaLoraModel.forward builds it
             matrix = parameter @ parameter.T if "lora_A" in name else parameter.T @ parameter
             identity = torch.eye(*matrix.size(), out=torch.empty_like(matrix))
             penalty = torch.norm(matrix - identity, p="fro")
@@ -59,18 +61,22 @@ class AdaLoraAllocation(TrainerCallback):
         tuner = adalora_model(model) if model is not None else None
         if tuner is not None:
             config = tuner.peft_config[tuner.trainable_adapter_name]
+            # peft's RankAllocator.budget_schedule divides by total_step - tfinal - tinit
             if config.tinit >= state.max_steps - config.tfinal:
                 raise ValueError(
                     f"AdaLoRA: tinit ({config.tinit}) + tfinal ({config.tfinal}) leave no budgeting phase in "
                     f"{state.max_steps} steps; lower them or train longer"
                 )
             config.total_step = state.max_steps
+            # the allocator schedules from the config object it holds: make sure it is this one
             tuner.rankallocator.peft_config = config
         return control
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
         tuner = adalora_model(model) if model is not None else None
         if tuner is not None:
+            # the Trainer increments global_step only after this callback and zero_grad: here it counts the steps
+            # completed before this one (0 at the first)
             tuner.update_and_allocate(state.global_step)
         return control
 

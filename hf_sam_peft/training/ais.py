@@ -50,10 +50,10 @@ def _relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Connected components (full connectivity, as the reference), small objects removed, ids 1..n."""
     components = connected_components(labels, background=0).astype(np.int64)
     if min_size > 0 and components.size:
-        small = np.bincount(components.ravel()) < min_size
-        small[0] = False
+        small = np.bincount(components.ravel()) < min_size  # indexed by component id
+        small[0] = False  # the background is never "small"
         if small.any():
-            components[small[components]] = 0
+            components[small[components]] = 0  # id -> flag lookup, per pixel
             components = _sequential(components)
     return components
 
@@ -71,14 +71,16 @@ def _object_distances(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalised centre and inverted boundary distances inside one object's bounding-box crop."""
     if boundary.any():
+        # EDT gives each pixel its distance to the nearest zero, i.e. to the nearest boundary pixel
         to_boundary = ndimage.distance_transform_edt(~boundary)
     else:  # an object filling the whole image has no inner boundary
         to_boundary = np.zeros(mask.shape)
-    to_boundary[~mask] = 0
+    to_boundary[~mask] = 0  # other objects and background in the crop must not win the argmax
     peak = np.unravel_index(np.argmax(to_boundary), mask.shape)
     if not mask[center]:
         center = peak  # the centroid lies outside a non-convex object: use the most central point
 
+    # (row, col) in the crop's frame; open grids broadcast to the crop without building index arrays
     rows, cols = np.ogrid[: mask.shape[0], : mask.shape[1]]
     to_center = np.hypot(rows - center[0], cols - center[1])
     boundary_inverted = to_boundary[peak] - to_boundary
@@ -103,9 +105,11 @@ def distance_targets(labels: np.ndarray, min_size: int = 25) -> np.ndarray:
     if n == 0:
         return targets
 
+    # "inner": boundary pixels lie inside their object, so each object's own boundary is inside its bounding box
     boundaries = find_boundaries(objects, mode="inner")
     flat = objects.ravel()
     counts = np.bincount(flat, minlength=n + 1)
+    # every centroid in one pass: per-id sums of row and column indices over per-id pixel counts
     rows, cols = np.indices(objects.shape)
     centroid_r = np.bincount(flat, weights=rows.ravel(), minlength=n + 1) / np.maximum(counts, 1)
     centroid_c = np.bincount(flat, weights=cols.ravel(), minlength=n + 1) / np.maximum(counts, 1)
@@ -114,11 +118,13 @@ def distance_targets(labels: np.ndarray, min_size: int = 25) -> np.ndarray:
         if box is None:
             continue
         mask = objects[box] == object_id
+        # the rounded centroid, moved from the image frame into the crop's
         center = (
             int(np.round(centroid_r[object_id])) - box[0].start,
             int(np.round(centroid_c[object_id])) - box[1].start,
         )
         center_dist, boundary_dist = _object_distances(mask, boundaries[box], center)
+        # basic indexing gives views: the masked assignment writes into `targets`, and only this object's pixels
         targets[CENTER_DISTANCES][box][mask] = center_dist[mask]
         targets[BOUNDARY_DISTANCES][box][mask] = boundary_dist[mask]
     return targets
@@ -140,6 +146,8 @@ def batch_distance_targets(labels: torch.Tensor | np.ndarray, min_size: int = 25
 def _dice_loss_per_channel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 − Dice per channel with the sums pooled over batch and space (torch_em's channelwise Dice)."""
     channels, width = pred.shape[1], pred.shape[-1]
+    # (B, C, H, W) -> (C, B·H, W): dice_loss sums its last two dims, so each channel's sums pool the whole batch,
+    # as torch_em's flatten_samples (loss/dice.py) does
     return dice_loss(
         pred.transpose(0, 1).reshape(channels, -1, width), target.transpose(0, 1).reshape(channels, -1, width)
     )
@@ -156,6 +164,8 @@ def ais_loss(pred: torch.Tensor, target: torch.Tensor, mask_distances_in_bg: boo
         raise ValueError(f"target shape {tuple(target.shape)} must equal pred shape {tuple(pred.shape)}")
     target = target.to(pred.dtype)
     if mask_distances_in_bg:
+        # as torch_em's DistanceLoss.forward: both pred and target of the distance channels times the true fg;
+        # the fg channel itself is not masked
         foreground = target[:, FOREGROUND : FOREGROUND + 1]
         weight = torch.cat([torch.ones_like(foreground), foreground, foreground], dim=1)
         pred, target = pred * weight, target * weight

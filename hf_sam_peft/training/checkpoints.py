@@ -98,6 +98,7 @@ def mark_checkpoint_complete(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     files = _checkpoint_files(folder)
     sha256 = {name: file_sha256(folder / name) for name in files}
+    # atomic: a crash while writing leaves no marker rather than a partial one, so the folder reads as unfinished
     return atomic_write_text(folder / CHECKPOINT_MARKER, json.dumps({"files": files, "sha256": sha256}, indent=1))
 
 
@@ -105,6 +106,7 @@ def non_finite_tensor(tensors: Any, prefix: str = "") -> str | None:
     """The name of the first floating-point tensor (or float) holding NaN or inf in a nested dict / list of
     tensors (an optimizer's ``state_dict()``), or None when all are finite."""
     if isinstance(tensors, torch.Tensor):
+        # integer tensors (step counters) cannot hold NaN / inf
         if tensors.is_floating_point() or tensors.is_complex():
             return None if bool(torch.isfinite(tensors).all()) else prefix or "tensor"
         return None
@@ -139,12 +141,14 @@ def _safetensors_problem(path: Path, name: str) -> str | None:
 def _optimizer_problem(path: Path, name: str) -> str | None:
     """An unreadable optimizer state or one holding NaN / inf (Adam moments, learning rates)."""
     try:
+        # weights_only: a checkpoint file is data, never code to run
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         return f"{name} is unreadable ({' '.join(str(exc).split()[:12]) or type(exc).__name__})"
     found = non_finite_tensor(state.get("state", {}) if isinstance(state, dict) else state, "state")
     if found is None and isinstance(state, dict):
         for index, group in enumerate(state.get("param_groups", [])):
+            # "params" holds parameter ids (ints); lr, betas, weight_decay, ... are the values that can go non-finite
             found = non_finite_tensor({k: v for k, v in group.items() if k != "params"}, f"param_groups.{index}")
             if found is not None:
                 break
@@ -158,6 +162,7 @@ def _fingerprint(folder: Path) -> tuple | None:
         stats = [(p.relative_to(folder).as_posix(), p.stat()) for p in sorted(folder.rglob("*")) if p.is_file()]
     except OSError:
         return None
+    # ctime too: os.utime can set mtime back, but any change of a file moves its ctime forward
     newest = max((max(st.st_mtime_ns, st.st_ctime_ns) for _, st in stats), default=0)
     if time.time_ns() - newest < SETTLED_SECONDS * 1e9:
         return None
@@ -174,10 +179,11 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     if fingerprint is not None and _INTACT.get(key) == fingerprint:
         return None
     problem = _verify_checkpoint(folder)
+    # the old entry is stale either way; re-added below (as the newest) only if intact and unchanged while read
     _INTACT.pop(key, None)
     if problem is None and fingerprint is not None and _fingerprint(folder) == fingerprint:  # unchanged while read
         while len(_INTACT) >= _INTACT_LIMIT:
-            _INTACT.pop(next(iter(_INTACT)))
+            _INTACT.pop(next(iter(_INTACT)))  # dicts keep insertion order: this is the oldest entry
         _INTACT[key] = fingerprint
     return problem
 
@@ -197,6 +203,7 @@ def _verify_checkpoint(folder: Path) -> str | None:
         return f"{CHECKPOINT_MARKER} is unreadable"
     if "trainer_state.json" not in recorded:
         return "it holds no trainer_state.json"
+    # cheapest first: presence and sizes (stat), then checksums (read every byte), then the content scans
     for name, size in recorded.items():
         path = folder / name
         if not path.is_file():
@@ -226,6 +233,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
+    # by the step number as an int: as strings, checkpoint-900 would sort after checkpoint-1000
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
 

@@ -81,15 +81,17 @@ class SamInteractiveCollator:
             if self.image_key not in row:
                 raise ValueError(f"each row needs an {self.image_key!r} column, got keys {sorted(row)}")
             image = row[self.image_key]
+            # `size`: (h, w) of the resized image inside the model's square input frame (SAM 2's: the whole square)
             values, size = self.preprocess(image, self.image_size)
             pixel_values.append(values)
             reshaped.append(size)
-            originals.append(tuple(np.shape(image)[:2]))
+            originals.append(tuple(np.shape(image)[:2]))  # (rows, cols) of the input, HxWxC
         batch = {
             "pixel_values": torch.stack(pixel_values),
             "original_sizes": torch.tensor(originals, dtype=torch.long),
             "reshaped_input_sizes": torch.tensor(reshaped, dtype=torch.long),
         }
+        # all or nothing: a batch with labels on some rows only would have no label tensor to pad into
         if all(self.label_key in row for row in rows):
             batch["labels"] = self._stack_labels([row[self.label_key] for row in rows], originals)
         return batch
@@ -98,6 +100,7 @@ class SamInteractiveCollator:
     def _stack_labels(labels: list[Any], sizes: list[tuple[int, int]]) -> torch.Tensor:
         height = max(size[0] for size in sizes)
         width = max(size[1] for size in sizes)
+        # each map at the top left, padded at the bottom and right with 0 (background); original_sizes crops it back
         out = torch.zeros(len(labels), height, width, dtype=torch.long)
         for i, (lab, size) in enumerate(zip(labels, sizes)):
             lab = lab if isinstance(lab, torch.Tensor) else torch.from_numpy(np.asarray(lab).astype(np.int64))

@@ -29,6 +29,7 @@ def dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = EPS) -> to
     target = target.to(probs.dtype)
     numerator = (probs * target).sum((-2, -1))
     denominator = (probs * probs).sum((-2, -1)) + (target * target).sum((-2, -1))
+    # clamped, not eps-added, as torch_em's dice_score (loss/dice.py): an empty pair scores 1 - 0 = 1
     return 1.0 - 2.0 * numerator / denominator.clamp(min=eps)
 
 
@@ -53,8 +54,9 @@ class _SigmoidDiceSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor):  # target: (N, H, W) float 0/1
+        # the path is fixed at forward time, so backward recomputes σ the same way
         ctx.row_by_row = row_by_row(logits)
-        ctx.save_for_backward(logits, target)
+        ctx.save_for_backward(logits, target)  # the logits, not σ: backward recomputes it rather than keep a copy
         if not ctx.row_by_row:
             # batched, one full-size temporary at a time; elementwise products and sums in the logits' dtype
             # (float32), not bmm, which autocast would run in bf16 and a GPU may run in TF32
@@ -90,6 +92,7 @@ class _SigmoidDiceSums(torch.autograd.Function):
             probs = torch.sigmoid(logits)
             grad = probs * (2.0 * grad_squares[..., None, None])
             grad.addcmul_(grad_inter[..., None, None], target[:, None]).mul_(probs)
+            # `probs` becomes 1 - σ in place only here, after its last use as σ
             return grad.mul_(probs.neg_().add_(1.0)), None
         grad = torch.empty_like(logits)
         for n in range(logits.shape[0]):
@@ -118,7 +121,9 @@ def mask_and_iou_loss(
     inter, squares, overlap, predicted = _SigmoidDiceSums.apply(mask_logits.float(), target)
     target_sum = target.sum((-2, -1))[:, None]  # Σt² = Σt for a 0/1 target
     dice = 1.0 - 2.0 * inter / (squares + target_sum).clamp(min=EPS)
+    # |P ∪ T| = |P| + |T| - |P ∩ T|: mask_iou's value; without gradient, since the counts are non-differentiable
     true_iou = overlap / (predicted + target_sum - overlap + EPS)
+    # min over the K masks: with multimask output only the best of SAM's masks for each object is trained
     return dice.min(dim=1).values.mean(), F.mse_loss(iou_predictions.float(), true_iou)
 
 

@@ -28,7 +28,7 @@ from ..modeling.unetr import (
 )
 
 # The prompt encoder and mask decoder (and the UNETR decoder, when the model carries one: peft skips names a
-# model does not have) always train and are saved with the adapter (DESIGN §1). The prompt
+# model does not have) always train and are saved with the adapter, as in the paper (all methods fine-tune them). The prompt
 # encoder is listed by its trainable children: its `shared_embedding` is the same module as SAM's
 # `shared_image_embedding`, a fixed random Fourier basis (a buffer in the original SAM) that must stay frozen.
 # (peft matches `modules_to_save` by name suffix and cannot wrap a ModuleList, hence the four point embeddings
@@ -58,6 +58,7 @@ _INDEX = r"\d+"
 def encoder_blocks(layers: Optional[list[int]] = None) -> str:
     """The regex of an image-encoder block path (only blocks `layers`, when given: the `i` that `layers` names)."""
     index = _INDEX if layers is None else "(?:" + "|".join(str(int(i)) for i in layers) + ")"
+    # `(?:\.blocks\.\d+)?`: a TinyViT stage index selects every block of that stage
     return rf"vision_encoder\.(?:layers\.{index}(?:\.blocks\.\d+)?|backbone\.(?:blocks|layers)\.{index})"
 
 
@@ -84,6 +85,7 @@ BLOCK_LINEARS: tuple[str, ...] = (
 # `layers_pattern` (peft reads it as a regex and takes the first index after it). Our regex for the same index.
 # (`layers` also matches SAM 3's `backbone.layers`.)
 LAYERS_PATTERN = r"(?:layers|backbone\.blocks)"
+# The trailing `\.` requires a module inside the block: the block path itself yields None (targets are its children)
 _BLOCK_INDEX = re.compile(r"(?:^|.*?\.)vision_encoder\.(?:layers|backbone\.blocks|backbone\.layers)\.(\d+)\.")
 
 
@@ -102,6 +104,8 @@ def encoder_family(model: nn.Module) -> str:
     """The family of `model`'s image encoder: SAM's / SAM-HQ's ViT, LiteMedSAM's TinyViT, SAM 2's Hiera, SAM 3's
     ViT (split q/k/v projections, rotary positions) or EdgeTAM's convolutional RepViT."""
     encoder = find_image_encoder(model)
+    # by model_type, not structure: EdgeTAM's backbone is transformers' timm wrapper, with neither `layers` nor
+    # `blocks`, so the structural tests below would take it for SAM 3's ViT
     if getattr(getattr(model, "config", None), "model_type", None) == "edgetam":
         return REPVIT
     if hasattr(encoder, "layers"):
@@ -140,6 +144,7 @@ def check_layers(layers: Any, num_layers: Optional[int] = None) -> Optional[list
     """
     if layers is None:
         return None
+    # bool is an int subclass: `layers=True` must be an error, not block 1
     items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
     if (
         not isinstance(items, (list, tuple))
@@ -155,6 +160,7 @@ def check_layers(layers: Any, num_layers: Optional[int] = None) -> Optional[list
                 f"(0..{num_layers - 1}, or -{num_layers}..-1 from the end)"
             )
         items = [i % num_layers for i in items]
+    # after resolving, so that -1 and num_layers - 1 count as the same block
     if len(set(items)) != len(items):
         raise ValueError(f"layers names a block twice: {layers!r}")
     return sorted(items)
@@ -231,6 +237,7 @@ class SamTunerConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.layers = check_layers(self.layers)
+        # as peft's own configs do: peft reads a str as one regex (full match), a set as module-name suffixes
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple)):
@@ -266,16 +273,20 @@ class SamTunerModel(BaseTuner):
         """peft's matching, then `layers`: only modules inside the chosen encoder layers."""
         found = check_target_module_exists(peft_config, key)
         layers = getattr(peft_config, "layers", None)
+        # returned as is (an `_ExcludedModule` is falsy): peft's inject_adapter tells excluded from unmatched by type
         if not found or isinstance(found, _ExcludedModule) or layers is None:
             return found
+        # None (outside the encoder's blocks) is in no list: with `layers` set, nothing else is adapted
         return encoder_layer_index(key) in layers
 
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         find_image_encoder(model)
+        # Freeze Encoder wraps no layer (and takes no `layers`): there is nothing to resolve or match
         if config.target_modules == DUMMY_TARGET_MODULES:
             return
         # negative indices resolved once against this model, so the saved config names the blocks it adapted
         config.layers = check_layers(config.layers, num_encoder_layers(model))
+        # checked here, before peft injects anything, so the error can show how this model names its modules
         if not any(self._check_target_module_exists(config, name) for name, _ in model.named_modules()):
             qkv0 = re.compile(r"(layers|blocks)\.0\.attn\.qkv$")
             example = next((n for n, _ in model.named_modules() if qkv0.search(n)), "")
@@ -309,6 +320,7 @@ class SamTunerModel(BaseTuner):
             return
         new_module = self.tuner_layer_cls(target, adapter_name, peft_config, **kwargs)
         if adapter_name not in self.active_adapters:
+            # an added (not active) adapter starts frozen, as in peft's LoraModel._create_and_replace
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
@@ -342,6 +354,7 @@ class SamTunerLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._active_adapter = adapter_name
+        # one entry per merged adapter, in merge order: unmerge pops them LIFO, so each restore is exact
         self._merge_backup: list[dict[str, torch.Tensor]] = []
         self.update_layer(adapter_name, config, **kwargs)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
@@ -360,11 +373,13 @@ class SamTunerLayer(nn.Module, BaseTunerLayer):
     # --- shared behaviour ---------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters:
+            # as peft's LoRA Linear.forward: a disabled adapter must not stay folded into the base weights
             if self.merged:
                 self.unmerge()
             return self.base_layer(*args, **kwargs)
         if self.merged:
             return self.base_layer(*args, **kwargs)
+        # an active adapter may not wrap this layer (other targets or `layers`): then the base runs alone
         active = [a for a in self.active_adapters if a in self._get_available_adapters()]
         if not active:
             return self.base_layer(*args, **kwargs)
@@ -381,8 +396,10 @@ class SamTunerLayer(nn.Module, BaseTunerLayer):
         for name in adapter_names:
             if name not in self._get_available_adapters():
                 continue
+            # re-read per adapter: a second adapter folds into the weights the first one already changed
             current = {k: p.data for k, p in params.items()}
             new = self.merged_values(name, current)
+            # checked before this adapter writes anything: a failed safe merge leaves it unmerged
             if safe_merge and not all(torch.isfinite(v).all() for v in new.values()):
                 raise ValueError(f"merging adapter {name!r} produced non-finite weights")
             self._merge_backup.append({k: params[k].data.clone() for k in new})

@@ -81,12 +81,14 @@ def _native(config_class: type[PeftConfig], method: str, defaults: dict[str, Any
     def build(target: str = "qkv_mlp", layers: int | list[int] | None = None, **kwargs: Any) -> PeftConfig:
         suffixes = _check_target(method, target, kwargs)
         layers = check_layers(layers)
+        # the indices go into the regex as written, where `-1` would match no block
         if layers is not None and any(i < 0 for i in layers):
             raise ValueError(
                 f"layers {layers}: negative indices need the model; use apply_method(model, ...) to resolve them"
             )
         options = {**defaults, **kwargs}
         options.setdefault("target_modules", block_regex(suffixes, layers))
+        # SAM's layout (no model here): `methods._build_config` passes the model's own list, which wins
         options.setdefault("modules_to_save", default_modules_to_save())
         if prepare is not None:
             prepare(suffixes, layers, options)
@@ -103,6 +105,7 @@ def _ia3_feedforward(suffixes: tuple[str, ...], layers: list[int] | None, option
     MLP's hidden activation); the MLP's second Linear is that feed-forward layer."""
     if "feedforward_modules" not in options:
         out = tuple(s for s in suffixes if s in MLP_OUT)
+        # no MLP target (target="qkv"): every target then scales its output
         options["feedforward_modules"] = block_regex(out, layers) if out else []
 
 
@@ -126,9 +129,10 @@ NATIVE_BUILDERS: dict[str, Callable[..., PeftConfig]] = {
     "fourierft": _native(FourierFTConfig, "FourierFT", dict(n_frequency=1000, scaling=150.0)),
 }
 
-# Encoders whose blocks apply their Linears to (batch, height, width, channels) tensors: SAM's ViT and SAM 2's
-# Hiera. peft's OFT reads any 4-D input as a convolution's and unfolds it (peft/tuners/oft/layer.py,
-# OFTRotationModule.forward), so it cannot run there; LiteMedSAM's TinyViT feeds (batch, tokens, channels).
+# Encoders whose blocks apply their Linears to (batch, height, width, channels) tensors: SAM's ViT (also SAM-HQ's),
+# SAM 2's Hiera and SAM 3's ViT (windowed attention on the spatial layout). peft's OFT reads any 4-D input as a
+# convolution's and unfolds it (peft/tuners/oft/layer.py, OFTRotationModule.forward), so it cannot run there;
+# LiteMedSAM's TinyViT feeds (batch, tokens, channels).
 SPATIAL_TOKEN_ENCODERS = frozenset({"SamVisionEncoder", "SamHQVisionEncoder", "Sam2VisionModel", "Sam3VisionModel"})
 
 # EdgeTAM's RepViT is convolutional (BatchNorm'd convolutions, squeeze-excitation; no attention, MLP Linears or
@@ -173,15 +177,18 @@ def leaf_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
             continue
         for key in matches:
             module = modules[key]
+            # a leaf, or a module with a `weight` of its own, survives peft's unload as it is
             if hasattr(module, "weight") or not any(True for _ in module.children()):
                 out.append(name)
                 break
+            # named under `name`, not `key`: peft matches modules_to_save by suffix, so these still find their modules;
+            # `sub` is "" for the module itself, and only modules owning parameters directly are listed
             leaves = [
                 f"{name}.{sub}" for sub, child in module.named_modules()
                 if sub and any(True for _ in child.parameters(recurse=False))
             ]
             out.extend(leaves)
-            break
+            break  # the first match decides (each default name matches one module of a SAM)
     return list(dict.fromkeys(out))
 
 

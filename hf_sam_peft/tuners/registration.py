@@ -16,6 +16,7 @@ def add_peft_type(name: str) -> PeftType:
     key = name.upper()
     if key in PeftType.__members__:
         return PeftType[key]
+    # built the way Enum builds a member of a `str` mixin enum: a str instance carrying _name_/_value_
     member = str.__new__(PeftType, key)
     member._name_ = key
     member._value_ = key
@@ -25,7 +26,10 @@ def add_peft_type(name: str) -> PeftType:
         PeftType._add_member_(key, member)
     else:
         PeftType._member_map_[key] = member
+        # type.__setattr__: EnumType.__setattr__ refuses to (re)assign a name that is in _member_map_
         type.__setattr__(PeftType, key, member)
+    # register_peft_method tests `name.upper() in list(PeftType)`, which iterates _member_names_;
+    # _value2member_map_ makes `PeftType("FACT")` find the member, as it finds peft's own
     PeftType._member_names_.append(key)
     PeftType._value2member_map_[key] = member
     return member
@@ -34,6 +38,7 @@ def add_peft_type(name: str) -> PeftType:
 def register_tuner(name: str, config_cls: type, model_cls: type, prefix: str) -> None:
     """Register a tuner under `name` with peft (no-op when this exact tuner is already registered)."""
     peft_type = add_peft_type(name)
+    # register_peft_method raises KeyError for a name it already holds, so a second import must stop here
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls and PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
         return
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)

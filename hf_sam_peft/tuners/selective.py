@@ -49,15 +49,19 @@ class SelectiveLayer(SamTunerLayer):
         if not hasattr(self, self.adapter_layer_names[0]):
             setattr(self, self.adapter_layer_names[0], nn.ModuleDict())
         base_params = dict(self.get_base_layer().named_parameters())
+        # one list serves every encoder (ViT's rel_pos_h, TinyViT's attention_biases, SAM 3's q_proj.*): each
+        # module keeps the names it has, and only a module that has none of them is an error
         names = [n for n in config.trainable_parameters if n in base_params]
         if not names:
             raise ValueError(
                 f"none of trainable_parameters={list(config.trainable_parameters)} exists in the targeted "
                 f"{type(self.get_base_layer()).__name__} (it has {sorted(base_params)})"
             )
+        # copies, not the base tensors: the base stays as loaded, so disabling or unmerging gives the pretrained values
         self._store[adapter_name] = nn.ParameterDict(
             {_key(n): nn.Parameter(base_params[n].detach().clone()) for n in names}
         )
+        # a plain dict, not module state: the names are derived from the config again on load
         self._param_names = getattr(self, "_param_names", {})
         self._param_names[adapter_name] = names
 
@@ -66,6 +70,8 @@ class SelectiveLayer(SamTunerLayer):
         return {n: store[_key(n)] for n in self._param_names[adapter_name]}
 
     def adapted_forward(self, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        # swaps the copies in for this call only (the base module is not modified); strict=False: every parameter
+        # not named here is the base module's own
         return functional_call(self.get_base_layer(), self._named_values(adapter_name), args, kwargs, strict=False)
 
     def merged_values(self, adapter_name: str, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,9 @@ class AdaptFormerConfig(SamTunerConfig):
     to the output (a residual SAM's block already adds); we do not copy that.
     """
 
+    # the whole MLP module: the branch reads the MLP's input and adds to its output
     target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("mlp"))
+    # p = 64, a learnable α and no dropout: micro-sam's defaults (micro_sam/models/peft_sam.py, AdaptFormer.__init__)
     projection_size: int = 64
     alpha: Optional[float] = None
     dropout: float = 0.0
@@ -29,5 +31,6 @@ class AdaptFormerConfig(SamTunerConfig):
             raise ValueError(f"projection_size must be a positive int, got {self.projection_size!r}")
         if self.alpha is not None and not isinstance(self.alpha, (int, float)):
             raise TypeError(f"alpha must be None (learnable) or a number, got {type(self.alpha).__name__}")
+        # bool is an int subclass: dropout=True would silently mean p = 1.0
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")

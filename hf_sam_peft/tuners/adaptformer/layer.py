@@ -14,6 +14,7 @@ from .config import AdaptFormerConfig
 
 
 class AdaptFormerLayer(SamTunerLayer):
+    # a fixed α is a float, not a tensor: it is no adapter weight and is rebuilt from the config on load
     adapter_layer_names = ("adaptformer_down", "adaptformer_up", "adaptformer_alpha")
     other_param_names = ("adaptformer_dropout", "adaptformer_fixed_alpha")
 
@@ -37,6 +38,7 @@ class AdaptFormerLayer(SamTunerLayer):
         ref = first.weight
         down = nn.Linear(d, p, device=ref.device, dtype=ref.dtype)
         up = nn.Linear(p, d_out, device=ref.device, dtype=ref.dtype)
+        # micro-sam's init (AdaptFormer.__init__ in micro_sam/models/peft_sam.py); `up` = 0 makes the branch 0 at start
         nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
         nn.init.zeros_(down.bias)
         nn.init.zeros_(up.weight)
@@ -51,6 +53,8 @@ class AdaptFormerLayer(SamTunerLayer):
 
     def adapted_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        # dropout after the ReLU, as in micro-sam's AdaptFormer.forward; unlike it, `x` itself is not added again
+        # (the encoder block already adds the residual around its MLP)
         branch = self.adaptformer_up[adapter_name](
             self.adaptformer_dropout[adapter_name](torch.relu(self.adaptformer_down[adapter_name](x)))
         )

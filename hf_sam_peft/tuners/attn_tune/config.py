@@ -20,6 +20,8 @@ class AttnTuneConfig(SelectiveConfig):
 
     # `attention`: SAM 3's ViT, whose q, k, v and output projections are four Linears (rotary positions: no table)
     target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex("attn", "attention"))
+    # micro-sam's AttentionSurgery trains every parameter under a block's `attn` (micro_sam/models/peft_sam.py);
+    # on SAM's ViT these names are exactly those parameters
     trainable_parameters: list[str] = field(
         # rel_pos_h/w: ViT's relative position tables; attention_biases: TinyViT's
         default_factory=lambda: [

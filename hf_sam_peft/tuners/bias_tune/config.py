@@ -23,6 +23,8 @@ class BiasTuneConfig(SelectiveConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=encoder_regex(*BLOCK_LINEARS, *BLOCK_NORMS)
     )
+    # in a ViT block the targeted Linears and LayerNorms are the only modules with a bias, so this is the rule
+    # of micro-sam's BiasSurgery (every parameter whose name ends in "bias")
     trainable_parameters: list[str] = field(default_factory=lambda: ["bias"])
 
     def __post_init__(self) -> None:

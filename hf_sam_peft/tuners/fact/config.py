@@ -27,6 +27,7 @@ class FactConfig(SamTunerConfig):
         default=encoder_regex("attn.qkv", "attention.q_proj", "attention.v_proj")
     )
     r: int = 16
+    # micro-sam's FacTSurgery default (micro_sam/models/peft_sam.py); its dropout acts on the r-dim S·U x
     dropout: float = 0.1
     shared_factors: bool = False
     init: Literal["identity", "reference"] = "identity"
@@ -36,6 +37,7 @@ class FactConfig(SamTunerConfig):
         self.peft_type = PeftType.FACT
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
+        # bool is an int subclass: dropout=True would silently mean p = 1.0
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.init not in ("identity", "reference"):

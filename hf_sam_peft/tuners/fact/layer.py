@@ -36,6 +36,8 @@ class FactLayer(SamTunerLayer):
             self.fact_u, self.fact_v = nn.ParameterDict(), nn.ParameterDict()
             self.fact_s_q, self.fact_s_v = nn.ParameterDict(), nn.ParameterDict()
             self.fact_dropout = nn.ModuleDict()
+            # plain dicts, not module state: `_factors` references U and V without registering them, so a factor
+            # shared by several layers is saved, loaded and counted once, under the layer that owns it
             self._factors: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
             self._roles: dict[str, Optional[str]] = {}
         base = self.get_base_layer()
@@ -59,10 +61,13 @@ class FactLayer(SamTunerLayer):
                 shared[key] = param
             return param
 
+        # keyed by width, so that Hiera's stage-changing blocks (d -> d_out) get factors of their own widths;
+        # V = 0 ("identity") makes Δq = Δv = 0 at the start, LoRA's B = 0
         u = factor(self.fact_u, "u", d, r, d, zero=False)
         v = factor(self.fact_v, "v", d_out, d_out, r, zero=config.init == "identity")
         self._factors[adapter_name] = (u, v)
         self._roles[adapter_name] = role
+        # S_q, S_v with nn.Linear's default init, as micro-sam's q_FacTs / v_FacTs (FacTSurgery.__init__)
         if role in (None, "q"):
             self.fact_s_q[adapter_name] = new(r, r)
         if role in (None, "v"):
@@ -76,7 +81,8 @@ class FactLayer(SamTunerLayer):
     def _deltas(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u, v = self._factors[adapter_name]
         drop = self.fact_dropout[adapter_name]
-        hidden = F.linear(x, u)
+        hidden = F.linear(x, u)  # U x computed once, shared by both branches
+        # one Dropout module called twice: independent masks for q and v, like micro-sam's dp_q / dp_v
         dq = F.linear(drop(F.linear(hidden, self.fact_s_q[adapter_name])), v)
         dv = F.linear(drop(F.linear(hidden, self.fact_s_v[adapter_name])), v)
         return dq, dv
@@ -88,6 +94,7 @@ class FactLayer(SamTunerLayer):
             hidden = F.linear(x.to(qkv.dtype), u)
             return qkv + F.linear(self.fact_dropout[adapter_name](F.linear(hidden, self._scale(adapter_name))), v)
         dq, dv = self._deltas(adapter_name, x.to(qkv.dtype))
+        # the fused output is [q | k | v] along the last dim (SAM reshapes it to (..., 3, heads, head_dim))
         q, k, v = qkv.chunk(3, dim=-1)
         return torch.cat([q + dq, k, v + dv], dim=-1)
 
@@ -95,6 +102,7 @@ class FactLayer(SamTunerLayer):
         u, v = (p.detach() for p in self._factors[adapter_name])
         if self._roles[adapter_name] is not None:
             return {"weight": current["weight"] + v @ self._scale(adapter_name).detach() @ u}
+        # V S U is (d_out, d), the layout of a block of weight rows (out, in); the k rows stay unchanged
         delta_q = v @ self.fact_s_q[adapter_name].detach() @ u
         delta_v = v @ self.fact_s_v[adapter_name].detach() @ u
         zero = torch.zeros_like(delta_q)

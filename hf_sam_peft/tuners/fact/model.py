@@ -24,9 +24,12 @@ class FactModel(SamTunerModel):
         # V (FacT's factors are per block, S per projection), so each gets its role and the block's factor dict
         role = next((r for r in ("q", "v") if key.endswith(f".{r}_proj")), None)
         kwargs: dict = {} if role is None else {"role": role}
+        # created on first use: peft injects from inside BaseTuner.__init__, before a subclass's __init__ could set
+        # them up; plain bookkeeping dicts (the tensors in them are registered on their owning layers)
         if config.shared_factors:
             kwargs["shared"] = self.__dict__.setdefault("_fact_shared", {})
         elif role is not None:
             blocks: dict[str, SharedFactors] = self.__dict__.setdefault("_fact_blocks", {})
+            # the attention module's path, shared by its q_proj and v_proj
             kwargs["shared"] = blocks.setdefault(key.rsplit(".", 1)[0], {})
         return kwargs

@@ -14,6 +14,8 @@ class LNTuneConfig(SelectiveConfig):
     """Train the two LayerNorms of each image-encoder block (ViT, SAM 2's Hiera: layer_norm1/2; TinyViT: attn.norm,
     mlp.norm). In Hiera's first block of a stage layer_norm1 has the previous stage's width, layer_norm2 its own."""
 
+    # micro-sam's LayerNormSurgery selects names containing "norm1"/"norm2": the original SAM's names for
+    # transformers' layer_norm1/layer_norm2 (the neck's norms are outside the blocks and stay frozen)
     target_modules: Optional[Union[list[str], str]] = field(default=encoder_regex(*BLOCK_NORMS))
     trainable_parameters: list[str] = field(default_factory=lambda: ["weight", "bias"])
 

@@ -31,6 +31,7 @@ def register_qv_lora(config: LoraConfig) -> LoraConfig:
     except ImportError:
         pass
     mapping[nn.Linear] = QVLoraLinear
+    # peft's LoRA dispatch tries custom modules first, in dict order, and takes the first isinstance match
     config._register_custom_module(mapping)
     return config
 
@@ -67,6 +68,7 @@ def qv_lora_config(
     if not isinstance(fused_qkv, bool):
         raise TypeError(f"fused_qkv must be a bool, got {type(fused_qkv).__name__}")
     targets = ["attn.qkv"] if fused_qkv else list(SPLIT_QV)
+    # no model here: negative indices stay as given (see the docstring)
     layers = check_layers(layers)
     if layers is not None:
         if "target_modules" in kwargs or "layers_to_transform" in kwargs:
@@ -76,6 +78,7 @@ def qv_lora_config(
         kwargs.update(target_modules=targets, layers_to_transform=layers, layers_pattern=LAYERS_PATTERN)
     kwargs.setdefault("target_modules", encoder_regex(*targets))
     kwargs.setdefault("modules_to_save", default_modules_to_save())
+    # alpha = r: peft's scale alpha / r is 1, as micro-sam's LoRASurgery, which adds B A x unscaled
     config = LoraConfig(r=r, lora_alpha=r if lora_alpha is None else lora_alpha, lora_dropout=lora_dropout, **kwargs)
     return register_qv_lora(config) if fused_qkv else config
 
@@ -84,5 +87,6 @@ def is_qv_lora_state(config: LoraConfig, shapes: Mapping[str, tuple[int, ...] | 
     """Whether saved LoRA tensors (name → shape) come from q/v LoRA: `lora_A` of a qkv layer has 2r rows."""
     for name, shape in shapes.items():
         if ".qkv.lora_A" in name and name.endswith("weight"):
+            # plain LoRA on attn.qkv has r rows here; the first qkv tensor decides for the whole adapter
             return int(shape[0]) == 2 * config.r
     return False

@@ -37,6 +37,7 @@ class QVLoraMixin:
     """Overrides of peft's LoRA Linear for a fused qkv base layer."""
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        # peft's own update_layer first (r, scaling, dropout, the adapter's entries); then A and B get q/v shapes
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         base = self.get_base_layer()
         d, d_out = base.in_features, base.out_features // 3
@@ -44,11 +45,14 @@ class QVLoraMixin:
             raise TypeError(
                 f"q/v LoRA targets fused qkv Linear layers (out = 3·d_out), got in={d}, out={base.out_features}"
             )
+        # peft's code for these reads lora_A / lora_B as plain (r, in) / (out, r) Linears of the whole qkv
         if config.use_dora or config.lora_bias or config.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError("q/v LoRA supports init_lora_weights True/False/'gaussian' without DoRA or lora_bias")
         ref = self.lora_A[adapter_name].weight
         self.lora_A[adapter_name] = nn.Linear(d, 2 * r, bias=False, device=ref.device, dtype=ref.dtype)
         self.lora_B[adapter_name] = QVLoraB(r, d_out, device=ref.device, dtype=ref.dtype)
+        # True: A kaiming-uniform, B zero (QVLoraB's init), as micro-sam's LoRASurgery.reset_parameters;
+        # "gaussian": peft's std 1/r for A (LoraLayer.reset_lora_parameters)
         if config.init_lora_weights is True:
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
         elif config.init_lora_weights == "gaussian":
@@ -57,9 +61,11 @@ class QVLoraMixin:
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
             nn.init.normal_(self.lora_B[adapter_name].weight, std=1 / r)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        # the new A and B are fresh Parameters (requires_grad=True): re-apply which adapters train
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        # in float32 (bf16 / fp16 adapters too), cast back at the end; rows of the (3·d_out, d) qkv weight: [q; k; v]
         a = self.lora_A[adapter].weight.float()
         b = self.lora_B[adapter].weight.float()
         a_q, a_v = a.chunk(2, dim=0)
@@ -68,6 +74,7 @@ class QVLoraMixin:
         return delta.to(self.lora_A[adapter].weight.dtype)
 
     def _qv_delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        # x in A's dtype, as peft's LoRA Linear casts its input; dropout on x, before A, as in peft
         a = self.lora_A[adapter](self.lora_dropout[adapter](x.to(self.lora_A[adapter].weight.dtype)))
         dq, dv = self.lora_B[adapter](a).chunk(2, dim=-1)
         return torch.cat([dq, torch.zeros_like(dq), dv], dim=-1) * self.scaling[adapter]
@@ -102,6 +109,7 @@ def qv_lora_4bit_class() -> type:
 
     class QVLoraLinear4bit(QVLoraMixin, LoraLinear4bit):
         def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+            # what peft's dispatch_bnb_4bit passes its Linear4bit; the custom-module dispatch passes none of it
             kwargs.setdefault("compute_dtype", base_layer.compute_dtype)
             kwargs.setdefault("compress_statistics", base_layer.weight.compress_statistics)
             kwargs.setdefault("quant_type", base_layer.weight.quant_type)

@@ -33,6 +33,7 @@ def quantize_image_encoder(
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     bnb = _bitsandbytes()
     encoder = find_image_encoder(model)
+    # the exact type: a Linear4bit (an nn.Linear subclass) or a peft-wrapped layer is not quantized again
     targets = [(n, m) for n, m in encoder.named_modules() if type(m) is nn.Linear]
     if not targets:
         raise ValueError("the image encoder has no full-precision nn.Linear left to quantize")
@@ -44,9 +45,12 @@ def quantize_image_encoder(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             compute_dtype=compute_dtype, quant_type=quant_type,
         )
+        # full-precision data on the CPU: Params4bit quantizes when it is moved (`q.to(device)` below)
         q.weight = bnb.nn.Params4bit(linear.weight.data.float().cpu().clone(), requires_grad=False, quant_type=quant_type)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        # bitsandbytes' CPU repacking after an eval forward breaks later training forwards; Linear4bit.__init__
+        # turns it on per layer wherever the CPU has AVX512-BF16
         if hasattr(q, "support_avx512bf16_for_cpu"):
             q.support_avx512bf16_for_cpu = False
         try:

@@ -23,6 +23,8 @@ class SSFConfig(SamTunerConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=encoder_regex(*BLOCK_LINEARS, *BLOCK_NORMS)
     )
+    # micro-sam's PEFT_Sam also hands the patch embedding to SSFSurgery, but that module has no `patch_embed`
+    # attribute, so its `elif hasattr(block, "patch_embed")` branch adds nothing: the block ops are the whole of it
     init: Literal["identity", "reference"] = "identity"
 
     def __post_init__(self) -> None:

@@ -31,6 +31,7 @@ class SSFLayer(SamTunerLayer):
         ref = base.weight
         scale = torch.ones(n, dtype=ref.dtype, device=ref.device)
         shift = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+        # micro-sam's ScaleShiftLayer draws γ ~ N(1, 0.2²), β ~ N(0, 0.2²)
         if config.init == "reference":
             nn.init.normal_(scale, mean=1.0, std=0.2)
             nn.init.normal_(shift, std=0.2)
@@ -39,6 +40,8 @@ class SSFLayer(SamTunerLayer):
 
     def adapted_forward(self, adapter_name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        # channels last for every target (Linear outputs, LayerNorm over the last dim, also SAM's (B, H, W, C)),
+        # so γ and β broadcast; micro-sam's ScaleShiftLayer also handles channels-first convs, never targeted here
         return out * self.ssf_scale[adapter_name] + self.ssf_shift[adapter_name]
 
     def merged_values(self, adapter_name: str, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
