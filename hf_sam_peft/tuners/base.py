@@ -28,7 +28,7 @@ from ..modeling.unetr import (
 )
 
 # The prompt encoder and mask decoder (and the UNETR decoder, when the model carries one: peft skips names a
-# model does not have) always train and are saved with the adapter, as in the paper (all methods fine-tune them). The prompt
+# model does not have) always train and are saved with the adapter, as every method of the paper does. The prompt
 # encoder is listed by its trainable children: its `shared_embedding` is the same module as SAM's
 # `shared_image_embedding`, a fixed random Fourier basis (a buffer in the original SAM) that must stay frozen.
 # (peft matches `modules_to_save` by name suffix and cannot wrap a ModuleList, hence the four point embeddings
