@@ -32,8 +32,10 @@ class EmbeddingCache:
 
     @staticmethod
     def key(image: torch.Tensor) -> str:
+        # the pixel bytes, not the tensor's identity: a flipped or cropped copy of an image is another key
         data = image.detach().contiguous().cpu()
         digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16)
+        # equal bytes under another shape or dtype are another image
         digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
         return digest.hexdigest()
 
@@ -51,6 +53,7 @@ class EmbeddingCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         out = []
+        # least recently used first: every key of this batch moves to the end, the front is evicted
         for k in keys:
             self._store.move_to_end(k)
             out.append(self._store[k])

@@ -41,6 +41,7 @@ def set_encoder_attention(sam: nn.Module, kind: str, key_tile: int | None = DEFA
     switched = 0
     for module in sam.vision_encoder.modules():
         if isinstance(module, SamVisionAttention) and type(module) is not target:
+            # the class is swapped in place: parameters, buffers and submodules (peft's injected qkv layers) stay
             module.__class__ = target
             switched += 1
         if isinstance(module, SamVisionFusedAttention):

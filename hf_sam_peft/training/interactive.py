@@ -342,7 +342,7 @@ def interactive_loss(
     step runs (autocast, no-grad frozen encoder, checkpointed rounds), not what it computes. Model-side options
     (attention kernel, encoder checkpointing) are applied once by :func:`hf_sam_peft.speed.prepare_model`.
     """
-    _check_rounds(n_rounds, mask_prob)
+    _check_rounds(n_rounds, mask_prob)  # before any work, also for a batch without objects
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return in_single_forward(model, lambda inner: interactive_loss(
             inner, batch, mode, n_objects=n_objects, n_rounds=n_rounds, mask_prob=mask_prob,
@@ -365,6 +365,7 @@ def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_ji
     else:
         embeddings = map_embeddings(lambda t: t[kept.to(t.device)], embeddings)
     if not targets or targets[0].shape[0] == 0:
+        # zero, but connected to the embeddings' graph: backward() runs as for any batch (DDP, the Trainer)
         zero = main_embedding(embeddings).sum() * 0.0
         empty = torch.zeros((), device=zero.device)
         return zero, {"dice_loss": empty, "iou_mse": empty, "round_dice_loss": empty.repeat(n_rounds), "n_objects": empty}

@@ -407,6 +407,8 @@ class SamInteractiveTrainer(Trainer):
         if args.train_decoder and not hasattr(sam, DECODER_ATTRIBUTE):
             raise ValueError("train_decoder=True needs model.unetr_decoder (hf_sam_peft.modeling.unetr.attach_unetr)")
         self.efficiency = args.efficiency_options()
+        # args.device, not the parameters' device: the "auto" choices follow where the step will run, and the
+        # Trainer moves the model there only in super().__init__
         prepare_model(model, self.efficiency, args.device)
         self.embedding_cache = EmbeddingCache() if self.efficiency.cache_embeddings else None
         callbacks = list(callbacks or [])
@@ -707,6 +709,8 @@ class SamInteractiveTrainer(Trainer):
 
     def _prompt_step(self) -> int:
         """Index of the current micro-batch: global step * accumulation steps + position in the accumulation."""
+        # with gradient accumulation the global step repeats over its micro-batches: the position within the
+        # accumulation keeps their prompt draws distinct
         if self._micro_global_step != self.state.global_step:
             self._micro_global_step, self._micro_index = self.state.global_step, 0
         else:
@@ -715,6 +719,8 @@ class SamInteractiveTrainer(Trainer):
 
     def _interactive(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         step = self._prompt_step()
+        # keyed by seed, step and rank instead of drawn from a running RNG: a resumed run replays the same prompts
+        # and the DDP ranks draw different ones
         generator = prompt_generator(self.args.seed, TRAIN_STREAM, step, self.args.process_index, self.args.device)
         loss, parts = interactive_loss(
             model, inputs, training_prompt_mode(step, self.args.point_multimask),
@@ -807,12 +813,15 @@ class SamInteractiveTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         generator = prompt_generator(self.args.seed, EVAL_STREAM, self._eval_index, self.args.process_index, self.args.device)
         self._eval_index += 1
+        # sums weighted by images: the epoch's mean does not depend on how the last batch is cut
         weight = float(inputs["pixel_values"].shape[0])
         losses = []
         with torch.no_grad():
             with autocast_context(self.efficiency, inputs["pixel_values"].device):  # as interactive_loss encodes
                 embeddings = encoder_embeddings(model, inputs["pixel_values"], self.efficiency, self.embedding_cache)
             for name, mode in validation_prompt_modes(generator, self.args.point_multimask).items():
+                # one decoder call per mode and no corrections, as µSAM validates (_interactive_val_iteration in
+                # micro_sam/training/sam_trainer.py)
                 loss, parts = interactive_loss(  # the four modes share one encoder pass
                     model, inputs, mode, n_objects=self.args.n_objects, n_rounds=1, mask_prob=0.0,
                     box_jitter=self.args.box_jitter, generator=generator, options=self.efficiency,
