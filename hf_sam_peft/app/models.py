@@ -54,8 +54,10 @@ def adapter_names(sources: Sequence[str]) -> list[str]:
     """Short unique display names (folder or repo basename), usable as peft adapter names (no dots)."""
     names: list[str] = []
     for source in sources:
+        # adapter names become ModuleDict keys inside the peft model, which refuse dots: keep [A-Za-z0-9_-] only
         stem = _NAME_CHARS.sub("_", Path(os.fspath(source).rstrip("/\\")).name).strip("_") or "adapter"
         name, index = stem, 2
+        # "base" names the base model: an adapter folder called base becomes base_2
         while name in names or name == BASE_NAME:
             name, index = f"{stem}_{index}", index + 1
         names.append(name)
@@ -92,9 +94,11 @@ class ModelBank:
         self._groups: dict[tuple[str, str | None], nn.Module] = {}  # (peft type, 4-bit quant type) -> PeftModel
         self._folder_decoders: dict[str, nn.Module] = {}
 
+        # every folder checked before any adapter loads: a bad one fails at once, not after the others loaded
         folders = [check_adapter_folder(resolve_adapter_folder(source, {}), source) for source in adapters]
         configs = [read_adapter_config(str(folder)) for folder in folders]
         provenances = [read_provenance(folder) for folder in folders]
+        # one PeftModel per (peft type, 4-bit quant type): peft cannot mix tuner types, and QLoRA needs a 4-bit encoder
         groups = [(_type_name(c), recorded_quant_type(p)) for c, p in zip(configs, provenances)]
         kinds = list(dict.fromkeys(groups))
         # The base model itself goes under the first full-precision group (it answers "base" with its adapters
@@ -107,19 +111,24 @@ class ModelBank:
         for name, source, folder, config, provenance, kind in zip(
             adapter_names(adapters), adapters, folders, configs, provenances, groups
         ):
+            # the group's PeftModel once its first adapter made one; until then its base, which peft wraps in place
             target = self._groups.get(kind, bases[kind])
             self._groups[kind] = load_adapter_folder(
+                # own_model=False: the unetr/ decoder and point_multimask stay off the shared model; the bank
+                # keeps them per adapter
                 target, folder, adapter_name=name, config=config, own_model=False, source=source
             )
             if (folder / "unetr" / CONFIG_NAME).is_file():
                 decoder = load_unetr(folder / "unetr", device=_device(self._groups[kind]))
                 self._folder_decoders[name] = decoder.requires_grad_(False).eval()  # BatchNorm: running stats
             self._group_of[name] = kind
+            # a decoder inside the adapter's weights switches with set_adapter; a folder one is attached in use()
             in_adapter = adapter_unetr_settings(folder, config) is not None
             self.adapters[name] = AdapterInfo(
                 name, source, kind[0], in_adapter or name in self._folder_decoders,
                 recorded_point_multimask(provenance),
             )
+        # inference only: dropout off, BatchNorm on its running statistics
         for model in self._groups.values():
             model.eval()
         base_model.eval()
@@ -141,6 +150,7 @@ class ModelBank:
         if name == BASE_NAME:
             return point_multimask_of(self.base_model)
         recorded = self.adapters[name].point_multimask
+        # nothing recorded: SAM's own behaviour (a lone click through the multimask output)
         return True if recorded is None else recorded
 
     def _check(self, name: str) -> None:
@@ -151,16 +161,20 @@ class ModelBank:
     def use(self, name: str) -> Iterator[nn.Module]:
         """Activate ``name`` (``"base"`` or an adapter) and yield the model that runs it."""
         self._check(name)
+        # held while the caller runs the model (the yields below): another tab's set_adapter must not
+        # switch adapters under a running prediction
         with self._lock:
             if name == BASE_NAME:
                 if self._base_group is None:  # no adapter, or only 4-bit ones (on copies): the base is untouched
                     yield self.base_model
                     return
                 model = self._groups[self._base_group]
+                # the same weights with every adapter of the group off: no copy of the base
                 with model.disable_adapter():
                     yield model
                 return
             model = self._groups[self._group_of[name]]
+            # inference_mode=True: without it peft's set_adapter makes the adapter's weights trainable again
             model.set_adapter(name, inference_mode=True)
             decoder = self._folder_decoders.get(name)
             if decoder is None:
@@ -172,6 +186,7 @@ class ModelBank:
             try:
                 yield model
             finally:
+                # even after an error: the next adapter must never run with this one's decoder
                 if previous is None:
                     delattr(sam, ATTRIBUTE_NAME)
                 else:

@@ -70,7 +70,9 @@ def _check_upload_size(path: Path) -> None:
                          f"{MAX_UPLOAD_BYTES / 2**20:,.0f} MB (hf_sam_peft.app.session.MAX_UPLOAD_BYTES)")
     shape = spatial_shape_of(path)
     if len(shape) == 3 and 3 in (shape[0], shape[-1]):  # a colour image: the channels are not pixels
+        # channels first (3, H, W) only when the last axis is not 3 as well: H x W x 3 wins a tie
         shape = shape[1:] if shape[0] == 3 and shape[-1] != 3 else shape[:-1]
+    # dtype=object: Python ints, so a forged header's huge sizes cannot overflow int64 into a small count
     pixels = int(np.prod(shape, dtype=object))
     if pixels > MAX_APP_IMAGE_PIXELS:
         raise ValueError(f"{path.name} has {pixels:,} pixels ({' x '.join(map(str, shape))}), more than the app's "
@@ -81,11 +83,13 @@ def _check_upload_size(path: Path) -> None:
 def image_key(image: np.ndarray) -> str:
     """Content hash of an image: the embedding cache's key (the same pixels never get embedded twice)."""
     digest = hashlib.sha1(np.ascontiguousarray(image).tobytes())
+    # shape and dtype too: the same bytes read as another shape or dtype are another image
     digest.update(f"{image.shape}{image.dtype}".encode())
     return digest.hexdigest()
 
 
 def _draw_marker(out: np.ndarray, x: int, y: int, color: tuple[int, int, int], radius: int) -> None:
+    # a white ring under the coloured disc, so a marker shows on dark and bright images alike; disk() takes (row, col)
     rr, cc = disk((y, x), radius + 1, shape=out.shape[:2])
     out[rr, cc] = 255
     rr, cc = disk((y, x), radius, shape=out.shape[:2])
@@ -104,7 +108,9 @@ def render(
     if labels is not None and np.any(labels):
         out = np.round(colorize_instances(image, labels) * 255).astype(np.uint8)
     else:
+        # copy: normalize_image returns a uint8 RGB input itself; markers must not land in the session's image
         out = normalize_image(np.asarray(image)).copy()
+    # markers scale with the image, so they stay visible on large ones
     radius = max(2, round(max(out.shape[:2]) / 120))
     if box is not None:
         x0, y0, x1, y1 = box  # exclusive maxima: the outline runs along the box's outermost pixels
@@ -157,7 +163,10 @@ class AppLogic:
             raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
         self.bank = bank
         self.cache_size = cache_size
+        # a fresh private folder by default: the one folder launch() lets Gradio serve files from (allowed_paths)
         self.out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="hf_sam_peft_app_"))
+        # LRU over (image key, model name): per model because an adapter on the image encoder changes the embedding;
+        # a hit moves to the end, the oldest entry is evicted first
         self._cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, object]] = OrderedDict()
         self.encoder_runs = 0  # image encodings done so far (the cache keeps this at one per image and model)
 
@@ -178,6 +187,7 @@ class AppLogic:
         x, y = int(x), int(y)
         if not (0 <= x < width and 0 <= y < height):
             raise ValueError(f"click ({x}, {y}) is outside the {width} x {height} image")
+        # a click after "segment all" starts a prompted result: the AIS labels go
         if session.result_kind == "ais":
             session.labels, session.iou, session.result_kind = None, None, ""
         if mode == "box":
@@ -185,6 +195,7 @@ class AppLogic:
                 session.corner = (x, y)
                 return
             (xa, ya), session.corner = session.corner, None
+            # corners in either order; + 1: box maxima are exclusive, so both clicked pixels lie inside the box
             session.box = (min(xa, x), min(ya, y), max(xa, x) + 1, max(ya, y) + 1)
         else:
             session.points.append((x, y))
@@ -199,6 +210,7 @@ class AppLogic:
         if session.image is None:
             return
         if session.result_kind == "ais":
+            # redo AIS only where the new model can; otherwise clear rather than show another model's result
             if self.bank.has_decoder(name):
                 self.segment_all(session)
             else:
@@ -219,6 +231,7 @@ class AppLogic:
             )
         with self.bank.use(session.model) as model:
             labels = segment_ais(model, image)
+        # AIS takes no prompts: cleared so the page never shows prompts that did not make this result
         session.points, session.point_labels, session.box, session.corner = [], [], None, None
         session.labels, session.iou, session.result_kind = labels, None, "ais"
 
@@ -247,8 +260,10 @@ class AppLogic:
         if session.labels is None:
             return None
         suffix = "ais" if session.result_kind == "ais" else "mask"
+        # one folder per image content: uploads with the same file name but other pixels keep their own exports
         path = self.out_dir / session.key[:12] / f"{session.stem}_{session.model}_{suffix}.tif"
         path.parent.mkdir(parents=True, exist_ok=True)
+        # instances may number more than 255; a prompted mask is 0 / 1
         dtype = np.uint32 if session.result_kind == "ais" else np.uint8
         tifffile.imwrite(path, session.labels.astype(dtype), compression="zlib")
         return str(path)
@@ -279,11 +294,13 @@ class AppLogic:
         """
         if not points and box is None:
             raise ValueError("predict needs at least one point or a box")
+        # hashing is a full pass over the image: sessions pass the key computed once at upload
         key = key or image_key(image)
         point_t = torch.tensor([points], dtype=torch.float32) if points else None
         label_t = torch.tensor([point_labels], dtype=torch.long) if points else None
         box_t = torch.tensor([box], dtype=torch.float32) if box is not None else None
         with self.bank.use(name) as model:
+            # a new predictor per call is cheap: the costly part, the embedding, comes from the cache
             predictor = SamPredictor(model, point_multimask=self.bank.point_multimask(name))
             cached = self._cache.get((key, name))
             if cached is None:
@@ -295,7 +312,9 @@ class AppLogic:
             else:
                 self._cache.move_to_end((key, name))
                 predictor.embeddings, predictor.frames = cached
+            # a lone point is ambiguous: SAM's three masks (or the single mask, for adapters that trained points so)
             logits, iou = predictor.predict(point_t, label_t, box_t, multimask=len(points) == 1 and box is None)
+        # the mask with the highest predicted IoU (K = 1 without multimask)
         best = int(iou[0].argmax())
         return (logits[0, best] > 0).cpu().numpy(), float(iou[0, best])
 

@@ -26,7 +26,9 @@ HELP = (
 
 
 def _message(error: Exception) -> str:
+    # the first line only: the status line shows one line
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # shown as Markdown: escaped, so a file name or value with <...> stays text
     return f"⚠️ **Error:** {html.escape(text)}"
 
 
@@ -34,14 +36,17 @@ def build_app(logic: AppLogic, title: str = "hf-sam-peft: SAM + adapters"):
     """A ``gr.Blocks`` app for ``logic`` (not launched)."""
     def outputs(session: Session, message: str | None = None) -> tuple:
         status = logic.status(session) if message is None else f"{message}\n\n{logic.status(session)}"
+        # in the order of `shown` below, the outputs every event is wired to
         return session, logic.picture(session), status, session.prompt_text(), logic.export(session)
 
     def _guarded(action: Callable[..., None]) -> Callable[..., tuple]:
         @functools.wraps(action)  # Gradio reads the signature (e.g. to pass gr.SelectData)
         def handler(session: Session | None, *args: Any) -> tuple:
+            # gr.State(None) starts empty: a tab's Session is made on its first event
             session = session if session is not None else Session(model=logic.bank.names[0])
             try:
                 action(session, *args)
+            # expected failures (bad input, a click before an upload): the message only, nothing logged
             except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
                 return outputs(session, _message(error))
             except Exception as error:  # never a stack trace in the page; keep it in the server log
@@ -54,14 +59,17 @@ def build_app(logic: AppLogic, title: str = "hf-sam-peft: SAM + adapters"):
     def on_upload(session: Session, file: Any) -> None:
         if file is None:
             return
+        # a path with type="filepath"; a file object is taken by its .name
         logic.load(session, file if isinstance(file, str) else getattr(file, "name", file))
 
     def on_select(session: Session, mode: str, evt: gr.SelectData) -> None:
         if not isinstance(evt.index, (list, tuple)) or len(evt.index) != 2:
             raise ValueError("click on the image to add a prompt")
+        # gr.Image's select event gives index [x, y] in image pixels
         logic.click(session, int(evt.index[0]), int(evt.index[1]), mode)
 
     with gr.Blocks(title=title) as app:
+        # per browser tab: Gradio keeps a State's value per session
         session = gr.State(None)
         gr.Markdown(f"## {title}\n{HELP}")
         with gr.Row():
@@ -93,6 +101,8 @@ def launch(logic: AppLogic, port: int | None = None, host: str = "127.0.0.1", **
     :data:`~hf_sam_peft.app.session.MAX_UPLOAD_BYTES` are refused by the server itself."""
     app = build_app(logic)
     kwargs.setdefault("max_file_size", MAX_UPLOAD_BYTES)
+    # one event at a time: all tabs share the bank's models (ModelBank.use holds a lock anyway); share=False:
+    # no public tunnel; allowed_paths: Gradio serves files only from there (the exports for the download box)
     app.queue(default_concurrency_limit=1).launch(
         server_name=host, server_port=port, share=False, allowed_paths=[str(logic.out_dir)], **kwargs
     )

@@ -56,6 +56,8 @@ DEFAULT_WATERSHED: dict[str, float] = {
     "distance_smoothing": 1.6,
     "min_size": 50,
 }
+# sa75 found by value: the threshold is 0.7500000000000002 (np.arange), index 5, the scores[5] µSAM reports
+# (micro_sam/evaluation/evaluation.py, _run_evaluation)
 _SA_INDEX = {"sa50": 0, "sa75": int(np.argmin(np.abs(DEFAULT_THRESHOLDS - 0.75)))}
 NO_DECODER_MESSAGE = (
     "AIS needs a UNETR decoder: the model has none (save it with the adapter as <adapter>/unetr via "
@@ -72,9 +74,11 @@ def tiling_for(model: nn.Module, shape: Sequence[int]) -> tuple[tuple[int, int],
     """Default ``(tile_shape, halo)`` for an image of ``shape`` larger than the model input, else None:
     windows of exactly the input size, with a halo of an eighth of it on each side."""
     size = image_size_of(model)
+    # fits the input: one whole-image pass (the model's preprocessing brings it to the input size), no tiles
     if max(int(shape[0]), int(shape[1])) <= size:
         return None
     halo = size // 8
+    # predict_tiled feeds tile + 2 * halo pixels: each window is then exactly the model input
     return (size - 2 * halo,) * 2, (halo, halo)  # type: ignore[return-value]
 
 
@@ -88,9 +92,12 @@ def _map_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     def predict(image: np.ndarray) -> np.ndarray:
         pixel_values, reshaped = preprocess(image, size)
         with eval_mode(model):
+            # input_shape / original_shape: the decoder crops the padding and answers at this image's (or tile's)
+            # own size, which predict_tiled checks
             maps = predict_distances(
                 model, pixel_values[None].to(device, dtype), input_shape=reshaped, original_shape=image.shape[:2]
             )
+        # float32 NumPy for the watershed, whatever the model's dtype
         return maps[0].float().cpu().numpy()
 
     return predict
@@ -114,7 +121,9 @@ def predict_ais_maps(
         if tiling is None:
             return predict(image)
         tile_shape, default_halo = tiling
+        # a caller's halo is kept with the default windows
         halo = default_halo if halo is None else halo
+    # tile_shape given without a halo: tiles without overlap
     return predict_tiled(predict, image, tuple(tile_shape), tuple(halo if halo is not None else (0, 0)))
 
 
@@ -134,6 +143,7 @@ def segment_ais(
 
 
 def _score(instances: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    # one overlap table for all thresholds; SA50 / SA75 are entries of the same per-threshold vector
     accuracies = ObjectOverlaps.from_images(instances, labels).segmentation_accuracies()
     return {"msa": float(accuracies.mean()), **{k: float(accuracies[i]) for k, i in _SA_INDEX.items()}}
 
@@ -147,8 +157,10 @@ def _iter_maps(
         total = len(rows)  # type: ignore[arg-type]
     except TypeError:
         total = None
+    # stays -1 only if rows yield nothing: an empty split is an error, not a mean over no images
     index = -1
     for index, row in enumerate(tqdm(rows, total=total, desc=desc, unit="image", disable=not progress)):
+        # before validation and prediction: images a resumed run already has cost nothing
         if index in skip:
             continue
         image, labels, _, image_id = validate_row(row, index)
@@ -193,25 +205,32 @@ def evaluate_ais(
     tiling = {"tile_shape": tile_shape, "halo": halo}
     grid_score = None
     if val_rows is not None:
+        # all validation maps held at once: the grid search scores every grid point on every image
         validation = list(_iter_maps(model, val_rows, "AIS grid search (validation)", progress, **tiling))
         grid_kwargs = dict(grid or {})
+        # not searched: the grid runs with the foreground threshold and smoothing in use (defaults or `watershed`)
         grid_kwargs.setdefault("foreground_threshold", params["foreground_threshold"])
         grid_kwargs.setdefault("foreground_smoothing", params["foreground_smoothing"])
         search = grid_search_watershed([m for _, _, m, _ in validation], [lab for _, _, _, lab in validation], **grid_kwargs)
+        # the searched parameters take their best values; the others stay as they were
         params.update(search.params)
         grid_score = search.score
     elif grid is not None:
         raise ValueError("grid needs val_rows: the grid search runs on a validation split")
 
+    # images an interrupted run finished count with their stored scores
     scored, segmentations = dict(done), []
     for index, image_id, maps, labels in _iter_maps(model, rows, "AIS evaluation", progress, skip=done, **tiling):
         instances = distances_to_instances(*maps, **params)
+        # ids are 1..n after the size filter, so the maximum is the object count
         scored[index] = {"id": image_id, "n_objects": int(instances.max()), **_score(instances, labels)}
         if on_image is not None:
             on_image(index, scored[index])
         if keep_segmentations:
             segmentations.append(instances)
+    # row order, wherever each result came from
     images = [scored[index] for index in sorted(scored)]
+    # the mean over images, each image once, as µSAM averages its per-image msas
     out: dict[str, Any] = {key: float(np.mean([image[key] for image in images])) for key in ("msa", "sa50", "sa75")}
     out.update(params=params, grid_search_score=grid_score, images=images, n_images=len(images))
     if keep_segmentations:

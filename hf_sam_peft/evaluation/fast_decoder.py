@@ -69,6 +69,8 @@ def active_module(module: nn.Module) -> nn.Module:
     copies = getattr(module, "modules_to_save", None)
     if isinstance(copies, nn.ModuleDict) and hasattr(module, "original_module"):
         active = [a for a in getattr(module, "active_adapters", []) if a in copies]
+        # as ModulesToSaveWrapper.forward: the original module under disable_adapter() or without an active copy,
+        # else the first active adapter's copy
         if getattr(module, "disable_adapters", False) or not active:
             return module.original_module
         return copies[active[0]]
@@ -132,12 +134,14 @@ def image_tokens(model: nn.Module, embeddings: torch.Tensor, autocast_dtype: tor
         positions = _tokens(sam.get_image_wide_positional_embeddings())
         box = torch.zeros(1, 1, 4, device=embeddings.device, dtype=embeddings.dtype)  # any prompt: only dense is used
         _, dense = sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=box, input_masks=None)
+        # the image tokens SamMaskDecoder starts from: the embedding plus the (no-mask) dense prompt embedding
         keys = _tokens(embeddings + dense)
         layers = transformer.layers
         key_addends = [head_addend(layer.cross_attn_token_to_image, "k_proj", positions) for layer in layers]
         query_addends = [head_addend(layer.cross_attn_image_to_token, "q_proj", positions) for layer in layers]
         final_key_addend = head_addend(transformer.final_attn_token_to_image, "k_proj", positions)
         to_image, to_token = layers[0].cross_attn_token_to_image, layers[0].cross_attn_image_to_token
+        # both read tokens + positions, so one matmul over the two stacked weights; the value reads the tokens alone
         key, query = project(keys + positions, (to_image.k_proj, to_token.q_proj))
         value = to_image.v_proj(keys)
         query = head_split(query, to_token.num_attention_heads).transpose(-1, -2).contiguous()  # (1, heads, d, N)
@@ -180,6 +184,7 @@ _GROUP_BYTES = 16 << 20
 def objects_per_pass(size: tuple[int, int], channels: int) -> int:
     """How many objects :func:`decode_objects` runs through the decoder at once for an ``size`` embedding
     grid whose upscaled features (16x the grid, ``channels`` wide) are the largest per-object float32 map."""
+    # 16: the mask head upscales the grid 4x per side; 4 bytes per float32
     per_object = 16 * size[0] * size[1] * channels * 4
     return max(1, _GROUP_BYTES // per_object)
 
@@ -211,10 +216,13 @@ def decode_objects(
     with autocast_to(device, tokens.autocast_dtype):
         sparse, _ = sam.prompt_encoder(input_points=input_points, input_labels=input_labels,
                                        input_boxes=input_boxes, input_masks=None)
+        # (N, 1, T, C) -> (N, T, C): one point batch per object
         sparse = sparse[:, 0]
         n = sparse.shape[0]
+        # SamMaskDecoder's token order: the IoU token, the mask tokens, then the prompt tokens
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         point_embeddings = torch.cat([output_tokens.expand(n, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
+        # [:, None]: back to (N, 1, T, C), the point-batch axis the two-way transformer works in
         point_embeddings = point_embeddings.to(decoder.iou_token.weight.dtype)[:, None]
         group = objects_per_pass(tokens.size, decoder.upscale_conv2.out_channels)
         outputs = [
@@ -230,8 +238,11 @@ def _decode_group(decoder: SamMaskDecoder, tokens: ImageTokens, point_embeddings
     """:func:`decode_objects` after the prompt encoder, for one group of objects ``(n, 1, T, C)``, inside its
     autocast region (if any)."""
     transformer = decoder.transformer
+    # the initial tokens (output + prompt) double as every layer's query positional encoding (query_point_embedding)
     queries = point_embeddings
     layers = list(transformer.layers)
+    # no mask input: layer 0 from the per-image cache; with one the image tokens differ per object and layer 0
+    # is folded like the later ones
     if dense is None:
         queries, keys = _first_layer_shared(layers[0], queries, point_embeddings, tokens)
     else:

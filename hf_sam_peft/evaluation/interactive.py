@@ -78,6 +78,7 @@ START_MODES = ("point", "box")
 SUMMARY_KEYS = {"point": ("point", "ip"), "box": ("box", "ib")}  # start -> (round 0 name, last round name)
 METRICS = ("msa", "dice", "iou")
 # Generator streams of evaluation (training uses 0 and 1): each start has its own prompts.
+# evaluating one start alone (starts=("box",)) therefore draws the same points as a run of both
 _STREAMS = {"point": 2, "box": 3}
 
 
@@ -112,6 +113,7 @@ def validate_row(row: Any, index: int = 0) -> tuple[np.ndarray, np.ndarray, np.n
     image, labels = _as_numpy(row["image"]), _as_numpy(row["labels"])
     if labels.ndim != 2:
         raise ValueError(f"row {index}: labels must be a 2D (H, W) label image, got shape {labels.shape} (evaluate 3D data per slice)")
+    # float label maps are refused, not cast: truncating non-integer ids would silently merge or split objects
     if labels.dtype != bool and not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"row {index}: labels must hold integer object ids, got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
@@ -159,7 +161,9 @@ def _best_masks(predictor: PromptPredictor, prompts: dict, multimask: bool, shap
         raise ValueError(f"predictor returned masks of shape {tuple(logits.shape)}, expected (N, K, {shape[1]}, {shape[2]})")
     if iou.shape != logits.shape[:2]:
         raise ValueError(f"predictor returned IoU predictions of shape {tuple(iou.shape)}, expected {tuple(logits.shape[:2])}")
+    # a predictor may return its IoUs on another device (e.g. CPU) than its logits: index on the logits' device
     best = iou.argmax(-1).to(logits.device)
+    # logits > 0: SAM's mask threshold, the same binarisation as predict_best
     return logits[torch.arange(logits.shape[0], device=logits.device), best] > 0
 
 
@@ -184,17 +188,27 @@ def iter_object_rounds(
     if start == "point":
         points, labels = center_points(gt)
     else:
+        # jitter=0.0 explicitly: the default is training's box noise; with 0 nothing is drawn, so the generator's
+        # draws stay the corrections' only and round 0 of the box start is deterministic
         boxes = boxes_from_masks(gt, jitter=0.0)
     for index in range(n_corrections + 1):
         prompts = {"points": points, "labels": labels, "boxes": boxes}
+        # multimask for the lone starting point only: µSAM switches multimasking off after the first iteration
+        # (micro_sam/evaluation/inference.py, _run_inference_with_iterative_prompting_for_image); on gt's device
+        # because correction_points compares the two masks element-wise
         masks = _best_masks(predictor, prompts, start == "point" and index == 0, tuple(gt.shape)).to(gt.device)
         yield ObjectRound(index, masks, points, labels, boxes)
+        # no correction after the last round: its points would never be decoded
         if index == n_corrections:
             return
+        # sampled against the binarised best mask, not the logits: µSAM's IterativePromptGenerator gets the outputs'
+        # "segmentation" masks (micro_sam/evaluation/inference.py, _run_inference_with_iterative_prompting_for_image)
         new_points, new_labels = correction_points(masks, gt, generator)
         if points is None:
             points, labels = new_points, new_labels
         else:
+            # points accumulate along P while the box (if any) is passed again unchanged each round, as µSAM
+            # concatenates next_coords onto its points; no mask input (µSAM's use_masks=False default)
             points, labels = torch.cat([points, new_points], 1), torch.cat([labels, new_labels], 1)
 
 
@@ -213,19 +227,27 @@ def assemble_instances(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> n
     (Later µSAM versions default to ``merge_exclusively=True``, where a mask only fills pixels still empty;
     the paper-time rule pasted over.)
     """
+    # flat pixel indices are what _run_image keeps per round: far smaller than full-size bool masks for small objects
     flat = [np.flatnonzero(m) if np.asarray(m).dtype == bool else np.asarray(m) for m in masks]
     order = sorted(range(len(flat)), key=lambda i: flat[i].size, reverse=True)  # stable: ties keep input order
+    # flat so the indices paste directly; each paste overwrites what larger masks put there (the paper-time rule,
+    # not merge_exclusively)
     segmentation = np.zeros(int(np.prod(shape)), dtype=np.uint32)
     for new_id, i in enumerate(order, start=1):
         segmentation[flat[i]] = new_id
     if not order:
         return segmentation.reshape(shape)
+    # label_masks=True: from here on only the regions count, the pasted ids are replaced by component ids
     components = connected_components(segmentation.reshape(shape), background=0).ravel()
     counts = np.bincount(components)
+    # with_background=True: the largest segment, background included, is dropped unless it is the background
+    # itself (µSAM's mask_data_to_segmentation: bg_id = seg_ids[np.argmax(sizes)])
     dominant = int(np.argmax(counts))
     if dominant != 0:
         components[components == dominant] = 0
         counts[dominant] = 0
+    # label() numbers components in raster order; the cumsum lookup closes the gap a dropped segment leaves,
+    # keeping that order
     present = counts > 0
     present[0] = False
     lookup = (np.cumsum(present) * present).astype(np.uint32)
@@ -243,7 +265,9 @@ def class_dice(masks: list[np.ndarray], object_classes: np.ndarray, ground_truth
     """
     shape = ground_truth.shape
     scores = {}
+    # only classes with an object in this image: an absent class would score Dice 0 on two empty masks
     for cls in np.unique(object_classes):
+        # flat, as the masks are flat pixel indices
         predicted = np.zeros(ground_truth.size, dtype=bool)
         for mask, c in zip(masks, object_classes):
             if c == cls:
@@ -279,11 +303,14 @@ def _run_image(
     n_rounds = n_corrections + 1
     rounds = _ImageRounds([[] for _ in range(n_rounds)], [[] for _ in range(n_rounds)])
     label_tensor = torch.from_numpy(labels)
+    # chunks share one generator: batch_size changes the order of the draws, not how each point is drawn
     for first in range(0, len(object_ids), batch_size):
         ids = torch.from_numpy(object_ids[first : first + batch_size])
+        # (n, H, W) masks built per chunk, so only batch_size full-size ground-truth masks exist at a time
         gt = label_tensor[None] == ids[:, None, None]
         for output in iter_object_rounds(predictor, gt, start, n_corrections, generator):
             masks = output.masks.cpu()
+            # the "iou" metric: each mask against its own object, no assembly and no matching
             inter = (masks & gt).flatten(1).sum(-1).double()
             union = (masks | gt).flatten(1).sum(-1).double()
             rounds.ious[output.index].extend((inter / union).tolist())
@@ -294,9 +321,11 @@ def _run_image(
 def _object_classes(labels: np.ndarray, semantic: np.ndarray | None, object_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Class per object and the class map to score Dice against (foreground = class 1 without semantics)."""
     if semantic is None:
+        # no semantic map: every object is class 1 and Dice is scored on the foreground
         return np.ones(len(object_ids), dtype=np.int64), (labels > 0).astype(np.int64)
     classes = np.zeros(int(labels.max()) + 1, dtype=np.int64)
     classes[labels.ravel()] = semantic.ravel()  # an object has one class (the dataset builder makes it so)
+    # class pixels outside every labelled object (so never prompted) count as background in the class map
     return classes[object_ids], np.where(labels > 0, semantic, 0)
 
 
@@ -322,6 +351,7 @@ def segment_from_labels(
     if object_ids.size == 0:
         return np.zeros(labels.shape, dtype=np.uint32)
     predictor.set_image(image)
+    # index 0: the stream of evaluate_interactive's first row, so both give the same prompts for that image
     generator = prompt_generator(seed, _STREAMS[start], 0)
     rounds = _run_image(predictor, labels, object_ids, start, n_corrections, batch_size, generator)
     return assemble_instances(rounds.masks[-1], labels.shape)
@@ -331,11 +361,13 @@ def segment_from_labels(
 
 
 def _iter_rows(dataset_or_rows: Any) -> tuple[Iterable[Any], int | None]:
+    # a single row: a dict is iterable too (over its keys), so wrap it first
     if isinstance(dataset_or_rows, dict):
         dataset_or_rows = [dataset_or_rows]
     if not isinstance(dataset_or_rows, Iterable):
         raise TypeError(f"dataset_or_rows must be a dataset or an iterable of rows, got {type(dataset_or_rows).__name__}")
     try:
+        # generators have no len(): tqdm then counts without a total
         total = len(dataset_or_rows)  # type: ignore[arg-type]
     except TypeError:
         total = None
@@ -421,6 +453,7 @@ def evaluate_interactive(
     earlier, interrupted run with the same settings: those images are taken as they are, not run again
     (prompts are drawn per image index, so the scores are those the image would get now).
     """
+    # dedupe, keeping the order: a start given twice would run twice
     starts = tuple(dict.fromkeys(starts))
     if done and keep_segmentations:
         raise ValueError("keep_segmentations needs every image run now: pass done=None")
@@ -441,8 +474,12 @@ def evaluate_interactive(
             per_image.append(_restored(done[index], starts))
             continue
         image, labels, semantic, image_id = validate_row(row, index)
+        # prompts go per label id, not per connected component, as µSAM prompts the ids of relabel_sequential(gt);
+        # mSA relabels the ground truth to components (metrics.py), as µSAM's _run_evaluation does with label(gt)
+        # (micro_sam/evaluation/inference.py, run_inference_with_iterative_prompting; .../evaluation.py)
         object_ids = np.unique(labels)
         object_ids = object_ids[object_ids != 0]
+        # nothing to prompt (and elf's rule would score it 0): skipped and counted, not averaged in
         if object_ids.size == 0:
             n_skipped += 1
             continue
@@ -450,6 +487,8 @@ def evaluate_interactive(
         predictor.set_image(image)  # one embedding per image, shared by both starts
         result: dict[str, Any] = {"id": image_id, "n_objects": int(object_ids.size)}
         for start in starts:
+            # seeded by (seed, start, row index), not by the images before it: what lets a resumed run (done) take
+            # finished images as they are
             generator = prompt_generator(seed, _STREAMS[start], index)
             rounds = _run_image(predictor, labels, object_ids, start, n_corrections, batch_size, generator)
             scores = {metric: [] for metric in METRICS}
@@ -459,6 +498,7 @@ def evaluate_interactive(
                 instances = assemble_instances(masks, labels.shape)
                 assembled.append(instances)
                 scores["msa"].append(float(mean_segmentation_accuracy(instances, labels)))
+                # per image the mean over its classes present; without a semantic map that is the one foreground class
                 dice_by_class = class_dice(masks, classes, class_map)
                 scores["dice"].append(float(np.mean(list(dice_by_class.values()))))
                 for cls, value in dice_by_class.items():
@@ -468,9 +508,11 @@ def evaluate_interactive(
                 scores["dice_per_class"] = per_class
             result[start] = scores
             if keep_segmentations:
+                # round 0 and the last round only: the two reported columns (Point / Box and I_P / I_B)
                 segmentations[start].append((assembled[0], assembled[-1]))
         per_image.append(result)
         if on_image is not None:
+            # after the image is complete: a journal line never holds a partial image
             on_image(index, result)
     if not per_image:
         raise ValueError("dataset_or_rows holds no image with objects to evaluate")
@@ -479,12 +521,14 @@ def evaluate_interactive(
     out["rounds"] = {}
     for start in starts:
         out["rounds"][start] = {
+            # per round, the mean over images (axis 0): each image counts once whatever its object count
             metric: np.mean([image[start][metric] for image in per_image], axis=0).tolist() for metric in METRICS
         }
         first, last = SUMMARY_KEYS[start]
         for metric in METRICS:
             out[metric][first] = out["rounds"][start][metric][0]
             out[metric][last] = out["rounds"][start][metric][-1]
+    # rows with and without a semantic map may mix: the per-class summary uses only those with one
     semantic_images = [image for image in per_image if "dice_per_class" in image[starts[0]]]
     out["scoring"] = "semantic" if semantic_images else "instances"
     if semantic_images:

@@ -67,6 +67,7 @@ def _as_label_image(array: object, argument: str) -> np.ndarray:
         return array
     if not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{argument} must be an integer label image (or bool mask), got dtype {array.dtype}")
+    # only signed dtypes can hold negatives: unsigned label images skip the full min() scan
     if array.size and np.issubdtype(array.dtype, np.signedinteger) and array.min() < 0:
         raise ValueError(f"{argument} must not contain negative labels, got minimum {array.min()}")
     return array
@@ -101,14 +102,18 @@ def _object_index(labels: np.ndarray) -> tuple[np.ndarray, int]:
     flat = labels.ravel()
     if flat.size == 0:
         return flat.astype(np.intp), 0
+    # bincount allocates max + 1 entries: linear while ids stay below 4x the pixel count; sparse huge ids
+    # (e.g. hashed or 64-bit ids) would make it allocate far more than the image
     if flat.dtype == bool or int(flat.max()) <= 4 * flat.size:
         flat = flat.astype(np.intp, copy=False)
         present = np.bincount(flat, minlength=1) > 0  # linear time, no sort
         present[0] = False
+        # present id -> its rank among present ids (1..n, increasing), absent ids and background -> 0
         lookup = np.cumsum(present) * present
         return lookup[flat], int(present.sum())
     ids, inverse = np.unique(flat, return_inverse=True)  # very large label values: sort instead
     has_background = ids[0] == 0
+    # np.unique sorts, so ids[0] is 0 exactly when there is background; shift so objects start at 1 either way
     return inverse + (0 if has_background else 1), int(ids.size - has_background)
 
 
@@ -116,6 +121,7 @@ def _true_positives(
     pair_pred: np.ndarray, pair_true: np.ndarray, iou: np.ndarray, n_pred: int, threshold: float
 ) -> int:
     """Size of an optimal one-to-one matching of objects with IoU >= threshold (elf's Hungarian matching)."""
+    # >=, as elf's scores >= threshold: an IoU equal to the threshold passes
     keep = iou >= threshold
     rows, cols = pair_pred[keep], pair_true[keep]
     if rows.size == 0:
@@ -123,20 +129,25 @@ def _true_positives(
     # Above 0.5 every object has at most one partner, so each edge is a match; solve only the rest.
     if np.unique(rows).size == rows.size and np.unique(cols).size == cols.size:
         return int(rows.size)
+    # one undirected bipartite graph: predictions are nodes 0..n_pred-1, true objects follow from n_pred
     n_nodes = n_pred + int(cols.max()) + 1
     graph = coo_matrix((np.ones(rows.size), (rows, cols + n_pred)), shape=(n_nodes, n_nodes))
     _, component_of = connected_components(graph, directed=False)
     edge_component = component_of[rows]
     matches = 0
+    # matchings in different components are independent: many small Hungarian problems instead of one large one
     for component in np.unique(edge_component):
         in_component = edge_component == component
         block_rows, row_index = np.unique(rows[in_component], return_inverse=True)
         block_cols, col_index = np.unique(cols[in_component], return_inverse=True)
+        # a star (one node on one side) matches exactly one of its edges
         if block_rows.size == 1 or block_cols.size == 1:
             matches += 1
             continue
         block = np.zeros((block_rows.size, block_cols.size))
         block[row_index, col_index] = 1.0
+        # 0/1 weights give a maximum-cardinality matching: elf's costs -(iou >= t) - iou / (2 n) reach the same
+        # count, as its tie-breaker term sums to at most 1/2 (elf/evaluation/matching.py, _compute_tps)
         matched_rows, matched_cols = linear_sum_assignment(block, maximize=True)
         matches += int(block[matched_rows, matched_cols].sum())
     return matches
@@ -168,10 +179,14 @@ class ObjectOverlaps:
             true = connected_component_labels(true)
         pred_pixels, n_pred = _object_index(pred)
         true_pixels, n_true = _object_index(true)
+        # object sizes over the whole image, including pixels on the other image's background: elf takes the
+        # overlap table's row / column sums before it deletes the background (matching.py, _compute_scores)
         pred_sizes = np.bincount(pred_pixels, minlength=n_pred + 1)
         true_sizes = np.bincount(true_pixels, minlength=n_true + 1)
         n_cells = (n_pred + 1) * (n_true + 1)
+        # the dense table holds at most 4 counts per pixel (or 1 Mi cells), so it never dwarfs the image itself
         if n_cells <= max(4 * pred_pixels.size, 1 << 20):  # small count table: one linear bincount
+            # joint index pred * (n_true + 1) + true: one bincount counts every (pred, true) pair at once
             table = np.bincount(pred_pixels * (n_true + 1) + true_pixels, minlength=n_cells)
             table = table.reshape(n_pred + 1, n_true + 1)[1:, 1:]
             pair_pred, pair_true = np.nonzero(table)
@@ -179,6 +194,7 @@ class ObjectOverlaps:
         else:  # thousands of objects on both sides: sum the duplicate entries of a sparse matrix
             ones = np.ones(pred_pixels.size, dtype=np.int64)
             overlap = coo_matrix((ones, (pred_pixels, true_pixels)), shape=(n_pred + 1, n_true + 1))
+            # tocsr() sums the duplicate (pred, true) entries (one per pixel); [1:, 1:] drops the background pairs
             overlap = overlap.tocsr()[1:, 1:].tocoo()
             pair_pred, pair_true, intersections = overlap.row, overlap.col, overlap.data
         unions = pred_sizes[pair_pred + 1] + true_sizes[pair_true + 1] - intersections
@@ -193,6 +209,7 @@ class ObjectOverlaps:
         keep = np.asarray(keep)
         if keep.dtype != bool or keep.shape != (self.n_pred,):
             raise ValueError(f"keep must be a bool array of shape ({self.n_pred},), got {keep.dtype} {keep.shape}")
+        # new index of each kept prediction; dropped ones get a stale value, but `pairs` filters their pairs out
         new_index = np.cumsum(keep) - 1
         pairs = keep[self.pred_index]
         return ObjectOverlaps(
@@ -216,6 +233,7 @@ class ObjectOverlaps:
         """SA(t) = TP / (TP + FP + FN) for each threshold (0 where TP = 0, as elf)."""
         counts = self.match_counts(thresholds)
         tp = counts[:, 0].astype(float)
+        # elf's segmentation_accuracy: tp / (tp + fp + fn) if tp > 0 else 0
         return np.divide(tp, counts.sum(axis=1), out=np.zeros_like(tp), where=tp > 0)
 
 
@@ -285,6 +303,7 @@ def average_over_images(
         )
     if len(predictions) == 0:
         raise ValueError("predictions must contain at least one image, got an empty sequence")
+    # stacked so that a per-threshold metric (one vector per image) is averaged per threshold
     scores = np.stack([np.asarray(metric(p, t, **kwargs), dtype=float) for p, t in zip(predictions, ground_truths)])
     mean = scores.mean(axis=0)
     return float(mean) if mean.ndim == 0 else mean

@@ -126,6 +126,7 @@ def _as_image(image: Any) -> np.ndarray:
         raise ValueError(f"image must hold at least one pixel (H, W >= 1), got shape {array.shape}")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
         raise TypeError(f"image must hold real numbers, got dtype {array.dtype}")
+    # NaN / inf would run through the normalisation into the embedding and every mask without any error
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ValueError("image holds NaN or inf values")
     return array
@@ -171,10 +172,12 @@ def check_prompts(
             )
         if points.shape[1] == 0:
             raise ValueError(f"points must hold at least one point per object (N, P >= 1, 2), got {tuple(points.shape)}")
+        # checked on a float64 CPU copy: exact for every input dtype and device, and printable in the message
         values = points.detach().cpu().double()
         if not torch.isfinite(values).all():
             index = _first_bad(~torch.isfinite(values).all(-1))
             raise ValueError(f"points{list(index)} = {values[index].tolist()} is not finite (NaN or inf)")
+        # a point names a pixel: x < W and y < H (box maxima are exclusive, so there x1 == W is allowed, below)
         outside = (values[..., 0] < 0) | (values[..., 0] >= width) | (values[..., 1] < 0) | (values[..., 1] >= height)
         if outside.any():
             index = _first_bad(outside)
@@ -183,6 +186,7 @@ def check_prompts(
                 f"image (expected 0 <= x < {width}, 0 <= y < {height})"
             )
         label_values = labels.detach().cpu().double()
+        # the prompt encoder gives other label values internal meanings (padding, not-a-point): refuse them here
         bad = (label_values != 0) & (label_values != 1)
         if bad.any():
             index = _first_bad(bad)
@@ -232,8 +236,10 @@ def decode(
     if tokens is None:
         with autocast_to(main_embedding(embeddings).device, autocast_dtype):
             return forward_decode(model, embeddings, prompts, multimask)
+    # (1, N, ...) one image of N objects -> (N, 1, ...): the fast decoder takes one object per batch entry
     flat = [None if t is None else t[0][:, None] for t in (prompts.points, prompts.labels, prompts.boxes)]
     low, iou = decode_objects(model, tokens, *flat, multimask)
+    # back to forward_decode's (1, N, K, ...) layout
     return low[None], iou[None]
 
 
@@ -291,9 +297,12 @@ class SamPredictor:
         pixel_values, reshaped = self.preprocess(array, self.image_size)
         self.tokens = None  # whatever happens below, never decode against the previous image's caches
         with eval_mode(self.model):
+            # [None]: a batch of one, in the encoder's own device and dtype
             self.embeddings = encode_images(self.model, pixel_values[None].to(self.device, self.dtype))
+            # checked per image, not once: which decoder copy runs follows the adapter active now (active_module)
             if self.fast and fast_decoder_supported(self.model):
                 self.tokens = image_tokens(self.model, self.embeddings, self.autocast_dtype)
+        # original (H, W) and resized (pre-padding) size: what maps prompts into the model frame and masks back
         self.frames = Frames(
             torch.tensor([array.shape[:2]], dtype=torch.long),
             torch.tensor([reshaped], dtype=torch.long),
@@ -355,13 +364,17 @@ class SamPredictor:
         points, labels, boxes = check_prompts(points, labels, boxes, self.original_size)
         prompts = Prompts()
         if points is not None:
+            # into the model's input frame (scaled as the image was), in the model's dtype
             coords = frames.coords(0, points.to(self.device)).to(self.dtype)
+            # [None]: a batch of one image holding the N objects
             prompts = prompts.add_points(coords[None], labels.to(self.device).long()[None])
         if boxes is not None:
             prompts = Prompts(prompts.points, prompts.labels, frames.boxes(0, boxes.to(self.device)).to(self.dtype)[None])
         multimask = self.uses_multimask(multimask, boxes is not None)
+        # eval mode per call: a model shared with a trainer may be back in train mode (dropout, BatchNorm)
         with eval_mode(self.model):
             low, iou = decode(self.model, self.embeddings, prompts, multimask, self.tokens, self.autocast_dtype)
+        # float32 whatever the model's dtype: callers see one dtype
         return low[0].float(), iou[0].float()
 
     def uses_multimask(self, multimask: bool, has_box: bool = False) -> bool:
@@ -383,6 +396,7 @@ class SamPredictor:
 def _innermost(predictor: Any) -> Any:
     """The predictor a wrapper (e.g. :class:`~hf_sam_peft.evaluation.resized.ResizedPredictor`) delegates to."""
     seen: set[int] = set()
+    # `seen` stops a wrapper chain that loops back on itself
     while hasattr(predictor, "predictor") and id(predictor) not in seen:
         seen.add(id(predictor))
         predictor = predictor.predictor
@@ -397,9 +411,12 @@ def _warm_up_prompts(size: int, n_objects: int) -> tuple[torch.Tensor, torch.Ten
     index = torch.arange(n_objects)
     x0, y0 = (index % side).float() * cell, (index // side).float() * cell
     boxes = torch.stack([x0, y0, x0 + cell, y0 + cell], dim=-1).floor().clamp(0, size)
+    # at least 1 px per side (more objects than pixels per row): check_prompts refuses empty boxes
     boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 1).clamp(max=size)
+    # exclusive maxima: the last pixel inside is x1 - 1
     centres = (boxes[:, :2] + boxes[:, 2:] - 1) / 2
     points = torch.stack([centres, boxes[:, :2]], dim=1).clamp(0, size - 1)
+    # clone: expand() is a stride-0 view
     labels = torch.tensor([[1, 0]]).expand(n_objects, 2).clone()
     return boxes, points, labels
 
@@ -432,8 +449,10 @@ def warm_up(predictor: "SamPredictor | nn.Module", n_objects: int = 16) -> Any:
     size = inner.image_size
     # a bright disc on a dim ramp: some structure for the encoder, values that never matter for the costs
     yy, xx = np.mgrid[:size, :size]
+    # values stay below 210, so the uint8 cast below is exact
     image = ((xx + yy) * (60.0 / (2 * size)) + 150.0 * (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size / 4) ** 2))
     boxes, points, labels = _warm_up_prompts(size, n_objects)
+    # what interactive evaluation calls (_best_masks): predict_best where the predictor has one
     best = getattr(predictor, "predict_best", None) or predictor.predict
     try:
         predictor.set_image(image.astype(np.uint8))
@@ -442,6 +461,7 @@ def warm_up(predictor: "SamPredictor | nn.Module", n_objects: int = 16) -> Any:
         best(points=points, labels=labels)  # point start, a correction
         best(points=points, labels=labels, boxes=boxes)  # box start, a correction
     finally:
+        # even after an error: the synthetic image must never answer a later predict (that raises until set_image)
         inner.embeddings = inner.frames = inner.tokens = None
     return predictor
 
@@ -473,7 +493,7 @@ def load_model(
     from hf_sam_peft.hub.load import load_adapter_folder, resolve_adapter_folder
 
     model = load_base(base, device) if isinstance(base, str) else base
-    unwrap_sam(model)
+    unwrap_sam(model)  # one-line TypeError for anything that is not SAM, before an adapter is touched
     if adapter is None:
         return model.eval()
     if not isinstance(adapter, str) or not adapter:

@@ -35,6 +35,8 @@ class ResizedPredictor:
 
     def __getattr__(self, name: str) -> Any:
         # point_multimask, uses_multimask, model, ...: what the wrapped predictor says
+        # our own attributes never delegate: before __init__ has set them (copy / pickle build the object without
+        # it) looking up self.predictor here would recurse forever
         if name in ("predictor", "target", "resize"):
             raise AttributeError(name)
         return getattr(self.predictor, name)
@@ -44,6 +46,7 @@ class ResizedPredictor:
         array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         if array.ndim not in (2, 3):
             raise ValueError(f"image: expected H x W or H x W x C, got shape {array.shape}")
+        # one transform per image: its scale and padding depend on this image's shape
         self.resize = LongestSideResize(array.shape[:2], self.target)
         self.predictor.set_image(self.resize.image(array))
 
@@ -59,6 +62,7 @@ class ResizedPredictor:
     def _prompts(self, points: Any, boxes: Any) -> tuple[Any, Any]:
         resize = self._resize()
         if points is not None:
+            # float32: the scale is fractional, and LongestSideResize.points keeps the input's dtype (ints truncate)
             points = resize.points(torch.as_tensor(points, dtype=torch.float32))
         if boxes is not None:
             boxes = resize.boxes(torch.as_tensor(boxes, dtype=torch.float32))
@@ -70,6 +74,7 @@ class ResizedPredictor:
         """Logits ``(N, K, H, W)`` at the original size and IoU predictions ``(N, K)``."""
         points, boxes = self._prompts(points, boxes)
         logits, iou = self.predictor.predict(points=points, labels=labels, boxes=boxes, multimask=multimask)
+        # the IoU predictions describe the masks, not a frame: they need no mapping
         return self._resize().restore_logits(logits), iou
 
     def predict_best(
@@ -79,6 +84,7 @@ class ResizedPredictor:
         resized back bilinearly, then thresholded at 0 (smoother than resizing a binary mask)."""
         points, boxes = self._prompts(points, boxes)
         logits, iou = self.predictor.predict(points=points, labels=labels, boxes=boxes, multimask=multimask)
+        # picked in the square, so only the chosen mask per object is cropped and resized back
         best = logits[torch.arange(logits.shape[0], device=logits.device), iou.argmax(-1).to(logits.device)]
         return self._resize().restore_logits(best) > 0
 
@@ -93,6 +99,7 @@ def resized_if(predictor: Any, resize: int | None, model_input_size: int) -> Any
     ``--resize [SIZE]`` of ``evaluate`` and ``segment``."""
     if resize is None:
         return predictor
+    # bool is an int subclass: True must not pass as a 1 px target
     if isinstance(resize, bool) or not isinstance(resize, int) or resize < 0:
         raise ValueError(f"resize: expected None, 0 (the model's input size) or a positive int, got {resize!r}")
     return ResizedPredictor(predictor, resize or model_input_size)

@@ -38,12 +38,14 @@ _TITLES = {"point": "Point", "box": "Box", "ip": "I_P", "ib": "I_B", "ais": "AIS
 
 
 def _as_score(value: Any, column: str) -> float | None:
+    # CSV reads a missing score back as "", JSON as null
     if value is None or value == "":
         return None
     try:
         score = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{column} must be a number or empty, got {value!r}") from None
+    # NaN is kept as missing: standard JSON has no NaN (json.dumps would write a bare NaN token)
     if math.isnan(score):
         return None
     return score
@@ -67,10 +69,12 @@ class ResultRow:
         for name in ("dataset", "method"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        # "" means the base model; adapter is part of the key, so None and "" must give one key (CSV reads back "")
         self.adapter = "" if self.adapter is None else str(self.adapter)
         if self.metric not in METRIC_NAMES:
             raise ValueError(f"metric must be one of {METRIC_NAMES}, got {self.metric!r}")
         for column in SCORE_COLUMNS:
+            # rows read from CSV carry strings: every score becomes float or None here
             setattr(self, column, _as_score(getattr(self, column), column))
 
     @property
@@ -82,6 +86,7 @@ class ResultsTable:
     """An ordered, keyed collection of :class:`ResultRow` with CSV / JSON writers and a text rendering."""
 
     def __init__(self, rows: Iterable[ResultRow | dict[str, Any]] = ()) -> None:
+        # insertion-ordered: a replaced key keeps its position, so a rerun updates its row in place
         self._rows: dict[tuple[str, ...], ResultRow] = {}
         for row in rows:
             self.add_row(row if isinstance(row, ResultRow) else ResultRow(**row))
@@ -126,6 +131,7 @@ class ResultsTable:
                 raise ValueError(f"metrics must be taken from {METRIC_NAMES}, got {metric!r}")
             scores = dict((interactive or {}).get(metric, {}))
             if ais is not None and metric == "msa":
+                # AIS has no prompts: only its mSA goes in, under the "ais" column of the msa row
                 scores["ais"] = ais["msa"]
             added.append(self.add(dataset, method, adapter, metric, **scores))
         return added
@@ -143,6 +149,7 @@ class ResultsTable:
 
     def to_csv_text(self) -> str:
         buffer = io.StringIO()
+        # csv writes \r\n by default: \n gives the same bytes on every platform
         writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(ResultRow)], lineterminator="\n")
         writer.writeheader()
         for record in self.to_records():
@@ -163,6 +170,7 @@ class ResultsTable:
             raise ValueError(f"path must end in .csv or .json, got {str(path)!r}")
         text = self.to_csv_text() if suffix == ".csv" else self.to_json_text(details)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # a crash mid-write leaves the previous table whole, never a truncated one
         atomic_write_text(path, text)
         return path
 
@@ -192,6 +200,7 @@ class ResultsTable:
             raise ValueError(f"path must end in .csv or .json, got {str(path)!r}")
         try:
             return cls(records)
+        # ResultRow(**record) raises TypeError for unknown or missing columns
         except TypeError as err:
             raise ValueError(f"{path} has unexpected columns: {err}") from None
 
@@ -199,6 +208,7 @@ class ResultsTable:
 
     def format(self, digits: int = 3) -> str:
         """The table as aligned text (scores with ``digits`` decimals, ``-`` where missing)."""
+        # only the columns some row fills (an empty table shows them all)
         used = [c for c in SCORE_COLUMNS if any(getattr(r, c) is not None for r in self.rows)] or list(SCORE_COLUMNS)
         header = ["dataset", "method", "adapter", "metric"] + [_TITLES[c] for c in used]
         lines = [
@@ -233,6 +243,7 @@ def format_rounds(results: dict[str, dict[str, Any]], metric: str = "iou", digit
     """
     if not results:
         raise ValueError("results must map at least one model name to an evaluate_interactive result")
+    # results may come from runs with different n_corrections: the header spans the longest
     n_rounds = max(len(r["rounds"][s][metric]) for r in results.values() for s in r["rounds"])
     header = ["model", "start", *(f"r{i}" for i in range(n_rounds)), "corrections"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -261,15 +272,19 @@ class ImageJournal:
 
     def __init__(self, table: str | os.PathLike, settings: dict[str, Any]) -> None:
         table = Path(table)
+        # sort_keys: the same settings in another order hash alike; default=str: paths and the like become text
         canonical = json.dumps(settings, sort_keys=True, default=str)
+        # 12 hex digits keep the name short; a collision is caught by the settings header _read compares
         key = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
         self.path = table.parent / f".{table.name}.{key}.partial.jsonl"
+        # kept in its JSON round-tripped form (tuples as lists, ...), which is what _read will find in the header
         self.settings = json.loads(canonical)
         self._done: dict[str, dict[int, dict[str, Any]]] = {}
         if self.path.is_file():
             self._read()
 
     def _read(self) -> None:
+        # errors="replace": a crash can cut a multi-byte character; that line then fails json.loads and is skipped
         with self.path.open(encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
         try:
@@ -297,9 +312,11 @@ class ImageJournal:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
+                # on disk before the next image starts: a crash or power cut loses at most the image in progress
                 os.fsync(f.fileno())
         except OSError as exc:
             if is_no_space(exc, self.path.parent):
+                # a partly written line may stay behind: _read skips it, and record starts the next one on a new line
                 raise NoSpaceLeft(self.path) from exc
             raise
 
@@ -307,6 +324,7 @@ class ImageJournal:
         """Append one finished image (``kind``'s row ``index``)."""
         line = json.dumps({"kind": kind, "index": int(index), "result": result}, default=_json_default) + "\n"
         if not self.path.is_file() or self.path.stat().st_size == 0:
+            # a new (or empty) journal starts with the settings header that _read checks
             line = json.dumps({"settings": self.settings}) + "\n" + line
         else:
             with self.path.open("rb") as f:
@@ -329,9 +347,12 @@ class ImageJournal:
 
 def _probe_folder(folder: Path, shown: Path, flag: str) -> None:
     """One-line ValueError unless a file can be created in the existing folder ``folder`` (for ``shown``)."""
+    # W and X: creating a file needs write and search permission on the folder
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {shown} is not writable ({folder}: permission denied or read-only); pass another {flag}")
     try:
+        # access() answers from permission bits and can be wrong (network file systems, root, ACLs): a real file
+        # settles it
         with tempfile.TemporaryFile(dir=folder, prefix=".write_test_"):
             pass
     except OSError as exc:
@@ -341,6 +362,7 @@ def _probe_folder(folder: Path, shown: Path, flag: str) -> None:
 def _existing_ancestor(path: Path, shown: Path, flag: str) -> Path:
     """``path`` or its closest ancestor that exists; a one-line ValueError unless that is a folder."""
     ancestor = path
+    # is_symlink(): a dangling link exists as a name though exists() says False; stop there (is_dir then fails)
     while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -358,6 +380,7 @@ def check_output_folder(folder: str | os.PathLike, flag: str = "--out") -> Path:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {folder} is a file, not a folder; pass another {flag}")
     if not folder.exists():
+        # probe the closest existing ancestor first, so a read-only location fails before any folder is made
         _probe_folder(_existing_ancestor(folder, folder, flag), folder, flag)
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -388,7 +411,9 @@ def check_results_file(path: str | os.PathLike, flag: str = "--out") -> ResultsT
         except OSError as exc:
             raise ValueError(f"{flag} {path} cannot be read ({exc.strerror or exc}); pass another {flag}") from None
         except ValueError as exc:
+            # ResultsTable.read's messages mostly name the file already: never name it twice
             message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
             raise ValueError(f"{flag} holds a table that cannot be updated: {message}") from None
+    # no table yet: nothing is created now (write makes the parents), only the closest existing ancestor is probed
     _probe_folder(_existing_ancestor(path.parent, path, flag), path, flag)
     return None

@@ -46,6 +46,7 @@ class Dice(evaluate.Metric):
 
     def _compute(self, predictions, references):
         score = average_over_images(
+            # evaluate hands the images back as nested lists (the List(List(int64)) features): arrays again
             dice_score, [np.asarray(p) for p in predictions], [np.asarray(r) for r in references]
         )
         return {"dice": float(score)}

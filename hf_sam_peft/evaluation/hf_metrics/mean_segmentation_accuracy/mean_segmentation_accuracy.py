@@ -55,13 +55,16 @@ class MeanSegmentationAccuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, thresholds=None):
+        # thresholds is a compute() keyword, not a feature: evaluate passes it through as given (no Arrow round trip)
         values = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(thresholds, dtype=float).reshape(-1)
         per_threshold = average_over_images(
             segmentation_accuracy_per_threshold,
+            # evaluate hands the images back as nested lists (the List(List(int64)) features): arrays again
             [np.asarray(p) for p in predictions],
             [np.asarray(r) for r in references],
             thresholds=values,
         )
         result = {"mean_segmentation_accuracy": float(np.mean(per_threshold))}
+        # round(), not int(): a user threshold of 0.57 is 56.99999999999999 after * 100
         result.update({f"sa{round(t * 100):02d}": float(sa) for t, sa in zip(values, per_threshold)})
         return result
