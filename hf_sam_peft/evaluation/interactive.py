@@ -276,13 +276,6 @@ def class_dice(masks: list[np.ndarray], object_classes: np.ndarray, ground_truth
     return scores
 
 
-def _dice(masks: list[np.ndarray], object_classes: np.ndarray, ground_truth: np.ndarray) -> float:
-    """Foreground Dice of the union of masks, or the mean per-class Dice when objects carry classes
-    (averaged per image here, then over images by the caller: peft-sam's
-    ``evaluate_interactive_medical_datasets.py``, ``run_evaluation_over_images_per_class``)."""
-    return float(np.mean(list(class_dice(masks, object_classes, ground_truth).values())))
-
-
 @dataclass
 class _ImageRounds:
     """Per round (list index) the flat pixel indices of every object's mask, in object order."""
