@@ -24,6 +24,8 @@ from transformers import (
     TimmWrapperConfig,
 )
 
+from hf_sam_peft.modeling.sam2 import tiny_heads
+
 __all__ = ["TIMM_NEEDED", "require_timm", "tiny_edgetam_config"]
 
 TIMM_NEEDED = (
@@ -57,9 +59,5 @@ def tiny_edgetam_config(image_size: int = 256, fpn_hidden_size: int = 32,
         backbone_feature_sizes=[[image_size // (4 * 2**i)] * 2 for i in range(3)],
         fpn_hidden_size=fpn_hidden_size,
     )
-    prompt = EdgeTamPromptEncoderConfig(hidden_size=fpn_hidden_size, image_size=image_size, mask_input_channels=4)
-    decoder = EdgeTamMaskDecoderConfig(
-        hidden_size=fpn_hidden_size, mlp_dim=2 * fpn_hidden_size, num_attention_heads=2,
-        iou_head_hidden_dim=fpn_hidden_size,
-    )
+    prompt, decoder = tiny_heads(fpn_hidden_size, image_size, EdgeTamPromptEncoderConfig, EdgeTamMaskDecoderConfig)
     return EdgeTamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)

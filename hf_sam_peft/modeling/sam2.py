@@ -66,6 +66,20 @@ def sam2_config(model_type: str = "sam2_hiera_tiny") -> Sam2Config:
     return Sam2Config(vision_config=vision)
 
 
+def tiny_heads(
+    fpn_hidden_size: int, image_size: int, prompt_cls: type = Sam2PromptEncoderConfig,
+    decoder_cls: type = Sam2MaskDecoderConfig,
+) -> tuple:
+    """The prompt encoder and mask decoder configs of a tiny SAM 2-shaped model (SAM 2, EdgeTAM: ``prompt_cls`` /
+    ``decoder_cls``): as wide as the FPN, whose output they read; two heads, MLP twice the width."""
+    prompt = prompt_cls(hidden_size=fpn_hidden_size, image_size=image_size, mask_input_channels=4)
+    decoder = decoder_cls(
+        hidden_size=fpn_hidden_size, mlp_dim=2 * fpn_hidden_size, num_attention_heads=2,
+        iou_head_hidden_dim=fpn_hidden_size,
+    )
+    return prompt, decoder
+
+
 def tiny_sam2_config(hidden_size: int = 16, image_size: int = 256, fpn_hidden_size: int = 32) -> Sam2Config:
     """A small but complete SAM 2 (four Hiera stages, one global-attention block, 256² input) for tests."""
     backbone = _hiera(
@@ -86,10 +100,5 @@ def tiny_sam2_config(hidden_size: int = 16, image_size: int = 256, fpn_hidden_si
         backbone_feature_sizes=[[image_size // (stride * 2**i)] * 2 for i in range(3)],
         fpn_hidden_size=fpn_hidden_size,
     )
-    # the prompt encoder's and mask decoder's width is the FPN's: they read its output
-    prompt = Sam2PromptEncoderConfig(hidden_size=fpn_hidden_size, image_size=image_size, mask_input_channels=4)
-    decoder = Sam2MaskDecoderConfig(
-        hidden_size=fpn_hidden_size, mlp_dim=2 * fpn_hidden_size, num_attention_heads=2,
-        iou_head_hidden_dim=fpn_hidden_size,
-    )
+    prompt, decoder = tiny_heads(fpn_hidden_size, image_size)
     return Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)

@@ -390,27 +390,28 @@ def _interactive_loss(model, batch, mode, n_objects, n_rounds, mask_prob, box_ji
 
 def checkpointed_round_losses(
     model: nn.Module, embeddings: ImageEmbeddings, targets: Sequence[torch.Tensor], frames: Frames, prompts: Prompts,
-    **kwargs: Any,
+    *, n_rounds: int, **kwargs: Any,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Deprecated: ``interactive_rounds(..., loss=True, execution=CheckpointedRounds(...))``; per-round ``(dice, mse)``."""
     warn_moved(__name__, "checkpointed_round_losses",
                "interactive_rounds(..., loss=True, execution=hf_sam_peft.speed.CheckpointedRounds(...))")
-    execution = CheckpointedRounds(model, embeddings, kwargs["n_rounds"])
-    rounds = list(interactive_rounds(model, embeddings, targets, frames, prompts, loss=True, execution=execution, **kwargs))
+    execution = CheckpointedRounds(model, embeddings, n_rounds)
+    rounds = list(interactive_rounds(model, embeddings, targets, frames, prompts, n_rounds=n_rounds, loss=True,
+                                     execution=execution, **kwargs))
     return [r.dice for r in rounds], [r.mse for r in rounds]
 
 
 def backward_round_losses(
     model: nn.Module, embeddings: ImageEmbeddings, targets: Sequence[torch.Tensor], frames: Frames, prompts: Prompts,
-    *, shared: Any = None, **kwargs: Any,
+    *, n_rounds: int, shared: Any = None, **kwargs: Any,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Deprecated: ``interactive_rounds(..., loss=True, execution=BackwardPerRound(...))``; per-round ``(dice, mse)``
     (detached) and the surrogate (``BackwardPerRound.surrogate``)."""
     warn_moved(__name__, "backward_round_losses",
                "interactive_rounds(..., loss=True, execution=hf_sam_peft.speed.BackwardPerRound(...))")
-    _check_rounds(kwargs["n_rounds"], kwargs.get("mask_prob", 0.0))  # before touching the model
-    execution = BackwardPerRound(model, embeddings, kwargs["n_rounds"], shared=shared)
-    rounds = list(interactive_rounds(model, embeddings, targets, frames, prompts, loss=True, execution=execution, **kwargs))
+    execution = BackwardPerRound(model, embeddings, n_rounds, shared=shared)  # interactive_rounds checks the rest
+    rounds = list(interactive_rounds(model, embeddings, targets, frames, prompts, n_rounds=n_rounds, loss=True,
+                                     execution=execution, **kwargs))
     return [r.dice for r in rounds], [r.mse for r in rounds], execution.surrogate()
 
 
